@@ -1,0 +1,294 @@
+"""ModelConfig: one dataclass for every architecture nanoseek runs, plus presets.
+
+Field names are the Hugging Face config.json names (which are DeepSeek's names: `kv_lora_rank`,
+`qk_rope_head_dim`, `routed_scaling_factor`, ...), so a reader can hold this next to the paper
+and next to a real config.json.
+
+    from nanoseek.config import ModelConfig, preset
+    cfg = preset("tiny")                            # DeepSeek-V3 architecture, a few M params
+    cfg = ModelConfig.from_hf_config(json.load(open("config.json")))
+    json.dump(cfg.to_hf_config(), open("config.json", "w"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import NanoseekError
+
+ARCHITECTURES = {
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 768            # dense FFN (llama/qwen2 and DeepSeek's first dense layers)
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int | None = None  # GQA; None = num_attention_heads
+    head_dim: int | None = None             # llama/qwen2; None = hidden_size // num_attention_heads
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None        # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True            # DeepSeek rotates interleaved pairs (x0,x1),(x2,x3)...
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # Multi-head Latent Attention (DeepSeek-V2 §2.1)
+    q_lora_rank: int | None = None          # None = plain q_proj
+    kv_lora_rank: int = 64
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    # DeepSeekMoE
+    n_routed_experts: int | None = None     # None = dense model
+    num_experts_per_tok: int = 2
+    n_shared_experts: int = 0
+    moe_intermediate_size: int = 256
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = False
+    scoring_func: str = "softmax"           # V3: sigmoid; V2: softmax
+    topk_method: str = "greedy"             # V3: noaux_tc; V2: greedy | group_limited_greedy
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+    # Multi-token prediction (DeepSeek-V3 §2.2)
+    num_nextn_predict_layers: int = 0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    torch_dtype: str | None = None
+    extra: dict = field(default_factory=dict)  # config.json keys we don't use, kept for round trips
+
+    def __post_init__(self):
+        if self.model_type not in ARCHITECTURES:
+            raise NanoseekError(f"unsupported architecture {self.model_type!r}; "
+                                f"supported: {', '.join(ARCHITECTURES)}")
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.is_mla:
+            self.head_dim = self.qk_rope_head_dim  # what transformers records for deepseek
+        elif self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.is_moe and self.n_routed_experts % self.n_group:
+            raise NanoseekError(f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                                f"n_group={self.n_group}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise NanoseekError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                f"num_key_value_heads={self.num_key_value_heads}")
+
+    # -- derived ------------------------------------------------------------------------------
+    @property
+    def is_mla(self) -> bool:
+        return self.model_type in ("deepseek_v3", "deepseek_v2")
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.n_routed_experts)
+
+    @property
+    def architecture(self) -> str:
+        return ARCHITECTURES[self.model_type]
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def rope_dim(self) -> int:
+        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.is_moe and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    @property
+    def rope_type(self) -> str:
+        rs = self.rope_scaling or {}
+        return rs.get("rope_type", rs.get("type", "default"))
+
+    @property
+    def softmax_scale(self) -> float:
+        """1/sqrt(d), times YaRN's mscale² when the context is extended (DeepSeek-V2 App. / YaRN)."""
+        d = self.qk_head_dim if self.is_mla else self.head_dim
+        scale = d ** -0.5
+        rs = self.rope_scaling or {}
+        if self.is_mla and self.rope_type == "yarn" and rs.get("mscale_all_dim"):
+            m = yarn_mscale(rs["factor"], rs["mscale_all_dim"])
+            scale *= m * m
+        return scale
+
+    def kv_cache_values_per_token(self) -> int:
+        """Values cached per token per layer: the MLA latent + shared rope key, or K and V."""
+        if self.is_mla:
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * self.head_dim
+
+    def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
+        return self.kv_cache_values_per_token() * self.num_hidden_layers * bytes_per_value
+
+    # -- Hugging Face config.json ---------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, d: dict) -> "ModelConfig":
+        d = dict(d)
+        if "text_config" in d and "model_type" not in d:
+            d = dict(d["text_config"])
+        model_type = d.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise NanoseekError(f"unsupported architecture {model_type!r} in config.json; "
+                                f"supported: {', '.join(ARCHITECTURES)}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        kw: dict[str, Any] = {}
+        # transformers >= 5 writes rope_parameters; real hub files write rope_theta + rope_scaling.
+        rp = d.pop("rope_parameters", None)
+        if rp:
+            rp = dict(rp)
+            kw["rope_theta"] = rp.pop("rope_theta", cls.rope_theta)
+            if rp.get("rope_type", "default") != "default":
+                kw["rope_scaling"] = rp
+        if d.get("dtype") and not d.get("torch_dtype"):
+            d["torch_dtype"] = d.pop("dtype")
+        extra = {}
+        for k, v in d.items():
+            if k in names:
+                kw[k] = v
+            else:
+                extra[k] = v
+        for k in ("head_dim",):  # derived for deepseek; transformers writes it anyway
+            if model_type in ("deepseek_v3", "deepseek_v2") and k in kw:
+                extra[k] = kw.pop(k)
+        # defaults that differ by family, applied only when config.json does not say
+        fam = {
+            "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True,
+                                rope_interleave=True, n_group=1, topk_group=1),
+            "deepseek_v2": dict(scoring_func="softmax", topk_method="greedy", rope_interleave=True),
+            "llama": dict(rope_interleave=False, n_routed_experts=None),
+            "qwen2": dict(rope_interleave=False, n_routed_experts=None),
+        }[model_type]
+        for k, v in fam.items():
+            kw.setdefault(k, v)
+        if model_type == "deepseek_v2":
+            kw["rope_interleave"] = True  # V2 rotates complex pairs, always
+        for k in ("n_group", "topk_group"):
+            if kw.get(k) is None:
+                kw[k] = 1
+        if model_type in ("llama", "qwen2"):
+            kw["n_routed_experts"] = None
+        cfg = cls(**kw, extra=extra)
+        return cfg
+
+    def to_hf_config(self) -> dict:
+        d: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+        common = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps",
+                  "max_position_embeddings", "rope_theta", "rope_scaling", "tie_word_embeddings",
+                  "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype"]
+        if self.model_type in ("llama", "qwen2"):
+            common += ["head_dim"]
+            if self.model_type == "llama":
+                common += ["attention_bias", "mlp_bias"]
+        else:
+            common += ["attention_bias", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                       "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+                       "n_shared_experts", "moe_intermediate_size", "n_group", "topk_group",
+                       "routed_scaling_factor", "norm_topk_prob", "scoring_func", "topk_method",
+                       "first_k_dense_replace", "moe_layer_freq"]
+            if self.model_type == "deepseek_v3":
+                common += ["num_nextn_predict_layers", "rope_interleave"]
+        for k in common:
+            d[k] = getattr(self, k)
+        for k, v in self.extra.items():
+            d.setdefault(k, v)
+        d["architectures"] = self.extra.get("architectures", d["architectures"])
+        return d
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- parameter counts -----------------------------------------------------------------------
+    def num_params(self) -> tuple[int, int]:
+        """(total, active per token) parameters of the main model, MTP modules excluded."""
+        H, V = self.hidden_size, self.vocab_size
+        if self.is_mla:
+            nh, r = self.num_attention_heads, self.kv_lora_rank
+            q = (H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
+                 if self.q_lora_rank else H * nh * self.qk_head_dim)
+            attn = (q + H * (r + self.qk_rope_head_dim) + r
+                    + r * nh * (self.qk_nope_head_dim + self.v_head_dim) + nh * self.v_head_dim * H)
+        else:
+            hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
+            attn = H * hd * (nh + 2 * nkv) + nh * hd * H
+        dense_ffn = 3 * H * self.intermediate_size
+        expert = 3 * H * self.moe_intermediate_size
+        total = active = 0
+        for i in range(self.num_hidden_layers):
+            norms = 2 * H
+            if self.is_moe_layer(i):
+                gate = self.n_routed_experts * H
+                shared = self.n_shared_experts * expert
+                total += attn + norms + gate + shared + self.n_routed_experts * expert
+                active += attn + norms + gate + shared + self.num_experts_per_tok * expert
+            else:
+                total += attn + norms + dense_ffn
+                active += attn + norms + dense_ffn
+        emb = V * H * (1 if self.tie_word_embeddings else 2) + H
+        return total + emb, active + emb
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _deepseek_v3_real() -> ModelConfig:
+    """DeepSeek-V3 / R1 as published (671B total, 37B active): for cost and shape math only."""
+    return ModelConfig(
+        model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+        num_hidden_layers=61, num_attention_heads=128, num_key_value_heads=128,
+        max_position_embeddings=163840, rope_theta=10000,
+        rope_scaling={"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                      "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1, moe_intermediate_size=2048,
+        n_group=8, topk_group=4, routed_scaling_factor=2.5, norm_topk_prob=True,
+        scoring_func="sigmoid", topk_method="noaux_tc", first_k_dense_replace=3,
+        num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1, torch_dtype="bfloat16")
+
+
+def _deepseek_v3_small(vocab_size: int, hidden: int, layers: int, heads: int, experts: int,
+                       top_k: int, groups: int, topk_group: int) -> ModelConfig:
+    """The DeepSeek-V3 architecture scaled down: MLA + sigmoid-gated MoE + shared expert + MTP."""
+    return ModelConfig(
+        model_type="deepseek_v3", vocab_size=vocab_size, hidden_size=hidden,
+        intermediate_size=3 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=2048, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4,
+        qk_nope_head_dim=hidden // heads, qk_rope_head_dim=hidden // heads // 2,
+        v_head_dim=hidden // heads, n_routed_experts=experts, num_experts_per_tok=top_k,
+        n_shared_experts=1, moe_intermediate_size=hidden // 2, n_group=groups, topk_group=topk_group,
+        routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid",
+        topk_method="noaux_tc", first_k_dense_replace=1, num_nextn_predict_layers=1,
+        bos_token_id=0, eos_token_id=1)
+
+
+PRESETS = {
+    "tiny": lambda: _deepseek_v3_small(4096, 128, 4, 4, 8, 2, 2, 1),
+    "small": lambda: _deepseek_v3_small(16384, 512, 8, 8, 16, 4, 4, 2),
+    "deepseek-v3": _deepseek_v3_real,
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise NanoseekError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,226 @@
+"""Attention: RMSNorm, RoPE (+YaRN, linear, llama3 scaling), Multi-head Latent Attention, GQA.
+
+MLA (DeepSeek-V2 §2.1) compresses keys and values of a token into one latent
+c_kv = RMSNorm(W_dkv h) of `kv_lora_rank` values plus one rotary key k_pe of `qk_rope_head_dim`
+values shared by all heads; that pair is all the KV cache holds. Two ways to attend:
+
+* naive (training, prefill): expand the latent into per-head keys and values with `kv_b_proj`
+  and run ordinary attention;
+* absorbed (decode): fold the key half of `kv_b_proj` into the query and the value half into the
+  output, so scores are taken directly against the cached latents and nothing is expanded.
+
+Both give the same numbers (tests/test_model.py checks 1e-5 in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, yarn_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalize in fp32 and scale in the input dtype, as the reference implementations do
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------- RoPE
+def rope_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies for the rotary dims and the attention factor applied to cos/sin."""
+    dim, base = cfg.rope_dim, float(cfg.rope_theta)
+    # explicit cpu: models are built under torch.device('meta') when loading weights
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    rs, kind = cfg.rope_scaling or {}, cfg.rope_type
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / rs["factor"], 1.0
+    if kind == "llama3":
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old = rs["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        # YaRN (Peng et al. 2023): interpolate low frequencies by `factor`, keep high ones,
+        # blend linearly between the dims that rotate beta_slow..beta_fast times in the original context.
+        old = rs["original_max_position_embeddings"]
+        factor = rs.get("factor") or cfg.max_position_embeddings / old
+        beta_fast, beta_slow = rs.get("beta_fast") or 32, rs.get("beta_slow") or 1
+
+        def correction_dim(rotations):
+            return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+        if rs.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv_freq = inv_freq / factor * (1 - extrapolate) + inv_freq * extrapolate
+        attention_factor = rs.get("attention_factor")
+        if attention_factor is None:
+            m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+            attention_factor = (yarn_mscale(factor, m) / yarn_mscale(factor, m_all)
+                                if m and m_all else yarn_mscale(factor))
+        return inv_freq, float(attention_factor)
+    raise ValueError(f"unsupported rope scaling type {kind!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, computed on the fly (no max-length buffer)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inv_freq, self.attention_factor = rope_frequencies(cfg)
+        self.interleave = cfg.rope_interleave
+        self._device_inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        inv = self._device_inv_freq.get(positions.device)
+        if inv is None:
+            inv = self._device_inv_freq[positions.device] = self.inv_freq.to(positions.device)
+        freqs = positions[..., None].float() * inv  # [B, T, d/2]
+        return ((freqs.cos() * self.attention_factor).to(dtype),
+                (freqs.sin() * self.attention_factor).to(dtype))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [B, T, heads, d] by cos/sin [B, T, d/2].
+
+    interleave=True rotates pairs (x0,x1),(x2,x3),... as DeepSeek's weights expect; False rotates
+    (x_i, x_{i+d/2}) as llama/qwen2 (HF layout) do.
+    """
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if interleave:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, T, S] boolean: query at position p sees cached keys 0..p of its own row."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
+# ---------------------------------------------------------------------------------- MLA
+class MLA(nn.Module):
+    """Multi-head Latent Attention with HF/DeepSeek parameter names."""
+
+    # below this many new tokens per step, attend in latent space (decode); above, expand (prefill)
+    absorb_max_tokens = 16
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = cfg.q_lora_rank, cfg.kv_lora_rank
+        self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.scale = cfg.softmax_scale
+        self.interleave = cfg.rope_interleave
+        H, nh, bias = cfg.hidden_size, self.n_heads, cfg.attention_bias
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(H, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, nh * (self.d_nope + self.d_rope), bias=False)
+        else:
+            self.q_proj = nn.Linear(H, nh * (self.d_nope + self.d_rope), bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora_rank + self.d_rope, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = nn.Linear(nh * self.d_v, H, bias=bias)
+        self.absorb: bool | None = None  # None = choose by step size; True/False to force a path
+
+    def forward(self, x, cos, sin, positions, cache=None):
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(B, T, self.n_heads, self.d_nope + self.d_rope)
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0]
+        mask = None
+        if cache is not None:
+            c_kv, k_pe, kv_len = cache.update(self.layer_idx, positions, c_kv, k_pe)
+            mask = cache_mask(positions, kv_len)
+        absorb = self.absorb if self.absorb is not None else (cache is not None and T <= self.absorb_max_tokens)
+        if absorb:
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.d_v))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        B, S, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.d_nope + self.d_v)
+        k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return out.transpose(1, 2)  # [B, T, nh, d_v]
+
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        scores = (torch.einsum("bthr,bsr->bhts", q_latent, c_kv)
+                  + torch.einsum("bthd,bsd->bhts", q_pe, k_pe)) * self.scale
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(dim=-1, dtype=torch.float32).to(c_kv.dtype)
+        o_latent = torch.einsum("bhts,bsr->bthr", p, c_kv)
+        return torch.einsum("bthr,hvr->bthv", o_latent, w_uv)
+
+
+# ---------------------------------------------------------------------------------- GQA
+class GQA(nn.Module):
+    """Grouped-query attention (llama, qwen2): HF names q_proj/k_proj/v_proj/o_proj."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.scale = cfg.softmax_scale
+        qkv_bias = cfg.attention_bias or cfg.model_type == "qwen2"
+        H = cfg.hidden_size
+        self.q_proj = nn.Linear(H, self.n_heads * self.hd, bias=qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv * self.hd, bias=qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv * self.hd, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, H, bias=cfg.attention_bias)
+        self.interleave = cfg.rope_interleave
+
+    def forward(self, x, cos, sin, positions, cache=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin, self.interleave)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin, self.interleave)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        mask = None
+        if cache is not None:
+            k, v, kv_len = cache.update(self.layer_idx, positions, k, v)
+            mask = cache_mask(positions, kv_len)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+            is_causal=mask is None, scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))

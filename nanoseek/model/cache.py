@@ -1,0 +1,53 @@
+"""Preallocated KV caches, one row (slot) per sequence.
+
+* MLA models cache, per token per layer, the normalized latent c_kv [kv_lora_rank] and the
+  rotated shared key k_pe [qk_rope_head_dim] — `kv_lora_rank + qk_rope_head_dim` values.
+* GQA models cache rotated keys and values, `2 * num_key_value_heads * head_dim` values.
+
+Each row fills from position 0; a token at position p is written at index p of its row, and a
+query at p attends to indices 0..p of its row (see `attention.cache_mask`). Rows may hold
+sequences of different lengths, so requests can join and leave a batch between steps.
+
+    cache = KVCache.for_model(cfg, batch_size=8, max_seq_len=2048, dtype=torch.float32)
+    logits = model(ids, positions=pos, cache=cache)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, shapes: tuple[tuple[int, ...], tuple[int, ...]], num_layers: int,
+                 batch_size: int, max_seq_len: int, dtype=torch.float32, device=None):
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        self.a = torch.zeros(num_layers, batch_size, max_seq_len, *shapes[0], dtype=dtype, device=device)
+        self.b = torch.zeros(num_layers, batch_size, max_seq_len, *shapes[1], dtype=dtype, device=device)
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=torch.float32,
+                  device=None, num_layers: int | None = None) -> "KVCache":
+        if cfg.is_mla:   # latent cache: (c_kv, k_pe)
+            shapes = ((cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,))
+        else:            # (k, v)
+            shapes = ((cfg.num_key_value_heads, cfg.head_dim),) * 2
+        return cls(shapes, num_layers or cfg.num_hidden_layers, batch_size, max_seq_len, dtype, device)
+
+    def update(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+        """Write the new tokens' entries; return this layer's rows [:B, :kv_len] and kv_len."""
+        B, T = positions.shape
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_seq_len:
+            raise ValueError(f"sequence length {kv_len} exceeds the cache's max_seq_len {self.max_seq_len}")
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        self.a[layer].index_put_((rows, positions), a.to(self.a.dtype))
+        self.b[layer].index_put_((rows, positions), b.to(self.b.dtype))
+        return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], kv_len
+
+    def bytes_per_token(self) -> int:
+        """Bytes cached per token across all layers."""
+        L, _, _, *ra = self.a.shape
+        rb = self.b.shape[3:]
+        return L * (torch.Size(ra).numel() + torch.Size(rb).numel()) * self.a.element_size()

@@ -1,0 +1,107 @@
+"""DeepSeekMoE: the gate, routed experts and shared experts (DeepSeek-V2 §2.2, V3 §2.1.2).
+
+Gate, DeepSeek-V3 (`scoring_func="sigmoid"`, `topk_method="noaux_tc"`):
+  s = sigmoid(W_g h)                          affinities
+  choose top-k of s + b                       b = e_score_correction_bias, for selection only
+    (with n_group > 1: keep the `topk_group` groups whose top-2 biased scores sum highest;
+     other groups are masked with -inf, as DeepSeek's own inference code does)
+  weights = s[top-k] / sum(s[top-k]) * routed_scaling_factor
+
+Gate, DeepSeek-V2 (`softmax`): s = softmax(W_g h); `greedy` top-k, or `group_limited_greedy`
+(groups ranked by their max score). transformers masks dropped groups with 0.0 there; with
+softmax scores > 0 that picks the same experts as -inf, which is what we use everywhere.
+
+Dispatch sorts the (token, expert) pairs by expert and runs each expert once on its contiguous
+slice: a loop over experts, never over tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":  # auxiliary-loss-free balancing bias (V3 §2.1.2)
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy"):
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+                                     for _ in range(self.n_experts))
+        self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+                               if cfg.n_shared_experts else None)
+        self.last_load: torch.Tensor | None = None  # tokens routed to each expert in the last call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights, indices, _ = self.gate(x)
+        y = self.dispatch(x, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+    def dispatch(self, x, weights, indices):
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts)
+        self.last_load = counts.detach()
+        token = order // self.top_k
+        xs = x[token]
+        outs, start = [], 0
+        for e, n in enumerate(counts.tolist()):
+            if n:
+                outs.append(self.experts[e](xs[start:start + n]))
+                start += n
+        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
