@@ -1,0 +1,179 @@
+"""The `nanoseek` command line (also `python -m nanoseek`).
+
+    nanoseek info --model SmolLM2-135M-Instruct.Q4_1.gguf
+    nanoseek generate --model DIR_OR_GGUF --prompt "What is 2+3?" --chat --max-tokens 64
+    nanoseek speedrun
+
+Bad input (missing path, weights that do not match the config, unsupported architecture,
+truncated file) prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .errors import NanoseekError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+
+
+class Parser(argparse.ArgumentParser):
+    """Examples in --help; keep the description's line breaks."""
+
+    def __init__(self, *a, **kw):
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*a, **kw)
+
+
+def _dtype(name):
+    import torch
+    return getattr(torch, DTYPES[name]) if name else None
+
+
+def _load(args):
+    from .weights import load
+    return load(args.model, dtype=_dtype(getattr(args, "dtype", None)))
+
+
+def cmd_info(args) -> int:
+    model, tok = _load(args)
+    cfg = model.config
+    total, active = cfg.num_params()
+    mtp = sum(p.numel() for p in model.mtp.parameters())
+    info = {
+        "architecture": cfg.architecture,
+        "model_type": cfg.model_type,
+        "layers": cfg.num_hidden_layers,
+        "hidden_size": cfg.hidden_size,
+        "attention": ("MLA" if cfg.is_mla else "GQA" if cfg.num_key_value_heads < cfg.num_attention_heads else "MHA"),
+        "heads": cfg.num_attention_heads,
+        "kv_heads": cfg.num_key_value_heads,
+        "routed_experts": cfg.n_routed_experts or 0,
+        "experts_per_token": cfg.num_experts_per_tok if cfg.is_moe else 0,
+        "shared_experts": cfg.n_shared_experts if cfg.is_moe else 0,
+        "mtp_depth": cfg.num_nextn_predict_layers,
+        "vocab_size": cfg.vocab_size,
+        "total_params": total,
+        "active_params": active,
+        "mtp_params": mtp,
+        "kv_cache_values_per_token_per_layer": cfg.kv_cache_values_per_token(),
+        "kv_cache_bytes_per_token_bf16": cfg.kv_cache_bytes_per_token(2),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "tokenizer": tok is not None,
+    }
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    width = max(map(len, info))
+    for k, v in info.items():
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 10_000:
+            v = f"{v:,}"
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+    from .infer.simple import generate
+
+    if args.max_tokens < 1:
+        raise NanoseekError("--max-tokens must be at least 1")
+    if args.temperature < 0:
+        raise NanoseekError("--temperature must be >= 0")
+    model, tok = _load(args)
+    if tok is None:
+        raise NanoseekError(f"{args.model}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
+    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    ids = tok.encode(text)
+    if not ids:
+        raise NanoseekError("the prompt encodes to no tokens")
+    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_token_id
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = generate(model, [ids], max_new_tokens=args.max_tokens, temperature=args.temperature,
+                       eos_token_id=eos, seed=args.seed)[0]
+    dt = time.perf_counter() - t0
+    sys.stdout.write(tok.decode(out, skip_special_tokens=True) + "\n")
+    print(f"[{len(ids)} prompt + {len(out)} new tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_speedrun(args) -> int:
+    """Placeholder until the speedrun issue lands: tokenizer -> tiny DeepSeek-V3 -> save -> reload -> generate."""
+    import torch
+    from . import Transformer, load, preset, save
+    from .infer.simple import generate
+    from .tokenizer import Tokenizer
+
+    out = args.out
+    print("nanoseek speedrun (foundation stage): the full pipeline — pretrain, GRPO, distill, report — "
+          "is not built yet; this checks the model, tokenizer and weight round trip end to end.")
+    corpus = [f"{a} + {b} = {a + b}. {a} 加 {b} 等于 {a + b}。" for a in range(60) for b in range(60)]
+    tok = Tokenizer.train_bpe(corpus, vocab_size=512)
+    print(f"1/4 trained a byte-level BPE tokenizer: {tok.vocab_size} tokens")
+    torch.manual_seed(args.seed)
+    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id)
+    model = Transformer(cfg).eval()
+    total, active = cfg.num_params()
+    print(f"2/4 built the tiny DeepSeek-V3 (MLA + MoE + MTP): {total:,} params, {active:,} active per token")
+    save(model, tok, out)
+    back, tok2 = load(out)
+    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+    print(f"3/4 saved to {out} and reloaded: weights identical = {same}")
+    prompt = tok2.apply_chat_template([{"role": "user", "content": "12 + 7 = ?"}])
+    ids = generate(back, [tok2.encode(prompt)], max_new_tokens=16)[0]
+    print(f"4/4 greedy sample from the untrained model: {tok2.decode(ids)!r}")
+    return 0 if same else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="nanoseek", description=__doc__.split("\n\n")[0] + "\n\nexamples:\n"
+               "  nanoseek info --model model.gguf\n"
+               "  nanoseek generate --model DIR --prompt 'What is 2+3?' --chat")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model",
+                       description="Print architecture, total/active parameters and KV-cache bytes per token.\n\n"
+                                   "example:\n  nanoseek info --model SmolLM2-135M-Instruct.Q4_1.gguf --json")
+    s.add_argument("--model", required=True, help="HF-style directory or .gguf file")
+    s.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("generate", help="continue a prompt (greedy or sampled)",
+                       description="Generate text from a prompt.\n\nexample:\n"
+                                   "  nanoseek generate --model model.gguf --prompt 'What is 2+3?' --chat --max-tokens 64")
+    s.add_argument("--model", required=True, help="HF-style directory or .gguf file")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32")
+    s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("speedrun", help="end-to-end CPU demo",
+                       description="End-to-end demo on CPU.\n\nexample:\n  nanoseek speedrun --out runs/speedrun")
+    s.add_argument("--out", default="runs/speedrun/model")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_speedrun)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NanoseekError as e:
+        print(f"nanoseek: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
