@@ -32,7 +32,7 @@ R1_TEMPLATE = (
     "{%- for m in messages %}"
     "{%- if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
     "{%- elif m['role'] == 'assistant' %}"
-    "{%- set content = m['content'].split('</think>')[-1].lstrip() %}"
+    "{%- set content = m['content'].split('</think>')[-1] %}"
     "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}"
     "{%- endif %}"
     "{%- endfor %}"
