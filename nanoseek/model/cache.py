@@ -46,6 +46,18 @@ class KVCache:
         self.b[layer].index_put_((rows, positions), b.to(self.b.dtype))
         return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], kv_len
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop) sharing storage: batch row i of a forward is cache row start+i."""
+        view = object.__new__(KVCache)
+        view.batch_size, view.max_seq_len = stop - start, self.max_seq_len
+        view.a, view.b = self.a[:, start:stop], self.b[:, start:stop]
+        return view
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Move a sequence to another row (the engine keeps active rows contiguous)."""
+        self.a[:, dst, :length] = self.a[:, src, :length]
+        self.b[:, dst, :length] = self.b[:, src, :length]
+
     def bytes_per_token(self) -> int:
         """Bytes cached per token across all layers."""
         L, _, _, *ra = self.a.shape
