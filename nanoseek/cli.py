@@ -76,29 +76,79 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_generate(args) -> int:
-    import torch
-    from .infer.simple import generate
+def _engine(args, model, tok):
+    from .infer import Engine
+    if getattr(args, "quantize", None):
+        from .infer.quantize import quantize
+        quantize(model, args.quantize)
+    return Engine(model, tok, max_batch_size=1, max_seq_len=args.max_seq_len,
+                  speculative=getattr(args, "speculative", None))
 
-    if args.max_tokens < 1:
-        raise NanoseekError("--max-tokens must be at least 1")
-    if args.temperature < 0:
-        raise NanoseekError("--temperature must be >= 0")
+
+def _params(args):
+    from .infer import SamplingParams
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=args.seed)
+    except ValueError as e:
+        raise NanoseekError(str(e)) from None
+
+
+def cmd_generate(args) -> int:
+    params = _params(args)
     model, tok = _load(args)
     if tok is None:
         raise NanoseekError(f"{args.model}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
     text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    ids = tok.encode(text)
-    if not ids:
+    if not tok.encode(text):
         raise NanoseekError("the prompt encodes to no tokens")
-    eos = model.config.eos_token_id if model.config.eos_token_id is not None else tok.eos_token_id
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = generate(model, [ids], max_new_tokens=args.max_tokens, temperature=args.temperature,
-                       eos_token_id=eos, seed=args.seed)[0]
+    engine = _engine(args, model, tok)
+    t0, n = time.perf_counter(), 0
+    try:
+        for d in engine.stream([text], params):
+            sys.stdout.write(d.text)
+            sys.stdout.flush()
+            n += len(d.token_ids)
+    except ValueError as e:
+        raise NanoseekError(str(e)) from None
     dt = time.perf_counter() - t0
-    sys.stdout.write(tok.decode(out, skip_special_tokens=True) + "\n")
-    print(f"[{len(ids)} prompt + {len(out)} new tokens in {dt:.2f}s, {len(out) / dt:.1f} tok/s]", file=sys.stderr)
+    sys.stdout.write("\n")
+    extra = f", draft acceptance {engine.acceptance_rate:.0%}" if args.speculative else ""
+    print(f"[{n} tokens in {dt:.2f}s, {n / dt:.1f} tok/s{extra}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat; the chain of thought (inside <think>) is shown dimmed."""
+    from .infer.reasoning import ReasoningSplitter
+    params = _params(args)
+    model, tok = _load(args)
+    if tok is None:
+        raise NanoseekError(f"{args.model}: no tokenizer found")
+    engine = _engine(args, model, tok)
+    dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("nanoseek chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        prompt = tok.apply_chat_template(history)
+        split = ReasoningSplitter(started_in_reasoning=prompt.rstrip().endswith("<think>"))
+        answer = []
+        for d in engine.stream([prompt], params):
+            answer.append(d.text)
+            for kind, text in split.feed(d.text):
+                sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
+            sys.stdout.flush()
+        for kind, text in split.flush():
+            sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(answer)})
     return 0
 
 
@@ -144,17 +194,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     s.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("generate", help="continue a prompt (greedy or sampled)",
-                       description="Generate text from a prompt.\n\nexample:\n"
+    def decoding(s, max_tokens=256, temperature=0.0):
+        s.add_argument("--model", required=True, help="HF-style directory or .gguf file")
+        s.add_argument("--max-tokens", type=int, default=max_tokens)
+        s.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+        s.add_argument("--top-p", type=float, default=1.0)
+        s.add_argument("--seed", type=int, default=None)
+        s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32")
+        s.add_argument("--quantize", choices=["int8", "int4"], default=None, help="weight-only quantization")
+        s.add_argument("--max-seq-len", type=int, default=4096)
+
+    s = sub.add_parser("generate", help="continue a prompt (greedy or sampled), streaming",
+                       description="Generate text from a prompt, streamed as it is decoded.\n\nexample:\n"
                                    "  nanoseek generate --model model.gguf --prompt 'What is 2+3?' --chat --max-tokens 64")
-    s.add_argument("--model", required=True, help="HF-style directory or .gguf file")
+    decoding(s, max_tokens=64)
     s.add_argument("--prompt", required=True)
-    s.add_argument("--max-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    s.add_argument("--seed", type=int, default=None)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32")
+    s.add_argument("--speculative", choices=["ngram"], default=None, help="prompt-lookup drafting (greedy)")
     s.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive chat in the terminal (reasoning shown dimmed)",
+                       description="Chat with a model; the chain of thought is shown dimmed.\n\nexample:\n"
+                                   "  nanoseek chat --model model.gguf --temperature 0.6 --top-p 0.95")
+    decoding(s, max_tokens=512, temperature=0.6)
+    s.add_argument("--system", default=None, help="system prompt")
+    s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("speedrun", help="end-to-end CPU demo",
                        description="End-to-end demo on CPU.\n\nexample:\n  nanoseek speedrun --out runs/speedrun")

@@ -136,6 +136,6 @@ def test_save_is_atomic_and_leaves_no_temp_dirs(tmp_path):
 
 
 def test_cli_help_has_examples():
-    for cmd in ([], ["generate"], ["info"], ["speedrun"]):
+    for cmd in ([], ["generate"], ["chat"], ["info"], ["speedrun"]):
         r = cli(*cmd, "--help")
         assert r.returncode == 0 and "example" in r.stdout
