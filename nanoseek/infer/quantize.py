@@ -1,11 +1,12 @@
-"""Weight-only quantization of linear layers: int8 per output channel, int4 per group.
+"""Weight-only quantization of linear layers: fp16 (packed), int8 per output channel, int4 per group.
 
-Decode at small batch is bound by reading weights, so storing them in 8 or 4 bits is what makes
-it fast; activations stay in float. On CPU the matmuls run in PyTorch's packed kernels
-(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), elsewhere a dequantize-then-matmul
-fallback keeps the same numbers.
+Decode at small batch is bound by reading weights, so storing them in fewer bits is what makes it
+fast; activations stay in float. On CPU the matmuls run in PyTorch's packed kernels
+(fbgemm's fp16 GEMM, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); elsewhere a
+dequantize-then-matmul fallback keeps the same numbers. Which one pays depends on the CPU:
+on an AVX2-only machine fbgemm fp16 is the fast one (see benchmarks/decode.py).
 
-    quantize(model, "int8")      # in place; returns the model
+    quantize(model, "fp16")      # in place; returns the model
 """
 
 from __future__ import annotations
@@ -16,6 +17,31 @@ from torch import nn
 
 # kv_b_proj is read as a matrix by the absorbed MLA decode; the gate stays exact for routing
 SKIP = ("kv_b_proj",)
+
+
+class FP16Linear(nn.Module):
+    """Weights rounded to fp16 and packed for fbgemm's fp16 GEMM (fp32 activations)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        self.register_buffer("weight_fp16", w.half())
+        self.packed = torch.fbgemm_pack_gemm_matrix_fp16(w) if w.device.type == "cpu" else None
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_fp16.float()
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.packed is not None and x.device.type == "cpu":
+            bias = self.bias if self.bias is not None else torch.zeros(self.out_features)
+            y = torch.fbgemm_linear_fp16_weight(x2.float(), self.packed, bias.float()).to(x.dtype)
+        else:
+            y = F.linear(x2, self.weight_fp16.to(x.dtype), self.bias)
+        return y.view(*shape[:-1], self.out_features)
 
 
 class Int8Linear(nn.Module):
@@ -82,14 +108,17 @@ class Int4Linear(nn.Module):
 
 def quantize(model: nn.Module, mode: str = "int8", group_size: int = 32) -> nn.Module:
     """Replace every nn.Linear (but SKIP) by its weight-only quantized version, in place."""
-    if mode not in ("int8", "int4"):
-        raise ValueError(f"unknown quantization {mode!r}; use int8 or int4")
+    if mode not in MODES:
+        raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if not isinstance(child, nn.Linear) or child_name in SKIP:
                 continue
             if mode == "int4" and (child.in_features % group_size or child.out_features % 16):
                 continue  # the packed int4 kernel needs whole groups and N % 16 == 0; keep these in float
-            new = Int8Linear(child) if mode == "int8" else Int4Linear(child, group_size)
+            new = Int4Linear(child, group_size) if mode == "int4" else MODES[mode](child)
             setattr(module, child_name, new)
     return model
+
+
+MODES = {"fp16": FP16Linear, "int8": Int8Linear, "int4": Int4Linear}
