@@ -31,7 +31,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PRESETS, ModelConfig, preset
@@ -136,9 +136,9 @@ def mean_context(seq_len: int, causal: bool = True) -> float:
     return (seq_len + 1) / 2 if causal else float(seq_len)
 
 
-def mtp_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True) -> float:
-    """Forward FLOPs per token of one MTP module: eh_proj, its block, the shared LM head."""
-    layer = cfg.num_hidden_layers  # MTP blocks sit after the main layers (an MoE layer for V3)
+def mtp_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True, depth: int = 0) -> float:
+    """Forward FLOPs per token of MTP module `depth`: eh_proj, its block, the shared LM head."""
+    layer = cfg.num_hidden_layers + depth  # MTP blocks sit after the main layers (MoE for V3)
     w = 2 * cfg.hidden_size ** 2 + _attn_weights(cfg) + sum(_ffn_weights(cfg, layer).values())
     w += cfg.hidden_size * cfg.vocab_size
     return 2 * w + attention_flops(cfg, mean_context(seq_len, causal))
@@ -149,7 +149,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True, mtp: bo
     w = active_matmul_weights(cfg)
     parts = {k: 2.0 * v for k, v in w.items()}
     parts["attention_scores"] = cfg.num_hidden_layers * attention_flops(cfg, mean_context(seq_len, causal))
-    parts["mtp"] = cfg.num_nextn_predict_layers * mtp_flops_per_token(cfg, seq_len, causal) if mtp else 0.0
+    parts["mtp"] = sum(mtp_flops_per_token(cfg, seq_len, causal, k) for k in range(cfg.num_nextn_predict_layers)
+                       if mtp)
     forward = sum(parts.values())
     return {"active_matmul_weights": sum(w.values()), "forward": forward, "train": 3 * forward,
             "forward_breakdown": parts}
@@ -208,13 +209,13 @@ def reproduce_deepseek_v3(mfu: float = DEFAULT_MFU, gpu: str = "h800", price: fl
                           precision: str = "bf16") -> dict:
     """DeepSeek-V3's Table 1 from its config: pre-training and context extension are modelled
     (14.8T tokens at 4K; 1000 x 1920 x 32K + 1000 x 480 x 128K tokens, MTP on); post-training is
-    the paper's figure (SFT/RL token counts are not published)."""
+    the paper's figure, scaled by the peak ratio on another GPU (SFT/RL token counts are not published)."""
     cfg, g = preset("deepseek-v3"), gpu_spec(gpu)
     rate = peak_flops(g, precision)
     pre = training_cost(cfg, V3_TOKENS, g, mfu, price, V3_SEQ_LEN, precision)
     ext_flops = sum(s * b * t * flops_per_token(cfg, t, mtp=True)["train"] for s, b, t in V3_EXTENSION)
     rows = {"pre-training": pre["gpu_hours"], "context extension": ext_flops / (rate * mfu) / 3600,
-            "post-training": V3_PAPER["post-training"]}
+            "post-training": V3_PAPER["post-training"] * peak_flops(GPUS["h800"], precision) / rate}
     rows["total"] = sum(rows.values())
     implied = pre["train_flops"] / (V3_PAPER["pre-training"] * 3600 * rate)
     return {
@@ -224,7 +225,7 @@ def reproduce_deepseek_v3(mfu: float = DEFAULT_MFU, gpu: str = "h800", price: fl
         "gpu_hours": rows, "dollars": {k: v * price for k, v in rows.items()},
         "paper_gpu_hours": dict(V3_PAPER), "paper_dollars": {k: v * V3_PRICE for k, v in V3_PAPER.items()},
         "implied_mfu_pretraining": implied,
-        "implied_mfu_pretraining_vs_fp8_peak": implied * rate / peak_flops(g, "fp8") if g.fp8_tflops else None,
+        "implied_mfu_pretraining_vs_fp8_peak": (implied * rate / peak_flops(g, "fp8")) if g.fp8_tflops else None,
         "implied_mfu_context_extension": ext_flops / (V3_PAPER["context extension"] * 3600 * rate),
         "total_vs_paper": rows["total"] / V3_PAPER["total"] - 1,
     }
@@ -238,8 +239,9 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2, gqa_g
     L, nh = cfg.num_hidden_layers, cfg.num_attention_heads
     qk, v = (cfg.qk_head_dim, cfg.v_head_dim) if cfg.is_mla else (cfg.head_dim, cfg.head_dim)
     out = {"native": cfg.kv_cache_values_per_token() * L * bytes_per_value,
-           "mha": nh * (qk + v) * L * bytes_per_value,
-           f"gqa{gqa_groups}": min(gqa_groups, nh) * (qk + v) * L * bytes_per_value}
+           "mha": nh * (qk + v) * L * bytes_per_value}
+    if gqa_groups < nh:
+        out[f"gqa{gqa_groups}"] = gqa_groups * (qk + v) * L * bytes_per_value
     if cfg.is_mla:
         out["mla"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * bytes_per_value
     return out
@@ -288,7 +290,8 @@ def serving_cost(cfg: ModelConfig, gpu: str | GPU = "h800", context: int = 32768
         t_mem = read / (gpus * g.bandwidth_tbs * 1e12)
         flops = 2 * sum(active_matmul_weights(cfg).values()) + cfg.num_hidden_layers * attention_flops(
             cfg, context, absorbed=True)
-        t_compute = b * flops / (gpus * peak_flops(g, "fp8" if weight_dtype == "fp8" and g.fp8_tflops else "bf16"))
+        peak = peak_flops(g, "fp8" if weight_dtype == "fp8" and g.fp8_tflops else "bf16")
+        t_compute = b * flops / (gpus * peak)
         tps = b / max(t_mem, t_compute)
         return {"batch": b, "bytes_per_step": read, "bound": "memory" if t_mem >= t_compute else "compute",
                 "tokens_per_s": tps, "dollars_per_million_tokens": gpus * price / 3600 / tps * 1e6}
@@ -396,10 +399,11 @@ def _save_plot(path: str, report: dict, cfg: ModelConfig):
         r = report["deepseek_v3"]
         names = ["pre-training", "context extension", "post-training"]
         x = range(len(names))
-        left.bar([i - 0.2 for i in x], [r["gpu_hours"][n] / 1e3 for n in names], 0.4, label=f"model, MFU {r['mfu']:.0%}")
+        left.bar([i - 0.2 for i in x], [r["gpu_hours"][n] / 1e3 for n in names], 0.4,
+                 label=f"model, MFU {r['mfu']:.0%}")
         left.bar([i + 0.2 for i in x], [r["paper_gpu_hours"][n] / 1e3 for n in names], 0.4, label="paper, Table 1")
         left.set_xticks(list(x), names)
-        left.set_ylabel("H800 GPU-hours (thousands)")
+        left.set_ylabel(f"GPU-hours, thousands ({r['gpu']}; paper: H800)")
         left.set_title("DeepSeek-V3 training cost")
         left.legend()
     else:
@@ -410,8 +414,11 @@ def _save_plot(path: str, report: dict, cfg: ModelConfig):
     ctx = [2 ** i for i in range(10, 18)]
     kv = report["serving"]["kv_bytes_per_token"]
     for name, per_token in kv.items():
-        if name != "native":
-            right.plot(ctx, [per_token * c / 2 ** 30 for c in ctx], marker="o", label=f"{name.upper()} ({per_token:,} B/token)")
+        if name == "native" and cfg.is_mla:
+            continue  # the same line as MLA
+        label = f"this model (GQA, {cfg.num_key_value_heads} KV heads)" if name == "native" else name.upper()
+        right.plot(ctx, [per_token * c / 2 ** 30 for c in ctx], marker="o",
+                   label=f"{label}: {per_token:,} B/token")
     right.set_xscale("log", base=2)
     right.set_yscale("log")
     right.set_xlabel("context length (tokens)")
@@ -432,8 +439,7 @@ def _save_plot(path: str, report: dict, cfg: ModelConfig):
             os.unlink(tmp)
 
 
-def build_report(args) -> dict:
-    cfg = load_config(args.model)
+def build_report(args, cfg: ModelConfig) -> dict:
     gpu = gpu_spec(args.gpu)
     cpu = gpu.name.startswith("this CPU")
     mfu = args.mfu if args.mfu is not None else (CPU_MFU if cpu else DEFAULT_MFU)
@@ -446,15 +452,16 @@ def build_report(args) -> dict:
     report = {
         "model": args.model, "model_type": cfg.model_type, "total_params": total, "active_params": active,
         "flops_per_token": flops_per_token(cfg, args.seq_len, mtp=mtp),
-        "training": training_cost(cfg, tokens, gpu, mfu, args.price, args.seq_len, args.precision, mtp, args.gpus),
-        "serving": serving_cost(cfg, gpu, args.context, 1 if cpu else args.serve_gpus, args.batch, args.weight_dtype,
-                                args.kv_dtype, args.price),
+        "training": training_cost(cfg, tokens, gpu, mfu, args.price, args.seq_len, args.precision, mtp,
+                                  args.gpus),
+        "serving": serving_cost(cfg, gpu, args.context, 1 if cpu else args.serve_gpus, args.batch,
+                                args.weight_dtype, args.kv_dtype, args.price),
     }
     if cpu:
         report["cpu"] = measure_cpu()
     if args.model == "deepseek-v3" and not cpu:
-        report["deepseek_v3"] = reproduce_deepseek_v3(mfu, args.gpu, V3_PRICE if args.price is None else args.price,
-                                                      args.precision)
+        price = V3_PRICE if args.price is None else args.price
+        report["deepseek_v3"] = reproduce_deepseek_v3(mfu, args.gpu, price, args.precision)
     return report
 
 
@@ -467,8 +474,9 @@ def print_report(r: dict):
         print(f"this machine: matmul {c['fp32_flops'] / 1e9:.1f} GFLOP/s fp32, {c['bf16_flops'] / 1e9:.1f} bf16 "
               f"({c['threads']} threads), copy {c['bandwidth_gbs']:.1f} GB/s")
     f = r["flops_per_token"]
+    peak = "measured" if "cpu" in r else t["precision"]
     print(f"\ntraining  {_fmt(t['tokens'])} tokens at seq {t['seq_len']}{' + MTP' if t['mtp'] else ''} on "
-          f"{t['gpu']}, {'measured' if 'cpu' in r else t['precision']} peak, MFU {t['mfu']:.0%}, ${t['price_per_gpu_hour']:.2f}/GPU-hour")
+          f"{t['gpu']}, {peak} peak, MFU {t['mfu']:.0%}, ${t['price_per_gpu_hour']:.2f}/GPU-hour")
     print(f"  forward FLOPs/token   {_fmt(f['forward'])}  (" + ", ".join(
         f"{k} {_fmt(v)}" for k, v in f["forward_breakdown"].items() if v) + ")")
     print(f"  train FLOPs/token     {_fmt(t['train_flops_per_token'])}   total {t['train_flops']:.3e}")
@@ -477,8 +485,8 @@ def print_report(r: dict):
     print(f"  GPU-hours             {hours}{days}")
     print(f"  cost                  ${t['dollars']:,.{0 if t['dollars'] >= 1000 else 2}f}")
     kv = s["kv_bytes_per_token"]
-    print(f"\nserving  {s['gpus']} x {s['gpu']}, weights {s['weight_dtype']} ({_fmt(s['weight_bytes'], _BYTES)}), "
-          f"KV {s['kv_dtype']}, context {s['context']:,}")
+    print(f"\nserving  {s['gpus']} x {s['gpu']}, weights {s['weight_dtype']} "
+          f"({_fmt(s['weight_bytes'], _BYTES)}), KV {s['kv_dtype']}, context {s['context']:,}")
     print("  KV cache bytes/token  " + ", ".join(f"{k} {v:,}" for k, v in kv.items()))
     print(f"  per sequence          {_fmt(s['kv_bytes_per_sequence'], _BYTES)}; "
           f"max concurrent sequences {s['max_concurrent_sequences']:,}")
@@ -493,16 +501,18 @@ def print_report(r: dict):
         for k in v["gpu_hours"]:
             print(f"  {k:<18}{v['gpu_hours'][k]:>14,.0f}{v['paper_gpu_hours'][k]:>14,.0f}"
                   f"{v['dollars'][k]:>14,.0f}{v['paper_dollars'][k]:>14,.0f}")
+        fp8 = v["implied_mfu_pretraining_vs_fp8_peak"]
         print(f"  total vs paper {v['total_vs_paper']:+.1%}; MFU that gives the paper's pre-training hours: "
-              f"{v['implied_mfu_pretraining']:.1%} of BF16 peak"
-              + (f", {v['implied_mfu_pretraining_vs_fp8_peak']:.1%} of FP8 peak" if v["implied_mfu_pretraining_vs_fp8_peak"] else "")
+              f"{v['implied_mfu_pretraining']:.1%} of {v['precision'].upper()} peak"
+              + (f" ({fp8:.1%} of FP8 peak)" if fp8 and v["precision"] != "fp8" else "")
               + f"; context extension: {v['implied_mfu_context_extension']:.1%}")
 
 
 def run(args) -> int:
-    report = build_report(args)
+    cfg = load_config(args.model)
+    report = build_report(args, cfg)
     if args.plot:
-        _save_plot(args.plot, report, load_config(args.model))
+        _save_plot(args.plot, report, cfg)
     if args.json:
         print(json.dumps(report))
     else:
@@ -524,14 +534,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "  nanoseek cost --model small --tokens 2B --gpu h100 --mfu 0.35 --json\n"
                     "  nanoseek cost --model out/ --gpu cpu --tokens 50M --seq-len 512\n"
                     "  nanoseek cost --weight-dtype fp8 --context 131072 --plot cost.png")
-    s.add_argument("--model", default="deepseek-v3", help=f"preset ({', '.join(PRESETS)}), HF directory or config.json")
+    s.add_argument("--model", default="deepseek-v3",
+                   help=f"preset ({', '.join(PRESETS)}), HF directory or config.json")
     s.add_argument("--tokens", default=None, help="training tokens, e.g. 14.8T, 300B (default: 14.8T for "
                    "deepseek-v3, else 20 x active params)")
     s.add_argument("--gpu", default="h800", help=f"{', '.join(GPUS)} or cpu (measured now)")
     s.add_argument("--gpus", type=int, default=None, help="training GPU count, for wall-clock days")
     s.add_argument("--serve-gpus", type=int, default=None, help="serving GPU count (default: the smallest power "
                    "of two whose memory holds the weights in 60%%)")
-    s.add_argument("--mfu", type=float, default=None, help=f"model FLOPs utilisation (default {DEFAULT_MFU}, cpu {CPU_MFU})")
+    s.add_argument("--mfu", type=float, default=None,
+                   help=f"model FLOPs utilisation (default {DEFAULT_MFU}, cpu {CPU_MFU})")
     s.add_argument("--precision", default="bf16", help="peak the MFU is measured against: bf16 or fp8")
     s.add_argument("--price", type=float, default=None, help="$ per GPU-hour (default 2.0; cpu 0.10)")
     s.add_argument("--seq-len", type=int, default=4096, help="training sequence length (default 4096)")
@@ -542,6 +554,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--weight-dtype", default="bf16", help=f"serving weights: {', '.join(BYTES)}")
     s.add_argument("--kv-dtype", default="bf16", help=f"KV cache: {', '.join(BYTES)}")
     s.add_argument("--json", action="store_true", help="one JSON object instead of tables")
-    s.add_argument("--plot", default=None, metavar="FILE", help="write a PNG: cost breakdown and KV cache vs context")
+    s.add_argument("--plot", default=None, metavar="FILE",
+                   help="write a PNG: cost breakdown and KV cache vs context length")
     s.set_defaults(func=run)
     return s
