@@ -220,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt")
     s.set_defaults(func=cmd_chat)
 
+    from . import cost
+    cost.add_parser(sub)
+
     s = sub.add_parser("speedrun", help="end-to-end CPU demo",
                        description="End-to-end demo on CPU.\n\nexample:\n  nanoseek speedrun --out runs/speedrun")
     s.add_argument("--out", default="runs/speedrun/model")

@@ -423,7 +423,7 @@ def _save_plot(path: str, report: dict, cfg: ModelConfig):
     right.set_yscale("log")
     right.set_xlabel("context length (tokens)")
     right.set_ylabel(f"KV cache per sequence (GiB, {report['serving']['kv_dtype']})")
-    right.set_title("KV cache: MLA vs MHA vs GQA")
+    right.set_title("KV cache: MLA vs MHA vs GQA" if cfg.is_mla else "KV cache vs context length")
     right.legend()
     fig.tight_layout()
     out = Path(path)
