@@ -82,7 +82,7 @@ def _engine(args, model, tok):
         from .infer.quantize import quantize
         quantize(model, args.quantize)
     return Engine(model, tok, max_batch_size=1, max_seq_len=args.max_seq_len,
-                  speculative=getattr(args, "speculative", None))
+                  speculative=getattr(args, "speculative", None), compile=args.compile)
 
 
 def _params(args):
@@ -203,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default float32")
         s.add_argument("--quantize", choices=["fp16", "int8", "int4"], default=None, help="weight-only quantization (fp16 is fastest on AVX2 CPUs)")
         s.add_argument("--max-seq-len", type=int, default=4096)
+        s.add_argument("--compile", action="store_true", help="torch.compile the decode step (slow start)")
 
     s = sub.add_parser("generate", help="continue a prompt (greedy or sampled), streaming",
                        description="Generate text from a prompt, streamed as it is decoded.\n\nexample:\n"

@@ -77,7 +77,7 @@ class _Request:
 class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: int | None = None,
                  max_queue: int = 1024, speculative: str | None = None, num_draft: int = 4,
-                 ngram_max: int = 3):
+                 ngram_max: int = 3, compile: bool = False):
         self.model, self.tok = model.eval(), tokenizer
         cfg = model.config
         self.max_batch_size = max_batch_size
@@ -96,6 +96,8 @@ class Engine:
         self.queue: deque[_Request] = deque()
         self._ids = itertools.count()
         self.eos_ids = self._eos_ids()
+        # torch.compile is optional: the decode step (the hot loop) is compiled with dynamic shapes
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
     def _eos_ids(self) -> set[int]:
@@ -183,7 +185,7 @@ class Engine:
         n, dev = len(reqs), self.model.device
         ids = torch.tensor([[r.out[-1]] for r in reqs], device=dev)
         positions = torch.tensor([[r.length - 1] for r in reqs], device=dev)
-        logits = self.model(ids, positions=positions, cache=self.cache.rows(0, n))[:, 0].float()
+        logits = self._decode_forward(ids, positions=positions, cache=self.cache.rows(0, n))[:, 0].float()
         self.stats["decode_tokens"] += n
         self._sample_and_emit(reqs, 0, logits, deltas)
 

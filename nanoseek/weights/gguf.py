@@ -1,0 +1,264 @@
+"""GGUF files (llama.cpp's format) read into a Hugging Face style config, state dict and tokenizer.
+
+    from nanoseek.weights.gguf import read_gguf
+    g = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
+    g.config                      # a config.json dict: model_type "llama" or "qwen2", sizes, rope, token ids
+    g.tensors                     # {"model.embed_tokens.weight": float32 tensor, ...}: HF names and layouts
+    g.tokenizer.encode("hi").ids  # a `tokenizers.Tokenizer` (byte-level BPE)
+    g.chat_template, g.special_tokens
+
+`nanoseek.load("model.gguf")` builds a model from this. Every tensor is dequantized to float32
+(F32/F16/BF16 directly; Q4_0, Q4_1, Q8_0 and the other block formats with `gguf.quants`, vectorized).
+
+What llama.cpp's converter changed, and what is undone here:
+- Names: `blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight` and so on (`_hf_name`).
+- llama (not qwen2): the rows of each head of q_proj / k_proj are reordered from HF's rotate-half
+  layout (x_0..x_{d/2-1}, y_0..y_{d/2-1}) to interleaved pairs (x_0, y_0, x_1, y_1, ...) for
+  llama.cpp's rope; `_unpermute_rope` puts them back, so the tensors equal the original checkpoint.
+- Tied embeddings: there is no `output.weight`; then `tie_word_embeddings` is True and no
+  `lm_head.weight` is returned.
+
+Tokenizer: the vocabulary and merges come from `tokenizer.ggml.*`; tokens marked CONTROL become special
+added tokens (`<|im_start|>` is one id), USER_DEFINED ones plain added tokens. The pre-tokenizer follows
+`tokenizer.ggml.pre` as llama.cpp does. That differs from transformers' GGUF loader (5.23) for
+`smollm` (SmolLM2): transformers does not know that name and falls back to the GPT-2 split, which keeps
+whitespace in front of a digit ("\\n\\n4" -> "\\n", "\\n", "4"), while llama.cpp and SmolLM2's own
+tokenizer.json split every digit off first ("\\n\\n", "4"). We follow llama.cpp and the original model.
+BOS: `tokenizer.ggml.add_bos_token` (False for SmolLM2, so no BOS, as transformers and llama.cpp do)
+goes to `config["add_bos_token"]`; when absent it defaults to False for byte-level BPE vocabularies.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import NanoseekError
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+# How each `tokenizer.ggml.pre` splits text before BPE (llama.cpp's llama-vocab.cpp, same names).
+_GPT2_SPLIT = "gpt2"
+_DIGITS_THEN_GPT2 = "digits"
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = _QWEN2_SPLIT.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+_PRE_TOKENIZERS = {
+    **dict.fromkeys(["default", "gpt2", "gpt-2", "mpt", "olmo", "jais"], _GPT2_SPLIT),
+    **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
+                    _DIGITS_THEN_GPT2),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2"], _QWEN2_SPLIT),
+    **dict.fromkeys(["llama3", "llama-bpe", "llama-v3", "falcon3", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT),
+}
+
+
+@dataclass
+class GGUFContents:
+    config: dict                        # config.json-style dict (+ add_bos_token / add_eos_token)
+    tensors: dict[str, torch.Tensor]    # HF state-dict names, float32, HF shapes and layouts
+    tokenizer: object                   # tokenizers.Tokenizer
+    chat_template: str | None = None
+    special_tokens: dict = field(default_factory=dict)  # bos_token / eos_token / pad_token / unk_token
+
+
+def read_gguf(path) -> GGUFContents:
+    """Config, float32 HF-named tensors and tokenizer of a llama / qwen2 GGUF file."""
+    path = Path(path)
+    reader = _open(path)
+    meta = {key: _value(f) for key, f in reader.fields.items()}
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise NanoseekError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+    config = _config(path, meta, arch, {t.name: t for t in reader.tensors})
+    tensors = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            if t.name == "rope_freqs.weight":  # llama-3.1 style rope scaling, baked into per-dim factors
+                warnings.warn(f"{path}: ignoring rope_freqs.weight (llama-3.1 rope scaling is not reconstructed)")
+                continue
+            raise NanoseekError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}")
+        w = _dequantize(path, t)
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = _unpermute_rope(w, config["num_attention_heads"])
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = _unpermute_rope(w, config["num_key_value_heads"])
+        tensors[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+    tokenizer, special = _tokenizer(path, meta)
+    return GGUFContents(config, tensors, tokenizer, meta.get("tokenizer.chat_template"), special)
+
+
+# -- reading ------------------------------------------------------------------------------------------
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise NanoseekError(f"{path}: no such file")
+    if not path.is_file():
+        raise NanoseekError(f"{path}: not a file (expected a .gguf file)")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise NanoseekError(f"{path}: not a GGUF file (it starts with {magic!r}, a GGUF file with b'GGUF')")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # the reader fails deep in numpy/struct on a short or damaged file
+        size = path.stat().st_size
+        raise NanoseekError(f"{path}: truncated or corrupt GGUF file ({size:,} bytes); "
+                            f"could not read its header and tensor table ({type(e).__name__}: {e})") from None
+
+
+def _value(f):
+    """A metadata field as a Python value: str, int, float, bool or a list of them."""
+    from gguf import GGUFValueType
+
+    def scalar(kind, part):
+        if kind == GGUFValueType.STRING:
+            return bytes(part).decode("utf-8", errors="replace")
+        v = part[0].item()
+        # float32 metadata as its shortest decimal (1e-05, not 9.999999747378752e-06)
+        return float(str(np.float32(v))) if kind == GGUFValueType.FLOAT32 else v
+
+    if f.types[0] == GGUFValueType.ARRAY:
+        return [scalar(f.types[-1], f.parts[i]) for i in f.data]
+    return scalar(f.types[0], f.parts[f.data[0]])
+
+
+def _dequantize(path: Path, t) -> np.ndarray:
+    """float32 array in PyTorch order (ggml lists dimensions fastest first, so the shape is reversed)."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    shape = tuple(int(n) for n in reversed(t.shape))
+    if t.tensor_type in (Q.F32, Q.F16):
+        w = t.data
+    elif t.tensor_type == Q.BF16:  # the upper half of a float32
+        w = (np.ascontiguousarray(t.data).view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    else:
+        try:
+            w = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise NanoseekError(f"{path}: tensor {t.name} uses {t.tensor_type.name}, "
+                                "which this version of the gguf package cannot dequantize") from None
+    return np.asarray(w, dtype=np.float32).reshape(shape)
+
+
+def _hf_name(name: str) -> str | None:
+    base, _, kind = name.rpartition(".")
+    if kind not in ("weight", "bias"):
+        return None
+    if base in _TOP_NAMES:
+        return f"{_TOP_NAMES[base]}.{kind}"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m[2] in _LAYER_NAMES:
+        return f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{kind}"
+    return None
+
+
+def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of llama.cpp's `permute`: per head, rows (pair, 2) -> (2, pair), i.e. interleaved -> halves."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _config(path: Path, meta: dict, arch: str, tensors: dict) -> dict:
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    required = {"embedding_length": "hidden_size", "feed_forward_length": "intermediate_size",
+                "block_count": "num_hidden_layers", "attention.head_count": "num_attention_heads"}
+    missing = [f"{arch}.{k}" for k in required if get(k) is None]
+    if missing:
+        raise NanoseekError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    sizes = {hf: get(k) for k, hf in required.items()}
+    if any(isinstance(v, list) for v in sizes.values()) or isinstance(get("attention.head_count_kv"), list):
+        raise NanoseekError(f"{path}: per-layer sizes (lists in the metadata) are not supported")
+    cfg = {"model_type": arch, "architectures": [ARCHITECTURES[arch]], **sizes}
+    heads = cfg["num_attention_heads"]
+    embed = tensors.get("token_embd.weight")
+    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or (
+        int(embed.shape[1]) if embed is not None else None)
+    cfg.update(
+        vocab_size=vocab,
+        num_key_value_heads=get("attention.head_count_kv", heads),
+        head_dim=get("attention.key_length") or cfg["hidden_size"] // heads,
+        hidden_act="silu",
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=get("context_length", 2048),
+        rope_theta=get("rope.freq_base", 10000.0),
+        rope_scaling=None,
+        tie_word_embeddings="output.weight" not in tensors,
+        torch_dtype="float32",
+    )
+    if arch == "llama":
+        cfg["attention_bias"] = "blk.0.attn_q.bias" in tensors
+        cfg["mlp_bias"] = "blk.0.ffn_gate.bias" in tensors
+    kind = get("rope.scaling.type")
+    if kind and kind != "none":
+        cfg["rope_scaling"] = {"rope_type": kind, "factor": get("rope.scaling.factor", 1.0)}
+        if get("rope.scaling.original_context_length"):
+            cfg["rope_scaling"]["original_max_position_embeddings"] = get("rope.scaling.original_context_length")
+    cfg["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
+    cfg["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    cfg["pad_token_id"] = meta.get("tokenizer.ggml.padding_token_id")
+    cfg["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    cfg["add_eos_token"] = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    return cfg
+
+
+# -- tokenizer ----------------------------------------------------------------------------------------
+def _tokenizer(path: Path, meta: dict):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
+    if kind != "gpt2" or not tokens:
+        raise NanoseekError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    split = _PRE_TOKENIZERS.get(pre)
+    if split is None:
+        warnings.warn(f"{path}: unknown pre-tokenizer {pre!r}; splitting text like GPT-2")
+        split = _GPT2_SPLIT
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)  # a few files repeat a token; the first id wins, as in llama.cpp
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=split is _LLAMA3_SPLIT))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (_GPT2_SPLIT, _DIGITS_THEN_GPT2))
+    if split is _DIGITS_THEN_GPT2:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    elif split is _GPT2_SPLIT:
+        tk.pre_tokenizer = byte_level
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), "isolated"), byte_level])
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty == CONTROL])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False)
+                   for t, ty in zip(tokens, types) if ty == USER_DEFINED])
+
+    def token(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+    special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
+               "pad_token": token("padding_token_id"), "unk_token": token("unknown_token_id")}
+    bos = [special["bos_token"]] if meta.get("tokenizer.ggml.add_bos_token") and special["bos_token"] else []
+    eos = [special["eos_token"]] if meta.get("tokenizer.ggml.add_eos_token") and special["eos_token"] else []
+    if bos or eos:  # transformers' add_special_tokens=True behaviour, also for the bare tokenizer
+        tk.post_processor = processors.TemplateProcessing(
+            single=" ".join(bos + ["$A"] + eos), pair=" ".join(bos + ["$A"] + eos + bos + ["$B"] + eos),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(bos + eos)])
+    return tk, special
