@@ -73,7 +73,7 @@ def load(path, dtype: torch.dtype | None = None, device=None):
         from .gguf import read_gguf
         g = read_gguf(p)
         cfg = ModelConfig.from_hf_config(g.config)
-        tok = Tokenizer.from_gguf(g)
+        tok = Tokenizer.from_gguf(g) if g.tokenizer is not None else None
         return build_model(cfg, g.tensors, dtype, device).eval(), tok
     cfg = read_config(p)
     tensors = read_tensors(safetensors_files(p))

@@ -24,8 +24,11 @@ added tokens (`<|im_start|>` is one id), USER_DEFINED ones plain added tokens. T
 `smollm` (SmolLM2): transformers does not know that name and falls back to the GPT-2 split, which keeps
 whitespace in front of a digit ("\\n\\n4" -> "\\n", "\\n", "4"), while llama.cpp and SmolLM2's own
 tokenizer.json split every digit off first ("\\n\\n", "4"). We follow llama.cpp and the original model.
-BOS: `tokenizer.ggml.add_bos_token` (False for SmolLM2, so no BOS, as transformers and llama.cpp do)
-goes to `config["add_bos_token"]`; when absent it defaults to False for byte-level BPE vocabularies.
+BOS: `tokenizer.ggml.add_bos_token` (False for SmolLM2: no BOS, as in transformers and llama.cpp) goes
+to `config["add_bos_token"]`, and the tokenizer's post-processor adds BOS only when it is True. Without
+the flag we take llama.cpp's default: BOS for llama-3 style vocabularies, none for other byte-level BPE.
+Control tokens outside the byte alphabet (DeepSeek's `<｜User｜>`) stay whole, as in llama.cpp;
+transformers 5.23 drops them from its added tokens and cuts them into bytes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ..errors import NanoseekError
 
@@ -62,15 +66,16 @@ _PRE_TOKENIZERS = {
     **dict.fromkeys(["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"],
                     _DIGITS_THEN_GPT2),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "stablelm2"], _QWEN2_SPLIT),
-    **dict.fromkeys(["llama3", "llama-bpe", "llama-v3", "falcon3", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT),
+    **dict.fromkeys(["llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral", "dbrx", "smaug-bpe"], _LLAMA3_SPLIT),
 }
+_LLAMA3_PRES = {"llama3", "llama-bpe", "llama-v3", "falcon3", "pixtral"}  # llama.cpp: ignore_merges, BOS
 
 
 @dataclass
 class GGUFContents:
     config: dict                        # config.json-style dict (+ add_bos_token / add_eos_token)
     tensors: dict[str, torch.Tensor]    # HF state-dict names, float32, HF shapes and layouts
-    tokenizer: object                   # tokenizers.Tokenizer
+    tokenizer: Tokenizer | None         # None only when the file has no vocabulary
     chat_template: str | None = None
     special_tokens: dict = field(default_factory=dict)  # bos_token / eos_token / pad_token / unk_token
 
@@ -82,7 +87,8 @@ def read_gguf(path) -> GGUFContents:
     meta = {key: _value(f) for key, f in reader.fields.items()}
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
-        raise NanoseekError(f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+        raise NanoseekError(f"{path}: unsupported GGUF architecture {arch!r}; "
+                            f"supported: {', '.join(ARCHITECTURES)}")
     config = _config(path, meta, arch, {t.name: t for t in reader.tensors})
     tensors = {}
     for t in reader.tensors:
@@ -214,17 +220,23 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict) -> dict:
     cfg["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
     cfg["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
     cfg["pad_token_id"] = meta.get("tokenizer.ggml.padding_token_id")
-    cfg["add_bos_token"] = bool(meta.get("tokenizer.ggml.add_bos_token", False))
-    cfg["add_eos_token"] = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+    cfg["add_bos_token"], cfg["add_eos_token"] = _adds_bos_eos(meta)
     return cfg
 
 
-# -- tokenizer ----------------------------------------------------------------------------------------
-def _tokenizer(path: Path, meta: dict):
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+def _adds_bos_eos(meta: dict) -> tuple[bool, bool]:
+    """Whether encoding adds BOS / EOS: the file's flags, else llama.cpp's default for the vocabulary."""
+    bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.pre") in _LLAMA3_PRES)
+    return bool(bos), bool(meta.get("tokenizer.ggml.add_eos_token", False))
 
+
+# -- tokenizer ----------------------------------------------------------------------------------------
+def _tokenizer(path: Path, meta: dict) -> tuple[Tokenizer | None, dict]:
     kind, tokens = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.tokens")
-    if kind != "gpt2" or not tokens:
+    if not tokens:
+        warnings.warn(f"{path}: no vocabulary in the file (tokenizer.ggml.tokens); no tokenizer")
+        return None, dict.fromkeys(["bos_token", "eos_token", "pad_token", "unk_token"])
+    if kind != "gpt2":
         raise NanoseekError(f"{path}: tokenizer model {kind!r} is not supported (only byte-level BPE, 'gpt2')")
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
@@ -236,8 +248,9 @@ def _tokenizer(path: Path, meta: dict):
     vocab = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)  # a few files repeat a token; the first id wins, as in llama.cpp
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=split is _LLAMA3_SPLIT))
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split in (_GPT2_SPLIT, _DIGITS_THEN_GPT2))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_PRES))
+    gpt2_regex = split in (_GPT2_SPLIT, _DIGITS_THEN_GPT2)  # ByteLevel's own regex is GPT-2's
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_regex)
     if split is _DIGITS_THEN_GPT2:
         tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     elif split is _GPT2_SPLIT:
@@ -255,8 +268,9 @@ def _tokenizer(path: Path, meta: dict):
         return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
     special = {"bos_token": token("bos_token_id"), "eos_token": token("eos_token_id"),
                "pad_token": token("padding_token_id"), "unk_token": token("unknown_token_id")}
-    bos = [special["bos_token"]] if meta.get("tokenizer.ggml.add_bos_token") and special["bos_token"] else []
-    eos = [special["eos_token"]] if meta.get("tokenizer.ggml.add_eos_token") and special["eos_token"] else []
+    add_bos, add_eos = _adds_bos_eos(meta)
+    bos = [special["bos_token"]] if add_bos and special["bos_token"] else []
+    eos = [special["eos_token"]] if add_eos and special["eos_token"] else []
     if bos or eos:  # transformers' add_special_tokens=True behaviour, also for the bare tokenizer
         tk.post_processor = processors.TemplateProcessing(
             single=" ".join(bos + ["$A"] + eos), pair=" ".join(bos + ["$A"] + eos + bos + ["$B"] + eos),
