@@ -211,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     decoding(s, max_tokens=64)
     s.add_argument("--prompt", required=True)
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    s.add_argument("--speculative", choices=["ngram"], default=None, help="prompt-lookup drafting (greedy)")
+    s.add_argument("--speculative", choices=["ngram", "mtp"], default=None,
+                   help="greedy speculative decoding: prompt-lookup (ngram) or the model's own MTP module")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="interactive chat in the terminal (reasoning shown dimmed)",

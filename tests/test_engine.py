@@ -52,6 +52,30 @@ def test_speculative_greedy_equals_plain_greedy(model):
     assert eng.stats["drafted"] > 0
 
 
+def test_mtp_speculative_greedy_equals_plain_greedy():
+    model = tiny_v3()  # has one MTP module
+    plain = Engine(model, max_batch_size=8, max_seq_len=64).generate(PROMPTS, GREEDY)
+    eng = Engine(model, max_batch_size=3, max_seq_len=64, speculative="mtp")
+    spec = eng.generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain]
+    assert eng.stats["drafted"] > 0 and 0 <= eng.acceptance_rate <= 1
+
+
+def test_mtp_drafts_are_the_mtp_modules_own_predictions():
+    """The draft after prefill is what Transformer.mtp_logits predicts at the last prompt position."""
+    model = tiny_v3()
+    eng = Engine(model, max_batch_size=2, max_seq_len=64, speculative="mtp")
+    # Reference: the MTP module's greedy prediction of token i+2, computed by Transformer.mtp_logits
+    ids = torch.tensor([PROMPTS[0]])
+    first = Engine(model, max_seq_len=64).generate([PROMPTS[0]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    full = torch.cat([ids, torch.tensor([first[0].token_ids])], dim=1)
+    with torch.no_grad():
+        _, (mtp,) = model(full, return_mtp=True)
+    eng.add_request(PROMPTS[0], GREEDY)
+    eng.step()  # prefill drafts from the last prompt position, reading the first sampled token
+    assert int(eng.mtp_draft[0]) == int(mtp[0, len(PROMPTS[0]) - 1].argmax())
+
+
 def test_seeded_sampling_reproducible_whatever_the_batch(model):
     p = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True)
     alone = Engine(model, max_batch_size=1, max_seq_len=64).generate([PROMPTS[0]], p)[0].token_ids

@@ -83,8 +83,12 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
         self.max_queue = max_queue
-        if speculative not in (None, "ngram"):
-            raise ValueError("speculative must be None or 'ngram'")
+        if speculative not in (None, "ngram", "mtp"):
+            raise ValueError("speculative must be None, 'ngram' or 'mtp'")
+        if speculative == "mtp":
+            if not len(model.mtp):
+                raise ValueError("speculative='mtp' needs a model with MTP modules (num_nextn_predict_layers > 0)")
+            num_draft = 1  # one MTP module drafts one token per step (DeepSeek-V3 §2.2, depth 1)
         self.speculative, self.num_draft, self.ngram_max = speculative, num_draft, ngram_max
         self.cache = KVCache.for_model(cfg, max_batch_size, self.max_seq_len + num_draft + 1,
                                        dtype=model.dtype, device=model.device,
@@ -92,6 +96,7 @@ class Engine:
         V = cfg.vocab_size
         self.out_counts = torch.zeros(max_batch_size, V, device=model.device)
         self.seen = torch.zeros(max_batch_size, V, dtype=torch.bool, device=model.device)
+        self.mtp_draft = torch.zeros(max_batch_size, dtype=torch.long, device=model.device)
         self.running: list[_Request] = []          # row i of the cache belongs to running[i]
         self.queue: deque[_Request] = deque()
         self._ids = itertools.count()
@@ -149,7 +154,9 @@ class Engine:
         if decoding:
             plain_greedy = all(r.params.greedy and r.params.repetition_penalty == 1 and not r.params.presence_penalty
                                and not r.params.frequency_penalty for r in decoding)
-            if self.speculative and plain_greedy:
+            if self.speculative == "mtp" and plain_greedy:
+                self._mtp_step(decoding, deltas)
+            elif self.speculative and plain_greedy:
                 self._speculative_step(decoding, deltas)
             else:
                 self._decode_step(decoding, deltas)
@@ -179,7 +186,13 @@ class Engine:
         last = torch.tensor([len(r.prompt) - 1 for r in reqs], device=dev)
         h_last = h[torch.arange(n, device=dev), last]
         self.stats["prefill_tokens"] += sum(len(r.prompt) for r in reqs)
-        self._sample_and_emit(reqs, start, self.model.lm_head(h_last).float(), deltas)
+        logits = self.model.lm_head(h_last).float()
+        if self.speculative == "mtp":
+            # MTP reads (h_i, token i+1) at every prompt position; the last one uses the greedy guess
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+            nxt[torch.arange(n, device=dev), last] = logits.argmax(-1)
+            self.mtp_draft[start:start + n] = self._mtp_draft(h, nxt, positions, self.cache.rows(start, start + n), last)
+        self._sample_and_emit(reqs, start, logits, deltas)
 
     def _decode_step(self, reqs: list[_Request], deltas: list[Delta]):
         n, dev = len(reqs), self.model.device
@@ -244,6 +257,38 @@ class Engine:
             self.out_counts[i].index_add_(0, torch.tensor(t, device=dev), torch.ones(len(t), device=dev))
         self._emit(reqs, new, lps, deltas)
 
+    def _mtp_draft(self, h, next_ids, positions, cache, pick):
+        """Greedy MTP proposal for the token after next, read at index `pick` of each row."""
+        module = self.model.mtp[0]
+        cos, sin = self.model.rotary(positions, h.dtype)
+        out = module(h, self.model.model.embed_tokens(next_ids), cos, sin, positions, cache)
+        sel = out[torch.arange(out.shape[0], device=out.device), pick]
+        return self.model.lm_head(module.shared_head.norm(sel)).argmax(dim=-1)
+
+    def _mtp_step(self, reqs: list[_Request], deltas: list[Delta]):
+        """Verify [last token, MTP draft] in one forward; keep 1 or 2 tokens; draft the next one."""
+        n, dev = len(reqs), self.model.device
+        draft = self.mtp_draft[:n]
+        ids = torch.stack([torch.tensor([r.out[-1] for r in reqs], device=dev), draft], dim=1)
+        positions = torch.tensor([r.length - 1 for r in reqs], device=dev)[:, None] + torch.arange(2, device=dev)
+        cache = self.cache.rows(0, n)
+        h = self.model.hidden_states(ids, positions, cache)
+        logits = self.model.lm_head(h).float()
+        target = logits.argmax(dim=-1)                     # [n, 2]
+        accepted = target[:, 0] == draft
+        self.mtp_draft[:n] = self._mtp_draft(h, target, positions, cache, accepted.long())
+        acc = accepted.tolist()
+        target = target.tolist()
+        new = [t if a else t[:1] for t, a in zip(target, acc)]
+        lps = None
+        if any(r.params.logprobs for r in reqs):
+            lsm = logits.log_softmax(dim=-1)
+            lps = [lsm[i, torch.arange(len(t)), torch.tensor(t)].tolist() for i, t in enumerate(new)]
+        self.stats["drafted"] += n
+        self.stats["accepted"] += sum(acc)
+        self.stats["decode_tokens"] += 2 * n
+        self._emit(reqs, new, lps, deltas)
+
     # -- bookkeeping ------------------------------------------------------------------------------
     def _emit(self, reqs, new_tokens, new_logprobs, deltas):
         finished = []
@@ -306,6 +351,7 @@ class Engine:
             self.cache.copy_row(last, i, moved.length)
             self.out_counts[i] = self.out_counts[last]
             self.seen[i] = self.seen[last]
+            self.mtp_draft[i] = self.mtp_draft[last]
             self.running[i] = moved
         self.running.pop()
 
