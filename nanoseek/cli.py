@@ -2,6 +2,7 @@
 
     nanoseek info --model SmolLM2-135M-Instruct.Q4_1.gguf
     nanoseek generate --model DIR_OR_GGUF --prompt "What is 2+3?" --chat --max-tokens 64
+    nanoseek export runs/distill/final --format hf --out release/ --license mit
     nanoseek speedrun
 
 Bad input (missing path, weights that do not match the config, unsupported architecture,
@@ -222,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt")
     s.set_defaults(func=cmd_chat)
 
-    from . import cost
+    from . import cost, export
     cost.add_parser(sub)
+    export.add_parser(sub)
 
     s = sub.add_parser("speedrun", help="end-to-end CPU demo",
                        description="End-to-end demo on CPU.\n\nexample:\n  nanoseek speedrun --out runs/speedrun")

@@ -42,7 +42,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None        # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
-    rope_interleave: bool = True            # DeepSeek rotates interleaved pairs (x0,x1),(x2,x3)...
+    rope_interleave: bool | None = None     # pairs (x0,x1),(x2,x3)...; None = True for DeepSeek, False else
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
@@ -79,6 +79,8 @@ class ModelConfig:
                                 f"supported: {', '.join(ARCHITECTURES)}")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        if self.rope_interleave is None:
+            self.rope_interleave = self.model_type in ("deepseek_v3", "deepseek_v2")
         if self.is_mla:
             self.head_dim = self.qk_rope_head_dim  # what transformers records for deepseek
         elif self.head_dim is None:
