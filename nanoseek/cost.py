@@ -432,6 +432,7 @@ def _save_plot(path: str, report: dict, cfg: ModelConfig):
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is for sharing
         os.replace(tmp, out)
     finally:
         plt.close(fig)

@@ -227,6 +227,7 @@ def write_gguf(model, tok, path, outtype: str = "f16", name: str | None = None,
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; weights are for sharing
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
