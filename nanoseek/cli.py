@@ -224,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_chat)
 
     from . import cost, export
+    from .serve import cli as serve_cli
+    from .train import pretrain
     cost.add_parser(sub)
     export.add_parser(sub)
+    serve_cli.add_parser(sub)
+    pretrain.add_parser(sub)
 
     s = sub.add_parser("speedrun", help="end-to-end CPU demo",
                        description="End-to-end demo on CPU.\n\nexample:\n  nanoseek speedrun --out runs/speedrun")

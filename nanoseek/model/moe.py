@@ -81,11 +81,17 @@ class MoE(nn.Module):
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
         self.last_load: torch.Tensor | None = None  # tokens routed to each expert in the last call
+        # training sets keep_scores: the gate affinities of the last call, [*batch_dims, E] with their
+        # graph, for the sequence-wise balance loss (DeepSeek-V3 eq. 17-20; nanoseek/train/objective.py)
+        self.keep_scores = False
+        self.last_scores: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, indices, _ = self.gate(x)
+        weights, indices, scores = self.gate(x)
+        if self.keep_scores:
+            self.last_scores = scores.view(*shape[:-1], scores.shape[-1])
         y = self.dispatch(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1,0 +1,157 @@
+"""A synthetic corpus for the CPU demo: worked column arithmetic, in English and Chinese, seeded.
+
+Each document is one problem with its step-by-step solution, column by column from the right,
+the way it is done on paper:
+
+    Question: 23 + 48 = ? Let's add step by step: 3 + 8 = 11, write 1 carry 1; 2 + 4 + 1 = 7, write 7. Answer: 71
+    问题：52 - 17 = ？我们一步一步地减：2 - 7 不够减，借 1：12 - 7 = 5，写 5 借 1；5 - 1 - 1 = 3，写 3。答案：35
+    Question: 34 × 6 = ? Let's multiply step by step: 4 × 6 = 24, write 4 carry 2; 3 × 6 + 2 = 20, write 0 carry 2; write the carry 2. Answer: 204
+
+Digits are tokenized one by one (see data/tokens.py), so a small model can learn the columns.
+`problem()` also returns the prompt and the answer separately, for verifiable-reward tasks.
+
+    from nanoseek.data.synthetic import arithmetic_corpus, problem
+    docs = arithmetic_corpus(20000, seed=0)           # list[str], half English, half Chinese
+    p = problem(random.Random(0), op="+", lang="en")  # Problem(prompt, solution, answer, text)
+    p = worked(23, "+", 48, "en")
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+OPS = ("+", "-", "×")
+LANGS = ("en", "zh")
+
+WORDS = {
+    "en": {"q": "Question: {a} {op} {b} = ?", "sep": "; ", "end": ". Answer: {ans}",
+           "+": " Let's add step by step: ", "-": " Let's subtract step by step: ",
+           "×": " Let's multiply step by step: ",
+           "write": ", write {d}", "carry": " carry {c}", "final": "write the carry {c}",
+           "borrow": "{lhs} needs a borrow: ", "lend": " borrow 1"},
+    "zh": {"q": "问题：{a} {op} {b} = ？", "sep": "；", "end": "。答案：{ans}",
+           "+": "我们一步一步地加：", "-": "我们一步一步地减：", "×": "我们一步一步地乘：",
+           "write": "，写 {d}", "carry": " 进 {c}", "final": "写下进位 {c}",
+           "borrow": "{lhs} 不够减，借 1：", "lend": " 借 1"},
+}
+
+
+@dataclass
+class Problem:
+    prompt: str     # "Question: 23 + 48 = ?"
+    solution: str   # " Let's add step by step: ... Answer: 71"
+    answer: int
+    text: str       # prompt + solution: one training document
+
+
+def _digits(n: int) -> list[int]:
+    """Least significant first."""
+    return [int(c) for c in reversed(str(n))]
+
+
+def _add_steps(a: int, b: int, w: dict) -> list[str]:
+    da, db = _digits(a), _digits(b)
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = (da[i] if i < len(da) else 0), (db[i] if i < len(db) else 0)
+        s = x + y + carry
+        step = f"{x} + {y}" + (f" + {carry}" if carry else "") + f" = {s}" + w["write"].format(d=s % 10)
+        carry = s // 10
+        steps.append(step + (w["carry"].format(c=carry) if carry else ""))
+    if carry:
+        steps.append(w["final"].format(c=carry))
+    return steps
+
+
+def _sub_steps(a: int, b: int, w: dict) -> list[str]:
+    da, db = _digits(a), _digits(b)
+    steps, borrow = [], 0
+    for i in range(len(da)):
+        x, y = da[i], (db[i] if i < len(db) else 0)
+        tail = " - 1" if borrow else ""
+        if x - y - borrow < 0:
+            d = 10 + x - y - borrow
+            steps.append(w["borrow"].format(lhs=f"{x} - {y}{tail}") + f"{10 + x} - {y}{tail} = {d}"
+                         + w["write"].format(d=d) + w["lend"])
+            borrow = 1
+        else:
+            d = x - y - borrow
+            steps.append(f"{x} - {y}{tail} = {d}" + w["write"].format(d=d))
+            borrow = 0
+    return steps
+
+
+def _mul_steps(a: int, b: int, w: dict) -> list[str]:
+    steps, carry = [], 0
+    for x in _digits(a):
+        p = x * b + carry
+        step = f"{x} × {b}" + (f" + {carry}" if carry else "") + f" = {p}" + w["write"].format(d=p % 10)
+        carry = p // 10
+        steps.append(step + (w["carry"].format(c=carry) if carry else ""))
+    if carry:
+        steps.append(w["final"].format(c=carry))
+    return steps
+
+
+def worked(a: int, op: str, b: int, lang: str = "en") -> Problem:
+    """The worked solution of `a op b` (for "-", a >= b; for "×", b is one digit)."""
+    w = WORDS[lang]
+    if op == "-":
+        if a < b:
+            raise ValueError("subtraction needs a >= b")
+        ans, steps = a - b, _sub_steps(a, b, w)
+    elif op == "×":
+        if not 0 <= b <= 9:
+            raise ValueError("multiplication is by one digit")
+        ans, steps = a * b, _mul_steps(a, b, w)
+    elif op == "+":
+        ans, steps = a + b, _add_steps(a, b, w)
+    else:
+        raise ValueError(f"unknown operation {op!r}")
+    prompt = w["q"].format(a=a, op=op, b=b)
+    solution = w[op] + w["sep"].join(steps) + w["end"].format(ans=ans)
+    return Problem(prompt, solution, ans, prompt + solution)
+
+
+def problem(rng: random.Random, op: str | None = None, lang: str | None = None, max_digits: int = 3) -> Problem:
+    """A random worked problem: numbers of 1..max_digits digits; `-` keeps a >= b, `×` is by 2..9."""
+    op = op or rng.choice(OPS)
+    lang = lang or rng.choice(LANGS)
+
+    def number(digits_max):
+        return rng.randrange(0, 10 ** rng.randint(1, digits_max))
+
+    a, b = number(max_digits), number(max_digits)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+    elif op == "×":
+        b = rng.randint(2, 9)
+    return worked(a, op, b, lang)
+
+
+def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3) -> list[str]:
+    """`n` worked problems, operations and languages drawn uniformly, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [problem(rng, max_digits=max_digits).text for _ in range(n)]
+
+
+def grade(p: Problem, completion: str) -> dict:
+    """Score a model's completion of p.prompt: well-formed (the intro and an answer line), the
+    share of steps equal to the reference steps, and whether the final answer is right."""
+    w = WORDS["zh" if p.prompt.startswith("问题") else "en"]
+    intro = next(w[op] for op in OPS if p.solution.startswith(w[op]))
+    end = w["end"].split("{")[0]                      # ". Answer: " / "。答案："
+    m = re.search(re.escape(end) + r"(\d+)", completion)
+    formed = completion.startswith(intro) and m is not None
+    ref = p.solution[len(intro):].split(end)[0].split(w["sep"])
+    got = completion[len(intro):].split(end)[0].split(w["sep"]) if formed else []
+    steps = sum(a == b for a, b in zip(ref, got)) / len(ref)
+    return {"well_formed": formed, "steps_correct": steps,
+            "answer_correct": formed and int(m.group(1)) == p.answer}
+
+
+def demo_prompts() -> list[str]:
+    """Prompts the pretraining demo completes greedily every few steps."""
+    return ["Question: 23 + 48 = ?", "问题：52 - 17 = ？", "Question: 34 × 6 = ?"]

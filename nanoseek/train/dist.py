@@ -1,0 +1,163 @@
+"""torchrun support: process group, DDP or FSDP2 wrapping, collectives, full state dicts.
+
+    torchrun --nproc_per_node 2 -m nanoseek pretrain --preset tiny --out runs/ddp           # DDP
+    torchrun --nproc_per_node 8 -m nanoseek pretrain --preset small --out runs/fsdp --fsdp  # FSDP2
+
+Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op on one process.
+NCCL when CUDA is present (one GPU per local rank), gloo on CPU.
+
+DDP: gradients are averaged across ranks; MoE experts that receive no token on a rank get no
+gradient there, hence find_unused_parameters for MoE models. Buffers (the gate's
+e_score_correction_bias) are not broadcast: every rank applies the same update from the
+all-reduced expert load, so they stay identical.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder block (and each MTP module's block) is
+its own shard group, then the root. Checkpoints gather full (unsharded) state dicts on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+    fsdp: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init(device: str | None = None) -> DistInfo:
+    """Join the torchrun process group if there is one; pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if world <= 1:
+        dev = torch.device(device or ("cuda" if cuda else "cpu"))
+        return DistInfo(device=dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if cuda else "gloo"
+    if cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=dev if cuda else None)
+    return DistInfo(rank, world, local, dev, backend)
+
+
+def wrap(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> torch.nn.Module:
+    if not info.enabled:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        # the MTP module's own norms run outside its forward (transformer.mtp_logits), so only its
+        # block gets a shard group; the norms and eh_proj stay with the root
+        for block in list(model.model.layers) + [m.block for m in model.mtp]:
+            fully_shard(block)
+        fully_shard(model)
+        info.fsdp = True
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    # no buffer broadcast in forward (torch >= 2.13 renames the flag)
+    sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+            else {"broadcast_buffers": False})
+    return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+               find_unused_parameters=model.config.is_moe, **sync)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def all_reduce(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "mean":
+            t /= info.world
+    return t
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def broadcast_object(obj, info: DistInfo):
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------- state dicts
+def model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """The full model state dict (on CPU), whatever the wrapping."""
+    if info.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_model_state(model: torch.nn.Module, state: dict, info: DistInfo) -> None:
+    if info.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    unwrap(model).load_state_dict(state, strict=True)
+
+
+def optimizer_state(model, optimizer, info: DistInfo) -> dict:
+    if info.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(model, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return optimizer.state_dict()
+
+
+def load_optimizer_state(model, optimizer, state: dict, info: DistInfo) -> None:
+    if info.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    optimizer.load_state_dict(state)
+
+
+def grad_sync(model: torch.nn.Module, info: DistInfo, sync: bool):
+    """Context for one micro-batch: skip the gradient all-reduce unless `sync` (the last one)."""
+    import contextlib
+    if not info.enabled or sync:
+        return contextlib.nullcontext()
+    if info.fsdp:
+        @contextlib.contextmanager
+        def no_sync():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return no_sync()
+    return model.no_sync()

@@ -1,0 +1,504 @@
+"""`nanoseek pretrain`: train a DeepSeek-V3-architecture model (or a dense llama / qwen2) from scratch.
+
+    nanoseek pretrain --out runs/tiny                                   # synthetic arithmetic corpus, CPU demo
+    nanoseek pretrain --corpus books.txt web.jsonl --out runs/mine --steps 5000
+    nanoseek pretrain --out runs/tiny --steps 2000 --resume             # continue from the last checkpoint
+    torchrun --nproc_per_node 2 -m nanoseek pretrain --out runs/ddp     # DDP (gloo on CPU, NCCL on GPUs)
+    python -m nanoseek.train.pretrain --out runs/tiny                   # the same without the CLI
+
+    from nanoseek.train.pretrain import PretrainArgs, pretrain
+    summary = pretrain(PretrainArgs(out="runs/t", steps=20))           # {"losses": [...], ...}
+
+One optimizer step (DeepSeek-V3 §2.1.2, §2.2, §4.2; see objective.py for the formulas):
+  for each micro-batch: L = CE(next token) + λ·L_MTP + L_Bal (sequence-wise, α), backward
+  clip the gradient norm to 1.0, AdamW (β 0.9/0.95, wd 0.1 on matrices), lr warmup + cosine | wsd
+  auxiliary-loss-free balancing: b_i += γ·sign(mean load − load_i) from the step's expert load
+Every `--save-every` steps a checkpoint (checkpoint.py) that `--resume` continues exactly; every
+step a JSONL line in OUT/metrics.jsonl; every `--sample-every` steps greedy samples. The final
+model goes to OUT/final (an HF directory with training.json for `nanoseek export`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import cost
+from ..config import PRESETS, ModelConfig, preset
+from ..errors import NanoseekError
+from ..model.transformer import Transformer
+from . import checkpoint, dist
+from .objective import (balance_loss, load_stats, moe_layers, mtp_loss, mtp_weight, next_token_loss,
+                        update_bias)
+from .optim import SCHEDULES, adamw, lr_at
+
+
+@dataclass
+class PretrainArgs:
+    out: str = "runs/pretrain"
+    preset: str = "tiny"
+    config: str | None = None          # HF config.json / model dir instead of the preset
+    arch: str | None = None            # "llama" | "qwen2": a dense model of the preset's size
+    corpus: list[str] = field(default_factory=list)  # empty: the synthetic arithmetic corpus
+    synthetic_docs: int = 60000
+    tokenizer: str | None = None       # a directory with tokenizer.json; default: BPE on the corpus
+    vocab_size: int | None = None      # BPE vocabulary; default the preset's
+    cache_dir: str | None = None       # token files and tokenizers; default OUT/cache
+    steps: int = 600
+    seq_len: int = 128
+    batch_size: int = 32               # sequences per optimizer step, all processes together
+    micro_batch: int | None = None     # sequences per forward per process; default batch_size / world
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    mtp_weight: float = 0.3
+    mtp_weight_final: float = 0.1
+    balance_alpha: float = 1e-4
+    bias_gamma: float = 1e-3
+    no_balance: bool = False
+    dtype: str = "auto"                # auto: bf16 autocast on CUDA with bf16, else fp32
+    seed: int = 0
+    save_every: int = 200
+    keep: int = 3
+    log_every: int = 25
+    sample_every: int = 200
+    sample_tokens: int = 80
+    time_limit: float | None = None    # seconds; then checkpoint and stop
+    resume: bool = False
+    fsdp: bool = False
+    device: str | None = None
+    threads: int | None = None         # CPU threads per process (torch.set_num_threads)
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------ setup
+def _check_args(a: PretrainArgs) -> None:
+    if a.config is None and a.preset not in PRESETS:
+        raise NanoseekError(f"unknown preset {a.preset!r}; choose one of: {', '.join(PRESETS)}")
+    if a.arch not in (None, "llama", "qwen2"):
+        raise NanoseekError(f"--arch must be llama or qwen2, not {a.arch!r}")
+    if a.schedule not in SCHEDULES:
+        raise NanoseekError(f"--schedule must be one of {', '.join(SCHEDULES)}")
+    for name in ("steps", "seq_len", "batch_size", "save_every", "log_every", "sample_every"):
+        if getattr(a, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.dtype not in ("auto", "fp32", "bf16"):
+        raise NanoseekError("--dtype must be auto, fp32 or bf16")
+
+
+def _writable_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise NanoseekError(f"{out}: cannot write the output directory ({e.strerror or e})") from None
+
+
+def dense_variant(cfg: ModelConfig, arch: str) -> ModelConfig:
+    """A llama / qwen2 model with the preset's width, depth and heads (no MLA, no MoE, no MTP)."""
+    return ModelConfig(model_type=arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                       num_attention_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+                       rope_interleave=False)
+
+
+def model_config(a: PretrainArgs, tok) -> ModelConfig:
+    cfg = cost.load_config(a.config) if a.config else preset(a.preset)
+    if a.arch:
+        cfg = dense_variant(cfg, a.arch)
+    return cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, torch_dtype="float32")
+
+
+def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
+    """(tokenizer, token array, data key, sample prompts); rank 0 tokenizes, the others read its cache."""
+    from ..data import arithmetic_corpus, cached_tokenizer, demo_prompts, documents_hash, read_documents, token_file
+    from ..tokenizer import Tokenizer
+
+    docs = read_documents(a.corpus) if a.corpus else arithmetic_corpus(a.synthetic_docs, seed=a.seed)
+    key = documents_hash(docs)
+    cache = Path(a.cache_dir or Path(a.out) / "cache")
+    vocab = a.vocab_size or (preset(a.preset).vocab_size if a.config is None else cost.load_config(a.config).vocab_size)
+
+    def build():
+        if ckpt_dir is not None:
+            tok = Tokenizer.from_dir(ckpt_dir)
+        elif a.tokenizer:
+            tok = Tokenizer.from_dir(a.tokenizer)
+        else:
+            tok = cached_tokenizer(docs, vocab, cache, docs_key=key)
+        return tok, token_file(docs, tok, cache, docs_key=key)
+
+    # rank 0 fills the caches first (and reports its error to all), then the others read them
+    result, err = None, None
+    if info.main:
+        try:
+            result = build()
+        except NanoseekError as e:
+            err = str(e)
+    err = dist.broadcast_object(err, info)
+    if err is not None:
+        raise NanoseekError(err)
+    if not info.main:
+        result = build()
+    tok, tokens = result
+    prompts = demo_prompts() if not a.corpus else [tok.decode(tokens[:16].tolist(), skip_special_tokens=True)]
+    return tok, tokens, key, prompts
+
+
+def peak_flops(info: dist.DistInfo, amp: bool) -> tuple[float | None, str]:
+    """Per-device peak for MFU: the GPU's datasheet (dense BF16) or this CPU's measured matmul rate."""
+    if info.device.type == "cuda":
+        name = torch.cuda.get_device_name(info.device).lower()
+        for key, gpu in cost.GPUS.items():
+            if key in name:
+                return gpu.bf16_tflops * 1e12, f"{gpu.name} BF16 datasheet"
+        return None, f"unknown GPU {name!r}"
+    m = cost.measure_cpu()
+    which = "bf16" if amp else "fp32"
+    return m[f"{which}_flops"], f"this CPU, measured {which} matmul"
+
+
+def samples(model: Transformer, tok, prompts: list[str], max_new_tokens: int) -> list[str]:
+    from ..infer.simple import generate
+    was = model.training
+    model.eval()
+    try:
+        out = generate(model, [tok.encode(p) for p in prompts], max_new_tokens, eos_token_id=tok.eos_token_id)
+    finally:
+        model.train(was)
+        for m in moe_layers(model):
+            m.last_scores = None
+    return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prompts, out)]
+
+
+def arithmetic_eval(model: Transformer, tok, n: int = 100, seed: int = 10**6, max_new_tokens: int = 160) -> dict:
+    """Greedy completions of n new synthetic problems, graded step by step (data/synthetic.grade)."""
+    import random
+
+    from ..data.synthetic import grade, problem
+    rng = random.Random(seed)
+    problems = [problem(rng) for _ in range(n)]
+    texts = samples(model, tok, [p.prompt for p in problems], max_new_tokens)
+    grades = [grade(p, t[len(p.prompt):]) for p, t in zip(problems, texts)]
+    return {k: sum(float(g[k]) for g in grades) / n for k in ("well_formed", "steps_correct", "answer_correct")}
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl, one line per step; on resume, lines past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        kept = []
+        if resume_step is not None and path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except json.JSONDecodeError:
+                    break  # a torn last line
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        tmp.replace(path)
+        self.f = open(path, "a")
+
+    def write(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+# ------------------------------------------------------------------------------ training
+def pretrain(a: PretrainArgs) -> dict:
+    """Train; returns a summary with the per-step losses (for tests and scripts)."""
+    _check_args(a)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    info = dist.init(a.device)
+    try:
+        return _pretrain(a, info)
+    finally:
+        dist.shutdown(info)
+
+
+def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
+    out = Path(a.out)
+    ckpt_root = out / "checkpoints"
+    _writable_out(out)
+    last = checkpoint.latest(ckpt_root)
+    if last is not None and not a.resume:
+        raise NanoseekError(f"{out} already has checkpoints (latest {last.name}); pass --resume to continue "
+                            f"or choose another --out")
+    if last is None and a.resume and info.main:
+        print(f"nanoseek pretrain: no checkpoint in {ckpt_root}; starting from step 0", file=sys.stderr)
+    ckpt = checkpoint.read(last) if last is not None else None
+
+    tok, tokens, data_key, prompts = prepare_data(a, info, last)
+    cfg = model_config(a, tok)
+    from ..data import WindowSampler
+    sampler = WindowSampler(tokens, a.seq_len, seed=a.seed)
+    bound = {"seq_len": a.seq_len, "batch_size": a.batch_size, "seed": a.seed, "data": data_key}
+    if ckpt is not None:
+        diff = checkpoint.config_differences(ckpt.config, cfg)
+        if diff:
+            raise NanoseekError(f"{last} was trained with a different model config ({', '.join(diff[:5])} "
+                                f"differ); resume with the same --preset/--config/--arch")
+        was = ckpt.trainer_state.get("bound", {})
+        changed = [k for k in bound if was.get(k) != bound[k]]
+        if changed:
+            raise NanoseekError(f"{last} was trained with different {', '.join(changed)}; an exact resume "
+                                f"needs the same corpus, --seq-len, --batch-size and --seed")
+        sampler.load_state_dict(ckpt.trainer_state["sampler"])
+
+    micro = a.micro_batch or a.batch_size // info.world
+    if micro < 1 or a.batch_size % (micro * info.world):
+        raise NanoseekError(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {micro} x "
+                            f"{info.world} processes")
+    accum = a.batch_size // (micro * info.world)
+    amp = a.dtype == "bf16" or (a.dtype == "auto" and info.device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+    torch.manual_seed(a.seed)
+    model = Transformer(cfg)
+    if ckpt is not None:
+        model.load_state_dict(ckpt.model_state, strict=True)
+    model.to(info.device).train()
+    moes = moe_layers(model)
+    balance = cfg.is_moe and not a.no_balance
+    for m in moes:
+        m.keep_scores = balance and a.balance_alpha > 0
+    wrapped = dist.wrap(model, info, a.fsdp)
+    optimizer = adamw(model, a.lr, a.weight_decay, (a.beta1, a.beta2))
+    start = 0
+    if ckpt is not None:
+        dist.load_optimizer_state(wrapped, optimizer, ckpt.optimizer, info)
+        checkpoint.set_rng_state(ckpt.rng)
+        start = ckpt.trainer_state["step"]
+        del ckpt
+
+    tokens_per_step = a.batch_size * a.seq_len
+    flops_per_token = cost.flops_per_token(cfg, a.seq_len, mtp=cfg.num_nextn_predict_layers > 0)["train"]
+    peak, peak_src = peak_flops(info, amp) if info.main else (None, "")
+    log = MetricsLog(out / "metrics.jsonl", start if a.resume else None) if info.main else None
+    if info.main:
+        total, active = cfg.num_params()
+        print(f"nanoseek pretrain: {cfg.architecture} {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
+              f"vocab {cfg.vocab_size}, {len(tokens):,} tokens ({sampler.n_windows:,} windows of {a.seq_len}); "
+              f"batch {a.batch_size} = {micro} x {accum} accum x {info.world} proc; steps {start}->{a.steps}; "
+              f"{'bf16 autocast' if amp else 'fp32'} on {info.device}"
+              + (f" ({info.backend}, {'FSDP2' if a.fsdp else 'DDP'})" if info.enabled else "")
+              + (f"; MFU against {peak_src}: {peak / 1e9:,.0f} GFLOP/s per process" if peak else ""), file=sys.stderr)
+    bar = None
+    if info.main and a.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=a.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
+    say = (bar.write if bar is not None else lambda s: print(s, file=sys.stderr)) if info.main else (lambda s: None)
+
+    def save(step: int, metrics: dict) -> None:
+        # with FSDP every rank takes part in gathering the full state; rank 0 writes
+        opt_state = dist.optimizer_state(wrapped, optimizer, info)
+        target = model
+        if info.fsdp:
+            state = dist.model_state(wrapped, info)  # full on rank 0 only (cpu_offload)
+            if info.main:
+                with torch.device("meta"):
+                    target = Transformer(cfg)
+                target.load_state_dict(state, assign=True)
+        if info.main:
+            checkpoint.save(ckpt_root, step, target, tok, opt_state, checkpoint.rng_state(),
+                            {"sampler": sampler.state_dict(), "bound": bound, "metrics": metrics,
+                             "train_args": dataclasses.asdict(a)}, keep=a.keep)
+        dist.barrier(info)
+
+    if info.main and a.resume:
+        checkpoint.remove_stale_temp_dirs(ckpt_root)
+    if start >= a.steps and info.main:
+        print(f"nanoseek pretrain: {last} is already at step {start} of --steps {a.steps}; nothing to do",
+              file=sys.stderr)
+    losses: list[float] = []
+    metrics: dict = {}
+    t_start = time.perf_counter()
+    step = start
+    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp)
+    while step < a.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, a.steps, a.lr, a.warmup, a.schedule, a.min_lr_ratio)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        lam = mtp_weight(step, a.steps, a.mtp_weight, a.mtp_weight_final)
+        batch = sampler.next_batch(a.batch_size, info.rank, info.world).to(info.device)
+        sums = torch.zeros(3, dtype=torch.float64)  # main, mtp, balance (means over micro-batches)
+        loads = torch.zeros(len(moes), cfg.n_routed_experts or 0, dtype=torch.float64)
+        for i, window in enumerate(batch.split(micro)):
+            with dist.grad_sync(wrapped, info, sync=i == accum - 1):
+                with autocast:
+                    logits, mtp_logits = wrapped(window[:, :-1], return_mtp=True)
+                main = next_token_loss(logits, window)
+                l_mtp = mtp_loss(mtp_logits, window)
+                l_bal = balance_loss(moes, a.balance_alpha) if balance else None
+                loss = main + lam * l_mtp + (l_bal if l_bal is not None else 0.0)
+                (loss / accum).backward()
+            sums += torch.tensor([main.item(), l_mtp.item(), l_bal.item() if l_bal is not None else 0.0],
+                                 dtype=torch.float64) / accum
+            for j, m in enumerate(moes):
+                if m.last_load is not None:
+                    loads[j] += m.last_load.cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        dist.all_reduce(sums, info, "mean")
+        dist.all_reduce(loads, info, "sum")
+        if balance and a.bias_gamma > 0:
+            update_bias(moes, loads, a.bias_gamma)
+        step += 1
+        dt = time.perf_counter() - t0
+        main_loss, mtp_l, bal_l = sums.tolist()
+        losses.append(main_loss)
+        tok_s = tokens_per_step / dt
+        metrics = {"step": step, "loss": main_loss, "mtp_loss": mtp_l if cfg.num_nextn_predict_layers else None,
+                   "balance_loss": bal_l if balance else None, "total_loss": main_loss + lam * mtp_l + bal_l,
+                   "lr": lr, "mtp_lambda": lam, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
+                   "tokens_per_s": tok_s, "step_s": dt, "elapsed_s": time.perf_counter() - t_start,
+                   "mfu": tok_s / info.world * flops_per_token / peak if peak else None}
+        if moes:
+            ratios = load_stats(loads)
+            metrics.update(load_max_mean=ratios, load_max_mean_avg=sum(ratios) / len(ratios))
+        if info.main:
+            log.write(metrics)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{main_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            if step % a.log_every == 0 or step == a.steps:
+                say(f"step {step:>6} | loss {main_loss:.4f} | mtp {mtp_l:.4f} | bal {bal_l:.2e} | "
+                    f"lr {lr:.2e} | gnorm {float(grad_norm):.2f} | {tok_s:,.0f} tok/s"
+                    + (f" | MFU {metrics['mfu']:.1%}" if metrics["mfu"] else "")
+                    + (f" | load max/mean {metrics['load_max_mean_avg']:.2f}" if moes else ""))
+        out_of_time = a.time_limit is not None and time.perf_counter() - t_start > a.time_limit
+        if step % a.sample_every == 0 or step == a.steps or out_of_time:
+            if info.fsdp or info.main:
+                texts = samples(model, tok, prompts, a.sample_tokens)
+                for t in texts:
+                    say(f"  sample @ {step}: {t!r}")
+                metrics["samples"] = texts
+        if step % a.save_every == 0 or step == a.steps or out_of_time:
+            save(step, metrics)
+        if out_of_time:
+            say(f"time limit of {a.time_limit:.0f}s reached at step {step}")
+            break
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.close()
+    final = out / "final"
+    if info.main and step > start:
+        target = dist.unwrap(wrapped) if not info.fsdp else None
+        if target is None:
+            last = checkpoint.latest(ckpt_root)
+            from ..weights import load
+            target, _ = load(last)
+        from ..weights import save as save_model
+        summary = {"stage": "pretrain", "corpus": a.corpus or f"synthetic arithmetic ({a.synthetic_docs} problems)",
+                   "tokens": step * tokens_per_step, "steps": step, "seq_len": a.seq_len,
+                   "batch_size": a.batch_size, "lr": a.lr, "schedule": a.schedule,
+                   "final_loss": metrics.get("loss"), "mtp_loss": metrics.get("mtp_loss"),
+                   "balance": "aux-loss-free bias + sequence-wise loss" if balance else "off",
+                   "wall_clock_s": round(time.perf_counter() - t_start, 1)}
+        if not a.corpus:
+            scores = arithmetic_eval(target, tok)
+            summary["eval_100_new_problems"] = {k: round(v, 3) for k, v in scores.items()}
+            say("greedy on 100 new problems: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
+        save_model(target, tok, final)
+        (final / "training.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        say(f"final model written to {final}")
+    return {"losses": losses, "start_step": start, "step": step, "last": metrics, "out": str(out),
+            "config": cfg}
+
+
+# ------------------------------------------------------------------------------ CLI
+HELP = {
+    "out": "output directory: checkpoints/, metrics.jsonl, final/",
+    "preset": f"model preset ({', '.join(PRESETS)})",
+    "config": "HF config.json or model directory to use instead of --preset",
+    "arch": "train a dense llama or qwen2 of the preset's size instead of DeepSeek-V3",
+    "corpus": "text (.txt: blank line between documents) or .jsonl ({\"text\": ...}) files; "
+              "default: synthetic worked arithmetic",
+    "tokenizer": "directory with tokenizer.json to reuse (default: train BPE on the corpus)",
+    "micro_batch": "sequences per forward per process (gradient accumulation when smaller)",
+    "batch_size": "sequences per optimizer step over all processes",
+    "no_balance": "turn off both balancing mechanisms (bias update and sequence-wise loss), to compare",
+    "time_limit": "stop (with a checkpoint) after this many seconds",
+    "resume": "continue from the newest complete checkpoint in OUT/checkpoints",
+    "fsdp": "shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun",
+    "dtype": "auto = bf16 autocast on CUDA, fp32 on CPU",
+    "threads": "CPU threads per process (default: torch's choice)",
+}
+CHOICES = {"schedule": SCHEDULES, "dtype": ("auto", "fp32", "bf16"), "arch": ("llama", "qwen2")}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "pretrain", help="pretrain a DeepSeek-V3-style model from scratch (MTP, aux-loss-free balance)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain from scratch: next-token + multi-token-prediction loss, auxiliary-loss-free\n"
+                    "load balancing, resumable checkpoints, DDP/FSDP2 under torchrun.\n\nexamples:\n"
+                    "  nanoseek pretrain --out runs/tiny                        # CPU demo, synthetic arithmetic\n"
+                    "  nanoseek pretrain --corpus data.jsonl --out runs/mine --steps 5000\n"
+                    "  nanoseek pretrain --out runs/tiny --steps 2000 --resume\n"
+                    "  torchrun --nproc_per_node 2 -m nanoseek pretrain --out runs/ddp")
+    for f in dataclasses.fields(PretrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kw = {"help": HELP.get(f.name, f"default {default}")}
+        if f.name == "corpus":
+            s.add_argument(flag, nargs="+", default=[], metavar="FILE", **kw)
+        elif f.name == "progress":
+            s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        elif f.type in ("bool", bool):
+            s.add_argument(flag, action="store_true", **kw)
+        else:
+            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            if CHOICES.get(f.name):
+                kw["choices"] = CHOICES[f.name]
+            s.add_argument(flag, type=typ, default=default, **kw)
+    s.set_defaults(func=run)
+    return s
+
+
+def run(args) -> int:
+    fields = {f.name for f in dataclasses.fields(PretrainArgs)}
+    pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
+def main(argv=None) -> int:
+    from ..cli import Parser
+    p = Parser(prog="python -m nanoseek.train.pretrain")
+    sub = p.add_subparsers(dest="command")
+    add_parser(sub)
+    args = p.parse_args(["pretrain", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except NanoseekError as e:
+        print(f"nanoseek: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
