@@ -164,6 +164,13 @@ def test_sampling_frequencies_follow_the_distribution():
     assert f[3:].sum() == 0 and torch.allclose(f[:3], p[:3] / p[:3].sum(), atol=0.01)
 
 
+def test_uniforms_never_reach_one_on_a_large_vocabulary():
+    # float32 rounding of the top hash value to 1.0 would make -log(-log(u)) infinite: a random token
+    from nanoseek.infer.sampling import seeded_uniform
+    u = seeded_uniform(torch.arange(2000), torch.zeros(2000, dtype=torch.long), 129280)
+    assert 0 < u.min() and u.max() < 1
+
+
 def test_penalties_follow_their_formulas():
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
     counts = torch.tensor([[3.0, 1.0, 0.0, 0.0]])

@@ -70,7 +70,8 @@ def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Te
     h = _hash32(_hash32(seeds) ^ (steps & MASK32))
     cols = torch.arange(n, device=seeds.device)
     u = _hash32(h[:, None] ^ (cols[None, :] * 0x9E3779B1 & MASK32))
-    return ((u >> 8).float() + 0.5) / float(1 << 24)
+    # (2^24 - 0.5) / 2^24 rounds to 1.0 in float32, and -log(-log(1)) = inf would win the race
+    return (((u >> 8).float() + 0.5) / float(1 << 24)).clamp(max=1 - 2**-24)
 
 
 def apply_penalties(logits, out_counts, seen, rep, presence, frequency):
