@@ -165,7 +165,7 @@ def parse_chat(body, served_model: str, default_budget: int | None = None) -> Ge
         if not isinstance(m, dict):
             raise bad(f"messages[{i}]", f"messages[{i}] must be an object")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # a dict role is unhashable
             raise bad(f"messages[{i}].role", f"messages[{i}].role must be one of {sorted(ROLES)}")
         clean.append({"role": "system" if role == "developer" else role,
                       "content": _content(m.get("content"), f"messages[{i}].content")})
