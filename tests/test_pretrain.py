@@ -70,8 +70,9 @@ def test_mtp_loss_against_the_model_and_an_explicit_loop():
     window = torch.randint(0, 300, (2, 9))
     logits, mtp = model(window[:, :-1], return_mtp=True)
     assert mtp[0].shape[1] == 7
+    # eq. 24: -(1/T) sum over the T - 1 predictable positions, T = 8 input tokens
     expected = torch.stack([F.cross_entropy(mtp[0][b, i], window[b, i + 2])
-                            for b in range(2) for i in range(7)]).mean()
+                            for b in range(2) for i in range(7)]).sum() / (2 * 8)
     torch.testing.assert_close(mtp_loss(mtp, window), expected)
 
 

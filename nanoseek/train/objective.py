@@ -5,9 +5,10 @@ sequence-wise balance loss, and the auxiliary-loss-free bias update.
 
 Next token: window x_0..x_T, inputs x_0..x_{T-1}, position i predicts x_{i+1}.
 
-MTP (eq. 24-25): depth k = 1..D predicts x_{i+k+1} at position i; L_MTP = (1/D) Σ_k CE_k.
-With nanoseek's 0-based depth k, `mtp_logits[k]` at position i predicts x_{i+k+2}, so its
-targets are x[k+2 :].
+MTP (eq. 24-25): depth k = 1..D predicts t_{i+k+1} at position i;
+L^k = -(1/T) Σ_{i=2+k}^{T+1} log P^k_i[t_i] (a sum over T-k positions, divided by T) and
+L_MTP = (λ/D) Σ_k L^k. With nanoseek's 0-based depth k, `mtp_logits[k]` at position i predicts
+x_{i+k+2}, so its targets are x[k+2 :].
 
 Sequence-wise balance loss (eq. 17-20), per sequence of T tokens, N_r routed experts, K_r per token:
     f_i  = N_r / (K_r T) · Σ_t 1[ s_{i,t} ∈ Topk({s_{j,t}}, K_r) ]
@@ -40,13 +41,16 @@ def next_token_loss(logits: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
 
 
 def mtp_loss(mtp_logits: list[torch.Tensor], window: torch.Tensor) -> torch.Tensor:
-    """(1/D) Σ_k CE(mtp_logits[k], window[:, k+2 :]); zero without MTP modules."""
+    """(1/D) Σ_k L^k with L^k = -(1/T) Σ_i log P^k_i[t_i] (eq. 24-25): the sum over the T-k-1
+    positions depth k can predict, divided by the full input length T as the paper writes it."""
     if not mtp_logits:
         return window.new_zeros((), dtype=torch.float32)
+    B, T = window.shape[0], window.shape[1] - 1
     losses = []
     for k, lg in enumerate(mtp_logits):
         n = lg.shape[1]
-        losses.append(F.cross_entropy(lg.float().flatten(0, 1), window[:, k + 2:k + 2 + n].flatten()))
+        nll = F.cross_entropy(lg.float().flatten(0, 1), window[:, k + 2:k + 2 + n].flatten(), reduction="sum")
+        losses.append(nll / (B * T))
     return torch.stack(losses).mean()
 
 
