@@ -225,8 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import cost, export
     from .serve import cli as serve_cli
+    from .eval import report
     from .train import pretrain
     cost.add_parser(sub)
+    report.add_parser(sub)
     export.add_parser(sub)
     serve_cli.add_parser(sub)
     pretrain.add_parser(sub)
