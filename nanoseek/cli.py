@@ -224,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_chat)
 
     from . import cost, export
+    from .eval.evaluate import add_parser as add_eval_parser
     from .serve import cli as serve_cli
     from .eval import report
     from .train import pretrain
     cost.add_parser(sub)
+    add_eval_parser(sub)
     report.add_parser(sub)
     export.add_parser(sub)
     serve_cli.add_parser(sub)
