@@ -52,6 +52,11 @@ def full_run(tmp_path):
         {"step": s, "reward": 0.1 * s, "reward/accuracy": 0.08 * s, "reward/format": 1.0, "reward/language": 0.9,
          "reward/overlong": 0.0, "accuracy": 0.08 * s, "response_length": 30 + s, "kl": 0.001 * s,
          "entropy": 1.0 - 0.05 * s} for s in range(1, 5)])
+    write_jsonl(run / "grpo" / "samples.jsonl", [
+        {"step": s, "question": f"Question: {s} + 1 = ?", "answer": str(s + 1), "completion": f"rollout-{s} </think>",
+         "reward": 1.0} for s in (3, 4)])
+    write_jsonl(run / "pretrain" / "samples.jsonl", [
+        {"step": s, "prompt": "Question: 2 + 2 = ?", "completion": f" pretrain-sample-{s}"} for s in (3, 6)])
     write_jsonl(run / "distill" / "metrics.jsonl", [{"step": s, "loss": 2.0 / s, "lr": 1e-4} for s in range(1, 4)])
     (run / "distill" / "dataset_stats.json").write_text(json.dumps({"generated": 64, "kept": 24, "keep_rate": 0.375}))
     (run / "eval.json").write_text(json.dumps({"rows": EVAL_ROWS}))
@@ -120,11 +125,14 @@ def test_full_report(full_run):
     assert rows["mtp_loss"] == ["4.7", "2.2", "2.2", "4.7"]
     assert "mfu" not in rows  # all None: nothing to report
     assert "6 logged steps" in sec["Pretraining"]
+    assert "pretrain-sample-6" in sec["Pretraining"] and "pretrain-sample-3" not in sec["Pretraining"]
 
     # GRPO: reward 0.1 s, kl 0.001 s for s = 1..4
     rows = {r[0]: r[1:] for r in table_rows(sec["Reinforcement learning (GRPO)"])}
     assert rows["reward"][:2] == ["0.1", "0.4"] and rows["kl"][:2] == ["0.001", "0.004"]
     assert rows["reward/format"] == ["1", "1", "1", "1"]
+    rollouts = sec["Reinforcement learning (GRPO)"].split("<details>")[1]  # the last step's rollouts, folded
+    assert "rollout-4 </think>" in rollouts and "rollout-3" not in rollouts and "</details>" in rollouts
 
     # distillation data stats and loss 2/s
     dist = sec["Distillation"]

@@ -10,6 +10,7 @@ Reads whatever exists of the run-directory layout (every stage writes its own pa
   pretrain/metrics.jsonl   loss + MTP loss, per-layer expert load max/mean   -> plots, first/last table
   pretrain/samples.jsonl   optional greedy samples {"step", "prompt", "completion"}
   grpo/metrics.jsonl       reward and reward/* parts, accuracy, response length; KL and entropy
+  grpo/samples.jsonl       optional rollouts {"step", "question", "answer", "completion", "reward"}
   distill/metrics.jsonl    SFT loss;  distill/dataset_stats.json {"generated", "kept", "keep_rate"}
   eval.json                {"rows": [{"model", "task", "pass@1", "maj@k", "greedy", ...}]}  -> table + bars
   cost.json                `nanoseek cost --json` output (one, a list, or {name: output})  -> tables + bars
@@ -294,7 +295,7 @@ def grpo_section(run: Path, plots: Plots) -> list[str]:
         return out + [NOT_RUN]
     reward_keys = ["reward"] + sorted({k for r in rows for k in r if k.startswith("reward/")})
     panels = [("reward", reward_keys, "reward"), ("accuracy", ["accuracy", "eval/accuracy"], "accuracy"),
-              ("response length", ["response_length"], "tokens")]
+              ("response length", ["response_length", "eval/response_length"], "tokens")]
     panels = [p for p in panels if any(series(rows, k)[0] for k in p[1])]
     if panels:
         fig, axes = plots.figure(len(panels), width=4.2)
@@ -313,6 +314,13 @@ def grpo_section(run: Path, plots: Plots) -> list[str]:
             ax.set_title({"kl": "KL to the reference", "entropy": "policy entropy"}[k])
         out.append(plots.save(fig, "grpo_kl_entropy"))
     out.append(metrics_table(rows))
+    samples = [r for r in read_jsonl(run / "grpo" / "samples.jsonl") if "completion" in r]
+    if samples:
+        step = samples[-1].get("step")
+        last = [r for r in samples if r.get("step") == step][:2]
+        text = "\n\n".join(f"Q: {r.get('question', r.get('prompt', ''))}  (answer {r.get('answer', '?')}, "
+                            f"reward {fmt(r.get('reward'))})\n{r['completion']}" for r in last)
+        out.append(f"<details>\n<summary>Rollouts at step {fmt(step)}</summary>\n\n{fenced(text)}\n\n</details>")
     return out
 
 
