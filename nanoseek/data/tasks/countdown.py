@@ -40,7 +40,7 @@ QUESTIONS = {
     "zh": "用数字 {numbers} 写出一个等于 {target} 的算式。可以使用 +、-、*、/ 和括号，每个数字最多用一次。",
 }
 _QUESTION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\][^\[\]]*?(?:equals|等于)\s*(\d+)")
-_LEX = re.compile(r"\s*(?:(\d+)|([-+*/×÷()]))")
+_LEX = re.compile(r"\s*(?:([0-9]+)|([-+*/×÷()]))")
 _OPS = {"×": "*", "÷": "/"}
 
 
