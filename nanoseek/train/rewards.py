@@ -51,7 +51,7 @@ def parse_response(completion: str) -> Response:
         return Response(None, _tagged(completion), False)
     reasoning, _, rest = completion.partition(END_THINK)
     answer = _tagged(rest)
-    if answer is None:
+    if answer is None and ANSWER not in rest:   # an empty <answer></answer> stays empty
         boxed = last_boxed(rest)
         answer = boxed.strip() if boxed is not None else rest.strip()
     answer = answer or None
