@@ -114,36 +114,61 @@ def shutdown(info: DistInfo) -> None:
 
 
 # ------------------------------------------------------------------------- state dicts
+def _reshard(model: torch.nn.Module) -> None:
+    """Put every FSDP2 module back in its sharded state. A forward without backward (the greedy
+    samples) leaves the root's parameters unsharded (the root does not reshard after forward), and
+    then model.named_parameters() are not the optimizer's parameters: the state-dict helpers below
+    would fail to map the optimizer state to names (a KeyError on the parameter id)."""
+    from torch.distributed.fsdp import FSDPModule
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
 def model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
-    """The full model state dict (on CPU), whatever the wrapping."""
+    """The full model state dict (on CPU), whatever the wrapping; with FSDP2 on rank 0 only
+    (every rank must call it: the shards are gathered)."""
     if info.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+        _reshard(model)
+        return get_model_state_dict(model, options=_options(cpu_offload=True))
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
 def load_model_state(model: torch.nn.Module, state: dict, info: DistInfo) -> None:
     if info.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+        _reshard(model)
+        set_model_state_dict(model, state, options=_options())
         return
     unwrap(model).load_state_dict(state, strict=True)
 
 
 def optimizer_state(model, optimizer, info: DistInfo) -> dict:
+    """The full optimizer state on CPU, keyed by parameter name (not by the optimizer's parameter
+    index) in every mode, so a checkpoint written by one process, DDP or FSDP2 resumes in any other.
+    With FSDP2 the full state is on rank 0 only; every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     if info.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(model, optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return optimizer.state_dict()
+        _reshard(model)
+    return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
 def load_optimizer_state(model, optimizer, state: dict, info: DistInfo) -> None:
-    if info.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    """Load a full (name-keyed) optimizer state on every rank; each FSDP2 rank keeps its shard."""
+    if all(isinstance(k, int) for k in state.get("state", {})) and all(
+            isinstance(p, int) for g in state.get("param_groups", []) for p in g["params"]):
+        optimizer.load_state_dict(state)  # index-keyed, as optimizer.state_dict() writes it
         return
-    optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    if info.fsdp:
+        _reshard(model)
+    set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 
 def grad_sync(model: torch.nn.Module, info: DistInfo, sync: bool):
