@@ -10,6 +10,13 @@ the way it is done on paper:
 Digits are tokenized one by one (see data/tokens.py), so a small model can learn the columns.
 `problem()` also returns the prompt and the answer separately, for verifiable-reward tasks.
 
+Like a real base model's web text, the corpus is not all one shape, which is what makes the R1-Zero
+miniature meaningful: a share of documents (`chat_share`) are dialogues in the R1-Zero format
+(`User: <question>\nAssistant: <think> <solution> </think> <answer> 71 </answer>`), so a base model
+knows the tags but does not use them reliably; a share (`mix_share`) switch language from step to
+step, so its chain of thought is sometimes mixed English/Chinese (what R1's language-consistency
+reward fixes). Held-out questions of the arithmetic task can be kept out (`exclude`).
+
     from nanoseek.data.synthetic import arithmetic_corpus, problem
     docs = arithmetic_corpus(20000, seed=0)           # list[str], half English, half Chinese
     p = problem(random.Random(0), op="+", lang="en")  # Problem(prompt, solution, answer, text)
@@ -95,27 +102,32 @@ def _mul_steps(a: int, b: int, w: dict) -> list[str]:
     return steps
 
 
-def worked(a: int, op: str, b: int, lang: str = "en") -> Problem:
-    """The worked solution of `a op b` (for "-", a >= b; for "×", b is one digit)."""
+STEPS = {"+": _add_steps, "-": _sub_steps, "×": _mul_steps}
+
+
+def worked(a: int, op: str, b: int, lang: str = "en", mix: random.Random | None = None) -> Problem:
+    """The worked solution of `a op b` (for "-", a >= b; for "×", b is one digit). With `mix`, each
+    step is written in a language drawn from it (code-switched reasoning); the question stays in `lang`."""
     w = WORDS[lang]
-    if op == "-":
-        if a < b:
-            raise ValueError("subtraction needs a >= b")
-        ans, steps = a - b, _sub_steps(a, b, w)
-    elif op == "×":
-        if not 0 <= b <= 9:
-            raise ValueError("multiplication is by one digit")
-        ans, steps = a * b, _mul_steps(a, b, w)
-    elif op == "+":
-        ans, steps = a + b, _add_steps(a, b, w)
-    else:
+    if op == "-" and a < b:
+        raise ValueError("subtraction needs a >= b")
+    if op == "×" and not 0 <= b <= 9:
+        raise ValueError("multiplication is by one digit")
+    if op not in STEPS:
         raise ValueError(f"unknown operation {op!r}")
-    prompt = w["q"].format(a=a, op=op, b=b)
+    ans = {"+": a + b, "-": a - b, "×": a * b}[op]
+    steps = STEPS[op](a, b, w)
+    if mix is not None:  # the two languages have the same steps, so they can be interleaved
+        both = {lg: STEPS[op](a, b, WORDS[lg]) for lg in LANGS}
+        steps = [both[mix.choice(LANGS)][i] for i in range(len(steps))]
+        w = WORDS[mix.choice(LANGS)] if mix.random() < 0.5 else w
+    prompt = WORDS[lang]["q"].format(a=a, op=op, b=b)
     solution = w[op] + w["sep"].join(steps) + w["end"].format(ans=ans)
     return Problem(prompt, solution, ans, prompt + solution)
 
 
-def problem(rng: random.Random, op: str | None = None, lang: str | None = None, max_digits: int = 3) -> Problem:
+def problem(rng: random.Random, op: str | None = None, lang: str | None = None, max_digits: int = 3,
+            mix: random.Random | None = None) -> Problem:
     """A random worked problem: numbers of 1..max_digits digits; `-` keeps a >= b, `×` is by 2..9."""
     op = op or rng.choice(OPS)
     lang = lang or rng.choice(LANGS)
@@ -128,13 +140,28 @@ def problem(rng: random.Random, op: str | None = None, lang: str | None = None, 
         a, b = max(a, b), min(a, b)
     elif op == "×":
         b = rng.randint(2, 9)
-    return worked(a, op, b, lang)
+    return worked(a, op, b, lang, mix)
 
 
-def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3) -> list[str]:
-    """`n` worked problems, operations and languages drawn uniformly, reproducible from `seed`."""
+def r1_zero_document(p: Problem) -> str:
+    """p as a dialogue in the R1-Zero format (data/tasks template "r1-zero-short")."""
+    return f"User: {p.prompt}\nAssistant: <think> {p.solution.strip()} </think> <answer> {p.answer} </answer>"
+
+
+def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3, chat_share: float = 0.0,
+                      mix_share: float = 0.0, exclude=None) -> list[str]:
+    """`n` worked problems, operations and languages drawn uniformly, reproducible from `seed`;
+    `chat_share` of them as R1-Zero dialogues, `mix_share` code-switched; questions for which
+    `exclude(question)` is true (a task's held-out split) are skipped."""
     rng = random.Random(seed)
-    return [problem(rng, max_digits=max_digits).text for _ in range(n)]
+    docs = []
+    while len(docs) < n:
+        mixed = rng.random() < mix_share
+        p = problem(rng, max_digits=max_digits, mix=rng if mixed else None)
+        if exclude is not None and exclude(p.prompt):
+            continue
+        docs.append(r1_zero_document(p) if rng.random() < chat_share else p.text)
+    return docs
 
 
 def grade(p: Problem, completion: str) -> dict:
@@ -154,4 +181,5 @@ def grade(p: Problem, completion: str) -> dict:
 
 def demo_prompts() -> list[str]:
     """Prompts the pretraining demo completes greedily every few steps."""
-    return ["Question: 23 + 48 = ?", "问题：52 - 17 = ？", "Question: 34 × 6 = ?"]
+    return ["Question: 23 + 48 = ?", "问题：52 - 17 = ？", "Question: 34 × 6 = ?",
+            "User: Question: 305 - 78 = ?\nAssistant: <think>"]

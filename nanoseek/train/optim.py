@@ -36,9 +36,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
           betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    # fused kernels on CUDA; elsewhere foreach (one op over all tensors, not a Python loop per tensor)
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
-                             fused=fused or None)
+                             fused=fused or None, foreach=None if fused else True)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, schedule: str = "cosine",

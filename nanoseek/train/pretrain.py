@@ -49,14 +49,16 @@ class PretrainArgs:
     arch: str | None = None            # "llama" | "qwen2": a dense model of the preset's size
     corpus: list[str] = field(default_factory=list)  # empty: the synthetic arithmetic corpus
     synthetic_docs: int = 60000
+    chat_share: float = 0.2            # synthetic corpus: share of R1-Zero-format dialogues
+    mix_share: float = 0.1             # synthetic corpus: share of code-switched (en/zh) solutions
     tokenizer: str | None = None       # a directory with tokenizer.json; default: BPE on the corpus
     vocab_size: int | None = None      # BPE vocabulary; default the preset's
     cache_dir: str | None = None       # token files and tokenizers; default OUT/cache
-    steps: int = 600
+    steps: int = 1500
     seq_len: int = 128
-    batch_size: int = 32               # sequences per optimizer step, all processes together
+    batch_size: int = 16               # sequences per optimizer step, all processes together
     micro_batch: int | None = None     # sequences per forward per process; default batch_size / world
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup: int = 30
     schedule: str = "cosine"
@@ -71,10 +73,10 @@ class PretrainArgs:
     no_balance: bool = False
     dtype: str = "auto"                # auto: bf16 autocast on CUDA with bf16, else fp32
     seed: int = 0
-    save_every: int = 200
+    save_every: int = 250
     keep: int = 3
     log_every: int = 25
-    sample_every: int = 200
+    sample_every: int = 250
     sample_tokens: int = 80
     time_limit: float | None = None    # seconds; then checkpoint and stop
     resume: bool = False
@@ -129,7 +131,12 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     from ..data import arithmetic_corpus, cached_tokenizer, demo_prompts, documents_hash, read_documents, token_file
     from ..tokenizer import Tokenizer
 
-    docs = read_documents(a.corpus) if a.corpus else arithmetic_corpus(a.synthetic_docs, seed=a.seed)
+    if a.corpus:
+        docs = read_documents(a.corpus)
+    else:  # the held-out questions of the arithmetic task never appear in pretraining
+        from ..data.tasks import get_task
+        docs = arithmetic_corpus(a.synthetic_docs, seed=a.seed, chat_share=a.chat_share, mix_share=a.mix_share,
+                                 exclude=get_task("arithmetic", level=2).is_test)
     key = documents_hash(docs)
     cache = Path(a.cache_dir or Path(a.out) / "cache")
     vocab = a.vocab_size or (preset(a.preset).vocab_size if a.config is None else cost.load_config(a.config).vocab_size)
@@ -443,6 +450,8 @@ HELP = {
     "micro_batch": "sequences per forward per process (gradient accumulation when smaller)",
     "batch_size": "sequences per optimizer step over all processes",
     "no_balance": "turn off both balancing mechanisms (bias update and sequence-wise loss), to compare",
+    "chat_share": "synthetic corpus: share of documents in the R1-Zero dialogue format (<think>, <answer>)",
+    "mix_share": "synthetic corpus: share of solutions that switch between English and Chinese",
     "time_limit": "stop (with a checkpoint) after this many seconds",
     "resume": "continue from the newest complete checkpoint in OUT/checkpoints",
     "fsdp": "shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun",
