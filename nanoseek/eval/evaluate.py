@@ -92,7 +92,7 @@ def score_samples(examples: list[Example], completions: list[list[str]], task: T
     out = {"task": task.name, "n": len(examples), "k": k, "pass@1": mean(correct), "maj@k": mean(maj),
            "greedy": None, "mean_length": None, "format_rate": mean(formed), "language_rate": mean(lang)}
     if greedy is not None:
-        out["greedy"] = mean(_correct(task, parse_response(g), ex) for g, ex in zip(greedy, examples))
+        out["greedy"] = mean([_correct(task, parse_response(g), ex) for g, ex in zip(greedy, examples)])
     if lengths is not None:
         out["mean_length"] = mean([x for row in lengths for x in row])
     out["samples"] = [{"question": ex.question, "answer": ex.answer, "completion": c[0],
@@ -101,10 +101,11 @@ def score_samples(examples: list[Example], completions: list[list[str]], task: T
     return out
 
 
-def _text(out, tok) -> str:
-    """The completion text with a stop string the engine cut off put back."""
-    if out.finish_reason == "stop" and END_ANSWER not in out.text and END_ANSWER in tok.decode(out.token_ids):
-        return out.text + END_ANSWER
+def completion_text(out, tok, stop: str = END_ANSWER) -> str:
+    """The completion text with the stop string put back: the engine cuts the text at a stop string
+    (which is not part of its output) but keeps the tokens that spelled it."""
+    if out.finish_reason == "stop" and stop not in out.text and stop in tok.decode(out.token_ids):
+        return out.text + stop
     return out.text
 
 
@@ -140,9 +141,9 @@ def evaluate(model, tok, task: Task, n: int = 200, k: int = 4, template: str = "
     samples, greedy, lengths = [], [], []
     for i in range(len(examples)):
         group = outs[i * (k + 1):(i + 1) * (k + 1)]
-        samples.append([_text(o, tok) for o in group[:k]])
+        samples.append([completion_text(o, tok) for o in group[:k]])
         lengths.append([len(o.token_ids) for o in group[:k]])
-        greedy.append(_text(group[k], tok))
+        greedy.append(completion_text(group[k], tok))
     result = score_samples(examples, samples, task, greedy=greedy, lengths=lengths)
     result.update(template=template, split=split, seed=seed, max_tokens=max_tokens)
     return result
