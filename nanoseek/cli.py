@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.evaluate import add_parser as add_eval_parser
     from .serve import cli as serve_cli
     from .eval import report
-    from .train import grpo, pretrain, sft
+    from .train import distill, grpo, pretrain, sft
     cost.add_parser(sub)
     add_eval_parser(sub)
     report.add_parser(sub)
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cli.add_parser(sub)
     pretrain.add_parser(sub)
     sft.add_parser(sub)
+    distill.add_parser(sub)
     grpo.add_parser(sub)
 
     s = sub.add_parser("speedrun", help="end-to-end CPU demo",

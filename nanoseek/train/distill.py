@@ -1,0 +1,438 @@
+"""`nanoseek distill`: a reasoning teacher writes verified chains of thought; a student learns them by SFT.
+
+    nanoseek distill --teacher runs/grpo/final --student dense:tiny --task arithmetic --level 2 \\
+        --prompts 500 --k 4 --out runs/distill
+    nanoseek distill --teacher runs/grpo/final --student SmolLM2-135M-Instruct.Q4_1.gguf --out runs/d2
+    nanoseek distill ... --resume            # a killed run continues: no trace generated twice
+    python -m nanoseek.train.distill --teacher T --out runs/distill
+
+    from nanoseek.train.distill import DistillArgs, distill, reject_reasons
+    summary = distill(DistillArgs(teacher="runs/grpo/final", prompts=100, out="runs/d"))
+
+DeepSeek-R1 §2.3.3 / §2.4: rejection sampling on the RL checkpoint, then SFT of smaller models.
+1. The teacher samples k completions per training prompt (the task's train split, rendered with
+   --template; temperature 0.6, top-p 0.95, one seed per (prompt, sample), batched on the
+   nanoseek.infer Engine, generation stops at "</answer>").
+2. Rejection sampling (`reject_reasons`, a pure function): a trace is kept only if it is well formed
+   (rewards format == 1), its answer is verified (accuracy == 1) and its chain of thought is in
+   the question's language (language consistency >= --min-language, default 0.9; R1 filters mixed
+   languages out of its SFT data). Kept traces are deduplicated by (prompt, completion).
+3. The student trains on the kept traces with sft.py, --template none: the prompt already holds
+   the reasoning template, the completion is `reasoning </think> <answer> X </answer>` + eos.
+
+Files in OUT:
+  data.jsonl          {"prompt", "completion", "question", "answer"} per kept trace, appended one
+                      generation batch at a time (flush + fsync)
+  distill_state.json  the prompt indices already done and the counters (written atomically after
+                      each batch's lines): on --resume, lines of prompts not marked done (a kill
+                      between the two writes) are dropped and those prompts generated again with
+                      the same seeds, so nothing is duplicated or lost
+  dataset_stats.json  {"generated", "kept", "keep_rate", ...}
+  metrics.jsonl, checkpoints/, final/   the student's SFT (sft.py)
+
+Students: a model path (HF dir / .gguf, with its own tokenizer), or `dense:PRESET` (e.g. dense:tiny):
+a from-scratch llama-architecture model with the preset's width and depth (pretrain.dense_variant)
+and the teacher's tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import NanoseekError
+
+STATE_FILE, DATA_FILE, STATS_FILE = "distill_state.json", "data.jsonl", "dataset_stats.json"
+KEEP = "kept"
+REASONS = ("malformed", "wrong", "language")
+
+
+@dataclass
+class DistillArgs:
+    teacher: str | None = None
+    student: str = "dense:tiny"
+    task: str = "arithmetic"
+    level: int | None = None
+    langs: str | None = None           # comma-separated question languages, e.g. "en,zh"
+    prompts: int = 500
+    k: int = 4
+    out: str = "runs/distill"
+    template: str = "r1-zero-short"
+    max_tokens: int = 160
+    temperature: float = 0.6
+    top_p: float = 0.95
+    min_language: float = 0.9
+    gen_batch: int = 32                # prompts per generation round (one append + state write)
+    engine_batch: int = 64             # concurrent sequences in the engine
+    seed: int = 0
+    # the student's SFT
+    steps: int | None = None
+    epochs: float | None = None        # default 3 when --steps is not given
+    seq_len: int = 256
+    batch_size: int = 16
+    lr: float | None = None            # default 1e-3 for a dense:PRESET student, 5e-5 for a loaded one
+    warmup: int | None = None
+    save_every: int = 100
+    keep: int = 3
+    resume: bool = False
+    device: str | None = None
+    progress: bool = True
+
+
+# ------------------------------------------------------------------------------ rejection sampling
+def reject_reasons(completions: list[str], examples: list, task, min_language: float = 0.9) -> list[str]:
+    """For each completion: "kept", or why it is rejected ("malformed", "wrong", "language").
+
+    Uses the GRPO rewards (rewards.py): format == 1, accuracy == 1, language >= min_language.
+    A question language without a script predicate (rewards.LANGUAGES) is not checked."""
+    from .rewards import LANGUAGES, Rewards
+    scores = Rewards(task)(completions, examples, [0] * len(completions))
+    out = []
+    for i, ex in enumerate(examples):
+        if scores["format"][i] != 1:
+            out.append("malformed")
+        elif scores["accuracy"][i] != 1:
+            out.append("wrong")
+        elif ex.lang in LANGUAGES and scores["language"][i] < min_language:
+            out.append("language")
+        else:
+            out.append(KEEP)
+    return out
+
+
+# ------------------------------------------------------------------------------ the dataset on disk
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+class TraceStore:
+    """OUT/data.jsonl + OUT/distill_state.json: kept traces and the prompts already done."""
+
+    def __init__(self, out: Path, prompts: list[str], bound: dict, resume: bool):
+        self.out, self.prompts, self.bound = Path(out), prompts, bound
+        self.data, self.state_path = self.out / DATA_FILE, self.out / STATE_FILE
+        self.done: set[int] = set()
+        self.counts = {"generated": 0, "kept": 0, "duplicates": 0, **{r: 0 for r in REASONS}}
+        self.records: list[dict] = []
+        self.seen: set[tuple[str, str]] = set()
+        exists = self.state_path.exists() or self.data.exists()
+        if exists and not resume:
+            raise NanoseekError(f"{self.out} already holds a distillation dataset; pass --resume to continue "
+                                f"or choose another --out")
+        if exists:
+            self._load()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _load(self) -> None:
+        state = {"done": [], "counts": {}, "bound": self.bound}
+        if self.state_path.exists():
+            try:
+                state = json.loads(self.state_path.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise NanoseekError(f"{self.state_path}: unreadable ({e})") from None
+        changed = [k for k in self.bound if state.get("bound", {}).get(k) != self.bound[k]]
+        if changed:
+            raise NanoseekError(f"{self.out} was generated with different {', '.join(changed)}; "
+                                f"resume with the same options or choose another --out")
+        self.done = set(state["done"])
+        self.counts.update(state["counts"])
+        done_prompts = {self.prompts[i] for i in self.done}
+        lines = self.data.read_text(encoding="utf-8").splitlines() if self.data.exists() else []
+        dropped = 0
+        for n, line in enumerate(lines, 1):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                if n == len(lines):  # torn by a kill mid-write
+                    dropped += 1
+                    continue
+                raise NanoseekError(f"{self.data}:{n}: malformed JSON; cannot resume") from None
+            key = (rec.get("prompt"), rec.get("completion"))
+            if rec.get("prompt") not in done_prompts or key in self.seen:
+                dropped += 1  # written before the kill, but its prompt was not marked done
+                continue
+            self.seen.add(key)
+            self.records.append(rec)
+        if dropped or len(self.records) != self.counts["kept"]:
+            self.counts["kept"] = len(self.records)
+            _write_atomic(self.data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
+
+    def add(self, indices: list[int], records: list[dict], reasons: list[str]) -> int:
+        """Append one batch's kept traces (deduplicated), then mark its prompts done. Returns kept."""
+        new = []
+        for rec in records:
+            key = (rec["prompt"], rec["completion"])
+            if key in self.seen:
+                self.counts["duplicates"] += 1
+                continue
+            self.seen.add(key)
+            new.append(rec)
+        if new:
+            with open(self.data, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+                f.flush()
+                os.fsync(f.fileno())
+        self.records += new
+        self.counts["generated"] += len(reasons)
+        self.counts["kept"] += len(new)
+        for r in reasons:
+            if r != KEEP:
+                self.counts[r] += 1
+        self.done.update(indices)
+        _write_atomic(self.state_path, json.dumps({"bound": self.bound, "done": sorted(self.done),
+                                                   "counts": self.counts}) + "\n")
+        return len(new)
+
+    def stats(self) -> dict:
+        g = self.counts["generated"]
+        return {"generated": g, "kept": self.counts["kept"], "keep_rate": self.counts["kept"] / g if g else 0.0,
+                "prompts_done": len(self.done), "prompts": len(self.prompts),
+                "duplicates": self.counts["duplicates"],
+                "rejected": {r: self.counts[r] for r in REASONS}}
+
+
+# sample_fn(indices) -> for each prompt index, its k completion texts
+SampleFn = Callable[[list[int]], list[list[str]]]
+
+
+def build_dataset(store: TraceStore, examples: list, task, sample_fn: SampleFn, gen_batch: int = 32,
+                  min_language: float = 0.9, progress: bool = False) -> dict:
+    """Generate, filter and store traces for every prompt not done yet; returns store.stats()."""
+    todo = [i for i in range(len(store.prompts)) if i not in store.done]
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+        bar = tqdm(total=len(store.prompts), initial=len(store.prompts) - len(todo), desc="distill data",
+                   unit="prompt", dynamic_ncols=True)
+    try:
+        for b in range(0, len(todo), gen_batch):
+            idx = todo[b:b + gen_batch]
+            samples = sample_fn(idx)
+            texts = [t for group in samples for t in group]
+            exs = [examples[i] for i, group in zip(idx, samples) for _ in group]
+            reasons = reject_reasons(texts, exs, task, min_language)
+            records = [{"prompt": store.prompts[i], "completion": t, "question": examples[i].question,
+                        "answer": examples[i].answer} for i, group in zip(idx, samples) for t in group]
+            kept = [r for r, why in zip(records, reasons) if why == KEEP]
+            store.add(idx, kept, reasons)
+            if bar is not None:
+                bar.update(len(idx))
+                s = store.stats()
+                bar.set_postfix(kept=s["kept"], keep_rate=f"{s['keep_rate']:.0%}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return store.stats()
+
+
+def teacher_sampler(model, tok, prompts: list[str], a: DistillArgs) -> SampleFn:
+    """k seeded samples per prompt from the batched Engine (T=0.6, top-p 0.95, stop at </answer>)."""
+    from ..eval.evaluate import STOP, completion_text
+    from ..infer import Engine, SamplingParams
+
+    ids = tok.encode_batch(prompts)
+    longest = max(map(len, ids))
+    context = model.config.max_position_embeddings
+    if longest + 1 >= context:
+        raise NanoseekError(f"a prompt of {longest} tokens does not fit the teacher's context of {context}; "
+                            f"try --template r1-zero-short")
+    engine = Engine(model, tok, max_batch_size=a.engine_batch,
+                    max_seq_len=min(context, longest + a.max_tokens + 1))
+
+    def sample(indices: list[int]) -> list[list[str]]:
+        reqs, params = [], []
+        for i in indices:
+            for j in range(a.k):
+                reqs.append(ids[i])
+                # one seed per (prompt, sample): the same traces whatever the batching or a resume
+                params.append(SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                                             seed=(a.seed * 1_000_003 + i * a.k + j) % 2**31, stop=STOP))
+        outs = engine.generate(reqs, params)
+        texts = [completion_text(o, tok) for o in outs]
+        return [texts[n * a.k:(n + 1) * a.k] for n in range(len(indices))]
+    return sample
+
+
+# ------------------------------------------------------------------------------ student
+def student_model(spec: str, teacher_tok, seed: int = 0):
+    """(model, tokenizer, from_scratch) for a student path or `dense:PRESET`."""
+    if spec.startswith("dense:"):
+        from ..config import preset
+        from ..model.transformer import Transformer
+        from .pretrain import dense_variant
+        cfg = dense_variant(preset(spec[len("dense:"):]), "llama").replace(
+            vocab_size=teacher_tok.vocab_size, bos_token_id=teacher_tok.bos_token_id,
+            eos_token_id=teacher_tok.eos_token_id, torch_dtype="float32")
+        torch.manual_seed(seed)
+        return Transformer(cfg), teacher_tok, True
+    from ..weights import load
+    model, tok = load(spec, dtype=torch.float32)
+    if tok is None:
+        raise NanoseekError(f"{spec}: the student has no tokenizer (tokenizer.json or GGUF vocabulary)")
+    return model, tok, False
+
+
+# ------------------------------------------------------------------------------ the run
+def _check_args(a: DistillArgs) -> None:
+    from ..data.tasks import TEMPLATES
+    if not a.teacher:
+        raise NanoseekError("--teacher is required")
+    if a.template not in TEMPLATES:
+        raise NanoseekError(f"--template must be one of {', '.join(TEMPLATES)}")
+    for name in ("prompts", "k", "max_tokens", "gen_batch", "engine_batch", "seq_len", "batch_size"):
+        if getattr(a, name) < 1:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= a.min_language <= 1:
+        raise NanoseekError("--min-language must be in [0, 1]")
+    if a.steps is not None and a.epochs is not None:
+        raise NanoseekError("give --steps or --epochs, not both")
+    if a.student.startswith("dense:"):
+        from ..config import PRESETS
+        if a.student[len("dense:"):] not in PRESETS:
+            raise NanoseekError(f"unknown student preset {a.student!r}; use dense:{' | dense:'.join(PRESETS)}")
+    elif not Path(a.student).exists():
+        raise NanoseekError(f"{a.student}: no such student model (a path, or dense:tiny)")
+
+
+def make_task(a: DistillArgs):
+    from ..data.tasks import get_task
+    kw = {}
+    if a.level is not None:
+        kw["level"] = a.level
+    if a.langs:
+        kw["langs"] = tuple(x.strip() for x in a.langs.split(",") if x.strip())
+    return get_task(a.task, **kw)
+
+
+def distill(a: DistillArgs) -> dict:
+    """Build (or resume) the distillation dataset, then fine-tune the student on it."""
+    from ..data.tasks import render
+    from ..weights import load
+    from .sft import SFTArgs, train_sft
+
+    _check_args(a)
+    task = make_task(a)
+    out = Path(a.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NanoseekError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
+    teacher, tok = load(a.teacher, device=a.device)
+    if tok is None:
+        raise NanoseekError(f"{a.teacher}: the teacher has no tokenizer (tokenizer.json or GGUF vocabulary)")
+    examples = task.examples("train", a.prompts, seed=a.seed)
+    prompts = [render(a.template, ex.question, tok) for ex in examples]
+    bound = {"teacher": str(a.teacher), "task": task.name, "langs": a.langs, "template": a.template,
+             "prompts": a.prompts, "k": a.k, "max_tokens": a.max_tokens, "temperature": a.temperature,
+             "top_p": a.top_p, "min_language": a.min_language, "seed": a.seed}
+    store = TraceStore(out, prompts, bound, a.resume)
+    if len(store.done) < len(prompts):
+        print(f"nanoseek distill: {len(prompts) - len(store.done)} of {len(prompts)} prompts to sample "
+              f"(k={a.k}, T={a.temperature}, top-p {a.top_p}) from {a.teacher}", file=sys.stderr)
+        build_dataset(store, examples, task, teacher_sampler(teacher, tok, prompts, a), a.gen_batch,
+                      a.min_language, a.progress)
+    del teacher  # the engine and its KV cache went with the sampler; free the teacher before training
+    stats = store.stats()
+    _write_atomic(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
+    print(f"nanoseek distill: kept {stats['kept']} of {stats['generated']} traces "
+          f"(keep rate {stats['keep_rate']:.1%}; rejected {stats['rejected']}, {stats['duplicates']} duplicates)",
+          file=sys.stderr)
+    if not store.records:
+        raise NanoseekError(f"the teacher produced no verified trace ({stats['generated']} generated); "
+                            f"nothing to distill (try a stronger teacher, more --prompts or --k)")
+
+    student, stok, scratch = student_model(a.student, tok, a.seed)
+    sft_args = SFTArgs(out=str(out), template="none", steps=a.steps,
+                       epochs=a.epochs if a.steps is None else None, seq_len=a.seq_len,
+                       batch_size=a.batch_size, lr=a.lr or (1e-3 if scratch else 5e-5), warmup=a.warmup,
+                       seed=a.seed, save_every=a.save_every, keep=a.keep, resume=a.resume,
+                       device=a.device, progress=a.progress)
+    if sft_args.steps is None and sft_args.epochs is None:
+        sft_args.epochs = 3.0
+    summary = train_sft(student, stok, sft_args, records=store.records, base=a.student)
+    return {**summary, "dataset": stats}
+
+
+# ------------------------------------------------------------------------------ CLI
+DESCRIPTION = """Distillation (DeepSeek-R1 §2.4): the teacher samples k reasoning traces per training
+prompt (T=0.6, top-p 0.95); rejection sampling keeps the verified, well-formed, language-consistent
+ones (deduplicated) in OUT/data.jsonl; then the student is fine-tuned on them (nanoseek sft).
+
+examples:
+  nanoseek distill --teacher runs/grpo/final --student dense:tiny --task arithmetic --level 2 --prompts 500 --k 4 --out runs/distill
+  nanoseek distill --teacher runs/grpo/final --student SmolLM2-135M-Instruct.Q4_1.gguf --out runs/distill-smol
+  nanoseek distill --teacher runs/grpo/final --out runs/distill --resume"""
+
+HELP = {
+    "teacher": "the reasoning model that writes the traces (HF dir or .gguf)",
+    "student": "HF dir / .gguf to fine-tune, or dense:tiny (from scratch, the teacher's tokenizer)",
+    "task": "arithmetic | countdown | jsonl:PATH",
+    "langs": "comma-separated question languages, e.g. en,zh",
+    "prompts": "training prompts to sample", "k": "samples per prompt",
+    "out": "output directory: data.jsonl, dataset_stats.json, metrics.jsonl, checkpoints/, final/",
+    "min_language": "minimum language consistency of a kept chain of thought",
+    "gen_batch": "prompts per generation round (the unit of resume)",
+    "engine_batch": "concurrent sequences in the inference engine",
+    "epochs": "student SFT passes over the traces (default 3)",
+    "lr": "student learning rate (default 1e-3 for dense:PRESET, 5e-5 for a loaded model)",
+    "resume": "continue a killed run: the dataset, then the student's SFT checkpoints",
+}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..data.tasks import TEMPLATES
+    s = subparsers.add_parser("distill", help="distill a reasoning teacher into a student (rejection sampling + SFT)",
+                              formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
+    for f in dataclasses.fields(DistillArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        kw = {"help": HELP.get(f.name, f"default {default}")}
+        if f.name == "progress":
+            s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+        elif f.name == "resume":
+            s.add_argument(flag, action="store_true", **kw)
+        elif f.name == "teacher":
+            s.add_argument(flag, required=True, **kw)
+        elif f.name == "template":
+            s.add_argument(flag, choices=sorted(TEMPLATES), default=default)
+        else:
+            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
+            s.add_argument(flag, type=typ, default=default, **kw)
+    s.set_defaults(func=run)
+    return s
+
+
+def run(args) -> int:
+    fields = {f.name for f in dataclasses.fields(DistillArgs)}
+    distill(DistillArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
+def main(argv=None) -> int:
+    from ..cli import Parser
+    p = Parser(prog="python -m nanoseek.train.distill")
+    sub = p.add_subparsers(dest="command")
+    add_parser(sub)
+    args = p.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args)
+    except NanoseekError as e:
+        print(f"nanoseek: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
