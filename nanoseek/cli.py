@@ -153,35 +153,6 @@ def cmd_chat(args) -> int:
     return 0
 
 
-def cmd_speedrun(args) -> int:
-    """Placeholder until the speedrun issue lands: tokenizer -> tiny DeepSeek-V3 -> save -> reload -> generate."""
-    import torch
-    from . import Transformer, load, preset, save
-    from .infer.simple import generate
-    from .tokenizer import Tokenizer
-
-    out = args.out
-    print("nanoseek speedrun (foundation stage): the full pipeline — pretrain, GRPO, distill, report — "
-          "is not built yet; this checks the model, tokenizer and weight round trip end to end.")
-    corpus = [f"{a} + {b} = {a + b}. {a} 加 {b} 等于 {a + b}。" for a in range(60) for b in range(60)]
-    tok = Tokenizer.train_bpe(corpus, vocab_size=512)
-    print(f"1/4 trained a byte-level BPE tokenizer: {tok.vocab_size} tokens")
-    torch.manual_seed(args.seed)
-    cfg = preset("tiny").replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
-                                 eos_token_id=tok.eos_token_id)
-    model = Transformer(cfg).eval()
-    total, active = cfg.num_params()
-    print(f"2/4 built the tiny DeepSeek-V3 (MLA + MoE + MTP): {total:,} params, {active:,} active per token")
-    save(model, tok, out)
-    back, tok2 = load(out)
-    same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
-    print(f"3/4 saved to {out} and reloaded: weights identical = {same}")
-    prompt = tok2.apply_chat_template([{"role": "user", "content": "12 + 7 = ?"}])
-    ids = generate(back, [tok2.encode(prompt)], max_new_tokens=16)[0]
-    print(f"4/4 greedy sample from the untrained model: {tok2.decode(ids)!r}")
-    return 0 if same else 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="nanoseek", description=__doc__.split("\n\n")[0] + "\n\nexamples:\n"
                "  nanoseek info --model model.gguf\n"
@@ -223,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", default=None, help="system prompt")
     s.set_defaults(func=cmd_chat)
 
-    from . import cost, export
+    from . import cost, export, speedrun
     from .eval.evaluate import add_parser as add_eval_parser
     from .serve import cli as serve_cli
     from .eval import report
@@ -238,11 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_parser(sub)
     grpo.add_parser(sub)
 
-    s = sub.add_parser("speedrun", help="end-to-end CPU demo",
-                       description="End-to-end demo on CPU.\n\nexample:\n  nanoseek speedrun --out runs/speedrun")
-    s.add_argument("--out", default="runs/speedrun/model")
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=cmd_speedrun)
+    speedrun.add_parser(sub)
     return p
 
 

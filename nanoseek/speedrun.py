@@ -1,0 +1,244 @@
+"""`nanoseek speedrun` (= `make speedrun`): the whole DeepSeek-V3 / R1 recipe in one command, on a laptop CPU.
+
+    nanoseek speedrun                          # runs/speedrun, ~20-30 minutes on 2 CPU cores
+    nanoseek speedrun --resume                 # continue an interrupted run where it stopped
+    nanoseek speedrun --preset gpu-small       # the same pipeline, scaled up for a GPU
+    nanoseek report runs/speedrun              # rebuild the report card from the logs
+
+Stages (each writes its own directory under OUT and a `.done` marker; `--resume` skips finished
+stages and resumes the unfinished one from its last checkpoint):
+  1. pretrain   BPE tokenizer + the tiny DeepSeek-V3 (MLA + MoE + MTP, aux-loss-free balancing) on the
+                synthetic worked-arithmetic corpus (held-out questions excluded)      -> pretrain/final
+  2. student    a dense llama-architecture student pretrained on the same corpus with a smaller budget
+                (the "small base model" DeepSeek distils into)                         -> student/final
+  3. grpo       R1-Zero: GRPO from the base model on rule-checked rewards              -> grpo/final
+  4. distill    the RL model writes verified traces (rejection sampling); the student learns them by SFT
+  5. student-rl the same student trained by GRPO directly with comparable compute (R1 §4.1's comparison)
+  6. eval       base, RL, distilled and student-RL models on the held-out split: pass@1, maj@k, greedy
+  7. export     the RL model as open weights (HF safetensors + GGUF of the dense student)
+  8. report     report.md with plots, the eval table, the cost of DeepSeek-V3 and a sample chat
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .errors import NanoseekError
+
+# Budgets for 2 CPU cores. gpu-small scales the same pipeline (bigger model, more steps).
+PRESETS = {
+    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=500, grpo_steps=60, distill_prompts=600,
+                distill_k=4, student_rl_steps=30, eval_n=200, eval_k=4, batch_size=16, seq_len=128, docs=60000),
+    "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, grpo_steps=400, distill_prompts=8000,
+                      distill_k=8, student_rl_steps=200, eval_n=1000, eval_k=16, batch_size=64, seq_len=256,
+                      docs=1_000_000),
+}
+STAGES = ("pretrain", "student", "grpo", "distill", "student-rl", "eval", "export", "report")
+
+
+def _done(out: Path, stage: str) -> Path:
+    return out / f".{stage}.done"
+
+
+def _mark(out: Path, stage: str, info: dict) -> None:
+    tmp = out / f".{stage}.done.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(_done(out, stage))
+
+
+def _load_summary(out: Path) -> dict:
+    p = out / "summary.json"
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _save_summary(out: Path, summary: dict) -> None:
+    tmp = out / ".summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(out / "summary.json")
+
+
+def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = False, seed: int = 0,
+             threads: int | None = None, only: list[str] | None = None) -> dict:
+    if preset not in PRESETS:
+        raise NanoseekError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    root = Path(out)
+    if root.exists() and any(root.iterdir()) and not resume:
+        raise NanoseekError(f"{root} is not empty; pass --resume to continue that run or choose another --out")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise NanoseekError(f"{root}: cannot create the output directory ({e.strerror or e})") from None
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    summary = _load_summary(root)
+    summary.setdefault("machine", {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                                   "python": platform.python_version()})
+    summary.setdefault("preset", preset)
+    summary.setdefault("stage_s", {})
+    t_all = time.perf_counter()
+
+    def stage(name, fn):
+        if only and name not in only:
+            return
+        if _done(root, name).is_file():
+            print(f"[speedrun] {name}: done already, skipped", file=sys.stderr)
+            return
+        print(f"\n[speedrun] ===== {name} =====", file=sys.stderr)
+        t0 = time.perf_counter()
+        info = fn() or {}
+        dt = time.perf_counter() - t0
+        summary["stage_s"][name] = round(dt + summary["stage_s"].get(name, 0), 1) if resume else round(dt, 1)
+        summary.update({f"{name}.{k}": v for k, v in info.items()})
+        _save_summary(root, summary)
+        _mark(root, name, {"seconds": round(dt, 1), **info})
+
+    def resuming(d: Path) -> bool:
+        return (d / "checkpoints").is_dir()
+
+    # 1. pretrain the DeepSeek-V3-architecture base model
+    def pretrain_stage():
+        from .train.pretrain import PretrainArgs, pretrain
+        d = root / "pretrain"
+        r = pretrain(PretrainArgs(out=str(d), preset=p["model"], steps=p["pretrain_steps"], batch_size=p["batch_size"],
+                                  seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed, resume=resuming(d),
+                                  save_every=250, sample_every=500))
+        return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
+    stage("pretrain", pretrain_stage)
+
+    # 2. a dense student base model (llama architecture, same tokenizer and corpus, a third of the budget)
+    def student_stage():
+        from .train.pretrain import PretrainArgs, pretrain
+        d = root / "student"
+        r = pretrain(PretrainArgs(out=str(d), preset=p["model"], arch="llama", steps=p["student_steps"],
+                                  batch_size=p["batch_size"], seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed,
+                                  tokenizer=str(root / "pretrain" / "final"), cache_dir=str(root / "pretrain" / "cache"),
+                                  resume=resuming(d), save_every=250, sample_every=10**9))
+        return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
+    stage("student", student_stage)
+
+    # 3. R1-Zero GRPO on the base model
+    def grpo_stage():
+        from .train.grpo import GRPOArgs, grpo, resolve
+        d = root / "grpo"
+        a = resolve(GRPOArgs(model=str(root / "pretrain" / "final"), out=str(d), preset="r1-zero-tiny",
+                             resume=resuming(d), seed=seed), set())
+        a = dataclasses.replace(a, steps=p["grpo_steps"])
+        r = grpo(a)
+        first, last = r["history"][0] if r["history"] else {}, r["history"][-1] if r["history"] else {}
+        return {"steps": r["step"], "heldout_greedy_start": first.get("eval/accuracy"),
+                "heldout_greedy_end": last.get("eval/accuracy")}
+    stage("grpo", grpo_stage)
+
+    # 4. distil the RL model's verified reasoning into the dense student
+    def distill_stage():
+        from .train.distill import DistillArgs, distill
+        d = root / "distill"
+        r = distill(DistillArgs(teacher=str(root / "grpo" / "final"), student=str(root / "student" / "final"),
+                                task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
+                                out=str(d), max_tokens=112, seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
+                                seed=seed, resume=d.exists()))
+        return {k: r.get(k) for k in ("generated", "kept", "keep_rate") if k in r}
+    stage("distill", distill_stage)
+
+    # 5. the same student trained by GRPO directly, for comparable compute
+    def student_rl_stage():
+        from .train.grpo import GRPOArgs, grpo, resolve
+        d = root / "student-rl"
+        a = resolve(GRPOArgs(model=str(root / "student" / "final"), out=str(d), preset="r1-zero-tiny",
+                             resume=resuming(d), seed=seed), set())
+        r = grpo(dataclasses.replace(a, steps=p["student_rl_steps"]))
+        return {"steps": r["step"]}
+    stage("student-rl", student_rl_stage)
+
+    # 6. evaluate every model on the held-out split
+    def eval_stage():
+        from .data.tasks import get_task
+        from .eval import evaluate
+        from .weights import load
+        task = get_task("arithmetic", level=2)
+        models = {"base (pretrained V3-tiny)": root / "pretrain" / "final", "RL (R1-Zero GRPO)": root / "grpo" / "final",
+                  "student base (dense)": root / "student" / "final",
+                  "student distilled from RL": root / "distill" / "final",
+                  "student + GRPO directly": root / "student-rl" / "final"}
+        rows = []
+        for name, path in models.items():
+            if not (path / "config.json").is_file():
+                continue
+            model, tok = load(path)
+            res = evaluate(model, tok, task, n=p["eval_n"], k=p["eval_k"], template="r1-zero-short",
+                           max_tokens=112, seed=seed)
+            row = {"model": name, **{k: v for k, v in res.items() if k != "samples"}}
+            rows.append(row)
+            print(f"[speedrun] eval {name}: pass@1 {row['pass@1']:.1%}, maj@{p['eval_k']} {row['maj@k']:.1%}, "
+                  f"greedy {row['greedy']:.1%}, format {row['format_rate']:.1%}", file=sys.stderr)
+        tmp = root / ".eval.json.tmp"
+        tmp.write_text(json.dumps({"rows": rows}, indent=2, ensure_ascii=False) + "\n")
+        tmp.replace(root / "eval.json")
+        return {r["model"]: round(r["pass@1"], 3) for r in rows}
+    stage("eval", eval_stage)
+
+    # 7. export open weights; a sample chat; the cost of the real thing
+    def export_stage():
+        import contextlib
+        import io
+
+        from . import cost
+        from .cli import build_parser
+        from .data.tasks import render
+        from .infer import Engine, SamplingParams
+        from .infer.reasoning import split_reasoning
+        from .weights import load
+        cli = build_parser()
+        with contextlib.redirect_stdout(io.StringIO()):  # the same code paths as `nanoseek export`
+            for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("distill", "hf", "student-hf"),
+                                  ("distill", "gguf", "student-gguf")):
+                args = cli.parse_args(["export", str(root / src / "final"), "--format", fmt,
+                                       "--out", str(root / "export" / dst), "--force"])
+                args.func(args)
+        model, tok = load(root / "grpo" / "final")
+        question = "Question: 487 + 356 = ?"
+        text = Engine(model, tok, max_batch_size=1).generate(
+            [render("r1-zero-short", question)], SamplingParams(max_tokens=112, temperature=0))[0].text
+        reasoning, answer = split_reasoning(text, started_in_reasoning=True)
+        (root / "chat.json").write_text(json.dumps({"prompt": question, "reasoning": reasoning, "answer": answer},
+                                                   ensure_ascii=False, indent=2) + "\n")
+        args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
+        (root / "cost.json").write_text(json.dumps(cost.build_report(args, cost.load_config(args.model)), indent=2) + "\n")
+        return {"exported": ["export/rl-hf", "export/student-hf", "export/student-gguf"]}
+    stage("export", export_stage)
+
+    summary["total_s"] = round(time.perf_counter() - t_all + (summary.get("total_s", 0) if resume else 0), 1)
+    _save_summary(root, summary)
+
+    def report_stage():
+        from .eval.report import write_report
+        path = write_report(root, title="nanoseek speedrun")
+        print(f"[speedrun] report card: {path}", file=sys.stderr)
+        return {}
+    stage("report", report_stage)
+    return summary
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    s = subparsers.add_parser(
+        "speedrun", help="the whole recipe end to end: pretrain -> R1-Zero GRPO -> distill -> eval -> report",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n", 1)[1].split("\n\n", 1)[1] + "\nexamples:\n"
+                    "  nanoseek speedrun --out runs/speedrun\n  nanoseek speedrun --out runs/speedrun --resume")
+    s.add_argument("--out", default="runs/speedrun")
+    s.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    s.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run just these stages")
+    s.set_defaults(func=lambda args: speedrun(args.out, args.preset, args.resume, args.seed, args.threads,
+                                              args.only) and 0)
+    return s
