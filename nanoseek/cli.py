@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.evaluate import add_parser as add_eval_parser
     from .serve import cli as serve_cli
     from .eval import report
-    from .train import distill, grpo, pretrain, sft
+    from .train import distill, grpo, pipeline, pretrain, sft
     cost.add_parser(sub)
     add_eval_parser(sub)
     report.add_parser(sub)
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sft.add_parser(sub)
     distill.add_parser(sub)
     grpo.add_parser(sub)
+    pipeline.add_parser(sub)
 
     speedrun.add_parser(sub)
     return p

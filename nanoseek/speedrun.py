@@ -42,25 +42,54 @@ PRESETS = {
 STAGES = ("pretrain", "student", "grpo", "distill", "student-rl", "eval", "export", "report")
 
 
-def _done(out: Path, stage: str) -> Path:
-    return out / f".{stage}.done"
+class Stages:
+    """A run directory of named stages: each finished stage leaves a `.NAME.done` marker (atomic) and
+    its timing in summary.json, so a resumed run skips it. Shared by `speedrun` and `pipeline`."""
 
+    def __init__(self, out: str | Path, resume: bool, label: str, only: list[str] | None = None):
+        self.root, self.label, self.only = Path(out), label, only
+        if self.root.exists() and not self.root.is_dir():
+            raise NanoseekError(f"{self.root} is a file, not a run directory")
+        if self.root.is_dir() and any(self.root.iterdir()) and not resume:
+            raise NanoseekError(f"{self.root} is not empty; pass --resume to continue that run or choose another --out")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NanoseekError(f"{self.root}: cannot create the output directory ({e.strerror or e})") from None
+        p = self.root / "summary.json"
+        self.summary = json.loads(p.read_text()) if p.is_file() else {}
+        self.summary.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version(),
+                                            "processor": platform.processor() or platform.machine()})
+        self.summary.setdefault("stage_s", {})
 
-def _mark(out: Path, stage: str, info: dict) -> None:
-    tmp = out / f".{stage}.done.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(_done(out, stage))
+    def save_summary(self) -> None:
+        tmp = self.root / ".summary.json.tmp"
+        tmp.write_text(json.dumps(self.summary, indent=2, ensure_ascii=False) + "\n")
+        tmp.replace(self.root / "summary.json")
 
+    def done(self, name: str) -> bool:
+        return (self.root / f".{name}.done").is_file()
 
-def _load_summary(out: Path) -> dict:
-    p = out / "summary.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    def run(self, name: str, fn) -> None:
+        if self.only and name not in self.only:
+            return
+        if self.done(name):
+            print(f"[{self.label}] {name}: done already, skipped", file=sys.stderr)
+            return
+        print(f"\n[{self.label}] ===== {name} =====", file=sys.stderr)
+        t0 = time.perf_counter()
+        info = fn() or {}
+        dt = round(time.perf_counter() - t0, 1)
+        self.summary["stage_s"][name] = dt
+        self.summary.update({f"{name}.{k}": v for k, v in info.items()})
+        self.save_summary()
+        tmp = self.root / f".{name}.done.tmp"
+        tmp.write_text(json.dumps({"seconds": dt, **info}, indent=2) + "\n")
+        tmp.replace(self.root / f".{name}.done")
 
-
-def _save_summary(out: Path, summary: dict) -> None:
-    tmp = out / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-    tmp.replace(out / "summary.json")
+    def resuming(self, sub: str) -> bool:
+        """Whether stage directory `sub` has checkpoints to resume from."""
+        return (self.root / sub / "checkpoints").is_dir()
 
 
 def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = False, seed: int = 0,
@@ -68,40 +97,13 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
     if preset not in PRESETS:
         raise NanoseekError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[preset]
-    root = Path(out)
-    if root.exists() and any(root.iterdir()) and not resume:
-        raise NanoseekError(f"{root} is not empty; pass --resume to continue that run or choose another --out")
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NanoseekError(f"{root}: cannot create the output directory ({e.strerror or e})") from None
+    run = Stages(out, resume, "speedrun", only)
+    root = run.root
     if threads:
         import torch
         torch.set_num_threads(threads)
-    summary = _load_summary(root)
-    summary.setdefault("machine", {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                                   "python": platform.python_version()})
-    summary.setdefault("preset", preset)
-    summary.setdefault("stage_s", {})
-    t_all = time.perf_counter()
-
-    def stage(name, fn):
-        if only and name not in only:
-            return
-        if _done(root, name).is_file():
-            print(f"[speedrun] {name}: done already, skipped", file=sys.stderr)
-            return
-        print(f"\n[speedrun] ===== {name} =====", file=sys.stderr)
-        t0 = time.perf_counter()
-        info = fn() or {}
-        dt = time.perf_counter() - t0
-        summary["stage_s"][name] = round(dt + summary["stage_s"].get(name, 0), 1) if resume else round(dt, 1)
-        summary.update({f"{name}.{k}": v for k, v in info.items()})
-        _save_summary(root, summary)
-        _mark(root, name, {"seconds": round(dt, 1), **info})
-
-    def resuming(d: Path) -> bool:
-        return (d / "checkpoints").is_dir()
+    run.summary.setdefault("preset", preset)
+    stage, resuming = run.run, (lambda d: run.resuming(d.name))
 
     # 1. pretrain the DeepSeek-V3-architecture base model
     def pretrain_stage():
@@ -145,7 +147,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
                                 task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
                                 out=str(d), max_tokens=112, seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
                                 seed=seed, resume=d.exists()))
-        return {k: r.get(k) for k in ("generated", "kept", "keep_rate") if k in r}
+        return {k: r["dataset"].get(k) for k in ("generated", "kept", "keep_rate")}
     stage("distill", distill_stage)
 
     # 5. the same student trained by GRPO directly, for comparable compute
@@ -215,8 +217,8 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         return {"exported": ["export/rl-hf", "export/student-hf", "export/student-gguf"]}
     stage("export", export_stage)
 
-    summary["total_s"] = round(time.perf_counter() - t_all + (summary.get("total_s", 0) if resume else 0), 1)
-    _save_summary(root, summary)
+    run.summary["total_s"] = round(sum(run.summary["stage_s"].values()), 1)
+    run.save_summary()
 
     def report_stage():
         from .eval.report import write_report
@@ -224,7 +226,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         print(f"[speedrun] report card: {path}", file=sys.stderr)
         return {}
     stage("report", report_stage)
-    return summary
+    return run.summary
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
