@@ -12,7 +12,14 @@ e_score_correction_bias) are not broadcast: every rank applies the same update f
 all-reduced expert load, so they stay identical.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`): each decoder block (and each MTP module's block) is
-its own shard group, then the root. Checkpoints gather full (unsharded) state dicts on every rank.
+its own shard group, then the root. Checkpoints gather full (unsharded) state dicts onto rank 0.
+
+Expert parallelism (expert_parallel.py, after shard_experts): DDP ignores the routed experts (each
+rank owns different ones); checkpoints gather them onto rank 0; clip_grad_norm sums the experts'
+squared norms over the ranks. Not combined with FSDP2.
+
+Optimizer states are keyed by parameter name in every mode, so a checkpoint written by one
+process, DDP, FSDP2 or expert parallelism resumes under any of them.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ class DistInfo:
     device: torch.device = torch.device("cpu")
     backend: str | None = None
     fsdp: bool = False
+    expert_parallel: bool = False      # set by expert_parallel.shard_experts
 
     @property
     def main(self) -> bool:
@@ -65,6 +73,9 @@ def wrap(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> torch.nn
     if not info.enabled:
         return model
     if fsdp:
+        if info.expert_parallel:
+            from ..errors import NanoseekError
+            raise NanoseekError("--expert-parallel works with DDP, not with --fsdp")
         from torch.distributed.fsdp import fully_shard
         # the MTP module's own norms run outside its forward (transformer.mtp_logits), so only its
         # block gets a shard group; the norms and eh_proj stay with the root
@@ -79,6 +90,9 @@ def wrap(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> torch.nn
     # no buffer broadcast in forward (torch >= 2.13 renames the flag)
     sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
             else {"broadcast_buffers": False})
+    if info.expert_parallel:  # each rank's routed experts are its own: no broadcast, no averaging
+        from .expert_parallel import expert_names
+        DDP._set_params_and_buffers_to_ignore_for_model(model, sorted(expert_names(model)))
     return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
                find_unused_parameters=model.config.is_moe, **sync)
 
@@ -137,6 +151,9 @@ def model_state(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tenso
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
         _reshard(model)
         return get_model_state_dict(model, options=_options(cpu_offload=True))
+    if info.expert_parallel:
+        from .expert_parallel import full_state_dict
+        return full_state_dict(unwrap(model), info)
     return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
 
 
@@ -156,6 +173,10 @@ def optimizer_state(model, optimizer, info: DistInfo) -> dict:
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     if info.fsdp:
         _reshard(model)
+    if info.expert_parallel:  # every rank keeps its state (cpu_offload would keep rank 0's only)
+        from .expert_parallel import full_optimizer_state
+        state = get_optimizer_state_dict(model, optimizer, options=_options())
+        return full_optimizer_state(unwrap(model), state, info)
     return get_optimizer_state_dict(model, optimizer, options=_options(cpu_offload=True))
 
 
@@ -169,6 +190,26 @@ def load_optimizer_state(model, optimizer, state: dict, info: DistInfo) -> None:
     if info.fsdp:
         _reshard(model)
     set_optimizer_state_dict(model, optimizer, state, options=_options())
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, info: DistInfo) -> float:
+    """Clip the gradients to a total norm of max_norm; returns the norm before clipping, the same
+    on every rank. With expert parallelism the experts differ per rank: their squared norms are
+    summed over the ranks (the replicated parameters' gradients are already equal everywhere)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not info.expert_parallel:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    from .expert_parallel import is_expert_param
+    experts = [p.grad for p in params if is_expert_param(p)]
+    shared = [p.grad for p in params if not is_expert_param(p)]
+    zero = torch.zeros((), device=params[0].device)
+    sq_experts = torch.nn.utils.get_total_norm(experts) ** 2 if experts else zero
+    all_reduce(sq_experts, info)
+    sq_shared = torch.nn.utils.get_total_norm(shared) ** 2 if shared else zero
+    norm = (sq_experts + sq_shared).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return float(norm)
 
 
 def grad_sync(model: torch.nn.Module, info: DistInfo, sync: bool):
