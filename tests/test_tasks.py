@@ -238,7 +238,8 @@ def test_jsonl_bad_files(tmp_path, content):
 def test_templates():
     from nanoseek.tokenizer import Tokenizer
     p = render("r1-zero", "Question: 2 + 3 = ?")
-    assert p.startswith("A conversation between User and Assistant. The user asks a question, and the Assistant solves it.")
+    assert p.startswith("A conversation between User and Assistant. The user asks a question, "
+                        "and the Assistant solves it.")
     assert "<think> reasoning process here </think> <answer> answer here </answer>" in p
     assert p.endswith("User: Question: 2 + 3 = ?. Assistant: <think>")
     assert render("r1-zero-short", "Q") == "User: Q\nAssistant: <think>"

@@ -27,8 +27,8 @@ from fractions import Fraction
 MAX_ANSWER_CHARS = 200     # a longer "final answer" is not an answer
 MAX_DIGITS = 60            # numbers with more digits are compared as text, never parsed
 
-_LABEL = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:：]?\s*|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*",
-                    re.IGNORECASE)
+_LABEL = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:：]?\s*"
+                    r"|^(?:最终)?答案\s*(?:是|为)?\s*[:：]?\s*", re.IGNORECASE)
 _TRAILING = " \t\n.,;:!?。，；：！？、"
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
