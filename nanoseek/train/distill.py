@@ -6,8 +6,9 @@
     nanoseek distill ... --resume            # a killed run continues: no trace generated twice
     python -m nanoseek.train.distill --teacher T --out runs/distill
 
-    from nanoseek.train.distill import DistillArgs, distill, reject_reasons
+    from nanoseek.train.distill import DistillArgs, distill, distill_from, reject_reasons
     summary = distill(DistillArgs(teacher="runs/grpo/final", prompts=100, out="runs/d"))
+    summary = distill_from(teacher_model, tok, DistillArgs(student="dense:tiny", out="runs/d"))  # in-process
 
 DeepSeek-R1 §2.3.3 / §2.4: rejection sampling on the RL checkpoint, then SFT of smaller models.
 1. The teacher samples k completions per training prompt (the task's train split, rendered with
@@ -286,9 +287,9 @@ def student_model(spec: str, teacher_tok, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------ the run
-def _check_args(a: DistillArgs) -> None:
+def _check_args(a: DistillArgs, need_teacher: bool = True) -> None:
     from ..data.tasks import TEMPLATES
-    if not a.teacher:
+    if need_teacher and not a.teacher:
         raise NanoseekError("--teacher is required")
     if a.template not in TEMPLATES:
         raise NanoseekError(f"--template must be one of {', '.join(TEMPLATES)}")
@@ -318,24 +319,33 @@ def make_task(a: DistillArgs):
 
 
 def distill(a: DistillArgs) -> dict:
-    """Build (or resume) the distillation dataset, then fine-tune the student on it."""
-    from ..data.tasks import render
+    """Load --teacher, build (or resume) the distillation dataset, then fine-tune the student on it."""
     from ..weights import load
-    from .sft import SFTArgs, train_sft
 
     _check_args(a)
+    make_task(a)  # a bad --task fails before the (slow) teacher load
+    teacher, tok = load(a.teacher, device=a.device)
+    if tok is None:
+        raise NanoseekError(f"{a.teacher}: the teacher has no tokenizer (tokenizer.json or GGUF vocabulary)")
+    return distill_from(teacher, tok, a)
+
+
+def distill_from(teacher, tok, a: DistillArgs) -> dict:
+    """`distill` with an already-built teacher (model, tokenizer), for in-process pipelines; a.teacher
+    only names it (in the resume check). Returns train_sft's summary plus {"dataset": stats}."""
+    from ..data.tasks import render
+    from .sft import SFTArgs, train_sft
+
+    _check_args(a, need_teacher=False)
     task = make_task(a)
     out = Path(a.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise NanoseekError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    teacher, tok = load(a.teacher, device=a.device)
-    if tok is None:
-        raise NanoseekError(f"{a.teacher}: the teacher has no tokenizer (tokenizer.json or GGUF vocabulary)")
     examples = task.examples("train", a.prompts, seed=a.seed)
     prompts = [render(a.template, ex.question, tok) for ex in examples]
-    bound = {"teacher": str(a.teacher), "task": task.name, "langs": a.langs, "template": a.template,
+    bound = {"teacher": str(a.teacher or "in-process"), "task": task.name, "langs": a.langs, "template": a.template,
              "prompts": a.prompts, "k": a.k, "max_tokens": a.max_tokens, "temperature": a.temperature,
              "top_p": a.top_p, "min_language": a.min_language, "seed": a.seed}
     store = TraceStore(out, prompts, bound, a.resume)
@@ -344,7 +354,7 @@ def distill(a: DistillArgs) -> dict:
               f"(k={a.k}, T={a.temperature}, top-p {a.top_p}) from {a.teacher}", file=sys.stderr)
         build_dataset(store, examples, task, teacher_sampler(teacher, tok, prompts, a), a.gen_batch,
                       a.min_language, a.progress)
-    del teacher  # the engine and its KV cache went with the sampler; free the teacher before training
+    del teacher  # the engine and its KV cache are gone with the sampler; drop our reference too
     stats = store.stats()
     _write_atomic(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     print(f"nanoseek distill: kept {stats['kept']} of {stats['generated']} traces "
@@ -372,7 +382,8 @@ prompt (T=0.6, top-p 0.95); rejection sampling keeps the verified, well-formed, 
 ones (deduplicated) in OUT/data.jsonl; then the student is fine-tuned on them (nanoseek sft).
 
 examples:
-  nanoseek distill --teacher runs/grpo/final --student dense:tiny --task arithmetic --level 2 --prompts 500 --k 4 --out runs/distill
+  nanoseek distill --teacher runs/grpo/final --student dense:tiny --task arithmetic --level 2 \\
+      --prompts 500 --k 4 --out runs/distill
   nanoseek distill --teacher runs/grpo/final --student SmolLM2-135M-Instruct.Q4_1.gguf --out runs/distill-smol
   nanoseek distill --teacher runs/grpo/final --out runs/distill --resume"""
 
