@@ -1,5 +1,5 @@
 """Pretraining: the objective against the DeepSeek-V3 formulas on hand-built examples, the
-auxiliary-loss-free bias update, exact resume from a checkpoint, bad input, and 2-process DDP."""
+auxiliary-loss-free bias update, exact resume from a checkpoint, bad input, and 2-process DDP, FSDP2 and expert parallelism (gloo)."""
 
 import json
 import os
@@ -235,7 +235,12 @@ def single_process(tmp_path_factory, config_file):
     return pretrain(args(tmp_path_factory.mktemp("single"), config_file, steps=4, save_every=100))
 
 
-@pytest.mark.parametrize("mode", ["DDP", "FSDP2"])
+MODES = {"DDP": ([], "gloo, DDP"), "FSDP2": (["--fsdp"], "gloo, FSDP2"),
+         "expert parallel": (["--expert-parallel"], "gloo, DDP + expert parallel")}
+
+
+@pytest.mark.parametrize("mode", ["DDP", "FSDP2", pytest.param("expert parallel", marks=pytest.mark.skipif(
+    "expert_parallel" not in PretrainArgs.__dataclass_fields__, reason="pretrain has no --expert-parallel yet"))])
 def test_two_process_gloo_matches_one_process_and_resumes_in_one(tmp_path, config_file, single_process, mode):
     single = single_process
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -243,7 +248,7 @@ def test_two_process_gloo_matches_one_process_and_resumes_in_one(tmp_path, confi
            "-m", "nanoseek.train.pretrain", "--out", str(tmp_path / "ddp"), "--config", config_file,
            "--synthetic-docs", "300", "--vocab-size", "300", "--steps", "4", "--seq-len", "32",
            "--batch-size", "8", "--lr", "0.01", "--warmup", "2", "--save-every", "2",
-           "--sample-every", "100", "--sample-tokens", "4", "--no-progress"] + (["--fsdp"] if mode == "FSDP2" else [])
+           "--sample-every", "100", "--sample-tokens", "4", "--no-progress"] + MODES[mode][0]
     # own process group: on a timeout the workers die with the launcher
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
@@ -256,10 +261,11 @@ def test_two_process_gloo_matches_one_process_and_resumes_in_one(tmp_path, confi
     assert proc.returncode == 0, stderr[-3000:]
     recs = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in recs] == pytest.approx(single["losses"], abs=1e-4)
-    assert "2 proc" in stderr and f"gloo, {mode}" in stderr
+    assert "2 proc" in stderr and MODES[mode][1] in stderr
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
     # the step-2 checkpoint (full weights and a name-keyed optimizer state, gathered from the
-    # shards under FSDP2; the step-4 one was written after the greedy samples) resumes in one process
+    # shards under FSDP2 / the ranks' experts; the step-4 one was written after the greedy samples)
+    # resumes in one process
     for step in (2, 4):
         ckpt = checkpoint.read(tmp_path / "ddp" / "checkpoints" / f"step-{step:08d}")
         assert set(ckpt.optimizer["state"]) == {n for n, _ in nanoseek.Transformer(ckpt.config).named_parameters()}
