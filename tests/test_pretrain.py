@@ -1,5 +1,6 @@
 """Pretraining: the objective against the DeepSeek-V3 formulas on hand-built examples, the
-auxiliary-loss-free bias update, exact resume from a checkpoint, bad input, and 2-process DDP, FSDP2 and expert parallelism (gloo)."""
+auxiliary-loss-free bias update, exact resume from a checkpoint, bad input, and 2-process (gloo)
+DDP, FSDP2 and expert parallelism against one process."""
 
 import json
 import os
