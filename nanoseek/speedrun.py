@@ -33,11 +33,16 @@ from .errors import NanoseekError
 
 # Budgets for 2 CPU cores. gpu-small scales the same pipeline (bigger model, more steps).
 PRESETS = {
-    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=500, grpo_steps=60, distill_prompts=600,
-                distill_k=4, student_rl_steps=30, eval_n=200, eval_k=4, batch_size=16, seq_len=128, docs=60000),
-    "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, grpo_steps=400, distill_prompts=8000,
-                      distill_k=8, student_rl_steps=200, eval_n=1000, eval_k=16, batch_size=64, seq_len=256,
-                      docs=1_000_000),
+    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=500, grpo_steps=60, grpo_prompts=16, group_size=8,
+                distill_prompts=600, distill_k=4, student_rl_steps=30, eval_n=200, eval_k=4, batch_size=16,
+                seq_len=128, docs=60000, max_tokens=112),
+    "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, grpo_steps=400, grpo_prompts=64,
+                      group_size=16, distill_prompts=8000, distill_k=8, student_rl_steps=200, eval_n=1000, eval_k=16,
+                      batch_size=64, seq_len=256, docs=1_000_000, max_tokens=200),
+    # wiring check for tests: every stage, a few steps each
+    "smoke": dict(model="tiny", pretrain_steps=6, student_steps=4, grpo_steps=2, grpo_prompts=2, group_size=4,
+                  distill_prompts=6, distill_k=2, student_rl_steps=1, eval_n=4, eval_k=2, batch_size=4, seq_len=64,
+                  docs=400, max_tokens=24),
 }
 STAGES = ("pretrain", "student", "grpo", "distill", "student-rl", "eval", "export", "report")
 
@@ -132,7 +137,8 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         d = root / "grpo"
         a = resolve(GRPOArgs(model=str(root / "pretrain" / "final"), out=str(d), preset="r1-zero-tiny",
                              resume=resuming(d), seed=seed), set())
-        a = dataclasses.replace(a, steps=p["grpo_steps"])
+        a = dataclasses.replace(a, steps=p["grpo_steps"], prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
+                                max_tokens=p["max_tokens"], eval_n=p["eval_n"])
         r = grpo(a)
         first, last = r["history"][0] if r["history"] else {}, r["history"][-1] if r["history"] else {}
         return {"steps": r["step"], "heldout_greedy_start": first.get("eval/accuracy"),
@@ -145,7 +151,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         d = root / "distill"
         r = distill(DistillArgs(teacher=str(root / "grpo" / "final"), student=str(root / "student" / "final"),
                                 task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
-                                out=str(d), max_tokens=112, seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
+                                out=str(d), max_tokens=p["max_tokens"], seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
                                 seed=seed, resume=d.exists()))
         return {k: r["dataset"].get(k) for k in ("generated", "kept", "keep_rate")}
     stage("distill", distill_stage)
@@ -156,7 +162,8 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         d = root / "student-rl"
         a = resolve(GRPOArgs(model=str(root / "student" / "final"), out=str(d), preset="r1-zero-tiny",
                              resume=resuming(d), seed=seed), set())
-        r = grpo(dataclasses.replace(a, steps=p["student_rl_steps"]))
+        r = grpo(dataclasses.replace(a, steps=p["student_rl_steps"], prompts_per_step=p["grpo_prompts"],
+                                     group_size=p["group_size"], max_tokens=p["max_tokens"], eval_n=p["eval_n"]))
         return {"steps": r["step"]}
     stage("student-rl", student_rl_stage)
 
@@ -176,7 +183,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
                 continue
             model, tok = load(path)
             res = evaluate(model, tok, task, n=p["eval_n"], k=p["eval_k"], template="r1-zero-short",
-                           max_tokens=112, seed=seed)
+                           max_tokens=p["max_tokens"], seed=seed)
             row = {"model": name, **{k: v for k, v in res.items() if k != "samples"}}
             rows.append(row)
             print(f"[speedrun] eval {name}: pass@1 {row['pass@1']:.1%}, maj@{p['eval_k']} {row['maj@k']:.1%}, "
@@ -208,7 +215,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         model, tok = load(root / "grpo" / "final")
         question = "Question: 487 + 356 = ?"
         text = Engine(model, tok, max_batch_size=1).generate(
-            [render("r1-zero-short", question)], SamplingParams(max_tokens=112, temperature=0))[0].text
+            [render("r1-zero-short", question)], SamplingParams(max_tokens=p["max_tokens"], temperature=0))[0].text
         reasoning, answer = split_reasoning(text, started_in_reasoning=True)
         (root / "chat.json").write_text(json.dumps({"prompt": question, "reasoning": reasoning, "answer": answer},
                                                    ensure_ascii=False, indent=2) + "\n")

@@ -49,7 +49,7 @@ class PretrainArgs:
     arch: str | None = None            # "llama" | "qwen2": a dense model of the preset's size
     corpus: list[str] = field(default_factory=list)  # empty: the synthetic arithmetic corpus
     synthetic_docs: int = 60000
-    chat_share: float = 0.2            # synthetic corpus: share of R1-Zero-format dialogues
+    chat_share: float = 0.05           # synthetic corpus: share of R1-Zero-format dialogues
     mix_share: float = 0.1             # synthetic corpus: share of code-switched (en/zh) solutions
     tokenizer: str | None = None       # a directory with tokenizer.json; default: BPE on the corpus
     vocab_size: int | None = None      # BPE vocabulary; default the preset's
