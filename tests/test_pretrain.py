@@ -225,6 +225,40 @@ def test_bad_inputs(tmp_path, config_file, full_run, capsys):
     assert len(err) == 1 and err[0].startswith("nanoseek: error: unknown preset")
 
 
+BAD_INPUT = {  # case -> (extra flags, what the one line says)
+    "empty corpus": (lambda d: ["--corpus", str(d / "empty.txt")], "the corpus is empty"),
+    "corpus shorter than one sequence": (lambda d: ["--corpus", str(d / "short.txt")],
+                                         "fewer than one training sequence"),
+    "unknown preset": (lambda d: ["--preset", "huge"], "unknown preset 'huge'"),
+    "unwritable output dir": (lambda d: ["--out", str(d / "a_file" / "sub")], "cannot write the output directory"),
+    "resume from a different config": (lambda d: ["--config", str(d / "other.json"), "--resume", "--steps", "12"],
+                                       "different model config"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_from_the_cli_is_one_line_and_exit_2(case, tmp_path, config_file, full_run, capsys):
+    from nanoseek.cli import main as cli
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "short.txt").write_text("just a few words")
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "other.json").write_text(json.dumps(tiny_config(hidden_size=48).to_hf_config()))
+    resumed_out, _ = full_run
+    out = resumed_out if case.startswith("resume") else tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in resumed_out.rglob("*")}
+    extra, message = BAD_INPUT[case]
+    flags = ["--out", str(out), "--config", config_file, "--synthetic-docs", "300", "--vocab-size", "300",
+             "--steps", "2", "--seq-len", "32", "--batch-size", "8", "--no-progress"]
+    if case == "unknown preset":
+        flags.remove("--config"), flags.remove(config_file)
+    capsys.readouterr()
+    assert cli(["pretrain", *flags, *extra(tmp_path)]) == 2  # argparse keeps the last --out / --config / --steps
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nanoseek: error: ") and message in err[0], err
+    assert {p: p.stat().st_mtime_ns for p in resumed_out.rglob("*")} == before  # nothing overwritten
+    assert not any((tmp_path / "run" / name).exists() for name in ("checkpoints", "final", "metrics.jsonl"))
+
+
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, config_file):
     one = pretrain(args(tmp_path / "one", config_file, steps=3, save_every=100))
     acc = pretrain(args(tmp_path / "acc", config_file, steps=3, save_every=100, micro_batch=2))
