@@ -4,14 +4,15 @@
     .venv/bin/python benchmarks/train.py --batch 8 --seq-len 256 --steps 10
 
 One training step = forward + cross-entropy + backward + AdamW step, fp32 on CPU (bf16 autocast on
-CUDA). Our weights go to transformers through `nanoseek.save` + `from_pretrained`, and the first
+CUDA); both models get the optimizer pretraining uses (nanoseek.train.optim.adamw: β 0.9/0.95,
+decay on matrices only). Our weights go to transformers through `nanoseek.save` + `from_pretrained`, and the first
 step's losses are checked to agree. transformers has no MTP modules, so the like-for-like number is
 our main-loss step; `nanoseek_full_objective` adds what pretraining really runs (MTP module and
 loss, sequence-wise balance loss, bias update). The two models alternate in rounds (the machine is
 noisy) and the median step time of each is used. MFU = tokens/s x training FLOPs per token
 (nanoseek.cost) / this CPU's measured matmul peak (or the GPU's datasheet peak).
 
-Prints one JSON line: tokens/s of each, their ratios, and our MFU.
+Prints a table (tokens/s, ratio to transformers, MFU), then one JSON line with the same numbers.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from nanoseek import cost  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.train.objective import (balance_loss, moe_layers, mtp_loss, next_token_loss,  # noqa: E402
                                       update_bias)
+from nanoseek.train.optim import adamw  # noqa: E402
 
 
 def main() -> None:
@@ -53,6 +55,9 @@ def main() -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()  # its load report lists our MTP tensors, which it does not use
+    hf_logging.disable_progress_bar()
 
     cfg = preset(a.preset)
     if a.vocab_size:
@@ -68,8 +73,8 @@ def main() -> None:
     x, y = data[:, :-1], data[:, 1:]
 
     moes = moe_layers(ours)
-    opt_main = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    opt_main = adamw(ours, lr=1e-4)
+    opt_theirs = adamw(theirs, lr=1e-4)
 
     def step_ours():
         with autocast:
@@ -135,6 +140,15 @@ def main() -> None:
         peak, peak_src = m["fp32_flops"], "this CPU, measured fp32 matmul"
     f_main = cost.flops_per_token(cfg, a.seq_len, mtp=False)["train"]
     f_full = cost.flops_per_token(cfg, a.seq_len, mtp=True)["train"]
+    mfu = lambda ts, f: f"{ts * f / peak:.1%}" if peak else "-"  # noqa: E731
+    print(f"train step, preset {a.preset}, batch {a.batch} x {a.seq_len}, {'bf16 autocast' if amp else 'fp32'} "
+          f"on {device} ({torch.get_num_threads()} threads), median of {a.rounds} x {a.steps} steps each; "
+          f"MFU against {peak_src}")
+    print(f"{'':44}{'tokens/s':>10}{'vs transformers':>17}{'MFU':>8}")
+    for label, key, f in (("transformers DeepseekV3ForCausalLM", "transformers", f_main),
+                          ("nanoseek (same objective)", "nanoseek", f_main),
+                          ("nanoseek (+ MTP, balance loss, bias update)", "full", f_full)):
+        print(f"{label:44}{tok_s[key]:>10,.0f}{tok_s[key] / tok_s['transformers']:>16.2f}x{mfu(tok_s[key], f):>8}")
     print(json.dumps({
         "benchmark": "train_step", "preset": a.preset, "batch": a.batch, "seq_len": a.seq_len,
         "device": str(device), "threads": torch.get_num_threads(), "dtype": "bf16 autocast" if amp else "fp32",
