@@ -116,7 +116,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         d = root / "pretrain"
         r = pretrain(PretrainArgs(out=str(d), preset=p["model"], steps=p["pretrain_steps"], batch_size=p["batch_size"],
                                   seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed, resume=resuming(d),
-                                  save_every=250, sample_every=500))
+                                  save_every=250, sample_every=500, final_eval=p["eval_n"]))
         return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
     stage("pretrain", pretrain_stage)
 
@@ -127,7 +127,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         r = pretrain(PretrainArgs(out=str(d), preset=p["model"], arch="llama", steps=p["student_steps"],
                                   batch_size=p["batch_size"], seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed,
                                   tokenizer=str(root / "pretrain" / "final"), cache_dir=str(root / "pretrain" / "cache"),
-                                  resume=resuming(d), save_every=250, sample_every=10**9))
+                                  resume=resuming(d), save_every=250, sample_every=10**9, final_eval=0))
         return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
     stage("student", student_stage)
 

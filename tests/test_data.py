@@ -123,3 +123,10 @@ def test_window_sampler_errors():
     s = WindowSampler(np.arange(100, dtype=np.uint16), seq_len=10, seed=0)
     with pytest.raises(NanoseekError, match="same corpus"):
         s.load_state_dict({**s.state_dict(), "seq_len": 20})
+
+
+def test_corpus_tokenizer_splitting_is_known_to_llama_cpp(tok):
+    """Models trained here export to GGUF: llama.cpp must split text the same way (SmolLM2's rule)."""
+    from nanoseek.weights.gguf_writer import pre_tokenizer_name
+    assert pre_tokenizer_name(tok.tk) == "smollm"
+    assert [tok.decode([i]) for i in tok.encode("x 305")][-3:] == ["3", "0", "5"]

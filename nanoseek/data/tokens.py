@@ -78,16 +78,16 @@ def tokenizer_hash(tok: Tokenizer) -> str:
 
 # ---------------------------------------------------------------------------- tokenizer
 def train_tokenizer(docs: Sequence[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
-    """Byte-level BPE with the R1 special tokens, like Tokenizer.train_bpe, but every digit (with
-    the space before it) is its own pre-token, as LLaMA splits digits: numbers are read digit by
-    digit, which column arithmetic needs."""
-    from tokenizers import Regex
+    """Byte-level BPE with the R1 special tokens, like Tokenizer.train_bpe, but every digit is its
+    own pre-token (as LLaMA and SmolLM2 split digits): numbers are read digit by digit, which column
+    arithmetic needs. The splitting is SmolLM2's exactly, so llama.cpp knows it ("smollm") and the
+    models export to GGUF."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tk = HFTokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r" ?\p{N}"), behavior="isolated"),
+        pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,

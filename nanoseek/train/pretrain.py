@@ -78,6 +78,7 @@ class PretrainArgs:
     log_every: int = 25
     sample_every: int = 250
     sample_tokens: int = 80
+    final_eval: int = 100              # synthetic corpus: greedy-grade this many new problems at the end (0: skip)
     time_limit: float | None = None    # seconds; then checkpoint and stop
     resume: bool = False
     fsdp: bool = False
@@ -427,8 +428,8 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
                    "final_loss": metrics.get("loss"), "mtp_loss": metrics.get("mtp_loss"),
                    "balance": "aux-loss-free bias + sequence-wise loss" if balance else "off",
                    "wall_clock_s": round(time.perf_counter() - t_start, 1)}
-        if not a.corpus:
-            scores = arithmetic_eval(target, tok)
+        if not a.corpus and a.final_eval > 0:
+            scores = arithmetic_eval(target, tok, n=a.final_eval)
             summary["eval_100_new_problems"] = {k: round(v, 3) for k, v in scores.items()}
             say("greedy on 100 new problems: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
         save_model(target, tok, final)
