@@ -47,7 +47,7 @@ def config_file(tmp_path_factory):
 def args(out, config_file, **kw) -> PretrainArgs:
     base = dict(out=str(out), config=config_file, synthetic_docs=300, vocab_size=300, steps=8, seq_len=32,
                 batch_size=8, lr=1e-2, warmup=2, save_every=4, keep=10, log_every=100, sample_every=100,
-                sample_tokens=4, progress=False)
+                sample_tokens=4, final_eval=0, progress=False)  # the final greedy eval is slow, not checked here
     return PretrainArgs(**{**base, **kw})
 
 
@@ -283,7 +283,7 @@ def test_two_process_gloo_matches_one_process_and_resumes_in_one(tmp_path, confi
            "-m", "nanoseek.train.pretrain", "--out", str(tmp_path / "ddp"), "--config", config_file,
            "--synthetic-docs", "300", "--vocab-size", "300", "--steps", "4", "--seq-len", "32",
            "--batch-size", "8", "--lr", "0.01", "--warmup", "2", "--save-every", "2",
-           "--sample-every", "100", "--sample-tokens", "4", "--no-progress"] + MODES[mode][0]
+           "--sample-every", "100", "--sample-tokens", "4", "--final-eval", "0", "--no-progress"] + MODES[mode][0]
     # own process group: on a timeout the workers die with the launcher
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
