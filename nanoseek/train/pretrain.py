@@ -4,6 +4,7 @@
     nanoseek pretrain --corpus books.txt web.jsonl --out runs/mine --steps 5000
     nanoseek pretrain --out runs/tiny --steps 2000 --resume             # continue from the last checkpoint
     torchrun --nproc_per_node 2 -m nanoseek pretrain --out runs/ddp     # DDP (gloo on CPU, NCCL on GPUs)
+    torchrun --nproc_per_node 2 -m nanoseek pretrain --out runs/ep --expert-parallel   # experts split
     python -m nanoseek.train.pretrain --out runs/tiny                   # the same without the CLI
 
     from nanoseek.train.pretrain import PretrainArgs, pretrain
@@ -35,7 +36,7 @@ from .. import cost
 from ..config import PRESETS, ModelConfig, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
-from . import checkpoint, dist
+from . import checkpoint, dist, expert_parallel
 from .objective import (balance_loss, load_stats, moe_layers, mtp_loss, mtp_weight, next_token_loss,
                         update_bias)
 from .optim import SCHEDULES, adamw, lr_at
@@ -82,6 +83,7 @@ class PretrainArgs:
     time_limit: float | None = None    # seconds; then checkpoint and stop
     resume: bool = False
     fsdp: bool = False
+    expert_parallel: bool = False      # split the routed experts across the processes (with DDP)
     device: str | None = None
     threads: int | None = None         # CPU threads per process (torch.set_num_threads)
     progress: bool = True
@@ -100,6 +102,8 @@ def _check_args(a: PretrainArgs) -> None:
             raise NanoseekError(f"--{name.replace('_', '-')} must be at least 1")
     if a.dtype not in ("auto", "fp32", "bf16"):
         raise NanoseekError("--dtype must be auto, fp32 or bf16")
+    if a.expert_parallel and a.fsdp:
+        raise NanoseekError("--expert-parallel works with DDP, not with --fsdp")
 
 
 def _writable_out(out: Path) -> None:
@@ -286,6 +290,8 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
     if ckpt is not None:
         model.load_state_dict(ckpt.model_state, strict=True)
     model.to(info.device).train()
+    if a.expert_parallel:  # keep this rank's routed experts (a no-op on one process)
+        expert_parallel.shard_experts(model, info)
     moes = moe_layers(model)
     balance = cfg.is_moe and not a.no_balance
     for m in moes:
@@ -309,7 +315,8 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
               f"vocab {cfg.vocab_size}, {len(tokens):,} tokens ({sampler.n_windows:,} windows of {a.seq_len}); "
               f"batch {a.batch_size} = {micro} x {accum} accum x {info.world} proc; steps {start}->{a.steps}; "
               f"{'bf16 autocast' if amp else 'fp32'} on {info.device}"
-              + (f" ({info.backend}, {'FSDP2' if a.fsdp else 'DDP'})" if info.enabled else "")
+              + (f" ({info.backend}, {'FSDP2' if a.fsdp else 'DDP'}"
+                 f"{' + expert parallel' if info.expert_parallel else ''})" if info.enabled else "")
               + (f"; MFU against {peak_src}: {peak / 1e9:,.0f} GFLOP/s per process" if peak else ""), file=sys.stderr)
     bar = None
     if info.main and a.progress:
@@ -321,8 +328,8 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         # with FSDP every rank takes part in gathering the full state; rank 0 writes
         opt_state = dist.optimizer_state(wrapped, optimizer, info)
         target = model
-        if info.fsdp:
-            state = dist.model_state(wrapped, info)  # full on rank 0 only (cpu_offload)
+        if info.fsdp or info.expert_parallel:
+            state = dist.model_state(wrapped, info)  # full on rank 0 only
             if info.main:
                 with torch.device("meta"):
                     target = Transformer(cfg)
@@ -366,9 +373,7 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
             for j, m in enumerate(moes):
                 if m.last_load is not None:
                     loads[j] += m.last_load.cpu()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = dist.clip_grad_norm(model, a.grad_clip, info)  # the global norm (FSDP2, expert parallel)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         dist.all_reduce(sums, info, "mean")
@@ -399,8 +404,10 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
                     + (f" | MFU {metrics['mfu']:.1%}" if metrics["mfu"] else "")
                     + (f" | load max/mean {metrics['load_max_mean_avg']:.2f}" if moes else ""))
         out_of_time = a.time_limit is not None and time.perf_counter() - t_start > a.time_limit
+        if a.time_limit is not None and info.enabled:  # rank 0's clock decides, or ranks could disagree and hang
+            out_of_time = dist.broadcast_object(out_of_time, info)
         if step % a.sample_every == 0 or step == a.steps or out_of_time:
-            if info.fsdp or info.main:
+            if info.fsdp or info.expert_parallel or info.main:  # every rank takes part in their forwards
                 texts = samples(model, tok, prompts, a.sample_tokens)
                 for t in texts:
                     say(f"  sample @ {step}: {t!r}")
@@ -416,7 +423,7 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         log.close()
     final = out / "final"
     if info.main and step > start:
-        target = dist.unwrap(wrapped) if not info.fsdp else None
+        target = dist.unwrap(wrapped) if not (info.fsdp or info.expert_parallel) else None
         if target is None:
             last = checkpoint.latest(ckpt_root)
             from ..weights import load
@@ -456,6 +463,7 @@ HELP = {
     "time_limit": "stop (with a checkpoint) after this many seconds",
     "resume": "continue from the newest complete checkpoint in OUT/checkpoints",
     "fsdp": "shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun",
+    "expert_parallel": "under torchrun, split the routed experts across the processes (all-to-all dispatch)",
     "dtype": "auto = bf16 autocast on CUDA, fp32 on CPU",
     "threads": "CPU threads per process (default: torch's choice)",
 }
