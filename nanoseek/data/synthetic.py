@@ -143,16 +143,19 @@ def problem(rng: random.Random, op: str | None = None, lang: str | None = None, 
     return worked(a, op, b, lang, mix)
 
 
-def r1_zero_document(p: Problem) -> str:
-    """p as a dialogue in the R1-Zero format (data/tasks template "r1-zero-short")."""
-    return f"User: {p.prompt}\nAssistant: <think> {p.solution.strip()} </think> <answer> {p.answer} </answer>"
+def r1_zero_document(p: Problem, closed: bool = True) -> str:
+    """p as a dialogue in the R1-Zero format (data/tasks template "r1-zero-short"); unclosed, the
+    reasoning just ends (no </think>, no <answer>), as sloppy dialogues on the web do."""
+    head = f"User: {p.prompt}\nAssistant: <think> {p.solution.strip()}"
+    return head + f" </think> <answer> {p.answer} </answer>" if closed else head
 
 
 def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3, chat_share: float = 0.0,
-                      mix_share: float = 0.0, exclude=None) -> list[str]:
+                      mix_share: float = 0.0, exclude=None, unclosed_share: float = 0.0) -> list[str]:
     """`n` worked problems, operations and languages drawn uniformly, reproducible from `seed`;
-    `chat_share` of them as R1-Zero dialogues, `mix_share` code-switched; questions for which
-    `exclude(question)` is true (a task's held-out split) are skipped."""
+    `chat_share` of them as R1-Zero dialogues (`unclosed_share` of those without the closing tags),
+    `mix_share` code-switched; questions for which `exclude(question)` is true (a task's held-out
+    split) are skipped."""
     rng = random.Random(seed)
     docs = []
     while len(docs) < n:
@@ -160,7 +163,10 @@ def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3, chat_share: fl
         p = problem(rng, max_digits=max_digits, mix=rng if mixed else None)
         if exclude is not None and exclude(p.prompt):
             continue
-        docs.append(r1_zero_document(p) if rng.random() < chat_share else p.text)
+        if rng.random() < chat_share:
+            docs.append(r1_zero_document(p, closed=rng.random() >= unclosed_share))
+        else:
+            docs.append(p.text)
     return docs
 
 

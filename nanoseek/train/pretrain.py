@@ -50,7 +50,8 @@ class PretrainArgs:
     arch: str | None = None            # "llama" | "qwen2": a dense model of the preset's size
     corpus: list[str] = field(default_factory=list)  # empty: the synthetic arithmetic corpus
     synthetic_docs: int = 60000
-    chat_share: float = 0.05           # synthetic corpus: share of R1-Zero-format dialogues
+    chat_share: float = 0.5            # synthetic corpus: share of R1-Zero-format dialogues ...
+    unclosed_share: float = 0.3        # ... of which this share never close </think> / give <answer>
     mix_share: float = 0.1             # synthetic corpus: share of code-switched (en/zh) solutions
     tokenizer: str | None = None       # a directory with tokenizer.json; default: BPE on the corpus
     vocab_size: int | None = None      # BPE vocabulary; default the preset's
@@ -141,6 +142,7 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     else:  # the held-out questions of the arithmetic task never appear in pretraining
         from ..data.tasks import get_task
         docs = arithmetic_corpus(a.synthetic_docs, seed=a.seed, chat_share=a.chat_share, mix_share=a.mix_share,
+                                 unclosed_share=a.unclosed_share,
                                  exclude=get_task("arithmetic", level=2).is_test)
     key = documents_hash(docs)
     cache = Path(a.cache_dir or Path(a.out) / "cache")
@@ -459,6 +461,8 @@ HELP = {
     "batch_size": "sequences per optimizer step over all processes",
     "no_balance": "turn off both balancing mechanisms (bias update and sequence-wise loss), to compare",
     "chat_share": "synthetic corpus: share of documents in the R1-Zero dialogue format (<think>, <answer>)",
+    "unclosed_share": "synthetic corpus: share of the dialogues whose reasoning is never closed (no </think>, "
+                      "no <answer>): the format a base model knows but does not use reliably",
     "mix_share": "synthetic corpus: share of solutions that switch between English and Chinese",
     "time_limit": "stop (with a checkpoint) after this many seconds",
     "resume": "continue from the newest complete checkpoint in OUT/checkpoints",
