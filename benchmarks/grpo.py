@@ -27,7 +27,9 @@ the 16 completions) + rewards + the policy update:
   TRL       on_step_begin -> on_step_end of a TrainerCallback (generation happens inside the step)
 Reported per side: s/step, completions/s, completion tokens/s (completions stop at EOS, so the two
 sides do not generate equally long texts; tokens/s normalises for that), mean completion length and
-reward; then the ratios nanoseek / TRL. Prints, last, one JSON line. The machine is noisy (~30%):
+reward, and the rollout part of the step (nanoseek: `rollout_s`, generation + rewards; TRL: its
+`_generate`, tokenisation + model.generate + decoding, timed by a wrapper); then the ratios
+nanoseek / TRL. Prints, last, one JSON line. The machine is noisy (~30%):
 only ratios within one run mean anything.
 """
 
@@ -73,9 +75,11 @@ def export_hf(out: Path) -> Path:
     return hf
 
 
-def summarize(step_s: list[float], n_completions: list[int], n_tokens: list[int], rewards: list[float]) -> dict:
+def summarize(step_s: list[float], rollout_s: list[float], n_completions: list[int], n_tokens: list[int],
+              rewards: list[float]) -> dict:
     t = sum(step_s)
-    return {"s_per_step": t / len(step_s), "completions_per_s": sum(n_completions) / t,
+    return {"s_per_step": t / len(step_s), "rollout_s_per_step": sum(rollout_s) / len(rollout_s),
+            "completions_per_s": sum(n_completions) / t,
             "completion_tokens_per_s": sum(n_tokens) / t,
             "mean_completion_tokens": sum(n_tokens) / max(sum(n_completions), 1),
             "mean_reward": sum(rewards) / len(rewards), "step_s": [round(s, 2) for s in step_s]}
@@ -95,7 +99,7 @@ def run_nanoseek(hf: Path, work: Path, steps: int, beta: float, threads: int) ->
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in recs if r["step"] >= 2]   # step 0 = the base-model eval, step 1 = warm-up
     n = PROMPTS * GROUP
-    return summarize([r["step_s"] for r in timed], [n] * len(timed),
+    return summarize([r["step_s"] for r in timed], [r["rollout_s"] for r in timed], [n] * len(timed),
                      [round(r["response_length"] * n) for r in timed], [r["reward"] for r in timed])
 
 
@@ -144,12 +148,23 @@ def run_trl(hf: Path, work: Path, steps: int, beta: float, threads: int) -> dict
     timer = StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=[nanoseek_reward], args=cfg, train_dataset=data,
                           processing_class=tok, callbacks=[timer])
+    rollout_s: list[float] = []
+    generate = trainer._generate   # prompts -> completions (tokenize + model.generate + decode); timed, not changed
+
+    def timed_generate(*args, **kw):
+        t = time.perf_counter()
+        try:
+            return generate(*args, **kw)
+        finally:
+            rollout_s.append(time.perf_counter() - t)
+
+    trainer._generate = timed_generate
     torch.set_num_threads(threads)   # in case anything above changed it
     trainer.train()
     if len(timer.step_s) != 1 + steps or len(seen) != 1 + steps:
         raise RuntimeError(f"expected {1 + steps} steps, timed {len(timer.step_s)} with {len(seen)} reward calls")
     timed = seen[1:]
-    return summarize(timer.step_s[1:], [s[0] for s in timed], [s[1] for s in timed], [s[2] for s in timed])
+    return summarize(timer.step_s[1:], rollout_s[1:], [s[0] for s in timed], [s[1] for s in timed], [s[2] for s in timed])
 
 
 # ------------------------------------------------------------------------------------ main
@@ -193,6 +208,7 @@ def main() -> None:
         else:
             line[f"{side}/completions_per_s"] = round(r["completions_per_s"], 3)
             line[f"{side}/s_per_step"] = round(r["s_per_step"], 2)
+            line[f"{side}/rollout_s_per_step"] = round(r["rollout_s_per_step"], 2)
             line[f"{side}/mean_completion_tokens"] = round(r["mean_completion_tokens"], 1)
     if "error" not in ours and "error" not in trl:
         line["vs_trl/completions_per_s"] = round(ours["completions_per_s"] / trl["completions_per_s"], 2)
