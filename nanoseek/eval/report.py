@@ -67,6 +67,20 @@ def read_json(path: Path):
         return None
 
 
+# keys that tell which stage wrote a metrics.jsonl, for a run directory that is a single stage's --out
+STAGE_KEYS = {"pretrain": {"mtp_loss", "balance_loss"}, "grpo": {"reward", "zero_adv_frac"}}
+
+
+def stage_dir(run: Path, stage: str) -> Path:
+    """RUN/<stage>, or RUN itself when it is one stage's own output directory (e.g. `nanoseek grpo --out X`)."""
+    if (run / stage).is_dir():
+        return run / stage
+    if stage == "distill":
+        return run if (run / "dataset_stats.json").is_file() else run / stage
+    rows = read_jsonl(run / "metrics.jsonl")[:3]
+    return run if any(STAGE_KEYS[stage] & set(r) for r in rows) else run / stage
+
+
 def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -248,7 +262,7 @@ def _legend(ax):
 
 # ------------------------------------------------------------------------------ sections
 def pretrain_section(run: Path, plots: Plots) -> list[str]:
-    rows = read_jsonl(run / "pretrain" / "metrics.jsonl")
+    rows = read_jsonl(stage_dir(run, "pretrain") / "metrics.jsonl")
     out = ["## Pretraining"]
     if not rows:
         return out + [NOT_RUN]
@@ -275,7 +289,7 @@ def pretrain_section(run: Path, plots: Plots) -> list[str]:
         _legend(ax)
         out.append(plots.save(fig, "pretrain_expert_load"))
     out.append(metrics_table(rows))
-    samples = [r for r in read_jsonl(run / "pretrain" / "samples.jsonl") if "completion" in r]
+    samples = [r for r in read_jsonl(stage_dir(run, "pretrain") / "samples.jsonl") if "completion" in r]
     if samples:
         last = [r for r in samples if r.get("step") == samples[-1].get("step")]
         text = "\n\n".join(f"{r.get('prompt', '')}{r['completion']}" for r in last[:3])
@@ -289,7 +303,7 @@ def pretrain_section(run: Path, plots: Plots) -> list[str]:
 
 
 def grpo_section(run: Path, plots: Plots) -> list[str]:
-    rows = read_jsonl(run / "grpo" / "metrics.jsonl")
+    rows = read_jsonl(stage_dir(run, "grpo") / "metrics.jsonl")
     out = ["## Reinforcement learning (GRPO)"]
     if not rows:
         return out + [NOT_RUN]
@@ -314,7 +328,7 @@ def grpo_section(run: Path, plots: Plots) -> list[str]:
             ax.set_title({"kl": "KL to the reference", "entropy": "policy entropy"}[k])
         out.append(plots.save(fig, "grpo_kl_entropy"))
     out.append(metrics_table(rows))
-    samples = [r for r in read_jsonl(run / "grpo" / "samples.jsonl") if "completion" in r]
+    samples = [r for r in read_jsonl(stage_dir(run, "grpo") / "samples.jsonl") if "completion" in r]
     if samples:
         step = samples[-1].get("step")
         last = [r for r in samples if r.get("step") == step][:2]
@@ -325,8 +339,8 @@ def grpo_section(run: Path, plots: Plots) -> list[str]:
 
 
 def distill_section(run: Path, plots: Plots) -> list[str]:
-    rows = read_jsonl(run / "distill" / "metrics.jsonl")
-    stats = read_json(run / "distill" / "dataset_stats.json")
+    rows = read_jsonl(stage_dir(run, "distill") / "metrics.jsonl")
+    stats = read_json(stage_dir(run, "distill") / "dataset_stats.json")
     out = ["## Distillation"]
     if not rows and not isinstance(stats, dict):
         return out + [NOT_RUN]
@@ -481,7 +495,7 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None) -> Path:
     run = Path(run_dir)
     if not run.is_dir():
         raise NanoseekError(f"{run}: no such run directory")
-    if not any((run / k).is_file() for k in KNOWN):
+    if not any((run / k).is_file() for k in KNOWN + ("metrics.jsonl", "dataset_stats.json")):
         raise NanoseekError(f"{run}: no run logs found (expected any of {', '.join(KNOWN)})")
     summary = read_json(run / "summary.json")
     summary = summary if isinstance(summary, dict) else {}

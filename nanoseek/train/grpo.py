@@ -402,6 +402,8 @@ def grpo(a: GRPOArgs) -> dict:
                                                            "last": history[-1] if history else None},
                                                           indent=2, ensure_ascii=False) + "\n")
         say(f"final model written to {final}")
+    from ..eval.report import write_report
+    say(f"plots of reward, accuracy and response length: {write_report(out, title='nanoseek grpo')}")
     return {"history": history, "start_step": start, "step": step, "out": str(out)}
 
 
