@@ -29,8 +29,10 @@ dev: $(VENV)/.installed-dev
 speedrun: $(VENV)/.installed
 	$(BIN)/nanoseek speedrun
 
+# passive OpenMP threads: the distributed tests run several torch processes on few cores, and
+# busy-waiting threads then stall every matmul (10x slower on a 2-core machine)
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) runs
