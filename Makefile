@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 dev: $(VENV)/.installed-dev
 
 speedrun: $(VENV)/.installed
-	$(BIN)/nanoseek speedrun
+	$(BIN)/nanoseek speedrun --resume   # continues an interrupted run; a finished one is kept
 
 # passive OpenMP threads: the distributed tests run several torch processes on few cores, and
 # busy-waiting threads then stall every matmul (10x slower on a 2-core machine)
