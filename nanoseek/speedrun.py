@@ -149,10 +149,16 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
     def distill_stage():
         from .train.distill import DistillArgs, distill
         d = root / "distill"
-        r = distill(DistillArgs(teacher=str(root / "grpo" / "final"), student=str(root / "student" / "final"),
-                                task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
-                                out=str(d), max_tokens=p["max_tokens"], seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
-                                seed=seed, resume=d.exists()))
+        try:
+            r = distill(DistillArgs(teacher=str(root / "grpo" / "final"), student=str(root / "student" / "final"),
+                                    task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
+                                    out=str(d), max_tokens=p["max_tokens"], seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
+                                    seed=seed, resume=d.exists()))
+        except NanoseekError as e:  # an RL model with no verified trace: nothing to distil, say so and go on
+            if "no verified trace" not in str(e):
+                raise
+            print(f"[speedrun] distill skipped: {e}", file=sys.stderr)
+            return {"kept": 0, "skipped": str(e)}
         return {k: r["dataset"].get(k) for k in ("generated", "kept", "keep_rate")}
     stage("distill", distill_stage)
 
@@ -209,6 +215,8 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         with contextlib.redirect_stdout(io.StringIO()):  # the same code paths as `nanoseek export`
             for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("distill", "hf", "student-hf"),
                                   ("distill", "gguf", "student-gguf")):
+                if not (root / src / "final").is_dir():
+                    continue
                 args = cli.parse_args(["export", str(root / src / "final"), "--format", fmt,
                                        "--out", str(root / "export" / dst), "--force"])
                 args.func(args)
