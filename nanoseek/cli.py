@@ -30,6 +30,18 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*a, **kw)
 
 
+def module_main(add_parser, command: str, argv: list[str] | None = None) -> int:
+    """`python -m nanoseek.train.<module> ...`, the same as `nanoseek <command> ...`."""
+    p = Parser(prog=f"python -m nanoseek {command}")
+    add_parser(p.add_subparsers(dest="command"))
+    args = p.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except NanoseekError as e:
+        print(f"nanoseek: error: {e}", file=sys.stderr)
+        return 2
+
+
 def _dtype(name):
     import torch
     return getattr(torch, DTYPES[name]) if name else None

@@ -433,16 +433,8 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from ..cli import Parser
-    p = Parser(prog="python -m nanoseek.train.distill")
-    sub = p.add_subparsers(dest="command")
-    add_parser(sub)
-    args = p.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run(args)
-    except NanoseekError as e:
-        print(f"nanoseek: error: {e}", file=sys.stderr)
-        return 2
+    from ..cli import module_main
+    return module_main(add_parser, "distill", argv)
 
 
 if __name__ == "__main__":
