@@ -83,7 +83,7 @@ class GRPOArgs:
 # Named starting points. r1-zero-tiny: the CPU miniature from a `nanoseek pretrain` checkpoint.
 PRESETS = {
     "r1-zero-tiny": dict(task="arithmetic", level=2, template="r1-zero-short", variant="grpo", steps=60,
-                         prompts_per_step=16, group_size=8, max_tokens=112, lr=1e-4, updates=2, beta=0.0,
+                         prompts_per_step=16, group_size=8, max_tokens=112, lr=5e-5, updates=2, beta=0.0,
                          format_weight=0.2, eval_every=10, eval_n=200),
     "smollm2": dict(task="arithmetic", level=1, template="chat", steps=40, prompts_per_step=8, group_size=4,
                     max_tokens=128, lr=2e-6, updates=1, micro_batch=8, beta=0.0, eval_n=100),
