@@ -260,8 +260,8 @@ def grpo(a: GRPOArgs) -> dict:
     log_mode = "a" if a.resume else "w"
     metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
     if a.resume:
-        _truncate_log(metrics_path, start)
-        _truncate_log(samples_path, start)
+        checkpoint.truncate_log(metrics_path, start)
+        checkpoint.truncate_log(samples_path, start)
     mlog, slog = open(metrics_path, log_mode), open(samples_path, log_mode)
     bar = None
     if a.progress:
@@ -405,22 +405,6 @@ def grpo(a: GRPOArgs) -> dict:
     from ..eval.report import write_report
     say(f"plots of reward, accuracy and response length: {write_report(out, title='nanoseek grpo')}")
     return {"history": history, "start_step": start, "step": step, "out": str(out)}
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from (and a torn last line)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            break
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------ CLI

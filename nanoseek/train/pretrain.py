@@ -217,17 +217,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
-        kept = []
-        if resume_step is not None and path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= resume_step:
-                        kept.append(line)
-                except json.JSONDecodeError:
-                    break  # a torn last line
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(k + "\n" for k in kept))
-        tmp.replace(path)
+        checkpoint.truncate_log(path, resume_step)
         self.f = open(path, "a")
 
     def write(self, rec: dict) -> None:
