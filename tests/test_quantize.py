@@ -1,5 +1,7 @@
-"""Weight-only quantization: the packed CPU kernels equal their dequantized weights, and a
-quantized model's greedy decode stays close to the float model's."""
+"""Quantization: the packed CPU kernels equal their dequantized weights, packing sibling linears
+changes nothing, and a quantized model stays close to the float model."""
+
+import copy
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.quantize import FP16Linear, Int4Linear, Int8Linear, quantize
+from nanoseek.infer.quantize import FP16Linear, Int4Linear, Int8Linear, Packed, W8A8Linear, quantize
 
 from test_model import tiny_llama
 
@@ -16,15 +18,38 @@ from test_model import tiny_llama
 def test_packed_kernel_equals_dequantized_weights(cls, tol):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96)
-    x = torch.randn(7, 256)
     q = cls(lin)
-    assert torch.allclose(q(x), F.linear(x, q.dequantize(), lin.bias), atol=1e-5)
+    for rows in (3, 7):  # decode rows take the packed kernel, prefill rows the dequantized GEMM
+        x = torch.randn(rows, 256)
+        assert torch.allclose(q(x), F.linear(x, q.dequantize(), lin.bias), atol=1e-5)
     # and the quantization error itself is bounded: int8 ~ 1/254 of the row range, int4 ~ 1/30 of a group's
     w = lin.weight.detach()
     assert (q.dequantize() - w).abs().max() <= tol * w.abs().max()
 
 
-@pytest.mark.parametrize("mode", ["fp16", "int8", "int4"])
+def test_w8a8_is_the_int8_weights_times_8bit_activations():
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 96)
+    x = torch.randn(7, 256)
+    q = W8A8Linear(lin)
+    exact = F.linear(x, q.dequantize(), lin.bias)
+    # activations rounded to 7 bits with one scale per call: a few % of the output's range
+    assert (q(x) - exact).abs().max() <= 0.03 * exact.abs().max()
+    w = lin.weight.detach()
+    assert (q.dequantize() - w).abs().max() <= 0.01 * w.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8", "int4", "w8a8"])
+def test_packing_siblings_changes_nothing(mode):
+    model = tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain, packed = quantize(copy.deepcopy(model), mode, pack=False), quantize(copy.deepcopy(model), mode)
+    assert sum(isinstance(m, Packed) for m in packed.modules()) == 5 * model.config.num_hidden_layers
+    with torch.no_grad():
+        assert torch.allclose(packed(x), plain(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8", "int4", "w8a8"])
 def test_quantized_model_runs_in_the_engine(mode):
     model = tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -32,9 +57,9 @@ def test_quantized_model_runs_in_the_engine(mode):
         ref = model(x).log_softmax(-1)
         quantize(model, mode)
         got = model(x).log_softmax(-1)
-    assert sum(isinstance(m, (FP16Linear, Int8Linear, Int4Linear)) for m in model.modules()) > 0
+    assert sum(isinstance(m, (FP16Linear, Int8Linear, Int4Linear, W8A8Linear)) for m in model.modules()) > 0
     # KL(float || quantized) per token stays small
     kl = (ref.exp() * (ref - got)).sum(-1).mean()
-    assert kl < {"fp16": 1e-4, "int8": 0.02, "int4": 0.5}[mode]
+    assert kl < {"fp16": 1e-4, "int8": 0.02, "int4": 0.5, "w8a8": 0.02}[mode]
     out = Engine(model, max_seq_len=64).generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 5

@@ -1,19 +1,36 @@
-"""Weight-only quantization of linear layers: fp16 (packed), int8 per output channel, int4 per group.
+"""Quantization of linear layers for inference: fp16 (packed), int8 per output channel, int4 per
+group (weight-only), and w8a8 (int8 weights, activations quantized to int8 on the fly).
 
 Decode at small batch is bound by reading weights, so storing them in fewer bits is what makes it
-fast; activations stay in float. On CPU the matmuls run in PyTorch's packed kernels
-(fbgemm's fp16 GEMM, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`); elsewhere a
-dequantize-then-matmul fallback keeps the same numbers. Which one pays depends on the CPU:
-on an AVX2-only machine fbgemm fp16 is the fast one (see benchmarks/decode.py).
+fast. The weight-only modes keep activations in float; on CPU their matmuls run in PyTorch's packed
+kernels (fbgemm's fp16 GEMM, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), elsewhere a
+dequantize-then-matmul fallback keeps the same numbers. w8a8 is what llama.cpp does on CPU (its
+Q4/Q8 dot products read 8-bit activations): fbgemm's dynamic int8 GEMM quantizes each call's input
+with one scale for the whole call, so a row's numbers can depend on what shares its batch. Which
+mode pays depends on the CPU: on an AVX2-only machine w8a8 and fp16 are the fast ones
+(benchmarks/decode.py).
 
-    quantize(model, "fp16")      # in place; returns the model
+Linears that read the same input (q/k/v, gate/up, MLA's two down-projections) are packed into one
+matrix, so a decode step makes one call per group instead of two or three: the first sibling
+computes the packed product, the others slice it (see `Packed`).
+
+    quantize(model, "w8a8")      # in place; returns the model
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# fbgemm's fp16 and int8 kernels are deprecated in favour of torchao; torch is pinned, so stay quiet
+warnings.filterwarnings("ignore", message=".*(fbgemm|quantize_per|quantized tensor).*deprecated", category=UserWarning)
+
+# the packed int8/int4 CPU kernels are GEMV-speed only: above this many rows (prefill, big batches)
+# dequantizing and running the float GEMM is many times faster (benchmarks/decode.py)
+PACKED_MAX_ROWS = 4
 
 # kv_b_proj is read as a matrix by the absorbed MLA decode; the gate stays exact for routing
 SKIP = ("kv_b_proj",)
@@ -60,7 +77,7 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and len(x2) <= PACKED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x.dtype))
         else:
             y = F.linear(x2, self.dequantize().to(x.dtype))
@@ -96,7 +113,7 @@ class Int4Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and len(x2) <= PACKED_MAX_ROWS:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype))
         else:
@@ -106,19 +123,115 @@ class Int4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-def quantize(model: nn.Module, mode: str = "int8", group_size: int = 32) -> nn.Module:
-    """Replace every nn.Linear (but SKIP) by its weight-only quantized version, in place."""
+class W8A8Linear(nn.Module):
+    """Int8 weights per output channel; fbgemm quantizes the activations per call (dynamic)."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scale)
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = None
+        if w.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+            with warnings.catch_warnings():  # quantized tensors are deprecated; torch is pinned (2.13)
+                warnings.simplefilter("ignore", UserWarning)
+                qw = torch._make_per_channel_quantized_tensor(
+                    self.weight_int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            self.packed = torch.ops.quantized.linear_prepack(qw, bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales[:, None]
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.packed is not None and x.device.type == "cpu":
+            # reduce_range: 7-bit activations, or AVX2's u8*s8 pair sums saturate int16
+            y = torch.ops.quantized.linear_dynamic(x2.float(), self.packed, True).to(x.dtype)
+        else:  # elsewhere: the same int8 weights, float activations
+            y = F.linear(x2, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+
+class Packed(nn.Module):
+    """Stands in for one of several linears that read the same input. All of them share one
+    quantized matrix (their weights stacked); the first call for an input computes the whole
+    product and the siblings called next on the same tensor slice their columns from it."""
+
+    def __init__(self, shared: "_PackedProduct", start: int, stop: int):
+        super().__init__()
+        self.shared, self.start, self.stop = shared, start, stop
+
+    def forward(self, x):
+        return self.shared(x)[..., self.start:self.stop]
+
+
+class _PackedProduct(nn.Module):
+    def __init__(self, linear: nn.Module):
+        super().__init__()
+        self.linear = linear
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x):
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, self.linear(x))
+        return self._last[1]
+
+
+# sibling linears of one module that always read the same input
+PACK = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "kv_a_proj_with_mqa"))
+
+
+def _quantized(linear: nn.Linear, mode: str, group_size: int) -> nn.Module | None:
+    if mode == "int4":
+        if linear.in_features % group_size or linear.out_features % 16:
+            return None  # the packed int4 kernel needs whole groups and N % 16 == 0; keep these in float
+        return Int4Linear(linear, group_size)
+    return MODES[mode](linear)
+
+
+def _stack(linears: list[nn.Linear]) -> nn.Linear:
+    w = torch.cat([lin.weight.detach() for lin in linears])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device=w.device, dtype=w.dtype)
+    out.weight.data.copy_(w)
+    if out.bias is not None:
+        out.bias.data.copy_(torch.cat([lin.bias.detach() for lin in linears]))
+    return out
+
+
+def quantize(model: nn.Module, mode: str = "int8", group_size: int = 32, pack: bool = True) -> nn.Module:
+    """Replace every nn.Linear (but SKIP) by its quantized version, in place; with `pack`, siblings
+    reading the same input share one packed matrix."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if not isinstance(child, nn.Linear) or child_name in SKIP:
+    for module in list(model.modules()):
+        children = dict(module.named_children())
+        for group in PACK if pack else ():
+            linears = [children.get(n) for n in group]
+            if (len([x for x in linears if x is not None]) < 2 or not all(isinstance(x, nn.Linear) for x in linears
+                                                                         if x is not None)):
                 continue
-            if mode == "int4" and (child.in_features % group_size or child.out_features % 16):
-                continue  # the packed int4 kernel needs whole groups and N % 16 == 0; keep these in float
-            new = Int4Linear(child, group_size) if mode == "int4" else MODES[mode](child)
-            setattr(module, child_name, new)
+            names = [n for n in group if children.get(n) is not None]
+            linears = [children[n] for n in names]
+            if len({lin.bias is None for lin in linears}) > 1:
+                continue
+            q = _quantized(_stack(linears), mode, group_size)
+            if q is None:
+                continue
+            shared, start = _PackedProduct(q), 0
+            for n, lin in zip(names, linears):
+                setattr(module, n, Packed(shared, start, start + lin.out_features))
+                start += lin.out_features
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name not in SKIP:
+                q = _quantized(child, mode, group_size)
+                if q is not None:
+                    setattr(module, child_name, q)
     return model
 
 
-MODES = {"fp16": FP16Linear, "int8": Int8Linear, "int4": Int4Linear}
+MODES = {"fp16": FP16Linear, "int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}

@@ -30,6 +30,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op (decode is op-bound)
         # normalize in fp32 and scale in the input dtype, as the reference implementations do
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
@@ -114,12 +116,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """[B, 1, T, S] boolean: query at position p sees cached keys 0..p of its own row."""
-    keys = torch.arange(kv_len, device=positions.device)
-    return (keys[None, None, :] <= positions[:, :, None])[:, None]
-
-
 # ---------------------------------------------------------------------------------- MLA
 class MLA(nn.Module):
     """Multi-head Latent Attention with HF/DeepSeek parameter names."""
@@ -159,8 +155,7 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0]
         mask = None
         if cache is not None:
-            c_kv, k_pe, kv_len = cache.update(self.layer_idx, positions, c_kv, k_pe)
-            mask = cache_mask(positions, kv_len)
+            c_kv, k_pe, mask = cache.update(self.layer_idx, positions, c_kv, k_pe)
         absorb = self.absorb if self.absorb is not None else (cache is not None and T <= self.absorb_max_tokens)
         if absorb:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
@@ -218,8 +213,7 @@ class GQA(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         mask = None
         if cache is not None:
-            k, v, kv_len = cache.update(self.layer_idx, positions, k, v)
-            mask = cache_mask(positions, kv_len)
+            k, v, mask = cache.update(self.layer_idx, positions, k, v)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
             is_causal=mask is None, scale=self.scale, enable_gqa=self.n_kv != self.n_heads)

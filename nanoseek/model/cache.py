@@ -5,7 +5,7 @@
 * GQA models cache rotated keys and values, `2 * num_key_value_heads * head_dim` values.
 
 Each row fills from position 0; a token at position p is written at index p of its row, and a
-query at p attends to indices 0..p of its row (see `attention.cache_mask`). Rows may hold
+query at p attends to indices 0..p of its row (see `cache_mask`). Rows may hold
 sequences of different lengths, so requests can join and leave a batch between steps.
 
     cache = KVCache.for_model(cfg, batch_size=8, max_seq_len=2048, dtype=torch.float32)
@@ -19,12 +19,19 @@ import torch
 from ..config import ModelConfig
 
 
+def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, 1, T, S] boolean: query at position p sees cached keys 0..p of its own row."""
+    keys = torch.arange(kv_len, device=positions.device)
+    return (keys[None, None, :] <= positions[:, :, None])[:, None]
+
+
 class KVCache:
     def __init__(self, shapes: tuple[tuple[int, ...], tuple[int, ...]], num_layers: int,
                  batch_size: int, max_seq_len: int, dtype=torch.float32, device=None):
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         self.a = torch.zeros(num_layers, batch_size, max_seq_len, *shapes[0], dtype=dtype, device=device)
         self.b = torch.zeros(num_layers, batch_size, max_seq_len, *shapes[1], dtype=dtype, device=device)
+        self._step = None
 
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=torch.float32,
@@ -35,22 +42,32 @@ class KVCache:
             shapes = ((cfg.num_key_value_heads, cfg.head_dim),) * 2
         return cls(shapes, num_layers or cfg.num_hidden_layers, batch_size, max_seq_len, dtype, device)
 
+    def _index(self, positions: torch.Tensor):
+        """(rows, kv_len, mask) for this forward's positions, computed once and shared by all layers."""
+        if self._step is None or self._step[0] is not positions:
+            B, T = positions.shape
+            kv_len = int(positions.max()) + 1
+            if kv_len > self.max_seq_len:
+                raise ValueError(f"sequence length {kv_len} exceeds the cache's max_seq_len {self.max_seq_len}")
+            rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+            self._step = (positions, rows, kv_len, cache_mask(positions, kv_len))
+        return self._step[1:]
+
     def update(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-        """Write the new tokens' entries; return this layer's rows [:B, :kv_len] and kv_len."""
-        B, T = positions.shape
-        kv_len = int(positions.max()) + 1
-        if kv_len > self.max_seq_len:
-            raise ValueError(f"sequence length {kv_len} exceeds the cache's max_seq_len {self.max_seq_len}")
-        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        """Write the new tokens' entries; return this layer's rows [:B, :kv_len] and the attention
+        mask [B, 1, T, kv_len]."""
+        rows, kv_len, mask = self._index(positions)
+        B = positions.shape[0]
         self.a[layer].index_put_((rows, positions), a.to(self.a.dtype))
         self.b[layer].index_put_((rows, positions), b.to(self.b.dtype))
-        return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], kv_len
+        return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], mask
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop) sharing storage: batch row i of a forward is cache row start+i."""
         view = object.__new__(KVCache)
         view.batch_size, view.max_seq_len = stop - start, self.max_seq_len
         view.a, view.b = self.a[:, start:stop], self.b[:, start:stop]
+        view._step = None
         return view
 
     def copy_row(self, src: int, dst: int, length: int) -> None:

@@ -1,7 +1,7 @@
 """`nanoseek serve`: flags, the uvicorn server, and a graceful drain on SIGTERM.
 
     nanoseek serve --model DIR_OR_GGUF [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-                   [--max-batch N] [--max-queue N] [--quantize fp16|int8|int4]
+                   [--max-batch N] [--max-queue N] [--quantize fp16|int8|int4|w8a8]
                    [--reasoning-budget N] [--log-prompts]
     python -m nanoseek.serve --model DIR        # the same, without the nanoseek CLI
 
@@ -42,7 +42,8 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get 429")
     s.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + completion)")
-    s.add_argument("--quantize", choices=["fp16", "int8", "int4"], default=None, help="weight-only quantization")
+    s.add_argument("--quantize", choices=["fp16", "int8", "int4", "w8a8"], default=None,
+                   help="quantize linear layers (w8a8: int8 weights and activations, fastest on AVX2 CPUs)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default float32")
     s.add_argument("--reasoning-budget", type=int, default=None,
                    help="default max reasoning tokens before </think> is forced (requests may override)")
