@@ -26,14 +26,15 @@ every sequence's KV cache, over the aggregate HBM bandwidth, or is compute-bound
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import atomic_write
 from .config import PRESETS, ModelConfig, preset
 from .errors import NanoseekError
 
@@ -426,18 +427,12 @@ def _save_plot(path: str, report: dict, cfg: ModelConfig):
     right.set_title("KV cache: MLA vs MHA vs GQA" if cfg.is_mla else "KV cache vs context length")
     right.legend()
     fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=out.parent)
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=110)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a plot is for sharing
-        os.replace(tmp, out)
+        fig.savefig(buf, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, buf.getvalue())
 
 
 def build_report(args, cfg: ModelConfig) -> dict:

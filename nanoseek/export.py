@@ -33,6 +33,7 @@ import re
 import sys
 from pathlib import Path
 
+from .atomic import atomic_dir
 from .errors import NanoseekError
 
 LICENSES = ("mit", "apache-2.0", "llama3", "other")
@@ -47,7 +48,6 @@ def export_hf(model, tok, out, license: str = "mit", force: bool = False, name: 
               source=None) -> Path:
     """A Hugging Face directory with weights, tokenizer, generation_config.json, LICENSE and README.md."""
     from . import __version__, save
-    from .weights.hf import atomic_dir
 
     license = _check_license(license)
     out = Path(out)
@@ -66,7 +66,6 @@ def export_gguf(model, tok, out, outtype: str = "f16", force: bool = False, name
                 license: str | None = None, source=None) -> Path:
     """A GGUF file (`out` ends in .gguf) or a directory with the .gguf, README.md and LICENSE."""
     from .weights.gguf_writer import write_gguf
-    from .weights.hf import atomic_dir
 
     out = Path(out)
     if license is not None:

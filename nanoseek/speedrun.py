@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from .atomic import atomic_write, write_json
 from .errors import NanoseekError
 
 # Budgets for 2 CPU cores. gpu-small scales the same pipeline (bigger model, more steps).
@@ -68,9 +69,7 @@ class Stages:
         self.summary.setdefault("stage_s", {})
 
     def save_summary(self) -> None:
-        tmp = self.root / ".summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary, indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(self.root / "summary.json")
+        write_json(self.root / "summary.json", self.summary)
 
     def done(self, name: str) -> bool:
         return (self.root / f".{name}.done").is_file()
@@ -88,9 +87,7 @@ class Stages:
         self.summary["stage_s"][name] = dt
         self.summary.update({f"{name}.{k}": v for k, v in info.items()})
         self.save_summary()
-        tmp = self.root / f".{name}.done.tmp"
-        tmp.write_text(json.dumps({"seconds": dt, **info}, indent=2) + "\n")
-        tmp.replace(self.root / f".{name}.done")
+        atomic_write(self.root / f".{name}.done", json.dumps({"seconds": dt, **info}, indent=2) + "\n")
 
     def resuming(self, sub: str) -> bool:
         """Whether stage directory `sub` has checkpoints to resume from."""
@@ -194,9 +191,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
             rows.append(row)
             print(f"[speedrun] eval {name}: pass@1 {row['pass@1']:.1%}, maj@{p['eval_k']} {row['maj@k']:.1%}, "
                   f"greedy {row['greedy']:.1%}, format {row['format_rate']:.1%}", file=sys.stderr)
-        tmp = root / ".eval.json.tmp"
-        tmp.write_text(json.dumps({"rows": rows}, indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(root / "eval.json")
+        write_json(root / "eval.json", {"rows": rows})
         return {r["model"]: round(r["pass@1"], 3) for r in rows}
     stage("eval", eval_stage)
 

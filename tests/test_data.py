@@ -85,8 +85,9 @@ def test_token_file_cached_and_atomic(tmp_path, tok, monkeypatch):
     assert list(arr) == tok.encode(docs[0]) + [eos] + tok.encode(docs[1]) + [eos]
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
     calls = []
-    write = tokens_mod._write_atomic
-    monkeypatch.setattr(tokens_mod, "_write_atomic", lambda *a: (calls.append(a), write(*a)))
+    for name in ("atomic_file", "atomic_write"):  # the .bin (streamed) and the .json
+        real = getattr(tokens_mod, name)
+        monkeypatch.setattr(tokens_mod, name, lambda *a, real=real: (calls.append(a), real(*a))[1])
     again = token_file(docs, tok, tmp_path)        # same content: mapped, not rewritten
     assert calls == [] and list(again) == list(arr)
     token_file(docs + ["more"], tok, tmp_path)     # new content: a new file

@@ -97,7 +97,7 @@ def test_dataset_resume_after_kills_does_not_duplicate(tmp_path, monkeypatch):
 
     # kill 2: after a batch's lines are on disk but before its prompts are marked done,
     # plus a line torn in half by the kill
-    real_write = D._write_atomic
+    real_write = D.atomic_write
     writes = []
 
     def dies_on_second_state_write(path, text):
@@ -107,11 +107,11 @@ def test_dataset_resume_after_kills_does_not_duplicate(tmp_path, monkeypatch):
                 f.write('{"prompt": "User: Que')
             raise Killed
         real_write(path, text)
-    monkeypatch.setattr(D, "_write_atomic", dies_on_second_state_write)
+    monkeypatch.setattr(D, "atomic_write", dies_on_second_state_write)
     with pytest.raises(Killed):
         build_dataset(store_for(out, examples, resume=True), examples, TASK, sample, gen_batch=3)
     assert len((out / "data.jsonl").read_text().splitlines()) == 11  # 10 whole lines + the torn one
-    monkeypatch.setattr(D, "_write_atomic", real_write)
+    monkeypatch.setattr(D, "atomic_write", real_write)
 
     seen = []
     store = store_for(out, examples, resume=True)

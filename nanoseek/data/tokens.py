@@ -18,12 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_dir, atomic_file, atomic_write
 from ..errors import NanoseekError
 from ..tokenizer import BOS, EOS, R1_SPECIAL_TOKENS, R1_TEMPLATE, Tokenizer
 
@@ -100,8 +100,6 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int = 4096, min_frequency: 
 def cached_tokenizer(docs: Sequence[str], vocab_size: int, cache_dir: str | os.PathLike,
                      docs_key: str | None = None) -> Tokenizer:
     """train_tokenizer, cached in cache_dir by (documents hash, vocab size)."""
-    from ..weights.hf import atomic_dir
-
     key = hashlib.sha256(f"{docs_key or documents_hash(docs)}:{vocab_size}:digits-v2".encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"tokenizer-{key}"
     if (path / "tokenizer.json").is_file():
@@ -113,20 +111,6 @@ def cached_tokenizer(docs: Sequence[str], vocab_size: int, cache_dir: str | os.P
 
 
 # ---------------------------------------------------------------------------- token file
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is shared like any output
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def token_file(docs: Sequence[str], tok: Tokenizer, cache_dir: str | os.PathLike,
                docs_key: str | None = None) -> np.memmap:
     """All documents tokenized (each followed by EOS) into one memory-mapped array, cached."""
@@ -149,16 +133,13 @@ def token_file(docs: Sequence[str], tok: Tokenizer, cache_dir: str | os.PathLike
     n_tokens = 0
     encode = getattr(tok.tk, "encode_batch_fast", tok.tk.encode_batch)  # no offsets: faster
 
-    def write(f):
-        nonlocal n_tokens
+    with atomic_file(bin_path) as f:  # streamed: the corpus is never in memory as one array
         for i in range(0, len(docs), ENCODE_BATCH):
             encs = encode(list(docs[i:i + ENCODE_BATCH]), add_special_tokens=False)
             arr = np.fromiter((t for e in encs for t in (*e.ids, eos)), dtype=dtype)
             f.write(arr.tobytes())
             n_tokens += arr.size
-
-    _write_atomic(bin_path, write)
     meta = {"n_tokens": n_tokens, "dtype": np.dtype(dtype).name, "n_docs": len(docs),
             "vocab_size": tok.vocab_size, "key": key}
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta).encode()))
+    atomic_write(meta_path, json.dumps(meta))
     return np.memmap(bin_path, dtype=dtype, mode="r", shape=(n_tokens,))

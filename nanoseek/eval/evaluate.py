@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
+from ..atomic import write_json
 from ..data.tasks import Example, Task, TEMPLATES, get_task, render
 from ..errors import NanoseekError
 from ..train.rewards import END_ANSWER, LANGUAGES, Response, language_consistency, parse_response
@@ -201,20 +200,6 @@ def run(args) -> int:
         write_json(args.json_out, result)
     print(text)
     return 0
-
-
-def write_json(path, obj) -> None:
-    """Atomic: a temp file in the same directory, renamed into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 if __name__ == "__main__":

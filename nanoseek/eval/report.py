@@ -28,10 +28,10 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..errors import NanoseekError
 
 KNOWN = ("pretrain/metrics.jsonl", "grpo/metrics.jsonl", "distill/metrics.jsonl", "distill/dataset_stats.json",
@@ -201,19 +201,6 @@ def metrics_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------ plots
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class Plots:
     """Figures drawn with the Agg canvas directly (no pyplot global state, no display needed)."""
 
@@ -236,7 +223,7 @@ class Plots:
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
-        _atomic_write(self.dir / f"{name}.png", buf.getvalue())
+        atomic_write(self.dir / f"{name}.png", buf.getvalue())
         return f"![{name.replace('_', ' ')}](plots/{name}.png)"
 
 
@@ -509,7 +496,7 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None) -> Path:
     parts += chat_section(run)
     parts += cost_section(run, plots)
     path = run / "report.md"
-    _atomic_write(path, ("\n\n".join(parts) + "\n").encode("utf-8"))
+    atomic_write(path, "\n\n".join(parts) + "\n")
     return path
 
 

@@ -174,11 +174,11 @@ class _PackedProduct(nn.Module):
     def __init__(self, linear: nn.Module):
         super().__init__()
         self.linear = linear
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._last = [None, None]  # (input, product); a list, so updating it skips Module.__setattr__
 
     def __call__(self, x):
-        if self._last is None or self._last[0] is not x:
-            self._last = (x, self.linear(x))
+        if self._last[0] is not x:
+            self._last[:] = x, self.linear(x)
         return self._last[1]
 
 

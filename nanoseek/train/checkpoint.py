@@ -7,7 +7,7 @@
         trainer_state.json  step, data-sampler position, model config, training arguments, last metrics
 
 A checkpoint is built in a temp directory next to its final name and renamed into place when
-complete (weights/hf.py `atomic_dir`), so a crash leaves either the previous checkpoints or a
+complete (atomic.py `atomic_dir`), so a crash leaves either the previous checkpoints or a
 `.step-*.tmp-*` directory that `latest()` ignores. Only the last `keep` checkpoints are kept.
 
     path = save(root, step, model, tok, optimizer_state, rng, trainer_state, keep=3)
@@ -25,10 +25,11 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_dir, atomic_write
 from ..config import ModelConfig
 from ..errors import NanoseekError
 from ..weights import save as save_model
-from ..weights.hf import atomic_dir, from_disk_names, read_config, read_tensors, safetensors_files
+from ..weights.hf import from_disk_names, read_config, read_tensors, safetensors_files
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -132,6 +133,4 @@ def truncate_log(path: Path, step: int | None) -> None:
                     kept.append(line)
             except json.JSONDecodeError:
                 break  # a torn last line
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    tmp.replace(path)
+    atomic_write(path, "".join(k + "\n" for k in kept))

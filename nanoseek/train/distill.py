@@ -39,7 +39,6 @@ and the teacher's tokenizer.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -49,6 +48,8 @@ from typing import Callable
 
 import torch
 
+from ..atomic import atomic_write
+from ..cli import add_fields, from_args, module_main
 from ..errors import NanoseekError
 
 STATE_FILE, DATA_FILE, STATS_FILE = "distill_state.json", "data.jsonl", "dataset_stats.json"
@@ -110,15 +111,6 @@ def reject_reasons(completions: list[str], examples: list, task, min_language: f
 
 
 # ------------------------------------------------------------------------------ the dataset on disk
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 class TraceStore:
     """OUT/data.jsonl + OUT/distill_state.json: kept traces and the prompts already done."""
 
@@ -169,7 +161,7 @@ class TraceStore:
             self.records.append(rec)
         if dropped or len(self.records) != self.counts["kept"]:
             self.counts["kept"] = len(self.records)
-            _write_atomic(self.data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
+            atomic_write(self.data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
 
     def add(self, indices: list[int], records: list[dict], reasons: list[str]) -> int:
         """Append one batch's kept traces (deduplicated), then mark its prompts done. Returns kept."""
@@ -193,8 +185,8 @@ class TraceStore:
             if r != KEEP:
                 self.counts[r] += 1
         self.done.update(indices)
-        _write_atomic(self.state_path, json.dumps({"bound": self.bound, "done": sorted(self.done),
-                                                   "counts": self.counts}) + "\n")
+        atomic_write(self.state_path, json.dumps({"bound": self.bound, "done": sorted(self.done),
+                                                  "counts": self.counts}) + "\n")
         return len(new)
 
     def stats(self) -> dict:
@@ -356,7 +348,7 @@ def distill_from(teacher, tok, a: DistillArgs) -> dict:
                       a.min_language, a.progress)
     del teacher  # the engine and its KV cache are gone with the sampler; drop our reference too
     stats = store.stats()
-    _write_atomic(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
+    atomic_write(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     print(f"nanoseek distill: kept {stats['kept']} of {stats['generated']} traces "
           f"(keep rate {stats['keep_rate']:.1%}; rejected {stats['rejected']}, {stats['duplicates']} duplicates)",
           file=sys.stderr)
@@ -391,14 +383,17 @@ HELP = {
     "teacher": "the reasoning model that writes the traces (HF dir or .gguf)",
     "student": "HF dir / .gguf to fine-tune, or dense:tiny (from scratch, the teacher's tokenizer)",
     "task": "arithmetic | countdown | jsonl:PATH",
+    "level": "task difficulty (default: the task's own)",
     "langs": "comma-separated question languages, e.g. en,zh",
     "prompts": "training prompts to sample", "k": "samples per prompt",
     "out": "output directory: data.jsonl, dataset_stats.json, metrics.jsonl, checkpoints/, final/",
     "min_language": "minimum language consistency of a kept chain of thought",
     "gen_batch": "prompts per generation round (the unit of resume)",
     "engine_batch": "concurrent sequences in the inference engine",
+    "steps": "student SFT optimizer steps (instead of --epochs)",
     "epochs": "student SFT passes over the traces (default 3)",
     "lr": "student learning rate (default 1e-3 for dense:PRESET, 5e-5 for a loaded model)",
+    "warmup": "student warmup steps (default: steps // 20)",
     "resume": "continue a killed run: the dataset, then the student's SFT checkpoints",
 }
 
@@ -407,33 +402,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..data.tasks import TEMPLATES
     s = subparsers.add_parser("distill", help="distill a reasoning teacher into a student (rejection sampling + SFT)",
                               formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
-    for f in dataclasses.fields(DistillArgs):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        kw = {"help": HELP.get(f.name, f"default {default}")}
-        if f.name == "progress":
-            s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-        elif f.name == "resume":
-            s.add_argument(flag, action="store_true", **kw)
-        elif f.name == "teacher":
-            s.add_argument(flag, required=True, **kw)
-        elif f.name == "template":
-            s.add_argument(flag, choices=sorted(TEMPLATES), default=default)
-        else:
-            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            s.add_argument(flag, type=typ, default=default, **kw)
+    add_fields(s, DistillArgs, HELP, {"template": sorted(TEMPLATES)}, required={"teacher"})
     s.set_defaults(func=run)
     return s
 
 
 def run(args) -> int:
-    fields = {f.name for f in dataclasses.fields(DistillArgs)}
-    distill(DistillArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    distill(from_args(DistillArgs, args))
     return 0
 
 
 def main(argv=None) -> int:
-    from ..cli import module_main
     return module_main(add_parser, "distill", argv)
 
 

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_dir
+from ..cli import add_fields
 from ..errors import NanoseekError
 from . import checkpoint
 from .grpo_loss import DEFAULT_CLIP, VARIANTS, entropy, group_advantages, policy_loss, token_weights
@@ -395,7 +397,6 @@ def grpo(a: GRPOArgs) -> dict:
     final = out / "final"
     if step > start or not final.exists():
         from ..weights import save as save_model
-        from ..weights.hf import atomic_dir
         with atomic_dir(final) as tmp:
             save_model(model, tok, tmp)
             (tmp / "training.json").write_text(json.dumps({"stage": "grpo", **dataclasses.asdict(a),
@@ -417,6 +418,11 @@ HELP = {
                "token-level loss, dynamic sampling, overlong shaping)",
     "group_size": "G: samples per prompt",
     "updates": "optimizer steps per rollout batch (μ)",
+    "clip_low": "ε: the probability ratio is clipped at 1 - ε from below (default 0.2)",
+    "clip_high": "the ratio is clipped at 1 + this from above (default 0.2; dapo: 0.28, clip-higher)",
+    "overlong_buffer": "the overlong penalty ramps to -1 over this many tokens before --max-tokens "
+                       "(default max_tokens // 4)",
+    "threads": "CPU threads (default: torch's choice)",
     "beta": "KL coefficient to the frozen initial model (k3 estimator); 0 skips the reference",
     "language_weight": "weight of R1's language-consistency reward (share of chain-of-thought words in "
                        "the question's language)",
@@ -434,18 +440,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "  nanoseek grpo --preset r1-zero-tiny --model runs/tiny/final --out runs/grpo\n"
                     "  nanoseek grpo --model SmolLM2-135M-Instruct.Q4_1.gguf --preset smollm2 --out runs/smol\n"
                     "  nanoseek grpo --model runs/tiny/final --variant dapo --out runs/dapo --resume")
-    for f in dataclasses.fields(GRPOArgs):
-        flag = "--" + f.name.replace("_", "-")
-        kw = {"help": HELP.get(f.name, f"default {f.default}")}
-        if f.name == "progress":
-            s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-        elif f.type in ("bool", bool):
-            s.add_argument(flag, action="store_true", **kw)
-        else:
-            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            if f.name == "variant":
-                kw["choices"] = VARIANTS
-            s.add_argument(flag, type=typ, default=None, **kw)
+    # every flag defaults to None: args_from_namespace tells the given ones from the preset's
+    add_fields(s, GRPOArgs, HELP, {"variant": VARIANTS}, preset={f.name for f in dataclasses.fields(GRPOArgs)})
     s.set_defaults(func=run)
     return s
 

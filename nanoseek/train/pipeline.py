@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
+from ..atomic import write_json
 from ..errors import NanoseekError
 
 STAGES = ("cold-start", "reasoning", "rejection", "final-rl", "distill", "eval", "report")
@@ -106,9 +106,7 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
             rows.append({"model": name, **{k_: v for k_, v in res.items() if k_ != "samples"}})
             print(f"[pipeline r1] {name}: pass@1 {res['pass@1']:.1%}, greedy {res['greedy']:.1%}, "
                   f"format {res['format_rate']:.1%}, language {res['language_rate']:.1%}", file=sys.stderr)
-        tmp = root / ".eval.json.tmp"
-        tmp.write_text(json.dumps({"rows": rows}, indent=2, ensure_ascii=False) + "\n")
-        tmp.replace(root / "eval.json")
+        write_json(root / "eval.json", {"rows": rows})
         return {r["model"]: round(r["pass@1"], 3) for r in rows}
 
     def report():

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import cost
+from ..cli import add_fields, from_args, module_main
 from ..config import PRESETS, ModelConfig, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
@@ -447,6 +448,8 @@ HELP = {
     "corpus": "text (.txt: blank line between documents) or .jsonl ({\"text\": ...}) files; "
               "default: synthetic worked arithmetic",
     "tokenizer": "directory with tokenizer.json to reuse (default: train BPE on the corpus)",
+    "vocab_size": "BPE vocabulary size (default: the preset's)",
+    "cache_dir": "token files and tokenizers (default: OUT/cache)",
     "micro_batch": "sequences per forward per process (gradient accumulation when smaller)",
     "batch_size": "sequences per optimizer step over all processes",
     "no_balance": "turn off both balancing mechanisms (bias update and sequence-wise loss), to compare",
@@ -474,33 +477,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "  nanoseek pretrain --corpus data.jsonl --out runs/mine --steps 5000\n"
                     "  nanoseek pretrain --out runs/tiny --steps 2000 --resume\n"
                     "  torchrun --nproc_per_node 2 -m nanoseek pretrain --out runs/ddp")
-    for f in dataclasses.fields(PretrainArgs):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kw = {"help": HELP.get(f.name, f"default {default}")}
-        if f.name == "corpus":
-            s.add_argument(flag, nargs="+", default=[], metavar="FILE", **kw)
-        elif f.name == "progress":
-            s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-        elif f.type in ("bool", bool):
-            s.add_argument(flag, action="store_true", **kw)
-        else:
-            typ = {"int": int, "float": float, "int | None": int, "float | None": float}.get(str(f.type), str)
-            if CHOICES.get(f.name):
-                kw["choices"] = CHOICES[f.name]
-            s.add_argument(flag, type=typ, default=default, **kw)
+    add_fields(s, PretrainArgs, HELP, CHOICES, metavar={"corpus": "FILE"})
     s.set_defaults(func=run)
     return s
 
 
 def run(args) -> int:
-    fields = {f.name for f in dataclasses.fields(PretrainArgs)}
-    pretrain(PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    pretrain(from_args(PretrainArgs, args))
     return 0
 
 
 def main(argv=None) -> int:
-    from ..cli import module_main
     return module_main(add_parser, "pretrain", argv)
 
 

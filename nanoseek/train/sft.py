@@ -54,6 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..cli import add_fields, from_args, module_main
 from ..errors import NanoseekError
 from . import checkpoint
 from .optim import SCHEDULES, adamw, lr_at
@@ -476,41 +477,36 @@ examples:
   nanoseek sft --model runs/tiny/final --data traces.jsonl --out runs/sft --template none --steps 600 --resume"""
 
 
+HELP = {
+    "model": "HF-style directory or .gguf file to fine-tune",
+    "data": "JSONL training data",
+    "out": "output directory: checkpoints/, metrics.jsonl, final/",
+    "steps": "optimizer steps",
+    "epochs": "passes over the data (default 1)",
+    "template": "chat: the model's chat template; none: raw prompt + completion + eos",
+    "micro_batch": "rows per forward (gradient accumulation when smaller)",
+    "warmup": "default: steps // 20",
+    "dtype": "auto = bf16 autocast on CUDA, fp32 on CPU",
+    "resume": "continue from the newest checkpoint in OUT/checkpoints",
+}
+CHOICES = {"template": TEMPLATES, "schedule": SCHEDULES, "dtype": ("auto", "fp32", "bf16")}
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser("sft", help="supervised fine-tuning on JSONL chats (assistant-only loss)",
                               formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
-    s.add_argument("--model", required=True, help="HF-style directory or .gguf file to fine-tune")
-    s.add_argument("--data", required=True, help="JSONL training data")
-    s.add_argument("--out", required=True, help="output directory: checkpoints/, metrics.jsonl, final/")
-    n = s.add_mutually_exclusive_group()
-    n.add_argument("--steps", type=int, default=None, help="optimizer steps")
-    n.add_argument("--epochs", type=float, default=None, help="passes over the data (default 1)")
-    s.add_argument("--template", choices=TEMPLATES, default="chat",
-                   help="chat: the model's chat template; none: raw prompt + completion + eos")
-    d = SFTArgs()
-    for name, typ in (("seq_len", int), ("batch_size", int), ("micro_batch", int), ("lr", float),
-                      ("min_lr_ratio", float), ("warmup", int), ("weight_decay", float), ("grad_clip", float),
-                      ("seed", int), ("save_every", int), ("keep", int), ("log_every", int)):
-        s.add_argument("--" + name.replace("_", "-"), type=typ, default=getattr(d, name),
-                       help=f"default {getattr(d, name)}" if getattr(d, name) is not None else None)
-    s.add_argument("--schedule", choices=SCHEDULES, default="cosine")
-    s.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="auto = bf16 autocast on CUDA, fp32 on CPU")
-    s.add_argument("--device", default=None)
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in OUT/checkpoints")
-    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_fields(s, SFTArgs, HELP, CHOICES, required={"model", "data", "out"}, exclusive={"steps", "epochs"},
+               skip={"beta1", "beta2"})
     s.set_defaults(func=run)
     return s
 
 
 def run(args) -> int:
-    fields = {f.name for f in dataclasses.fields(SFTArgs)}
-    sft(SFTArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    sft(from_args(SFTArgs, args))
     return 0
 
 
 def main(argv=None) -> int:
-    from ..cli import module_main
     return module_main(add_parser, "sft", argv)
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_dir
 from ..config import ModelConfig
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
-from .hf import (atomic_dir, dequant_fp8, from_disk_names, read_config, read_tensors,
+from .hf import (dequant_fp8, from_disk_names, read_config, read_tensors,
                  safetensors_files, to_disk_names, write_safetensors)
 
 GGUF_MAGIC = b"GGUF"

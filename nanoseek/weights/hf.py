@@ -12,10 +12,7 @@ dequantized; MTP layers stored as `model.layers.{num_hidden_layers + k}.*` are m
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -150,31 +147,3 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_byt
         save_file({k: materialize(k) for k in keys}, str(out / name), metadata=meta)
         weight_map.update({k: name for k in keys})
     (out / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
-class atomic_dir:
-    """Write into a temp sibling directory; rename it over `path` only when the block succeeds."""
-
-    def __init__(self, path: str | os.PathLike, overwrite: bool = True):
-        self.path, self.overwrite = Path(path), overwrite
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.path.exists():
-            if not self.overwrite:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                raise NanoseekError(f"{self.path} exists; refusing to overwrite")
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-            os.replace(self.tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.path)
-        return False
