@@ -72,7 +72,7 @@ def from_args(cls, args: argparse.Namespace):
 
 def module_main(add_parser, command: str, argv: list[str] | None = None) -> int:
     """`python -m nanoseek.train.<module> ...`, the same as `nanoseek <command> ...`."""
-    p = Parser(prog=f"python -m nanoseek {command}")
+    p = Parser(prog="python -m nanoseek")
     add_parser(p.add_subparsers(dest="command"))
     args = p.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
     try:

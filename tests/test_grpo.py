@@ -215,3 +215,22 @@ def test_grpo_bad_input(tmp_path):
     assert main(["grpo", "--model", str(tmp_path), "--preset", "nope", "--out", str(tmp_path / "o")]) == 2
     assert main(["grpo", "--model", str(tmp_path), "--group-size", "1", "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_masked_logprobs_equal_the_full_ones_on_the_completion(tiny_model_dir):
+    """The LM head run only on completion positions gives the full forward's numbers there, 0 elsewhere;
+    trimming trailing padding changes nothing."""
+    from nanoseek import load
+    from nanoseek.train.grpo import token_logprobs, trimmed
+    model, _ = load(tiny_model_dir)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 12), generator=g)
+    mask = torch.zeros(3, 11)
+    mask[0, 4:9], mask[1, 2:6], mask[2, 5:7] = 1, 1, 1   # completions end before the padding
+    with torch.no_grad():
+        full, full_ent = token_logprobs(model, ids, 0.7, with_entropy=True)
+        tids, tmask = trimmed(ids, mask)
+        part, part_ent = token_logprobs(model, tids, 0.7, with_entropy=True, mask=tmask)
+    assert tmask.shape == (3, 9) and tids.shape == (3, 10)
+    assert torch.allclose(part, (full * mask)[:, :9], atol=1e-5)
+    assert torch.allclose(part_ent, (full_ent * mask)[:, :9], atol=1e-5)

@@ -173,18 +173,39 @@ def pack(r: Rollouts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False):
+def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False,
+                   mask: torch.Tensor | None = None):
     """log π(token t+1 | ..t) for every position [B, T-1] (the sampling temperature applied, so the
-    ratio is against the distribution the rollouts came from), and optionally the entropy."""
-    logits = model(ids[:, :-1]).float()
+    ratio is against the distribution the rollouts came from), and optionally the entropy.
+
+    With `mask` [B, T-1], the LM head and the softmax run only where mask is set (the completion
+    tokens; elsewhere the result is 0): with a 49K vocabulary they cost as much as the body, and
+    prompt and padding positions are often half of the batch."""
+    if mask is None:
+        logits = model(ids[:, :-1]).float()
+        sel = None
+    else:
+        sel = mask.bool()
+        logits = model.lm_head(model.hidden_states(ids[:, :-1])[sel]).float()  # [N, V]
     if temperature not in (0, 1):
         logits = logits / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    targets = ids[:, 1:] if sel is None else ids[:, 1:][sel]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     ent = None
     if with_entropy:
         with torch.no_grad():
             ent = entropy(logits)
+    if sel is not None:
+        logp = logp.new_zeros(sel.shape).index_put((sel,), logp)
+        ent = None if ent is None else ent.new_zeros(sel.shape).index_put((sel,), ent)
     return logp, ent
+
+
+def trimmed(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the all-padding columns at the end of a micro-batch (its rows are shorter than the batch's)."""
+    cols = mask.any(dim=0).nonzero()
+    n = int(cols.max()) + 1 if len(cols) else 1
+    return ids[:, :n + 1], mask[:, :n]
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -334,7 +355,9 @@ def grpo(a: GRPOArgs) -> dict:
             ref_logp = []
             if ref is not None:
                 with torch.no_grad():
-                    ref_logp = [token_logprobs(ref, mb, a.temperature)[0] for mb in ids.split(a.micro_batch)]
+                    for mb, mm in zip(ids.split(a.micro_batch), mask.split(a.micro_batch)):
+                        mb, mm = trimmed(mb, mm)
+                        ref_logp.append(token_logprobs(ref, mb, a.temperature, mask=mm)[0])
             # -- 3. μ optimizer steps; the first pass's log-probs are π_old (θ has not moved yet)
             model.train()
             lr = lr_at(step, a.steps, a.lr, a.warmup, "constant")  # RL: constant after warmup
@@ -344,7 +367,9 @@ def grpo(a: GRPOArgs) -> dict:
             for it in range(a.updates):
                 for j, (mb, mmask, mw, madv) in enumerate(zip(ids.split(a.micro_batch), mask.split(a.micro_batch),
                                                              w.split(a.micro_batch), adv.split(a.micro_batch))):
-                    logp, ent = token_logprobs(model, mb, a.temperature, with_entropy=it == 0)
+                    mb, mmask = trimmed(mb, mmask)
+                    mw = mw[:, :mmask.shape[1]]
+                    logp, ent = token_logprobs(model, mb, a.temperature, with_entropy=it == 0, mask=mmask)
                     if it == 0:
                         old_logp.append(logp.detach())
                         ent_sum += (ent * mmask).sum().item()
