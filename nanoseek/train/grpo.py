@@ -50,6 +50,7 @@ class GRPOArgs:
     preset: str | None = None          # named defaults, see PRESETS
     task: str = "arithmetic"           # arithmetic | countdown | jsonl:FILE
     level: int = 2
+    langs: str | None = None           # question languages, e.g. "en" (default: the task's own)
     template: str = "r1-zero-short"    # r1-zero | r1-zero-short | chat (data/tasks)
     variant: str = "grpo"              # grpo | dr_grpo | dapo
     steps: int = 100
@@ -87,7 +88,7 @@ PRESETS = {
     "r1-zero-tiny": dict(task="arithmetic", level=2, template="r1-zero-short", variant="grpo", steps=60,
                          prompts_per_step=16, group_size=8, max_tokens=112, lr=5e-5, updates=2, beta=0.0,
                          format_weight=0.2, eval_every=10, eval_n=200),
-    "smollm2": dict(task="arithmetic", level=1, template="chat", steps=40, prompts_per_step=8, group_size=4,
+    "smollm2": dict(task="arithmetic", level=1, langs="en", template="chat", steps=40, prompts_per_step=8, group_size=4,
                     max_tokens=128, lr=2e-6, updates=1, micro_batch=8, beta=0.0, eval_n=100),
 }
 
@@ -243,7 +244,7 @@ def grpo(a: GRPOArgs) -> dict:
         raise NanoseekError(f"{out} already has checkpoints (latest {last.name}); pass --resume or another --out")
     checkpoint.remove_stale_temp_dirs(ckpt_root)
 
-    task = get_task(a.task, level=a.level) if a.task == "arithmetic" else get_task(a.task)
+    task = get_task(a.task, level=a.level, **({"langs": tuple(a.langs.split(","))} if a.langs else {}))
     model, tok = load(last or a.model, dtype=torch.float32)
     if tok is None:
         raise NanoseekError(f"{a.model}: the model has no tokenizer")
@@ -266,7 +267,7 @@ def grpo(a: GRPOArgs) -> dict:
         checkpoint.set_rng_state(ck.rng)
         start = ck.trainer_state["step"]
         saved = ck.trainer_state.get("args", {})
-        changed = [k for k in ("task", "level", "template", "variant", "group_size", "prompts_per_step", "seed")
+        changed = [k for k in ("task", "level", "langs", "template", "variant", "group_size", "prompts_per_step", "seed")
                    if k in saved and saved[k] != getattr(a, k)]
         if changed:
             raise NanoseekError(f"{last} was trained with different {', '.join(changed)}; resume with the same settings")
@@ -441,6 +442,7 @@ HELP = {
     "template": "prompt template: r1-zero (the R1 paper's), r1-zero-short (tiny models), chat (the model's own)",
     "variant": "grpo (DeepSeekMath), dr_grpo (no std / length normalisation), dapo (clip-higher, "
                "token-level loss, dynamic sampling, overlong shaping)",
+    "langs": "question languages, comma-separated, e.g. en or en,zh (default: the task's own)",
     "group_size": "G: samples per prompt",
     "updates": "optimizer steps per rollout batch (μ)",
     "clip_low": "ε: the probability ratio is clipped at 1 - ε from below (default 0.2)",

@@ -29,17 +29,19 @@ from ..errors import NanoseekError
 STAGES = ("cold-start", "reasoning", "rejection", "final-rl", "distill", "eval", "report")
 
 
-def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0) -> list[dict]:
-    """n worked solutions of training questions (level-2 arithmetic), as prompt/completion pairs in
-    the R1 format: readable reasoning in the question's language, then the answer."""
+def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0, tok=None, level: int = 2,
+                       langs: tuple[str, ...] | None = None) -> list[dict]:
+    """n worked solutions of training questions (arithmetic, level 1-2), as prompt/completion pairs in
+    the R1 format: readable reasoning in the question's language, then the answer. `tok` is needed
+    by the "chat" template (the model's own chat format)."""
     from ..data.synthetic import worked
     from ..data.tasks import get_task, render
-    task = get_task("arithmetic", level=2)
+    task = get_task("arithmetic", level=level, **({"langs": langs} if langs else {}))
     recs = []
     for ex in task.examples("train", n, seed=seed + 7919):
         a, op, b = ex.meta["expression"].split()
         p = worked(int(a), op, int(b), ex.lang)
-        recs.append({"prompt": render(template, ex.question),
+        recs.append({"prompt": render(template, ex.question, tok),
                      "completion": f" {p.solution.strip()} </think> <answer> {p.answer} </answer>"})
     return recs
 
