@@ -6,9 +6,10 @@ fast. The weight-only modes keep activations in float; on CPU their matmuls run 
 kernels (fbgemm's fp16 GEMM, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), elsewhere a
 dequantize-then-matmul fallback keeps the same numbers. w8a8 is what llama.cpp does on CPU (its
 Q4/Q8 dot products read 8-bit activations): fbgemm's dynamic int8 GEMM quantizes each call's input
-with one scale for the whole call, so a row's numbers can depend on what shares its batch. Which
-mode pays depends on the CPU: on an AVX2-only machine w8a8 and fp16 are the fast ones
-(benchmarks/decode.py).
+with one scale for the whole call, so a row's numbers can depend on what shares its batch, and
+models with outlier activation channels lose accuracy: SmolLM2-135M's perplexity goes 108 -> 285
+(benchmarks/quantize.py), so w8a8 is a speed experiment, not a default. Which mode pays depends on
+the CPU: on an AVX2-only machine fp16 is the fast lossless one (benchmarks/decode.py).
 
 Linears that read the same input (q/k/v, gate/up, MLA's two down-projections) are packed into one
 matrix, so a decode step makes one call per group instead of two or three: the first sibling

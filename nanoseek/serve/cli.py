@@ -43,7 +43,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get 429")
     s.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + completion)")
     s.add_argument("--quantize", choices=["fp16", "int8", "int4", "w8a8"], default=None,
-                   help="quantize linear layers (w8a8: int8 weights and activations, fastest on AVX2 CPUs)")
+                   help="quantize linear layers (fp16: fastest lossless on AVX2; w8a8: faster, but lossy)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default float32")
     s.add_argument("--reasoning-budget", type=int, default=None,
                    help="default max reasoning tokens before </think> is forced (requests may override)")
