@@ -5,7 +5,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nanoseek.errors import NanoseekError
-from nanoseek.tokenizer import BOS, R1_TEMPLATE, Tokenizer
+from nanoseek.tokenizer import BOS, Tokenizer
 
 # chat_template of deepseek-ai/DeepSeek-R1's tokenizer_config.json (the reference, verbatim)
 DEEPSEEK_R1_TEMPLATE = (
