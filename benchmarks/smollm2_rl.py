@@ -2,7 +2,7 @@
 R1 chat format), then RL on rule-checked rewards. Writes OUT/cold-start/ and OUT/grpo/ (metrics,
 plots, report.md) and prints the held-out greedy accuracy before and after RL.
 
-    .venv/bin/python benchmarks/smollm2_rl.py --out runs/smollm2-rl          # ~17 min on 2 cores
+    .venv/bin/python benchmarks/smollm2_rl.py --out runs/smollm2-rl          # ~15 min on 2 cores
     .venv/bin/python benchmarks/smollm2_rl.py --out runs/smollm2-rl --level 2 --cold-start 256
 
 Without the cold start the model never closes `<think>` or tags its answer, every sample scores 0
