@@ -47,6 +47,8 @@ def test_packing_siblings_changes_nothing(mode):
     assert sum(isinstance(m, Packed) for m in packed.modules()) == 5 * model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.allclose(packed(x), plain(x), atol=1e-5)
+    # after a forward no packed product stays cached (a long prefill's would pin memory)
+    assert all(m.shared._last[0] is None for m in packed.modules() if isinstance(m, Packed))
 
 
 @pytest.mark.parametrize("mode", ["fp16", "int8", "int4", "w8a8"])

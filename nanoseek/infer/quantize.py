@@ -163,12 +163,15 @@ class Packed(nn.Module):
     quantized matrix (their weights stacked); the first call for an input computes the whole
     product and the siblings called next on the same tensor slice their columns from it."""
 
-    def __init__(self, shared: "_PackedProduct", start: int, stop: int):
+    def __init__(self, shared: "_PackedProduct", start: int, stop: int, last: bool):
         super().__init__()
-        self.shared, self.start, self.stop = shared, start, stop
+        self.shared, self.start, self.stop, self.last = shared, start, stop, last
 
     def forward(self, x):
-        return self.shared(x)[..., self.start:self.stop]
+        y = self.shared(x)[..., self.start:self.stop]
+        if self.last:  # the models call siblings in order: drop the memo (a prefill's would pin memory)
+            self.shared.forget()
+        return y
 
 
 class _PackedProduct(nn.Module):
@@ -181,6 +184,9 @@ class _PackedProduct(nn.Module):
         if self._last[0] is not x:
             self._last[:] = x, self.linear(x)
         return self._last[1]
+
+    def forget(self):
+        self._last[:] = None, None
 
 
 # sibling linears of one module that always read the same input
@@ -224,8 +230,8 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 32, pack: b
             if q is None:
                 continue
             shared, start = _PackedProduct(q), 0
-            for n, lin in zip(names, linears):
-                setattr(module, n, Packed(shared, start, start + lin.out_features))
+            for i, (n, lin) in enumerate(zip(names, linears)):
+                setattr(module, n, Packed(shared, start, start + lin.out_features, last=i == len(names) - 1))
                 start += lin.out_features
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and child_name not in SKIP:
