@@ -179,12 +179,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args) -> int:
     from ..weights import load
 
-    kw = {}
-    if args.level is not None:
-        kw["level"] = args.level
-    if args.langs:
-        kw["langs"] = tuple(x.strip() for x in args.langs.split(",") if x.strip())
-    task = get_task(args.task, **kw)
+    task = get_task(args.task, level=args.level, langs=args.langs)
     if min(args.n, args.k, args.max_tokens, args.batch_size) < 1:
         raise NanoseekError("--n, --k, --max-tokens and --batch-size must be >= 1")
     if args.json_out and not Path(args.json_out).resolve().parent.is_dir():

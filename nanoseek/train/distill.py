@@ -302,12 +302,7 @@ def _check_args(a: DistillArgs, need_teacher: bool = True) -> None:
 
 def make_task(a: DistillArgs):
     from ..data.tasks import get_task
-    kw = {}
-    if a.level is not None:
-        kw["level"] = a.level
-    if a.langs:
-        kw["langs"] = tuple(x.strip() for x in a.langs.split(",") if x.strip())
-    return get_task(a.task, **kw)
+    return get_task(a.task, level=a.level, langs=a.langs)
 
 
 def distill(a: DistillArgs) -> dict:

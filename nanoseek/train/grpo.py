@@ -244,7 +244,7 @@ def grpo(a: GRPOArgs) -> dict:
         raise NanoseekError(f"{out} already has checkpoints (latest {last.name}); pass --resume or another --out")
     checkpoint.remove_stale_temp_dirs(ckpt_root)
 
-    task = get_task(a.task, level=a.level, **({"langs": tuple(a.langs.split(","))} if a.langs else {}))
+    task = get_task(a.task, level=a.level, langs=a.langs)
     model, tok = load(last or a.model, dtype=torch.float32)
     if tok is None:
         raise NanoseekError(f"{a.model}: the model has no tokenizer")

@@ -36,7 +36,7 @@ def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0, t
     by the "chat" template (the model's own chat format)."""
     from ..data.synthetic import worked
     from ..data.tasks import get_task, render
-    task = get_task("arithmetic", level=level, **({"langs": langs} if langs else {}))
+    task = get_task("arithmetic", level=level, langs=langs)
     recs = []
     for ex in task.examples("train", n, seed=seed + 7919):
         a, op, b = ex.meta["expression"].split()

@@ -137,7 +137,15 @@ def render(template: str, question: str, tokenizer=None) -> str:
 # ---------------------------------------------------------------------------------- registry
 def get_task(name: str, **kw) -> Task:
     """A task by name: "arithmetic" (level=1..4, langs), "countdown" (level=1..3, langs) or
-    "jsonl:PATH" (a file of {"prompt", "answer"} lines)."""
+    "jsonl:PATH" (a file of {"prompt", "answer"} lines). level/langs None = the task's own; langs may be
+    a comma-separated string ("en,zh"), as the command lines take it."""
+    if kw.get("level") is None:
+        kw.pop("level", None)
+    langs = kw.pop("langs", None)
+    if isinstance(langs, str):
+        langs = tuple(x.strip() for x in langs.split(",") if x.strip())
+    if langs:
+        kw["langs"] = tuple(langs)
     if name.startswith("jsonl:"):
         from .jsonl import JsonlTask
         kw.pop("level", None)
