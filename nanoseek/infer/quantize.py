@@ -63,12 +63,12 @@ class FP16Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, scale_dtype: torch.dtype | None = None):
         super().__init__()
         w = linear.weight.detach().float()
         scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
         self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(linear.weight.dtype))
+        self.register_buffer("scales", scale.to(scale_dtype or linear.weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -124,28 +124,18 @@ class Int4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features)
 
 
-class W8A8Linear(nn.Module):
-    """Int8 weights per output channel; fbgemm quantizes the activations per call (dynamic)."""
+class W8A8Linear(Int8Linear):
+    """Int8Linear's weights, run by fbgemm's GEMM that quantizes the activations per call (dynamic)."""
 
     def __init__(self, linear: nn.Linear):
-        super().__init__()
-        w = linear.weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scale)
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        super().__init__(linear, scale_dtype=torch.float32)  # fbgemm takes fp32 (double) scales
         self.packed = None
-        if w.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
-            with warnings.catch_warnings():  # quantized tensors are deprecated; torch is pinned (2.13)
-                warnings.simplefilter("ignore", UserWarning)
-                qw = torch._make_per_channel_quantized_tensor(
-                    self.weight_int8, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        if self.weight_int8.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+            scale = self.scales.double()
+            zero = torch.zeros_like(scale, dtype=torch.long)
+            qw = torch._make_per_channel_quantized_tensor(self.weight_int8, scale, zero, 0)
             bias = None if linear.bias is None else linear.bias.detach().float()
             self.packed = torch.ops.quantized.linear_prepack(qw, bias)
-
-    def dequantize(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.scales[:, None]
 
     def forward(self, x):
         shape = x.shape
@@ -218,13 +208,10 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 32, pack: b
     for module in list(model.modules()):
         children = dict(module.named_children())
         for group in PACK if pack else ():
-            linears = [children.get(n) for n in group]
-            if (len([x for x in linears if x is not None]) < 2 or not all(isinstance(x, nn.Linear) for x in linears
-                                                                         if x is not None)):
-                continue
-            names = [n for n in group if children.get(n) is not None]
+            names = [n for n in group if n in children]
             linears = [children[n] for n in names]
-            if len({lin.bias is None for lin in linears}) > 1:
+            if (len(linears) < 2 or not all(isinstance(lin, nn.Linear) for lin in linears)
+                    or len({lin.bias is None for lin in linears}) > 1):
                 continue
             q = _quantized(_stack(linears), mode, group_size)
             if q is None:
