@@ -353,12 +353,15 @@ def grpo(a: GRPOArgs) -> dict:
             adv = group_advantages(rewards.view(-1, a.group_size), a.variant).flatten()
             ids, mask = pack(r, pad_id)
             w = token_weights(mask, a.variant, a.max_tokens)
+            micro = []  # micro-batches cut to their own length, once for the reference and all μ updates
+            for mb, mm, mw, madv in zip(ids.split(a.micro_batch), mask.split(a.micro_batch),
+                                        w.split(a.micro_batch), adv.split(a.micro_batch)):
+                mb, mm = trimmed(mb, mm)
+                micro.append((mb, mm, mw[:, :mm.shape[1]], madv))
             ref_logp = []
             if ref is not None:
                 with torch.no_grad():
-                    for mb, mm in zip(ids.split(a.micro_batch), mask.split(a.micro_batch)):
-                        mb, mm = trimmed(mb, mm)
-                        ref_logp.append(token_logprobs(ref, mb, a.temperature, mask=mm)[0])
+                    ref_logp = [token_logprobs(ref, mb, a.temperature, mask=mm)[0] for mb, mm, _, _ in micro]
             # -- 3. μ optimizer steps; the first pass's log-probs are π_old (θ has not moved yet)
             model.train()
             lr = lr_at(step, a.steps, a.lr, a.warmup, "constant")  # RL: constant after warmup
@@ -366,10 +369,7 @@ def grpo(a: GRPOArgs) -> dict:
                 g["lr"] = lr
             old_logp: list[torch.Tensor] = []
             for it in range(a.updates):
-                for j, (mb, mmask, mw, madv) in enumerate(zip(ids.split(a.micro_batch), mask.split(a.micro_batch),
-                                                             w.split(a.micro_batch), adv.split(a.micro_batch))):
-                    mb, mmask = trimmed(mb, mmask)
-                    mw = mw[:, :mmask.shape[1]]
+                for j, (mb, mmask, mw, madv) in enumerate(micro):
                     logp, ent = token_logprobs(model, mb, a.temperature, with_entropy=it == 0, mask=mmask)
                     if it == 0:
                         old_logp.append(logp.detach())
