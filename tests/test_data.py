@@ -131,3 +131,15 @@ def test_corpus_tokenizer_splitting_is_known_to_llama_cpp(tok):
     from nanoseek.weights.gguf_writer import pre_tokenizer_name
     assert pre_tokenizer_name(tok.tk) == "smollm"
     assert [tok.decode([i]) for i in tok.encode("x 305")][-3:] == ["3", "0", "5"]
+
+
+def test_glance_dialogues_state_the_right_answer_without_working():
+    docs = arithmetic_corpus(400, seed=1, chat_share=1.0, guess_share=0.5)
+    glance = [d for d in docs if "I know this one." in d or "这个我知道。" in d]
+    assert 0.4 < len(glance) / len(docs) < 0.6
+    for d in docs:
+        a, op, b, ans = re.match(r"User: \D*(\d+) (\S) (\d+) = [?？]\nAssistant: <think> .* </think> <answer> (\d+) </answer>$",
+                                 d).groups()
+        assert int(ans) == {"+": int(a) + int(b), "-": int(a) - int(b), "×": int(a) * int(b)}[op]
+    assert not any(re.search(r"step|一步", d) for d in glance)        # no working at all
+    assert arithmetic_corpus(400, seed=1, chat_share=1.0) == arithmetic_corpus(400, seed=1, chat_share=1.0, guess_share=0.0)

@@ -15,7 +15,10 @@ miniature meaningful: a share of documents (`chat_share`) are dialogues in the R
 (`User: <question>\nAssistant: <think> <solution> </think> <answer> 71 </answer>`), so a base model
 knows the tags but does not use them reliably; a share (`mix_share`) switch language from step to
 step, so its chain of thought is sometimes mixed English/Chinese (what R1's language-consistency
-reward fixes). Held-out questions of the arithmetic task can be kept out (`exclude`).
+reward fixes); a share of the dialogues (`guess_share`) state the answer with no working at all
+(`<think> I know this one. </think> <answer> 71 </answer>`), as people on the web do, so a base
+model often answers at a glance, which a small model gets wrong for multi-digit numbers: R1-Zero's
+lesson that reasoning longer pays is then there to be learned. Held-out questions of the arithmetic task can be kept out (`exclude`).
 
     from nanoseek.data.synthetic import arithmetic_corpus, problem
     docs = arithmetic_corpus(20000, seed=0)           # list[str], half English, half Chinese
@@ -143,18 +146,24 @@ def problem(rng: random.Random, op: str | None = None, lang: str | None = None, 
     return worked(a, op, b, lang, mix)
 
 
-def r1_zero_document(p: Problem, closed: bool = True) -> str:
+GLANCE = {"en": "I know this one.", "zh": "这个我知道。"}
+
+
+def r1_zero_document(p: Problem, closed: bool = True, guess: bool = False) -> str:
     """p as a dialogue in the R1-Zero format (data/tasks template "r1-zero-short"); unclosed, the
-    reasoning just ends (no </think>, no <answer>), as sloppy dialogues on the web do."""
-    head = f"User: {p.prompt}\nAssistant: <think> {p.solution.strip()}"
+    reasoning just ends (no </think>, no <answer>), as sloppy dialogues on the web do; `guess`: the
+    right answer with no working."""
+    reasoning = GLANCE["zh" if p.prompt.startswith("问题") else "en"] if guess else p.solution.strip()
+    head = f"User: {p.prompt}\nAssistant: <think> {reasoning}"
     return head + f" </think> <answer> {p.answer} </answer>" if closed else head
 
 
 def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3, chat_share: float = 0.0,
-                      mix_share: float = 0.0, exclude=None, unclosed_share: float = 0.0) -> list[str]:
+                      mix_share: float = 0.0, exclude=None, unclosed_share: float = 0.0,
+                      guess_share: float = 0.0) -> list[str]:
     """`n` worked problems, operations and languages drawn uniformly, reproducible from `seed`;
-    `chat_share` of them as R1-Zero dialogues (`unclosed_share` of those without the closing tags),
-    `mix_share` code-switched; questions for which `exclude(question)` is true (a task's held-out
+    `chat_share` of them as R1-Zero dialogues (`unclosed_share` of those without the closing tags,
+    `guess_share` of the closed ones answered with no working), `mix_share` code-switched; questions for which `exclude(question)` is true (a task's held-out
     split) are skipped."""
     rng = random.Random(seed)
     docs = []
@@ -164,7 +173,8 @@ def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3, chat_share: fl
         if exclude is not None and exclude(p.prompt):
             continue
         if rng.random() < chat_share:
-            docs.append(r1_zero_document(p, closed=rng.random() >= unclosed_share))
+            closed = rng.random() >= unclosed_share
+            docs.append(r1_zero_document(p, closed, guess=closed and guess_share > 0 and rng.random() < guess_share))
         else:
             docs.append(p.text)
     return docs

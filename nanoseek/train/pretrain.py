@@ -54,6 +54,7 @@ class PretrainArgs:
     chat_share: float = 0.5            # synthetic corpus: share of R1-Zero-format dialogues ...
     unclosed_share: float = 0.3        # ... of which this share never close </think> / give <answer>
     mix_share: float = 0.1             # synthetic corpus: share of code-switched (en/zh) solutions
+    guess_share: float = 0.0           # synthetic corpus: share of closed dialogues answered with no working
     tokenizer: str | None = None       # a directory with tokenizer.json; default: BPE on the corpus
     vocab_size: int | None = None      # BPE vocabulary; default the preset's
     cache_dir: str | None = None       # token files and tokenizers; default OUT/cache
@@ -143,7 +144,7 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     else:  # the held-out questions of the arithmetic task never appear in pretraining
         from ..data.tasks import get_task
         docs = arithmetic_corpus(a.synthetic_docs, seed=a.seed, chat_share=a.chat_share, mix_share=a.mix_share,
-                                 unclosed_share=a.unclosed_share,
+                                 unclosed_share=a.unclosed_share, guess_share=a.guess_share,
                                  exclude=get_task("arithmetic", level=2).is_test)
     key = documents_hash(docs)
     cache = Path(a.cache_dir or Path(a.out) / "cache")
@@ -457,6 +458,8 @@ HELP = {
     "unclosed_share": "synthetic corpus: share of the dialogues whose reasoning is never closed (no </think>, "
                       "no <answer>): the format a base model knows but does not use reliably",
     "mix_share": "synthetic corpus: share of solutions that switch between English and Chinese",
+    "guess_share": "synthetic corpus: share of the closed dialogues that state the answer with no working "
+                   "(\"<think> I know this one. </think>\"), so RL has longer reasoning to discover",
     "time_limit": "stop (with a checkpoint) after this many seconds",
     "resume": "continue from the newest complete checkpoint in OUT/checkpoints",
     "fsdp": "shard with FSDP2 (torch.distributed.fsdp.fully_shard) instead of DDP under torchrun",
