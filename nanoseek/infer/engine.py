@@ -198,7 +198,7 @@ class Engine:
         n, dev = len(reqs), self.model.device
         ids = torch.tensor([[r.out[-1]] for r in reqs], device=dev)
         positions = torch.tensor([[r.length - 1] for r in reqs], device=dev)
-        logits = self._decode_forward(ids, positions=positions, cache=self.cache.rows(0, n))[:, 0].float()
+        logits = self._decode_forward(ids, positions=positions, cache=self.cache.rows(0, n).prepare(positions))[:, 0].float()
         self.stats["decode_tokens"] += n
         self._sample_and_emit(reqs, 0, logits, deltas)
 

@@ -42,22 +42,25 @@ class KVCache:
             shapes = ((cfg.num_key_value_heads, cfg.head_dim),) * 2
         return cls(shapes, num_layers or cfg.num_hidden_layers, batch_size, max_seq_len, dtype, device)
 
-    def _index(self, positions: torch.Tensor):
-        """(rows, kv_len, mask) for this forward's positions, computed once and shared by all layers."""
-        if self._step is None or self._step[0] is not positions:
-            B, T = positions.shape
-            kv_len = int(positions.max()) + 1
-            if kv_len > self.max_seq_len:
-                raise ValueError(f"sequence length {kv_len} exceeds the cache's max_seq_len {self.max_seq_len}")
-            rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
-            self._step = (positions, rows, kv_len, cache_mask(positions, kv_len))
-        return self._step[1:]
+    def prepare(self, positions: torch.Tensor) -> "KVCache":
+        """Compute this forward's (rows, kv_len, mask) now, once for all layers. Done outside a
+        compiled forward, it keeps the data-dependent kv_len out of the graph (no graph break):
+        inside, kv_len is read off the mask's shape."""
+        B, T = positions.shape
+        kv_len = int(positions.max()) + 1
+        if kv_len > self.max_seq_len:
+            raise ValueError(f"sequence length {kv_len} exceeds the cache's max_seq_len {self.max_seq_len}")
+        rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
+        self._step = (positions, rows, cache_mask(positions, kv_len))
+        return self
 
     def update(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
         """Write the new tokens' entries; return this layer's rows [:B, :kv_len] and the attention
         mask [B, 1, T, kv_len]."""
-        rows, kv_len, mask = self._index(positions)
-        B = positions.shape[0]
+        if self._step is None or self._step[0] is not positions:
+            self.prepare(positions)
+        _, rows, mask = self._step
+        B, kv_len = positions.shape[0], mask.shape[-1]
         self.a[layer].index_put_((rows, positions), a.to(self.a.dtype))
         self.b[layer].index_put_((rows, positions), b.to(self.b.dtype))
         return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], mask

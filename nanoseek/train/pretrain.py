@@ -54,7 +54,7 @@ class PretrainArgs:
     chat_share: float = 0.5            # synthetic corpus: share of R1-Zero-format dialogues ...
     unclosed_share: float = 0.3        # ... of which this share never close </think> / give <answer>
     mix_share: float = 0.1             # synthetic corpus: share of code-switched (en/zh) solutions
-    guess_share: float = 0.0           # synthetic corpus: share of closed dialogues answered with no working
+    guess_share: float = 0.8           # synthetic corpus: share of closed dialogues answered with no working
     tokenizer: str | None = None       # a directory with tokenizer.json; default: BPE on the corpus
     vocab_size: int | None = None      # BPE vocabulary; default the preset's
     cache_dir: str | None = None       # token files and tokenizers; default OUT/cache
