@@ -29,7 +29,9 @@ Reported per side: s/step, completions/s, completion tokens/s (completions stop 
 sides do not generate equally long texts; tokens/s normalises for that), mean completion length and
 reward, and the rollout part of the step (nanoseek: `rollout_s`, generation + rewards; TRL: its
 `_generate`, tokenisation + model.generate + decoding, timed by a wrapper); then the ratios
-nanoseek / TRL. Prints, last, one JSON line. The machine is noisy (~30%):
+nanoseek / TRL. A third side, `nanoseek_fp16_rollouts`, is ours with `rollout_dtype="fp16"` (rollouts
+from an fp16-weight copy of the policy; the update stays fp32): not equal settings, reported
+beside them. Prints, last, one JSON line. The machine is noisy (~30%):
 only ratios within one run mean anything.
 """
 
@@ -86,15 +88,15 @@ def summarize(step_s: list[float], rollout_s: list[float], n_completions: list[i
 
 
 # ------------------------------------------------------------------------------------ nanoseek
-def run_nanoseek(hf: Path, work: Path, steps: int, beta: float, threads: int) -> dict:
+def run_nanoseek(hf: Path, work: Path, steps: int, beta: float, threads: int, rollout_dtype: str = "fp32") -> dict:
     from nanoseek.train.grpo import GRPOArgs, grpo
-    out = work / "nanoseek"
+    out = work / f"nanoseek-{rollout_dtype}"
     a = GRPOArgs(model=str(hf), out=str(out), task="arithmetic", level=1, template="chat", variant="grpo",
                  steps=1 + steps, prompts_per_step=PROMPTS, group_size=GROUP, max_tokens=MAX_TOKENS,
                  temperature=1.0, top_p=1.0, updates=1, micro_batch=PROMPTS * GROUP, lr=LR, warmup=0,
                  weight_decay=0.0, grad_clip=1.0, beta=beta, accuracy_weight=WEIGHTS["accuracy"],
                  format_weight=WEIGHTS["format"], eval_every=10**9, eval_n=4, seed=SEED, threads=threads,
-                 progress=False)
+                 rollout_dtype=rollout_dtype, progress=False)
     grpo(a)
     recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in recs if r["step"] >= 2]   # step 0 = the base-model eval, step 1 = warm-up
@@ -182,7 +184,9 @@ def main() -> None:
         work = Path(d)
         print("exporting the GGUF to an HF directory ...", file=sys.stderr, flush=True)
         hf = export_hf(work)
-        for name, fn in (("nanoseek", run_nanoseek), ("trl", run_trl)):
+        sides = (("nanoseek", run_nanoseek), ("trl", run_trl),
+                 ("nanoseek_fp16_rollouts", lambda *args: run_nanoseek(*args, rollout_dtype="fp16")))
+        for name, fn in sides:
             print(f"{name}: 1 warm-up + {steps} timed steps ...", file=sys.stderr, flush=True)
             try:
                 results[name] = fn(hf, work, steps, a.beta, a.threads)
@@ -202,7 +206,8 @@ def main() -> None:
         line["trl_version"] = trl_pkg.__version__
     except ImportError:
         line["trl_version"] = None
-    for side, r in (("nanoseek", ours), ("trl", trl)):
+    fp16 = results["nanoseek_fp16_rollouts"]
+    for side, r in (("nanoseek", ours), ("trl", trl), ("nanoseek_fp16_rollouts", fp16)):
         if "error" in r:
             line[f"{side}/error"] = r["error"]
         else:
@@ -213,6 +218,8 @@ def main() -> None:
     if "error" not in ours and "error" not in trl:
         line["vs_trl/completions_per_s"] = round(ours["completions_per_s"] / trl["completions_per_s"], 2)
         line["vs_trl/completion_tokens_per_s"] = round(ours["completion_tokens_per_s"] / trl["completion_tokens_per_s"], 2)
+    if "error" not in fp16 and "error" not in trl:
+        line["fp16_rollouts_vs_trl/completions_per_s"] = round(fp16["completions_per_s"] / trl["completions_per_s"], 2)
     print(json.dumps(line))
 
 

@@ -234,3 +234,30 @@ def test_masked_logprobs_equal_the_full_ones_on_the_completion(tiny_model_dir):
     assert tmask.shape == (3, 9) and tids.shape == (3, 10)
     assert torch.allclose(part, (full * mask)[:, :9], atol=1e-5)
     assert torch.allclose(part_ent, (full_ent * mask)[:, :9], atol=1e-5)
+
+
+def test_fp16_rollouts_sample_from_a_refreshed_copy_of_the_policy(tiny_model_dir, tmp_path, monkeypatch):
+    """rollout_dtype="fp16": rollouts come from an fp16-weight copy, re-made from the policy after
+    every update (its logits follow the updated policy, not the initial one)."""
+    from nanoseek import load
+    from nanoseek.infer.quantize import FP16Linear
+    from nanoseek.train import grpo as G
+    _fake_rewards(monkeypatch)
+    engines = []
+    real = G.rollout
+
+    def spy(engine, *a, **kw):
+        engines.append(engine.model)
+        return real(engine, *a, **kw)
+    monkeypatch.setattr(G, "rollout", spy)
+    G.grpo(_args(tiny_model_dir, tmp_path / "f", steps=2, updates=1, beta=0.0, save_every=1, keep=5, eval_every=5,
+                 rollout_dtype="fp16"))
+    assert len(engines) == 2 and engines[0] is not engines[1]
+    assert any(isinstance(m, FP16Linear) for m in engines[1].modules())
+    base, tok = load(tiny_model_dir)
+    step1, _ = load(tmp_path / "f" / "checkpoints" / "step-00000001")
+    ids = torch.tensor([tok.encode("User: Question: 23 + 48 = ?\nAssistant: <think>")])
+    with torch.no_grad():
+        copy1, want, old = engines[1](ids), step1(ids), base(ids)
+    assert (want - old).abs().max() > 20 * (copy1 - want).abs().max()   # the copy is of the updated policy
+    torch.testing.assert_close(copy1, want, atol=2e-3, rtol=0)           # up to fp16 rounding

@@ -102,8 +102,15 @@ class Engine:
         self._ids = itertools.count()
         self.eos_ids = self._eos_ids()
         # torch.compile is optional: the decode step (the hot loop) is compiled with dynamic shapes
+        self._compile = compile
         self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "prefill_tokens": 0, "decode_tokens": 0}
+
+    def use_model(self, model) -> None:
+        """Decode with another copy of the same model from now on (GRPO's refreshed fp16 rollout
+        copy); the cache, queue and running requests stay."""
+        self.model = model.eval()
+        self._decode_forward = torch.compile(model.forward, dynamic=True) if self._compile else model.forward
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.config.eos_token_id
