@@ -261,3 +261,41 @@ def test_fp16_rollouts_sample_from_a_refreshed_copy_of_the_policy(tiny_model_dir
         copy1, want, old = engines[1](ids), step1(ids), base(ids)
     assert (want - old).abs().max() > 20 * (copy1 - want).abs().max()   # the copy is of the updated policy
     torch.testing.assert_close(copy1, want, atol=2e-3, rtol=0)           # up to fp16 rounding
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "llama"])
+def test_shared_prompt_packing_gives_each_rows_logprobs_and_gradients(arch):
+    """A prompt and its G completions packed in one row under a block mask: the same log-probs,
+    entropies and gradients as one row per sequence (MLA + MoE and GQA models)."""
+    from nanoseek import Transformer, preset
+    from nanoseek.train.grpo import Rollouts, pack, pack_shared, token_logprobs
+    cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2)
+    if arch == "llama":
+        cfg = preset("tiny").replace(model_type="llama", vocab_size=64, num_hidden_layers=2, n_routed_experts=0,
+                                     q_lora_rank=None, kv_lora_rank=None, num_nextn_predict_layers=0)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    from nanoseek.model.attention import GQA
+    assert any(isinstance(m, GQA) for m in model.modules()) == (arch == "llama")
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda n: torch.randint(2, 64, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [rnd(7)] * 3 + [rnd(20)] * 3                               # two groups, G = 3
+    comps = [rnd(5), rnd(1), rnd(9), rnd(3), rnd(12), rnd(20)]          # the longest row (40) sets T
+    r = Rollouts([None] * 6, [""] * 6, prompts, comps, {}, [False] * 6)
+    ids, mask = pack(r, pad_id=0)
+    sp = pack_shared(prompts, comps, 3, pad_id=0)
+    assert sp.ids.shape == (2, 20 + 35)                                 # each prompt once per group
+    w = torch.randn(mask.shape, generator=g) * mask
+    grads = []
+    for shared in (None, sp):
+        model.zero_grad()
+        logp, ent = token_logprobs(model, ids, 0.8, with_entropy=True, mask=mask, shared=shared)
+        (logp * w).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        if shared is None:
+            want, want_ent = logp.detach(), ent
+    torch.testing.assert_close(logp.detach(), want, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ent, want_ent, atol=2e-5, rtol=0)
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)

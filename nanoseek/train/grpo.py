@@ -60,6 +60,7 @@ class GRPOArgs:
     temperature: float = 1.0
     top_p: float = 1.0
     rollout_dtype: str = "fp32"        # fp32 | fp16: sample from an fp16-weight copy of the policy
+    shared_prompt: bool = True         # update: each prompt once per group, its G completions packed after it
     updates: int = 2                   # optimizer steps per rollout batch (μ)
     micro_batch: int = 32              # sequences per forward
     lr: float = 1e-4
@@ -189,23 +190,68 @@ def pack(r: Rollouts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+@dataclass
+class SharedPrompt:
+    """A micro-batch with each group's prompt and its G completions packed in one row,
+    [prompt, c1, ..., cG]: a completion attends to the prompt and to itself (block mask) at the
+    positions it had after the prompt, so its log-probs equal those of its own row while the
+    prompt goes through the model once per group instead of G times."""
+    ids: torch.Tensor          # [groups, L]
+    positions: torch.Tensor    # [groups, L]
+    attn: torch.Tensor         # [groups, 1, L, L] bool
+    rows: torch.Tensor         # [N]: packed row and column of the position predicting each
+    cols: torch.Tensor         # completion token, in the row-major order of the per-sequence mask
+    targets: torch.Tensor      # [N] the completion tokens
+
+
+def pack_shared(prompts: list[list[int]], completions: list[list[int]], G: int, pad_id: int) -> SharedPrompt:
+    """Consecutive runs of G sequences share their prompt (as rollouts are laid out)."""
+    groups = [(prompts[g], completions[g:g + G]) for g in range(0, len(prompts), G)]
+    L = max(len(p) + sum(map(len, cs)) for p, cs in groups)
+    n = len(groups)
+    ids = torch.full((n, L), pad_id, dtype=torch.long)
+    pos = torch.zeros(n, L, dtype=torch.long)
+    attn = torch.eye(L, dtype=torch.bool).repeat(n, 1, 1)     # padding sees itself (no empty rows)
+    rows, cols, targets = [], [], []
+    for g, (p, cs) in enumerate(groups):
+        P = len(p)
+        ids[g, :P] = torch.tensor(p)
+        pos[g, :P] = torch.arange(P)
+        attn[g, :P, :P] = torch.ones(P, P, dtype=torch.bool).tril()
+        start = P
+        for c in cs:
+            end = start + len(c)
+            ids[g, start:end] = torch.tensor(c, dtype=torch.long)
+            pos[g, start:end] = torch.arange(P, P + len(c))
+            attn[g, start:end, :P] = True
+            attn[g, start:end, start:end] = torch.ones(len(c), len(c), dtype=torch.bool).tril()
+            rows += [g] * len(c)
+            cols += [P - 1] + list(range(start, end - 1))   # token j is predicted at token j - 1
+            targets += c
+            start = end
+    return SharedPrompt(ids, pos, attn[:, None], torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
+
+
 def token_logprobs(model, ids: torch.Tensor, temperature: float, with_entropy: bool = False,
-                   mask: torch.Tensor | None = None):
+                   mask: torch.Tensor | None = None, shared: SharedPrompt | None = None):
     """log π(token t+1 | ..t) for every position [B, T-1] (the sampling temperature applied, so the
     ratio is against the distribution the rollouts came from), and optionally the entropy.
 
     With `mask` [B, T-1], the LM head and the softmax run only where mask is set (the completion
     tokens; elsewhere the result is 0): with a 49K vocabulary they cost as much as the body, and
-    prompt and padding positions are often half of the batch."""
-    if mask is None:
-        logits = model(ids[:, :-1]).float()
-        sel = None
+    prompt and padding positions are often half of the batch. With `shared` (the same sequences
+    packed by `pack_shared`), the body runs on the packed rows; the result is laid out as without."""
+    from ..model.cache import BlockMask
+    sel = None if mask is None else mask.bool()
+    if shared is not None:
+        h = model.hidden_states(shared.ids, shared.positions, cache=BlockMask(shared.attn))
+        logits, targets = model.lm_head(h[shared.rows, shared.cols]).float(), shared.targets
+    elif sel is None:
+        logits, targets = model(ids[:, :-1]).float(), ids[:, 1:]
     else:
-        sel = mask.bool()
-        logits = model.lm_head(model.hidden_states(ids[:, :-1])[sel]).float()  # [N, V]
+        logits, targets = model.lm_head(model.hidden_states(ids[:, :-1])[sel]).float(), ids[:, 1:][sel]
     if temperature not in (0, 1):
         logits = logits / temperature
-    targets = ids[:, 1:] if sel is None else ids[:, 1:][sel]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[..., None]).squeeze(-1)
     ent = None
     if with_entropy:
@@ -368,15 +414,19 @@ def grpo(a: GRPOArgs) -> dict:
             adv = group_advantages(rewards.view(-1, a.group_size), a.variant).flatten()
             ids, mask = pack(r, pad_id)
             w = token_weights(mask, a.variant, a.max_tokens)
-            micro = []  # micro-batches cut to their own length, once for the reference and all μ updates
-            for mb, mm, mw, madv in zip(ids.split(a.micro_batch), mask.split(a.micro_batch),
-                                        w.split(a.micro_batch), adv.split(a.micro_batch)):
+            # micro-batches of whole groups, cut to their own length, once for the reference and all μ updates
+            per = max(1, a.micro_batch // a.group_size) * a.group_size if a.shared_prompt else a.micro_batch
+            micro = []
+            for k, (mb, mm, mw, madv) in enumerate(zip(ids.split(per), mask.split(per), w.split(per), adv.split(per))):
                 mb, mm = trimmed(mb, mm)
-                micro.append((mb, mm, mw[:, :mm.shape[1]], madv))
+                sp = (pack_shared(r.prompt_ids[k * per:(k + 1) * per], r.completion_ids[k * per:(k + 1) * per],
+                                  a.group_size, pad_id) if a.shared_prompt else None)
+                micro.append((mb, mm, mw[:, :mm.shape[1]], madv, sp))
             ref_logp = []
             if ref is not None:
                 with torch.no_grad():
-                    ref_logp = [token_logprobs(ref, mb, a.temperature, mask=mm)[0] for mb, mm, _, _ in micro]
+                    ref_logp = [token_logprobs(ref, mb, a.temperature, mask=mm, shared=sp)[0]
+                                for mb, mm, _, _, sp in micro]
             # -- 3. μ optimizer steps; the first pass's log-probs are π_old (θ has not moved yet)
             model.train()
             lr = lr_at(step, a.steps, a.lr, a.warmup, "constant")  # RL: constant after warmup
@@ -384,8 +434,8 @@ def grpo(a: GRPOArgs) -> dict:
                 g["lr"] = lr
             old_logp: list[torch.Tensor] = []
             for it in range(a.updates):
-                for j, (mb, mmask, mw, madv) in enumerate(micro):
-                    logp, ent = token_logprobs(model, mb, a.temperature, with_entropy=it == 0, mask=mmask)
+                for j, (mb, mmask, mw, madv, sp) in enumerate(micro):
+                    logp, ent = token_logprobs(model, mb, a.temperature, with_entropy=it == 0, mask=mmask, shared=sp)
                     if it == 0:
                         old_logp.append(logp.detach())
                         ent_sum += (ent * mmask).sum().item()
@@ -467,6 +517,8 @@ HELP = {
     "overlong_buffer": "the overlong penalty ramps to -1 over this many tokens before --max-tokens "
                        "(default max_tokens // 4)",
     "threads": "CPU threads (default: torch's choice)",
+    "shared_prompt": "the update runs each prompt once per group, its G completions packed after it under a "
+                     "block attention mask (same log-probs, fewer FLOPs); --no-shared-prompt: a row per sequence",
     "rollout_dtype": "fp16: sample rollouts from an fp16-weight copy of the policy, refreshed after every "
                      "update (faster decoding on CPU; the update stays fp32)",
     "beta": "KL coefficient to the frozen initial model (k3 estimator); 0 skips the reference",
