@@ -16,7 +16,9 @@ One step (DeepSeekMath §4.1; the formulas and the variants are in grpo_loss.py)
      refilled with new questions;
   3. π_old log-probs are those of the first pass (θ has not moved yet), π_ref from the frozen initial
      model (skipped when β = 0); `updates` AdamW steps on the clipped objective, micro-batched with
-     exact token weights.
+     exact token weights. Each group's prompt goes through the model once, its G completions packed
+     after it under a block attention mask (`pack_shared`), and the LM head runs only at completion
+     positions.
 Logged per step to OUT/metrics.jsonl: reward and each component, accuracy, response length, KL,
 entropy, clip fraction, share of zero-advantage groups, samples/s; a few completions to
 OUT/samples.jsonl; held-out greedy accuracy every `eval_every` steps. Checkpoints (checkpoint.py)
