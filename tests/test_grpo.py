@@ -280,11 +280,11 @@ def test_shared_prompt_packing_gives_each_rows_logprobs_and_gradients(arch):
     g = torch.Generator().manual_seed(1)
     rnd = lambda n: torch.randint(2, 64, (n,), generator=g).tolist()  # noqa: E731
     prompts = [rnd(7)] * 3 + [rnd(20)] * 3                               # two groups, G = 3
-    comps = [rnd(5), rnd(1), rnd(9), rnd(3), rnd(12), rnd(20)]          # the longest row (40) sets T
+    comps = [rnd(5), [], rnd(9), rnd(3), rnd(12), rnd(20)]              # [] stopped at once; 40 sets T
     r = Rollouts([None] * 6, [""] * 6, prompts, comps, {}, [False] * 6)
     ids, mask = pack(r, pad_id=0)
     sp = pack_shared(prompts, comps, 3, pad_id=0)
-    assert sp.ids.shape == (2, 20 + 35)                                 # each prompt once per group
+    assert sp.ids.shape == (2, 20 + 35) and len(sp.targets) == mask.sum()  # each prompt once per group
     w = torch.randn(mask.shape, generator=g) * mask
     grads = []
     for shared in (None, sp):

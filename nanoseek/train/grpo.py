@@ -227,9 +227,10 @@ def pack_shared(prompts: list[list[int]], completions: list[list[int]], G: int, 
             pos[g, start:end] = torch.arange(P, P + len(c))
             attn[g, start:end, :P] = True
             attn[g, start:end, start:end] = torch.ones(len(c), len(c), dtype=torch.bool).tril()
-            rows += [g] * len(c)
-            cols += [P - 1] + list(range(start, end - 1))   # token j is predicted at token j - 1
-            targets += c
+            if c:  # the stop token is not part of a completion, so one can be empty
+                rows += [g] * len(c)
+                cols += [P - 1] + list(range(start, end - 1))   # token j is predicted at token j - 1
+                targets += c
             start = end
     return SharedPrompt(ids, pos, attn[:, None], torch.tensor(rows), torch.tensor(cols), torch.tensor(targets))
 
