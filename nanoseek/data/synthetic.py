@@ -18,7 +18,8 @@ step, so its chain of thought is sometimes mixed English/Chinese (what R1's lang
 reward fixes); a share of the dialogues (`guess_share`) state the answer with no working at all
 (`<think> I know this one. </think> <answer> 71 </answer>`), as people on the web do, so a base
 model often answers at a glance, which a small model gets wrong for multi-digit numbers: R1-Zero's
-lesson that reasoning longer pays is then there to be learned. Held-out questions of the arithmetic task can be kept out (`exclude`).
+lesson that reasoning longer pays is then there to be learned. Held-out questions of the
+arithmetic task can be kept out (`exclude`).
 
     from nanoseek.data.synthetic import arithmetic_corpus, problem
     docs = arithmetic_corpus(20000, seed=0)           # list[str], half English, half Chinese
@@ -163,8 +164,8 @@ def arithmetic_corpus(n: int, seed: int = 0, max_digits: int = 3, chat_share: fl
                       guess_share: float = 0.0) -> list[str]:
     """`n` worked problems, operations and languages drawn uniformly, reproducible from `seed`;
     `chat_share` of them as R1-Zero dialogues (`unclosed_share` of those without the closing tags,
-    `guess_share` of the closed ones answered with no working), `mix_share` code-switched; questions for which `exclude(question)` is true (a task's held-out
-    split) are skipped."""
+    `guess_share` of the closed ones answered with no working), `mix_share` code-switched;
+    questions for which `exclude(question)` is true (a task's held-out split) are skipped."""
     rng = random.Random(seed)
     docs = []
     while len(docs) < n:

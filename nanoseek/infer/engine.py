@@ -78,7 +78,8 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 32, max_seq_len: int | None = None,
                  max_queue: int = 1024, speculative: str | None = None, num_draft: int = 4,
                  ngram_max: int = 3, compile: bool = False):
-        self.model, self.tok = model.eval(), tokenizer
+        self.tok, self._compile = tokenizer, compile
+        self.use_model(model)
         cfg = model.config
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or min(cfg.max_position_embeddings, 4096)
@@ -101,15 +102,13 @@ class Engine:
         self.queue: deque[_Request] = deque()
         self._ids = itertools.count()
         self.eos_ids = self._eos_ids()
-        # torch.compile is optional: the decode step (the hot loop) is compiled with dynamic shapes
-        self._compile = compile
-        self._decode_forward = torch.compile(model.forward, dynamic=True) if compile else model.forward
         self.stats = {"steps": 0, "drafted": 0, "accepted": 0, "prefill_tokens": 0, "decode_tokens": 0}
 
     def use_model(self, model) -> None:
         """Decode with another copy of the same model from now on (GRPO's refreshed fp16 rollout
         copy); the cache, queue and running requests stay."""
         self.model = model.eval()
+        # torch.compile is optional: the decode step (the hot loop) is compiled with dynamic shapes
         self._decode_forward = torch.compile(model.forward, dynamic=True) if self._compile else model.forward
 
     def _eos_ids(self) -> set[int]:
