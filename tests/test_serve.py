@@ -48,7 +48,7 @@ def get_metrics(url) -> str:
     return httpx.get(url + "/metrics").text
 
 
-def wait_for(cond, timeout=20.0):
+def wait_for(cond, timeout=60.0):   # a liveness bound, generous for a loaded machine
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
