@@ -98,7 +98,8 @@ def score_samples(examples: list[Example], completions: list[list[str]], task: T
     per_problem = [mean(correct[i * k:(i + 1) * k]) for i in range(len(examples))]
     out["pass@1_ci"] = list(mean_ci(per_problem)[1:])
     out["maj@k_ci"] = list(wilson(sum(maj), len(maj)))
-    out["per_problem"] = {"pass@1": per_problem, "maj@k": [float(x) for x in maj]}
+    out["per_problem"] = {"pass@1": per_problem, "maj@k": [float(x) for x in maj],
+                          "language": [mean(lang[i * k:(i + 1) * k]) for i in range(len(examples))]}
     if greedy is not None:
         g = [float(_correct(task, parse_response(c), ex)) for c, ex in zip(greedy, examples)]
         out["greedy"], out["greedy_ci"], out["per_problem"]["greedy"] = mean(g), list(wilson(sum(g), len(g))), g
