@@ -13,8 +13,10 @@ and next to a real config.json.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import NanoseekError
@@ -294,3 +296,28 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise NanoseekError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def load_config(model: str) -> ModelConfig:
+    """A preset name, an HF model directory, or a config.json file."""
+    if model in PRESETS:
+        return preset(model)
+    p = Path(model)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise NanoseekError(f"{model}: not a preset ({', '.join(PRESETS)}), a model directory or a config.json")
+    try:
+        return ModelConfig.from_hf_config(json.loads(p.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoseekError(f"{p}: not a JSON config ({e})") from None
+    except TypeError as e:
+        raise NanoseekError(f"{p}: config does not fit ModelConfig ({e})") from None
+
+
+def dense_variant(cfg: ModelConfig, arch: str) -> ModelConfig:
+    """A llama / qwen2 model with the preset's width, depth and heads (no MLA, no MoE, no MTP)."""
+    return ModelConfig(model_type=arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                       num_attention_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+                       rope_interleave=False)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write
-from .config import PRESETS, ModelConfig, preset
+from .config import PRESETS, ModelConfig, load_config, preset
 from .errors import NanoseekError
 
 
@@ -349,23 +349,6 @@ def measure_cpu(seconds: float = 0.2) -> dict:
 
 
 # ----------------------------------------------------------------------------------- the CLI
-def load_config(model: str) -> ModelConfig:
-    """A preset name, an HF model directory, or a config.json file."""
-    if model in PRESETS:
-        return preset(model)
-    p = Path(model)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise NanoseekError(f"{model}: not a preset ({', '.join(PRESETS)}), a model directory or a config.json")
-    try:
-        return ModelConfig.from_hf_config(json.loads(p.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NanoseekError(f"{p}: not a JSON config ({e})") from None
-    except TypeError as e:
-        raise NanoseekError(f"{p}: config does not fit ModelConfig ({e})") from None
-
-
 def parse_count(text: str) -> float:
     """'14.8T', '300B', '2M', '1e9' -> a number."""
     t = str(text).strip().upper().replace(",", "").replace("_", "")

@@ -10,9 +10,6 @@ sequences of different lengths, so requests can join and leave a batch between s
 
     cache = KVCache.for_model(cfg, batch_size=8, max_seq_len=2048, dtype=torch.float32)
     logits = model(ids, positions=pos, cache=cache)
-
-`BlockMask` stands in for a cache in a training forward: nothing is stored, each layer attends over
-the forward's own keys under a given mask (GRPO packs a prompt and its G completions in one row).
 """
 
 from __future__ import annotations
@@ -87,13 +84,3 @@ class KVCache:
         rb = self.b.shape[3:]
         return L * (torch.Size(ra).numel() + torch.Size(rb).numel()) * self.a.element_size()
 
-
-class BlockMask:
-    """Not a cache: attention over this forward's own keys under `mask` [B, 1, T, T] (True = may
-    attend), e.g. several sequences sharing a prefix packed in one row. Differentiable."""
-
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
-
-    def update(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-        return a, b, self.mask

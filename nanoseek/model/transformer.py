@@ -32,8 +32,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
 
-    def forward(self, x, cos, sin, positions, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
+    def forward(self, x, cos, sin, positions, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -99,13 +99,15 @@ class Transformer(nn.Module):
             return torch.arange(T, device=input_ids.device).expand(B, T)
         return positions.expand(B, T) if positions.dim() == 1 else positions
 
-    def hidden_states(self, input_ids, positions=None, cache=None):
-        """Final-normed hidden states [B, T, H] (what the LM head and the first MTP module read)."""
+    def hidden_states(self, input_ids, positions=None, cache=None, mask=None):
+        """Final-normed hidden states [B, T, H] (what the LM head and the first MTP module read).
+        `cache`: a KV cache to read and fill (inference). `mask` [B, 1, T, T] (True = may attend), for a
+        training forward with no cache: e.g. several sequences sharing a prompt packed in one row."""
         positions = self._positions(input_ids, positions)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache)
+            x = layer(x, cos, sin, positions, cache, mask)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,

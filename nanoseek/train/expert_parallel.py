@@ -34,12 +34,16 @@ with or without expert parallelism and any world size that divides E.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from ..errors import NanoseekError
 from ..model.moe import MoE
-from .dist import DistInfo
+
+if TYPE_CHECKING:  # dist.py imports this module for the expert-parallel paths
+    from .dist import DistInfo
 
 EXPERT_FLAG = "_nanoseek_expert_parallel"  # set on each routed-expert parameter of a sharded model
 

@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 
 from .. import cost
-from ..cli import add_fields, from_args, module_main
-from ..config import PRESETS, ModelConfig, preset
+from ..args import add_fields, from_args, module_main
+from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
 from . import checkpoint, dist, expert_parallel
+from .run import MetricsLog
 from .objective import (balance_loss, load_stats, moe_layers, mtp_loss, mtp_weight, next_token_loss,
                         update_bias)
 from .optim import SCHEDULES, adamw, lr_at
@@ -118,16 +119,8 @@ def _writable_out(out: Path) -> None:
         raise NanoseekError(f"{out}: cannot write the output directory ({e.strerror or e})") from None
 
 
-def dense_variant(cfg: ModelConfig, arch: str) -> ModelConfig:
-    """A llama / qwen2 model with the preset's width, depth and heads (no MLA, no MoE, no MTP)."""
-    return ModelConfig(model_type=arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                       num_attention_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
-                       rope_interleave=False)
-
-
 def model_config(a: PretrainArgs, tok) -> ModelConfig:
-    cfg = cost.load_config(a.config) if a.config else preset(a.preset)
+    cfg = load_config(a.config) if a.config else preset(a.preset)
     if a.arch:
         cfg = dense_variant(cfg, a.arch)
     return cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
@@ -148,7 +141,7 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
                                  exclude=get_task("arithmetic", level=2).is_test)
     key = documents_hash(docs)
     cache = Path(a.cache_dir or Path(a.out) / "cache")
-    vocab = a.vocab_size or (preset(a.preset).vocab_size if a.config is None else cost.load_config(a.config).vocab_size)
+    vocab = a.vocab_size or (preset(a.preset).vocab_size if a.config is None else load_config(a.config).vocab_size)
 
     def build():
         if ckpt_dir is not None:
@@ -212,22 +205,6 @@ def arithmetic_eval(model: Transformer, tok, n: int = 100, seed: int = 10**6, ma
     texts = samples(model, tok, [p.prompt for p in problems], max_new_tokens)
     grades = [grade(p, t[len(p.prompt):]) for p, t in zip(problems, texts)]
     return {k: sum(float(g[k]) for g in grades) / n for k in ("well_formed", "steps_correct", "answer_correct")}
-
-
-class MetricsLog:
-    """OUT/metrics.jsonl, one line per step; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        checkpoint.truncate_log(path, resume_step)
-        self.f = open(path, "a")
-
-    def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
 
 
 # ------------------------------------------------------------------------------ training
