@@ -81,7 +81,7 @@ def test_moe_dispatch_equals_per_token_loop():
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
     x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(0))
-    got = moe(x)
+    got, routing = moe(x)
     flat = x.reshape(-1, 32)
     weights, idx, _ = moe.gate(flat)
     ref = torch.zeros_like(flat)
@@ -90,7 +90,9 @@ def test_moe_dispatch_equals_per_token_loop():
             ref[t] += weights[t, j] * moe.experts[int(idx[t, j])](flat[t])
         ref[t] += moe.shared_experts(flat[t])
     torch.testing.assert_close(got.reshape(-1, 32), ref, rtol=1e-5, atol=1e-5)  # fp32 summation order
-    assert int(moe.last_load.sum()) == flat.shape[0] * moe.top_k
+    assert int(routing.load.sum()) == flat.shape[0] * moe.top_k
+    assert routing.load.tolist() == torch.bincount(idx.flatten(), minlength=moe.n_experts).tolist()
+    torch.testing.assert_close(routing.scores.reshape(-1, moe.n_experts), moe.gate(flat)[2], rtol=0, atol=0)
 
 
 def test_v3_gate_hand_computed_routing():

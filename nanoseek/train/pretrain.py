@@ -39,8 +39,8 @@ from ..errors import NanoseekError
 from ..model.transformer import Transformer
 from . import checkpoint, dist, expert_parallel
 from .run import MetricsLog
-from .objective import (balance_loss, load_stats, moe_layers, mtp_loss, mtp_weight, next_token_loss,
-                        update_bias)
+from .objective import (balance_loss, expert_loads, load_stats, moe_layers, mtp_loss, mtp_weight,
+                        next_token_loss, update_bias)
 from .optim import SCHEDULES, adamw, lr_at
 
 
@@ -190,8 +190,6 @@ def samples(model: Transformer, tok, prompts: list[str], max_new_tokens: int) ->
         out = generate(model, [tok.encode(p) for p in prompts], max_new_tokens, eos_token_id=tok.eos_token_id)
     finally:
         model.train(was)
-        for m in moe_layers(model):
-            m.last_scores = None
     return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prompts, out)]
 
 
@@ -265,8 +263,6 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         expert_parallel.shard_experts(model, info)
     moes = moe_layers(model)
     balance = cfg.is_moe and not a.no_balance
-    for m in moes:
-        m.keep_scores = balance and a.balance_alpha > 0
     wrapped = dist.wrap(model, info, a.fsdp)
     optimizer = adamw(model, a.lr, a.weight_decay, (a.beta1, a.beta2))
     start = 0
@@ -333,17 +329,17 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         for i, window in enumerate(batch.split(micro)):
             with dist.grad_sync(wrapped, info, sync=i == accum - 1):
                 with autocast:
-                    logits, mtp_logits = wrapped(window[:, :-1], return_mtp=True)
+                    logits, mtp_logits, routing = wrapped(window[:, :-1], return_mtp=True, return_routing=True)
                 main = next_token_loss(logits, window)
                 l_mtp = mtp_loss(mtp_logits, window)
-                l_bal = balance_loss(moes, a.balance_alpha) if balance else None
+                l_bal = (balance_loss(routing, cfg.num_experts_per_tok, a.balance_alpha)
+                         if balance and a.balance_alpha > 0 else None)
                 loss = main + lam * l_mtp + (l_bal if l_bal is not None else 0.0)
                 (loss / accum).backward()
             sums += torch.tensor([main.item(), l_mtp.item(), l_bal.item() if l_bal is not None else 0.0],
                                  dtype=torch.float64) / accum
-            for j, m in enumerate(moes):
-                if m.last_load is not None:
-                    loads[j] += m.last_load.cpu()
+            if routing:
+                loads += expert_loads(routing)
         grad_norm = dist.clip_grad_norm(model, a.grad_clip, info)  # the global norm (FSDP2, expert parallel)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
