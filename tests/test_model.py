@@ -10,7 +10,7 @@ import nanoseek
 from nanoseek.config import ModelConfig, preset
 from nanoseek.infer.simple import generate
 from nanoseek.model.attention import MLA
-from nanoseek.model.cache import KVCache
+from nanoseek.model.cache import KVCache, LatentCache
 from nanoseek.model.moe import Gate, MoE
 
 from conftest import randomize
@@ -183,7 +183,14 @@ def test_latent_cache_bytes_per_token_formula():
     assert cfg.kv_cache_bytes_per_token(2) == (512 + 64) * 61 * 2 == 70272
     small = tiny_v3().config
     cache = KVCache.for_model(small, 1, 8, dtype=torch.bfloat16)
+    assert isinstance(cache, LatentCache) and cache.a.shape[-1] == 16 and cache.b.shape[-1] == 4
     assert cache.bytes_per_token() == (16 + 4) * 3 * 2
+    assert isinstance(cache.rows(0, 1), LatentCache)
+    gqa = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    kv = KVCache.for_model(gqa, 1, 8)
+    assert type(kv) is KVCache and kv.a.shape[-2:] == kv.b.shape[-2:] == (2, 8)   # K and V, [kv_heads, head_dim]
+    assert kv.bytes_per_token() == gqa.kv_cache_bytes_per_token(4) == 2 * 2 * 8 * 2 * 4
 
 
 def test_param_counts_match_modules_and_deepseek_v3_headline():

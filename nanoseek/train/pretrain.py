@@ -169,7 +169,7 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     return tok, tokens, key, prompts
 
 
-def peak_flops(info: dist.DistInfo, amp: bool) -> tuple[float | None, str]:
+def device_peak_flops(info: dist.DistInfo, amp: bool) -> tuple[float | None, str]:
     """Per-device peak for MFU: the GPU's datasheet (dense BF16) or this CPU's measured matmul rate."""
     if info.device.type == "cuda":
         name = torch.cuda.get_device_name(info.device).lower()
@@ -274,7 +274,7 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
 
     tokens_per_step = a.batch_size * a.seq_len
     flops_per_token = cost.flops_per_token(cfg, a.seq_len, mtp=cfg.num_nextn_predict_layers > 0)["train"]
-    peak, peak_src = peak_flops(info, amp) if info.main else (None, "")
+    peak, peak_src = device_peak_flops(info, amp) if info.main else (None, "")
     log = MetricsLog(out / "metrics.jsonl", start if a.resume else None) if info.main else None
     if info.main:
         total, active = cfg.num_params()
