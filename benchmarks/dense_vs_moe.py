@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek.config import ModelConfig, preset  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
-from nanoseek.train.pretrain import PretrainArgs, dense_variant, pretrain  # noqa: E402
+from nanoseek.config import dense_variant  # noqa: E402
+from nanoseek.train.pretrain import PretrainArgs, pretrain  # noqa: E402
 
 
 def dense_matching(moe: ModelConfig, target: int, which: int) -> ModelConfig:

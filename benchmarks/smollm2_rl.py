@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore")
 
 import nanoseek  # noqa: E402
 from nanoseek.train.grpo import GRPOArgs, grpo, resolve  # noqa: E402
-from nanoseek.train.pipeline import cold_start_records  # noqa: E402
+from nanoseek.pipeline import cold_start_records  # noqa: E402
 from nanoseek.train.sft import SFTArgs, train_sft  # noqa: E402
 
 from decode import smollm2_path  # noqa: E402

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import nanoseek  # noqa: E402
 from nanoseek import cost  # noqa: E402
 from nanoseek.config import preset  # noqa: E402
-from nanoseek.train.objective import (balance_loss, moe_layers, mtp_loss, next_token_loss,  # noqa: E402
-                                      update_bias)
+from nanoseek.train.objective import (balance_loss, expert_loads, moe_layers, mtp_loss,  # noqa: E402
+                                      next_token_loss, update_bias)
 from nanoseek.train.optim import adamw  # noqa: E402
 
 
@@ -86,17 +86,14 @@ def main() -> None:
         return loss.item()
 
     def step_full():
-        for m in moes:
-            m.keep_scores = True
         with autocast:
-            logits, mtp = ours(x, return_mtp=True)
-        loss = next_token_loss(logits, data) + 0.3 * mtp_loss(mtp, data) + balance_loss(moes, 1e-4)
+            logits, mtp, routing = ours(x, return_mtp=True, return_routing=True)
+        loss = (next_token_loss(logits, data) + 0.3 * mtp_loss(mtp, data)
+                + balance_loss(routing, cfg.num_experts_per_tok, 1e-4))
         loss.backward()
         opt_main.step()
         opt_main.zero_grad(set_to_none=True)
-        update_bias(moes, torch.stack([m.last_load.double() for m in moes]), 1e-3)
-        for m in moes:
-            m.keep_scores = False
+        update_bias(moes, expert_loads(routing), 1e-3)
         return loss.item()
 
     def step_theirs():

@@ -6,11 +6,10 @@
     nanoseek.save(model, tok, "out_dir")
 """
 
-__version__ = "0.1.0"
-
-from .config import ModelConfig, preset  # noqa: E402
-from .errors import NanoseekError  # noqa: E402
-from .model.transformer import Transformer  # noqa: E402
-from .weights import load, save  # noqa: E402
+from .config import ModelConfig, preset
+from .errors import NanoseekError
+from .model.transformer import Transformer
+from .version import __version__
+from .weights import load, save
 
 __all__ = ["ModelConfig", "NanoseekError", "Transformer", "load", "preset", "save", "__version__"]

@@ -13,8 +13,10 @@ and next to a real config.json.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import NanoseekError
@@ -132,11 +134,16 @@ class ModelConfig:
             scale *= m * m
         return scale
 
+    def kv_cache_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Per token per layer, the shapes of the two cached tensors: MLA's latent c_kv [kv_lora_rank] and
+        shared rotary key k_pe [qk_rope_head_dim] (DeepSeek-V2 §2.1), or GQA's K and V [kv_heads, head_dim]."""
+        if self.is_mla:
+            return (self.kv_lora_rank,), (self.qk_rope_head_dim,)
+        return ((self.num_key_value_heads, self.head_dim),) * 2
+
     def kv_cache_values_per_token(self) -> int:
         """Values cached per token per layer: the MLA latent + shared rope key, or K and V."""
-        if self.is_mla:
-            return self.kv_lora_rank + self.qk_rope_head_dim
-        return 2 * self.num_key_value_heads * self.head_dim
+        return sum(math.prod(s) for s in self.kv_cache_shapes())
 
     def kv_cache_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return self.kv_cache_values_per_token() * self.num_hidden_layers * bytes_per_value
@@ -219,32 +226,38 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
-    # -- parameter counts -----------------------------------------------------------------------
+    # -- parameter counts (cost.py turns them into FLOPs, bytes and dollars) ----------------------
+    def attention_matmul_weights(self) -> int:
+        """Matmul weights of one attention layer (biases and norms are not matmuls)."""
+        H, nh = self.hidden_size, self.num_attention_heads
+        if self.is_mla:
+            r, q = self.kv_lora_rank, nh * self.qk_head_dim
+            q_w = H * self.q_lora_rank + self.q_lora_rank * q if self.q_lora_rank else H * q
+            return (q_w + H * (r + self.qk_rope_head_dim) + r * nh * (self.qk_nope_head_dim + self.v_head_dim)
+                    + nh * self.v_head_dim * H)
+        hd = self.head_dim
+        return H * hd * (nh + 2 * self.num_key_value_heads) + nh * hd * H
+
+    def ffn_matmul_weights(self, layer: int, active: bool = True) -> dict[str, int]:
+        """FFN matmul weights of layer `layer` by kind: those one token passes through (active), or all."""
+        H = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return {"dense_ffn": 3 * H * self.intermediate_size}
+        expert = 3 * H * self.moe_intermediate_size
+        routed = self.num_experts_per_tok if active else self.n_routed_experts
+        return {"moe_gate": self.n_routed_experts * H, "moe_shared": self.n_shared_experts * expert,
+                "moe_routed": routed * expert}
+
     def num_params(self) -> tuple[int, int]:
         """(total, active per token) parameters of the main model, MTP modules excluded."""
         H, V = self.hidden_size, self.vocab_size
-        if self.is_mla:
-            nh, r = self.num_attention_heads, self.kv_lora_rank
-            q = (H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
-                 if self.q_lora_rank else H * nh * self.qk_head_dim)
-            attn = (q + H * (r + self.qk_rope_head_dim) + r
-                    + r * nh * (self.qk_nope_head_dim + self.v_head_dim) + nh * self.v_head_dim * H)
-        else:
-            hd, nh, nkv = self.head_dim, self.num_attention_heads, self.num_key_value_heads
-            attn = H * hd * (nh + 2 * nkv) + nh * hd * H
-        dense_ffn = 3 * H * self.intermediate_size
-        expert = 3 * H * self.moe_intermediate_size
+        attn_norms = ((self.q_lora_rank or 0) + self.kv_lora_rank) if self.is_mla else 0  # q_a, kv_a norms
+        attn = self.attention_matmul_weights() + attn_norms
         total = active = 0
         for i in range(self.num_hidden_layers):
-            norms = 2 * H
-            if self.is_moe_layer(i):
-                gate = self.n_routed_experts * H
-                shared = self.n_shared_experts * expert
-                total += attn + norms + gate + shared + self.n_routed_experts * expert
-                active += attn + norms + gate + shared + self.num_experts_per_tok * expert
-            else:
-                total += attn + norms + dense_ffn
-                active += attn + norms + dense_ffn
+            base = attn + 2 * H  # + input and post-attention norms
+            total += base + sum(self.ffn_matmul_weights(i, active=False).values())
+            active += base + sum(self.ffn_matmul_weights(i).values())
         emb = V * H * (1 if self.tie_word_embeddings else 2) + H
         return total + emb, active + emb
 
@@ -294,3 +307,28 @@ def preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise NanoseekError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
     return PRESETS[name]()
+
+
+def load_config(model: str) -> ModelConfig:
+    """A preset name, an HF model directory, or a config.json file."""
+    if model in PRESETS:
+        return preset(model)
+    p = Path(model)
+    if p.is_dir():
+        p = p / "config.json"
+    if not p.is_file():
+        raise NanoseekError(f"{model}: not a preset ({', '.join(PRESETS)}), a model directory or a config.json")
+    try:
+        return ModelConfig.from_hf_config(json.loads(p.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoseekError(f"{p}: not a JSON config ({e})") from None
+    except TypeError as e:
+        raise NanoseekError(f"{p}: config does not fit ModelConfig ({e})") from None
+
+
+def dense_variant(cfg: ModelConfig, arch: str) -> ModelConfig:
+    """A llama / qwen2 model with the preset's width, depth and heads (no MLA, no MoE, no MTP)."""
+    return ModelConfig(model_type=arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                       num_attention_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
+                       rope_interleave=False)

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write
-from .config import PRESETS, ModelConfig, preset
+from .config import PRESETS, ModelConfig, load_config, preset
 from .errors import NanoseekError
 
 
@@ -87,34 +87,12 @@ V3_EXTENSION = [(1000, 1920, 32 * 1024), (1000, 480, 128 * 1024)]  # (steps, bat
 
 
 # ------------------------------------------------------------------------------------- FLOPs
-def _attn_weights(cfg: ModelConfig) -> int:
-    """Matmul weights of one attention layer (biases and norms are not matmuls)."""
-    H, nh = cfg.hidden_size, cfg.num_attention_heads
-    if cfg.is_mla:
-        r, q = cfg.kv_lora_rank, nh * cfg.qk_head_dim
-        q_w = H * cfg.q_lora_rank + cfg.q_lora_rank * q if cfg.q_lora_rank else H * q
-        return (q_w + H * (r + cfg.qk_rope_head_dim) + r * nh * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-                + nh * cfg.v_head_dim * H)
-    hd = cfg.head_dim
-    return H * hd * (nh + 2 * cfg.num_key_value_heads) + nh * hd * H
-
-
-def _ffn_weights(cfg: ModelConfig, layer: int) -> dict[str, int]:
-    """Active FFN matmul weights per token of one layer, by kind."""
-    H = cfg.hidden_size
-    if not cfg.is_moe_layer(layer):
-        return {"dense_ffn": 3 * H * cfg.intermediate_size}
-    expert = 3 * H * cfg.moe_intermediate_size
-    return {"moe_gate": cfg.n_routed_experts * H, "moe_shared": cfg.n_shared_experts * expert,
-            "moe_routed": cfg.num_experts_per_tok * expert}
-
-
 def active_matmul_weights(cfg: ModelConfig) -> dict[str, int]:
     """Matmul weights one token passes through in the main model, by kind (MTP excluded)."""
-    out = {"attention": cfg.num_hidden_layers * _attn_weights(cfg), "dense_ffn": 0,
+    out = {"attention": cfg.num_hidden_layers * cfg.attention_matmul_weights(), "dense_ffn": 0,
            "moe_gate": 0, "moe_shared": 0, "moe_routed": 0}
     for i in range(cfg.num_hidden_layers):
-        for k, v in _ffn_weights(cfg, i).items():
+        for k, v in cfg.ffn_matmul_weights(i).items():
             out[k] += v
     out["lm_head"] = cfg.hidden_size * cfg.vocab_size
     return out
@@ -140,7 +118,7 @@ def mean_context(seq_len: int, causal: bool = True) -> float:
 def mtp_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True, depth: int = 0) -> float:
     """Forward FLOPs per token of MTP module `depth`: eh_proj, its block, the shared LM head."""
     layer = cfg.num_hidden_layers + depth  # MTP blocks sit after the main layers (MoE for V3)
-    w = 2 * cfg.hidden_size ** 2 + _attn_weights(cfg) + sum(_ffn_weights(cfg, layer).values())
+    w = 2 * cfg.hidden_size ** 2 + cfg.attention_matmul_weights() + sum(cfg.ffn_matmul_weights(layer).values())
     w += cfg.hidden_size * cfg.vocab_size
     return 2 * w + attention_flops(cfg, mean_context(seq_len, causal))
 
@@ -244,7 +222,7 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_value: float = 2, gqa_g
     if gqa_groups < nh:
         out[f"gqa{gqa_groups}"] = gqa_groups * (qk + v) * L * bytes_per_value
     if cfg.is_mla:
-        out["mla"] = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * L * bytes_per_value
+        out["mla"] = out["native"]
     return out
 
 
@@ -349,23 +327,6 @@ def measure_cpu(seconds: float = 0.2) -> dict:
 
 
 # ----------------------------------------------------------------------------------- the CLI
-def load_config(model: str) -> ModelConfig:
-    """A preset name, an HF model directory, or a config.json file."""
-    if model in PRESETS:
-        return preset(model)
-    p = Path(model)
-    if p.is_dir():
-        p = p / "config.json"
-    if not p.is_file():
-        raise NanoseekError(f"{model}: not a preset ({', '.join(PRESETS)}), a model directory or a config.json")
-    try:
-        return ModelConfig.from_hf_config(json.loads(p.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NanoseekError(f"{p}: not a JSON config ({e})") from None
-    except TypeError as e:
-        raise NanoseekError(f"{p}: config does not fit ModelConfig ({e})") from None
-
-
 def parse_count(text: str) -> float:
     """'14.8T', '300B', '2M', '1e9' -> a number."""
     t = str(text).strip().upper().replace(",", "").replace("_", "")

@@ -200,14 +200,18 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         import contextlib
         import io
 
-        from . import cost
-        from .cli import build_parser
+        from . import cost, export
+        from .args import Parser
+        from .config import load_config
         from .data.tasks import render
         from .infer import Engine, SamplingParams
         from .infer.reasoning import split_reasoning
         from .weights import load
-        cli = build_parser()
-        with contextlib.redirect_stdout(io.StringIO()):  # the same code paths as `nanoseek export`
+        cli = Parser(prog="nanoseek")   # the same code paths as `nanoseek export` and `nanoseek cost`
+        sub = cli.add_subparsers(dest="command")
+        export.add_parser(sub)
+        cost.add_parser(sub)
+        with contextlib.redirect_stdout(io.StringIO()):
             for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("distill", "hf", "student-hf"),
                                   ("distill", "gguf", "student-gguf")):
                 if not (root / src / "final").is_dir():
@@ -223,7 +227,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         (root / "chat.json").write_text(json.dumps({"prompt": question, "reasoning": reasoning, "answer": answer},
                                                    ensure_ascii=False, indent=2) + "\n")
         args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
-        (root / "cost.json").write_text(json.dumps(cost.build_report(args, cost.load_config(args.model)), indent=2) + "\n")
+        (root / "cost.json").write_text(json.dumps(cost.build_report(args, load_config(args.model)), indent=2) + "\n")
         return {"exported": ["export/rl-hf", "export/student-hf", "export/student-gguf"]}
     stage("export", export_stage)
 

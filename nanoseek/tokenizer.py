@@ -22,7 +22,9 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from .errors import NanoseekError
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
-THINK, END_THINK = "<think>", "</think>"
+# R1-Zero's reasoning and answer tags (DeepSeek-R1 Table 1), defined here once: the tokenizer makes the think
+# tags special tokens, data/rewards parses completions with them, infer/reasoning splits streams on them.
+THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 R1_SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, THINK, END_THINK]
 
 # DeepSeek-R1 chat convention, as a Jinja template so exported models carry it.

@@ -129,7 +129,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def _fake_rewards(monkeypatch):
     """A random model never answers correctly; reward by completion length so groups differ."""
-    from nanoseek.train import rewards
+    from nanoseek.data import rewards
 
     def call(self, completions, examples, n_tokens):
         acc = [float(n % 3 == 0) for n in n_tokens]
@@ -195,7 +195,7 @@ def test_grpo_moves_the_policy_toward_rewarded_samples(tiny_model_dir, tmp_path,
 
 
 def test_dapo_drops_groups_whose_rewards_are_all_equal(tiny_model_dir, tmp_path, monkeypatch):
-    from nanoseek.train import rewards
+    from nanoseek.data import rewards
     from nanoseek.train.grpo import grpo
 
     def call(self, completions, examples, n_tokens):   # first question of each batch: all equal

@@ -10,7 +10,7 @@ import nanoseek
 from nanoseek.config import ModelConfig, preset
 from nanoseek.infer.simple import generate
 from nanoseek.model.attention import MLA
-from nanoseek.model.cache import KVCache
+from nanoseek.model.cache import KVCache, LatentCache
 from nanoseek.model.moe import Gate, MoE
 
 from conftest import assert_close_scaled, randomize
@@ -81,7 +81,7 @@ def test_moe_dispatch_equals_per_token_loop():
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
     x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(0))
-    got = moe(x)
+    got, routing = moe(x)
     flat = x.reshape(-1, 32)
     weights, idx, _ = moe.gate(flat)
     ref = torch.zeros_like(flat)
@@ -90,7 +90,9 @@ def test_moe_dispatch_equals_per_token_loop():
             ref[t] += weights[t, j] * moe.experts[int(idx[t, j])](flat[t])
         ref[t] += moe.shared_experts(flat[t])
     torch.testing.assert_close(got.reshape(-1, 32), ref, rtol=1e-5, atol=1e-5)  # fp32 summation order
-    assert int(moe.last_load.sum()) == flat.shape[0] * moe.top_k
+    assert int(routing.load.sum()) == flat.shape[0] * moe.top_k
+    assert routing.load.tolist() == torch.bincount(idx.flatten(), minlength=moe.n_experts).tolist()
+    torch.testing.assert_close(routing.scores.reshape(-1, moe.n_experts), moe.gate(flat)[2], rtol=0, atol=0)
 
 
 def test_v3_gate_hand_computed_routing():
@@ -181,7 +183,14 @@ def test_latent_cache_bytes_per_token_formula():
     assert cfg.kv_cache_bytes_per_token(2) == (512 + 64) * 61 * 2 == 70272
     small = tiny_v3().config
     cache = KVCache.for_model(small, 1, 8, dtype=torch.bfloat16)
+    assert isinstance(cache, LatentCache) and cache.a.shape[-1] == 16 and cache.b.shape[-1] == 4
     assert cache.bytes_per_token() == (16 + 4) * 3 * 2
+    assert isinstance(cache.rows(0, 1), LatentCache)
+    gqa = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    kv = KVCache.for_model(gqa, 1, 8)
+    assert type(kv) is KVCache and kv.a.shape[-2:] == kv.b.shape[-2:] == (2, 8)   # K and V, [kv_heads, head_dim]
+    assert kv.bytes_per_token() == gqa.kv_cache_bytes_per_token(4) == 2 * 2 * 8 * 2 * 4
 
 
 def test_param_counts_match_modules_and_deepseek_v3_headline():

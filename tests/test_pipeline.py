@@ -28,8 +28,8 @@ def test_stages_skip_finished_and_rerun_interrupted(tmp_path):
 
 def test_cold_start_examples_are_verified_readable_r1_format():
     from nanoseek.data.tasks import get_task
-    from nanoseek.train.pipeline import cold_start_records
-    from nanoseek.train.rewards import Rewards
+    from nanoseek.pipeline import cold_start_records
+    from nanoseek.data.rewards import Rewards
     recs = cold_start_records(40)
     task = get_task("arithmetic", level=2)
     exs = task.examples("train", 40, seed=7919)
@@ -45,7 +45,7 @@ def test_speedrun_smoke_killed_and_resumed_writes_the_report(tmp_path, monkeypat
     untrained teacher (this checks wiring, not learning); the run is killed in the GRPO stage and resumed."""
     from nanoseek import speedrun as sr
     from nanoseek.train import grpo as grpo_mod
-    from nanoseek.train import rewards
+    from nanoseek.data import rewards
 
     def ok(self, completions, examples, n_tokens):
         one = [1.0] * len(completions)

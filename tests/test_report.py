@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nanoseek import cost
+from nanoseek.config import load_config
 from nanoseek.cli import build_parser, main
 from nanoseek.errors import NanoseekError
 from nanoseek.eval.report import ema, read_jsonl, smoothing, write_report
@@ -21,7 +22,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 def cost_json(*argv):
     """The real `nanoseek cost --json` object (same code path as the CLI, without printing)."""
     args = build_parser().parse_args(["cost", "--json", *argv])
-    return json.loads(json.dumps(cost.build_report(args, cost.load_config(args.model))))
+    return json.loads(json.dumps(cost.build_report(args, load_config(args.model))))
 
 
 def write_jsonl(path: Path, rows, torn: str | None = None):

@@ -3,7 +3,7 @@
 import pytest
 
 from nanoseek.data.tasks import Example, get_task
-from nanoseek.train.rewards import Rewards, language_consistency, overlong_penalty, parse_response
+from nanoseek.data.rewards import Rewards, language_consistency, overlong_penalty, parse_response
 
 ARITH = get_task("arithmetic", level=2)
 EX = Example("Question: 23 + 48 = ?", "71", "en", {"expression": "23 + 48"})

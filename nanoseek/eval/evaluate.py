@@ -34,8 +34,8 @@ from pathlib import Path
 from ..atomic import write_json
 from ..data.tasks import Example, Task, TEMPLATES, get_task, render
 from ..errors import NanoseekError
+from ..data.rewards import END_ANSWER, LANGUAGES, Response, language_consistency, parse_response
 from .stats import mean_ci, wilson
-from ..train.rewards import END_ANSWER, LANGUAGES, Response, language_consistency, parse_response
 
 TEMPERATURE, TOP_P = 0.6, 0.95
 STOP = [END_ANSWER]
@@ -209,7 +209,7 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    from ..cli import Parser
+    from ..args import Parser
     p = Parser(prog="python -m nanoseek.eval.evaluate")
     add_parser(p.add_subparsers(dest="command", required=True))
     a = p.parse_args(["eval", *sys.argv[1:]])

@@ -267,7 +267,7 @@ class Engine:
         """Greedy MTP proposal for the token after next, read at index `pick` of each row."""
         module = self.model.mtp[0]
         cos, sin = self.model.rotary(positions, h.dtype)
-        out = module(h, self.model.model.embed_tokens(next_ids), cos, sin, positions, cache)
+        out, _ = module(h, self.model.model.embed_tokens(next_ids), cos, sin, positions, cache)
         sel = out[torch.arange(out.shape[0], device=out.device), pick]
         return self.model.lm_head(module.shared_head.norm(sel)).argmax(dim=-1)
 

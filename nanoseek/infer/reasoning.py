@@ -12,7 +12,7 @@ is complete, and a prompt that already opened <think> (the R1 template does) sta
 
 from __future__ import annotations
 
-OPEN, CLOSE = "<think>", "</think>"
+from ..tokenizer import END_THINK, THINK
 
 
 class ReasoningSplitter:
@@ -28,21 +28,21 @@ class ReasoningSplitter:
         out: list[tuple[str, str]] = []
         if self.state == "start":
             head = self.buf.lstrip()
-            if head.startswith(OPEN):
-                self.buf, self.state = head[len(OPEN):], "reasoning"
-            elif OPEN.startswith(head):
+            if head.startswith(THINK):
+                self.buf, self.state = head[len(THINK):], "reasoning"
+            elif THINK.startswith(head):
                 return out  # still could become "<think>"
             else:
                 self.state = "content"
         if self.state == "reasoning":
-            i = self.buf.find(CLOSE)
+            i = self.buf.find(END_THINK)
             if i < 0:
-                keep = _partial_suffix(self.buf, CLOSE)
+                keep = _partial_suffix(self.buf, END_THINK)
                 _emit(out, "reasoning", self.buf[: len(self.buf) - keep])
                 self.buf = self.buf[len(self.buf) - keep:]
                 return out
             _emit(out, "reasoning", self.buf[:i])
-            self.buf, self.state, self.strip_newlines = self.buf[i + len(CLOSE):], "content", True
+            self.buf, self.state, self.strip_newlines = self.buf[i + len(END_THINK):], "content", True
         if self.strip_newlines:
             self.buf = self.buf.lstrip("\n")
             self.strip_newlines = not self.buf

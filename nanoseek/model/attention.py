@@ -144,7 +144,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(nh * self.d_v, H, bias=bias)
         self.absorb: bool | None = None  # None = choose by step size; True/False to force a path
 
-    def forward(self, x, cos, sin, positions, cache=None):
+    def forward(self, x, cos, sin, positions, cache=None, mask=None):
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.d_nope + self.d_rope)
@@ -153,10 +153,10 @@ class MLA(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0]
-        mask = None
         if cache is not None:
             c_kv, k_pe, mask = cache.update(self.layer_idx, positions, c_kv, k_pe)
-        absorb = self.absorb if self.absorb is not None else (cache is not None and T <= self.absorb_max_tokens)
+        short = (cache is not None or mask is not None) and T <= self.absorb_max_tokens
+        absorb = self.absorb if self.absorb is not None else short
         if absorb:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:
@@ -206,12 +206,11 @@ class GQA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, H, bias=cfg.attention_bias)
         self.interleave = cfg.rope_interleave
 
-    def forward(self, x, cos, sin, positions, cache=None):
+    def forward(self, x, cos, sin, positions, cache=None, mask=None):
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin, self.interleave)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin, self.interleave)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
-        mask = None
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, positions, k, v)
         out = F.scaled_dot_product_attention(

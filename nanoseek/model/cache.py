@@ -1,8 +1,9 @@
-"""Preallocated KV caches, one row (slot) per sequence.
+"""Preallocated caches for decoding, one row (slot) per sequence, two tensors per layer:
 
-* MLA models cache, per token per layer, the normalized latent c_kv [kv_lora_rank] and the
+* `LatentCache` (MLA): per token per layer the normalized latent c_kv [kv_lora_rank] and the
   rotated shared key k_pe [qk_rope_head_dim] — `kv_lora_rank + qk_rope_head_dim` values.
-* GQA models cache rotated keys and values, `2 * num_key_value_heads * head_dim` values.
+* `KVCache` (GQA, MHA): rotated keys and values, `2 * num_key_value_heads * head_dim` values.
+The shapes come from `ModelConfig.kv_cache_shapes()`; `KVCache.for_model` picks the class.
 
 Each row fills from position 0; a token at position p is written at index p of its row, and a
 query at p attends to indices 0..p of its row (see `cache_mask`). Rows may hold
@@ -10,9 +11,6 @@ sequences of different lengths, so requests can join and leave a batch between s
 
     cache = KVCache.for_model(cfg, batch_size=8, max_seq_len=2048, dtype=torch.float32)
     logits = model(ids, positions=pos, cache=cache)
-
-`BlockMask` stands in for a cache in a training forward: nothing is stored, each layer attends over
-the forward's own keys under a given mask (GRPO packs a prompt and its G completions in one row).
 """
 
 from __future__ import annotations
@@ -29,6 +27,8 @@ def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 class KVCache:
+    """Keys (`a`) and values (`b`), [layers, rows, max_seq_len, kv_heads, head_dim] each."""
+
     def __init__(self, shapes: tuple[tuple[int, ...], tuple[int, ...]], num_layers: int,
                  batch_size: int, max_seq_len: int, dtype=torch.float32, device=None):
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
@@ -39,11 +39,9 @@ class KVCache:
     @classmethod
     def for_model(cls, cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=torch.float32,
                   device=None, num_layers: int | None = None) -> "KVCache":
-        if cfg.is_mla:   # latent cache: (c_kv, k_pe)
-            shapes = ((cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,))
-        else:            # (k, v)
-            shapes = ((cfg.num_key_value_heads, cfg.head_dim),) * 2
-        return cls(shapes, num_layers or cfg.num_hidden_layers, batch_size, max_seq_len, dtype, device)
+        """A LatentCache for an MLA model, else a KVCache, sized from the config."""
+        kind = LatentCache if cfg.is_mla else KVCache
+        return kind(cfg.kv_cache_shapes(), num_layers or cfg.num_hidden_layers, batch_size, max_seq_len, dtype, device)
 
     def prepare(self, positions: torch.Tensor) -> "KVCache":
         """Compute this forward's (rows, kv_len, mask) now, once for all layers. Done outside a
@@ -70,7 +68,7 @@ class KVCache:
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop) sharing storage: batch row i of a forward is cache row start+i."""
-        view = object.__new__(KVCache)
+        view = object.__new__(type(self))
         view.batch_size, view.max_seq_len = stop - start, self.max_seq_len
         view.a, view.b = self.a[:, start:stop], self.b[:, start:stop]
         view._step = None
@@ -88,12 +86,7 @@ class KVCache:
         return L * (torch.Size(ra).numel() + torch.Size(rb).numel()) * self.a.element_size()
 
 
-class BlockMask:
-    """Not a cache: attention over this forward's own keys under `mask` [B, 1, T, T] (True = may
-    attend), e.g. several sequences sharing a prefix packed in one row. Differentiable."""
-
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
-
-    def update(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
-        return a, b, self.mask
+class LatentCache(KVCache):
+    """MLA's cache (DeepSeek-V2 §2.1): the latent c_kv (`a`, [layers, rows, max_seq_len, kv_lora_rank])
+    and the shared rotary key k_pe (`b`, [..., qk_rope_head_dim]); short steps (decode) absorb kv_b_proj
+    into the query and the output (attention.MLA._absorbed), so per-head keys and values are not rebuilt."""

@@ -13,15 +13,27 @@ softmax scores > 0 that picks the same experts as -inf, which is what we use eve
 
 Dispatch sorts the (token, expert) pairs by expert and runs each expert once on its contiguous
 slice: a loop over experts, never over tokens.
+
+`MoE(x)` returns `(y, Routing(scores, load))`, as DeepSeek's Gate returns (weights, indices): the
+module keeps no training state. Training reads the routing for the sequence-wise balance loss and
+the auxiliary-loss-free bias update (nanoseek/train/objective.py); inference drops it.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+
+
+class Routing(NamedTuple):
+    """What one MoE call routed."""
+    scores: torch.Tensor   # the gate's affinities s [*batch_dims, E], fp32, with their graph
+    load: torch.Tensor     # tokens routed to each expert [E] (detached counts)
 
 
 class MLP(nn.Module):
@@ -80,28 +92,21 @@ class MoE(nn.Module):
                                      for _ in range(self.n_experts))
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
-        self.last_load: torch.Tensor | None = None  # tokens routed to each expert in the last call
-        # training sets keep_scores: the gate affinities of the last call, [*batch_dims, E] with their
-        # graph, for the sequence-wise balance loss (DeepSeek-V3 eq. 17-20; nanoseek/train/objective.py)
-        self.keep_scores = False
-        self.last_scores: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
-        if self.keep_scores:
-            self.last_scores = scores.view(*shape[:-1], scores.shape[-1])
-        y = self.dispatch(x, weights, indices)
+        y, load = self.dispatch(x, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
-        return y.view(shape)
+        return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
-    def dispatch(self, x, weights, indices):
+    def dispatch(self, x, weights, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
-        self.last_load = counts.detach()
         token = order // self.top_k
         xs = x[token]
         outs, start = [], 0
@@ -110,4 +115,4 @@ class MoE(nn.Module):
                 outs.append(self.experts[e](xs[start:start + n]))
                 start += n
         ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return torch.zeros_like(x).index_add_(0, token, ys), counts.detach()

@@ -12,6 +12,7 @@ with the embedding and output head shared with the main model, h^0 the main mode
     model = Transformer(preset("tiny"))
     logits = model(input_ids)                              # [B, T, vocab]
     logits, mtp_logits = model(input_ids, return_mtp=True)  # mtp_logits[k]: [B, T-k-1, vocab]
+    logits, mtp_logits, routing = model(input_ids, return_mtp=True, return_routing=True)  # training
 """
 
 from __future__ import annotations
@@ -31,10 +32,14 @@ class Block(nn.Module):
         self.self_attn = (MLA if cfg.is_mla else GQA)(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if moe else MLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.is_moe = moe
 
-    def forward(self, x, cos, sin, positions, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, positions, cache=None, mask=None):
+        """-> (x, the MoE's Routing, or None in a dense layer)."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, mask)
+        y, routing = self.mlp(self.post_attention_layernorm(x)) if self.is_moe else (
+            self.mlp(self.post_attention_layernorm(x)), None)
+        return x + y, routing
 
 
 class Decoder(nn.Module):
@@ -64,6 +69,7 @@ class MTPModule(nn.Module):
         self.shared_head = SharedHead(cfg)
 
     def forward(self, h, emb, cos, sin, positions, cache=None):
+        """-> (h, Routing or None), as Block."""
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
         return self.block(x, cos, sin, positions, cache)
 
@@ -99,24 +105,34 @@ class Transformer(nn.Module):
             return torch.arange(T, device=input_ids.device).expand(B, T)
         return positions.expand(B, T) if positions.dim() == 1 else positions
 
-    def hidden_states(self, input_ids, positions=None, cache=None):
-        """Final-normed hidden states [B, T, H] (what the LM head and the first MTP module read)."""
+    def hidden_states(self, input_ids, positions=None, cache=None, mask=None, routing: list | None = None):
+        """Final-normed hidden states [B, T, H] (what the LM head and the first MTP module read).
+        `cache`: a KV cache to read and fill (inference). `mask` [B, 1, T, T] (True = may attend), for a
+        training forward with no cache: e.g. several sequences sharing a prompt packed in one row.
+        `routing`: a list that receives each MoE layer's Routing, in order."""
         positions = self._positions(input_ids, positions)
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, cache)
+            x, r = layer(x, cos, sin, positions, cache, mask)
+            if routing is not None and r is not None:
+                routing.append(r)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache=None, return_mtp: bool = False):
-        h = self.hidden_states(input_ids, positions, cache)
-        logits = self.lm_head(h)
-        if not return_mtp:
-            return logits
-        return logits, self.mtp_logits(input_ids, h, self._positions(input_ids, positions))
+                cache=None, return_mtp: bool = False, return_routing: bool = False):
+        """logits [B, T, V]; with return_mtp also the MTP logits of each depth; with return_routing
+        also every MoE layer's Routing (main layers, then the MTP blocks'), for the training objective."""
+        routing = [] if return_routing else None
+        h = self.hidden_states(input_ids, positions, cache, routing=routing)
+        out = (self.lm_head(h),)
+        if return_mtp:
+            out += (self.mtp_logits(input_ids, h, self._positions(input_ids, positions), routing),)
+        if return_routing:
+            out += (routing,)
+        return out[0] if len(out) == 1 else out
 
-    def mtp_logits(self, input_ids, h, positions):
+    def mtp_logits(self, input_ids, h, positions, routing: list | None = None):
         """Logits of each MTP depth k (0-based): position i predicts token i + k + 2."""
         out = []
         for k, module in enumerate(self.mtp):
@@ -126,7 +142,9 @@ class Transformer(nn.Module):
             emb = self.model.embed_tokens(input_ids[:, k + 1: k + 1 + T])
             pos = positions[:, :T]
             cos, sin = self.rotary(pos, h.dtype)
-            h = module(h[:, :T], emb, cos, sin, pos)
+            h, r = module(h[:, :T], emb, cos, sin, pos)
+            if routing is not None and r is not None:
+                routing.append(r)
             out.append(self.lm_head(module.shared_head.norm(h)))
         return out
 

@@ -32,7 +32,7 @@ Files in OUT:
   metrics.jsonl, checkpoints/, final/   the student's SFT (sft.py)
 
 Students: a model path (HF dir / .gguf, with its own tokenizer), or `dense:PRESET` (e.g. dense:tiny):
-a from-scratch llama-architecture model with the preset's width and depth (pretrain.dense_variant)
+a from-scratch llama-architecture model with the preset's width and depth (config.dense_variant)
 and the teacher's tokenizer.
 """
 
@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from ..atomic import atomic_write
-from ..cli import add_fields, from_args, module_main
+from ..args import add_fields, from_args, module_main
 from ..errors import NanoseekError
 
 STATE_FILE, DATA_FILE, STATS_FILE = "distill_state.json", "data.jsonl", "dataset_stats.json"
@@ -95,7 +95,7 @@ def reject_reasons(completions: list[str], examples: list, task, min_language: f
 
     Uses the GRPO rewards (rewards.py): format == 1, accuracy == 1, language >= min_language.
     A question language without a script predicate (rewards.LANGUAGES) is not checked."""
-    from .rewards import LANGUAGES, Rewards
+    from ..data.rewards import LANGUAGES, Rewards
     scores = Rewards(task)(completions, examples, [0] * len(completions))
     out = []
     for i, ex in enumerate(examples):
@@ -265,7 +265,7 @@ def student_model(spec: str, teacher_tok, seed: int = 0):
     if spec.startswith("dense:"):
         from ..config import preset
         from ..model.transformer import Transformer
-        from .pretrain import dense_variant
+        from ..config import dense_variant
         cfg = dense_variant(preset(spec[len("dense:"):]), "llama").replace(
             vocab_size=teacher_tok.vocab_size, bos_token_id=teacher_tok.bos_token_id,
             eos_token_id=teacher_tok.eos_token_id, torch_dtype="float32")

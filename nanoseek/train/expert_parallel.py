@@ -34,12 +34,16 @@ with or without expert parallelism and any world size that divides E.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 
 from ..errors import NanoseekError
 from ..model.moe import MoE
-from .dist import DistInfo
+
+if TYPE_CHECKING:  # dist.py imports this module for the expert-parallel paths
+    from .dist import DistInfo
 
 EXPERT_FLAG = "_nanoseek_expert_parallel"  # set on each routed-expert parameter of a sharded model
 
@@ -86,7 +90,6 @@ class ExpertParallelMoE(MoE):
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
-        self.last_load = counts.detach()
         token = order // self.top_k
         # recv_counts[s * L + j]: rows rank s sends to my local expert j
         recv_counts = torch.empty_like(counts)
@@ -111,7 +114,7 @@ class ExpertParallelMoE(MoE):
         out = out[torch.argsort(by_expert)]                      # back to (source rank, expert) order
         ys = all_to_all(out, send_splits, recv_splits, self.group)
         ys = ys * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys)
+        return torch.zeros_like(x).index_add_(0, token, ys), counts.detach()
 
 
 def shard_experts(model: torch.nn.Module, info: DistInfo, group=None) -> list[ExpertParallelMoE]:

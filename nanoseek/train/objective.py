@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.moe import MoE
+from ..model.moe import MoE, Routing
 
 V3_LAMBDA_SWITCH = 10.0 / 14.8  # λ = 0.3 for the first 10T of 14.8T tokens, then 0.1 (§4.2)
 
@@ -71,19 +71,19 @@ def sequence_balance_loss(scores: torch.Tensor, top_k: int, alpha: float) -> tor
 
 
 def moe_layers(model: torch.nn.Module) -> list[MoE]:
-    """Every MoE module, main layers first, then the MTP blocks'."""
+    """Every MoE module, main layers first, then the MTP blocks' (the order of the model's routing)."""
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def balance_loss(moes: list[MoE], alpha: float) -> torch.Tensor | None:
-    """Σ over MoE layers of the sequence-wise balance loss of their last forward call."""
-    total = None
-    for m in moes:
-        if m.last_scores is not None:
-            l = sequence_balance_loss(m.last_scores, m.top_k, alpha)
-            total = l if total is None else total + l
-            m.last_scores = None  # the loss holds the graph now; don't keep it on the module
-    return total
+def balance_loss(routing: list[Routing], top_k: int, alpha: float) -> torch.Tensor | None:
+    """Σ over MoE layers of the sequence-wise balance loss of one forward's routing (None: no MoE)."""
+    losses = [sequence_balance_loss(r.scores, top_k, alpha) for r in routing]
+    return sum(losses[1:], losses[0]) if losses else None
+
+
+def expert_loads(routing: list[Routing]) -> torch.Tensor:
+    """Tokens routed to each expert, [MoE layers, N_r] (float64, on the CPU), from one forward's routing."""
+    return torch.stack([r.load.to("cpu", torch.float64) for r in routing])
 
 
 @torch.no_grad()

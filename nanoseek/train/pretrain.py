@@ -33,13 +33,14 @@ from pathlib import Path
 import torch
 
 from .. import cost
-from ..cli import add_fields, from_args, module_main
-from ..config import PRESETS, ModelConfig, preset
+from ..args import add_fields, from_args, module_main
+from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
 from . import checkpoint, dist, expert_parallel
-from .objective import (balance_loss, load_stats, moe_layers, mtp_loss, mtp_weight, next_token_loss,
-                        update_bias)
+from .run import MetricsLog
+from .objective import (balance_loss, expert_loads, load_stats, moe_layers, mtp_loss, mtp_weight,
+                        next_token_loss, update_bias)
 from .optim import SCHEDULES, adamw, lr_at
 
 
@@ -118,16 +119,8 @@ def _writable_out(out: Path) -> None:
         raise NanoseekError(f"{out}: cannot write the output directory ({e.strerror or e})") from None
 
 
-def dense_variant(cfg: ModelConfig, arch: str) -> ModelConfig:
-    """A llama / qwen2 model with the preset's width, depth and heads (no MLA, no MoE, no MTP)."""
-    return ModelConfig(model_type=arch, vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
-                       intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
-                       num_attention_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
-                       rope_interleave=False)
-
-
 def model_config(a: PretrainArgs, tok) -> ModelConfig:
-    cfg = cost.load_config(a.config) if a.config else preset(a.preset)
+    cfg = load_config(a.config) if a.config else preset(a.preset)
     if a.arch:
         cfg = dense_variant(cfg, a.arch)
     return cfg.replace(vocab_size=tok.vocab_size, bos_token_id=tok.bos_token_id,
@@ -148,7 +141,7 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
                                  exclude=get_task("arithmetic", level=2).is_test)
     key = documents_hash(docs)
     cache = Path(a.cache_dir or Path(a.out) / "cache")
-    vocab = a.vocab_size or (preset(a.preset).vocab_size if a.config is None else cost.load_config(a.config).vocab_size)
+    vocab = a.vocab_size or (preset(a.preset).vocab_size if a.config is None else load_config(a.config).vocab_size)
 
     def build():
         if ckpt_dir is not None:
@@ -176,7 +169,7 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     return tok, tokens, key, prompts
 
 
-def peak_flops(info: dist.DistInfo, amp: bool) -> tuple[float | None, str]:
+def device_peak_flops(info: dist.DistInfo, amp: bool) -> tuple[float | None, str]:
     """Per-device peak for MFU: the GPU's datasheet (dense BF16) or this CPU's measured matmul rate."""
     if info.device.type == "cuda":
         name = torch.cuda.get_device_name(info.device).lower()
@@ -197,8 +190,6 @@ def samples(model: Transformer, tok, prompts: list[str], max_new_tokens: int) ->
         out = generate(model, [tok.encode(p) for p in prompts], max_new_tokens, eos_token_id=tok.eos_token_id)
     finally:
         model.train(was)
-        for m in moe_layers(model):
-            m.last_scores = None
     return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prompts, out)]
 
 
@@ -212,22 +203,6 @@ def arithmetic_eval(model: Transformer, tok, n: int = 100, seed: int = 10**6, ma
     texts = samples(model, tok, [p.prompt for p in problems], max_new_tokens)
     grades = [grade(p, t[len(p.prompt):]) for p, t in zip(problems, texts)]
     return {k: sum(float(g[k]) for g in grades) / n for k in ("well_formed", "steps_correct", "answer_correct")}
-
-
-class MetricsLog:
-    """OUT/metrics.jsonl, one line per step; on resume, lines past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        checkpoint.truncate_log(path, resume_step)
-        self.f = open(path, "a")
-
-    def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
 
 
 # ------------------------------------------------------------------------------ training
@@ -288,8 +263,6 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         expert_parallel.shard_experts(model, info)
     moes = moe_layers(model)
     balance = cfg.is_moe and not a.no_balance
-    for m in moes:
-        m.keep_scores = balance and a.balance_alpha > 0
     wrapped = dist.wrap(model, info, a.fsdp)
     optimizer = adamw(model, a.lr, a.weight_decay, (a.beta1, a.beta2))
     start = 0
@@ -301,7 +274,7 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
 
     tokens_per_step = a.batch_size * a.seq_len
     flops_per_token = cost.flops_per_token(cfg, a.seq_len, mtp=cfg.num_nextn_predict_layers > 0)["train"]
-    peak, peak_src = peak_flops(info, amp) if info.main else (None, "")
+    peak, peak_src = device_peak_flops(info, amp) if info.main else (None, "")
     log = MetricsLog(out / "metrics.jsonl", start if a.resume else None) if info.main else None
     if info.main:
         total, active = cfg.num_params()
@@ -356,17 +329,17 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         for i, window in enumerate(batch.split(micro)):
             with dist.grad_sync(wrapped, info, sync=i == accum - 1):
                 with autocast:
-                    logits, mtp_logits = wrapped(window[:, :-1], return_mtp=True)
+                    logits, mtp_logits, routing = wrapped(window[:, :-1], return_mtp=True, return_routing=True)
                 main = next_token_loss(logits, window)
                 l_mtp = mtp_loss(mtp_logits, window)
-                l_bal = balance_loss(moes, a.balance_alpha) if balance else None
+                l_bal = (balance_loss(routing, cfg.num_experts_per_tok, a.balance_alpha)
+                         if balance and a.balance_alpha > 0 else None)
                 loss = main + lam * l_mtp + (l_bal if l_bal is not None else 0.0)
                 (loss / accum).backward()
             sums += torch.tensor([main.item(), l_mtp.item(), l_bal.item() if l_bal is not None else 0.0],
                                  dtype=torch.float64) / accum
-            for j, m in enumerate(moes):
-                if m.last_load is not None:
-                    loads[j] += m.last_load.cpu()
+            if routing:
+                loads += expert_loads(routing)
         grad_norm = dist.clip_grad_norm(model, a.grad_clip, info)  # the global norm (FSDP2, expert parallel)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..cli import add_fields, from_args, module_main
+from ..args import add_fields, from_args, module_main
 from ..errors import NanoseekError
 from . import checkpoint
 from .optim import SCHEDULES, adamw, lr_at
@@ -394,7 +394,7 @@ def train_sft(model, tok, a: SFTArgs, records: list[dict] | None = None, base: s
     micro = a.micro_batch or a.batch_size
     amp = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
 
-    from .pretrain import MetricsLog
+    from .run import MetricsLog
     log = MetricsLog(out / "metrics.jsonl", start if last is not None else None)
     n_sup = sum(sum(m[1:]) for _, m in examples)
     print(f"nanoseek sft: {len(examples)} examples ({n_sup:,} trained tokens; {cut} cut to {row_len} tokens, "

@@ -92,7 +92,7 @@ def save(model: Transformer, tokenizer, path, max_shard_bytes: int = 2 * 1024**3
     hf = cfg.to_hf_config()
     hf.pop("quantization_config", None)  # weights are written dequantized
     hf["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    from .. import __version__
+    from ..version import __version__
     meta = {"nanoseek_version": __version__, **(metadata or {})}
     with atomic_dir(path, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

@@ -25,7 +25,7 @@ import re
 
 from ...errors import NanoseekError
 from ..synthetic import LANGS, OPS, WORDS
-from . import Example, Task
+from .base import Example, Task
 from .math_answer import answers_equal
 
 LEVELS = (1, 2, 3, 4)

@@ -25,7 +25,7 @@ import re
 from fractions import Fraction
 
 from ...errors import NanoseekError
-from . import Example, Task
+from .base import Example, Task
 from .math_answer import last_boxed
 
 LEVELS = {1: ((3, 3), 20, 100), 2: ((3, 4), 99, 200), 3: ((4, 5), 99, 500)}

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from ...errors import NanoseekError
-from . import Example, Task, is_test_key
+from .base import Example, Task, is_test_key
 from .math_answer import answers_equal
 
 

@@ -23,8 +23,8 @@ import argparse
 import dataclasses
 import sys
 
-from ..atomic import write_json
-from ..errors import NanoseekError
+from .atomic import write_json
+from .errors import NanoseekError
 
 STAGES = ("cold-start", "reasoning", "rejection", "final-rl", "distill", "eval", "report")
 
@@ -34,8 +34,8 @@ def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0, t
     """n worked solutions of training questions (arithmetic, level 1-2), as prompt/completion pairs in
     the R1 format: readable reasoning in the question's language, then the answer. `tok` is needed
     by the "chat" template (the model's own chat format)."""
-    from ..data.synthetic import worked
-    from ..data.tasks import get_task, render
+    from .data.synthetic import worked
+    from .data.tasks import get_task, render
     task = get_task("arithmetic", level=level, langs=langs)
     recs = []
     for ex in task.examples("train", n, seed=seed + 7919):
@@ -51,8 +51,8 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
        eval_n: int = 200, only: list[str] | None = None) -> dict:
     from pathlib import Path
 
-    from ..speedrun import Stages
-    from .grpo import GRPOArgs, grpo, resolve
+    from .speedrun import Stages
+    from .train.grpo import GRPOArgs, grpo, resolve
     if not Path(model).exists():
         raise NanoseekError(f"{model}: no such model")
     run = Stages(out, resume, "pipeline r1", only)
@@ -70,8 +70,8 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
                 "heldout_greedy_end": h[-1].get("eval/accuracy") if h else None}
 
     def cold():
-        from ..weights import load
-        from .sft import SFTArgs, train_sft
+        from .weights import load
+        from .train.sft import SFTArgs, train_sft
         m, tok = load(model)
         r = train_sft(m, tok, SFTArgs(out=str(root / "cold-start"), template="none", epochs=1, seq_len=256,
                                       batch_size=16, lr=5e-4, seed=seed, resume=run.resuming("cold-start")),
@@ -79,23 +79,23 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
         return {"examples": cold_start, "final_loss": r["losses"][-1] if r["losses"] else None}
 
     def reject():
-        from .distill import DistillArgs, distill
+        from .train.distill import DistillArgs, distill
         r = distill(DistillArgs(teacher=final("reasoning"), student=model, task="arithmetic", level=2,
                                 prompts=prompts, k=k, out=str(root / "rejection"), max_tokens=112, seq_len=256,
                                 lr=5e-4, epochs=2, seed=seed, resume=(root / "rejection").exists()))
         return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate")}
 
     def dist():
-        from .distill import DistillArgs, distill
+        from .train.distill import DistillArgs, distill
         r = distill(DistillArgs(teacher=final("final-rl"), student=student, task="arithmetic", level=2,
                                 prompts=prompts, k=k, out=str(root / "distill"), max_tokens=112, seq_len=256,
                                 epochs=3, seed=seed + 1, resume=(root / "distill").exists()))
         return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate")}
 
     def evaluate_all():
-        from ..data.tasks import get_task
-        from ..eval import evaluate
-        from ..weights import load
+        from .data.tasks import get_task
+        from .eval import evaluate
+        from .weights import load
         task = get_task("arithmetic", level=2)
         rows = []
         for name, path in [("base", model), ("1 cold-start SFT", final("cold-start")), ("2 reasoning RL", final("reasoning")),
@@ -112,7 +112,7 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
         return {r["model"]: round(r["pass@1"], 3) for r in rows}
 
     def report():
-        from ..eval.report import write_report
+        from .eval.report import write_report
         print(f"[pipeline r1] report card: {write_report(root, title='nanoseek pipeline r1')}", file=sys.stderr)
 
     run.run("cold-start", cold)

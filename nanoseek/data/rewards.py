@@ -1,7 +1,7 @@
 """Rule-based rewards for R1-Zero-style GRPO: accuracy, format, language consistency, overlong.
 
     from nanoseek.data.tasks import get_task
-    from nanoseek.train.rewards import Rewards, parse_response, language_consistency
+    from nanoseek.data.rewards import Rewards, parse_response, language_consistency
     task = get_task("arithmetic", level=2)
     rewards = Rewards(task, weights={"accuracy": 1.0, "format": 0.1, "language": 0.1},
                       max_tokens=160, overlong_buffer=32)
@@ -27,9 +27,9 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from ..data.tasks.math_answer import last_boxed
+from ..tokenizer import ANSWER, END_ANSWER, END_THINK, THINK
+from .tasks.math_answer import last_boxed
 
-THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.1, "language": 0.0, "overlong": 0.0}
 
 

@@ -1,0 +1,3 @@
+"""nanoseek's version (a leaf, so weights/ can stamp saved files without importing the package facade)."""
+
+__version__ = "0.1.0"
