@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from ..config import ModelConfig
 from ..errors import NanoseekError
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -84,12 +85,16 @@ def read_gguf(path) -> GGUFContents:
     """Config, float32 HF-named tensors and tokenizer of a llama / qwen2 GGUF file."""
     path = Path(path)
     reader = _open(path)
-    meta = {key: _value(f) for key, f in reader.fields.items()}
+    meta = read_metadata(path, reader)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise NanoseekError(f"{path}: unsupported GGUF architecture {arch!r}; "
                             f"supported: {', '.join(ARCHITECTURES)}")
     config = _config(path, meta, arch, {t.name: t for t in reader.tensors})
+    try:
+        ModelConfig.from_hf_config(config)     # sizes that cannot build a model: refused before any dequant
+    except NanoseekError as e:
+        raise NanoseekError(f"{path}: {e}") from None
     tensors = {}
     for t in reader.tensors:
         name = _hf_name(t.name)
@@ -106,6 +111,58 @@ def read_gguf(path) -> GGUFContents:
         tensors[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
     tokenizer, special = _tokenizer(path, meta)
     return GGUFContents(config, tensors, tokenizer, meta.get("tokenizer.chat_template"), special)
+
+
+# -- metadata validation: absurd or mistyped values are refused before anything large is built ------
+_COUNTS = {"block_count": 4096, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
+           "attention.head_count": 4096, "attention.head_count_kv": 4096, "context_length": 1 << 30,
+           "attention.key_length": 1 << 14, "attention.value_length": 1 << 14, "vocab_size": 1 << 24,
+           "rope.scaling.original_context_length": 1 << 30}
+_POSITIVE = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+
+
+def read_metadata(path: Path, reader) -> dict:
+    """The key/value metadata as Python values, each known key checked for its type and range."""
+    meta = {}
+    for key, f in reader.fields.items():
+        try:
+            meta[key] = _value(f)
+        except Exception as e:  # noqa: BLE001 - a damaged field fails deep in numpy
+            raise NanoseekError(f"{path}: unreadable GGUF metadata field {key[:60]!r} ({type(e).__name__})") from None
+    check_metadata(path, meta)
+    return meta
+
+
+def check_metadata(path: Path, meta: dict) -> None:
+    def bad(key, what):
+        raise NanoseekError(f"{path}: GGUF metadata {key} = {str(meta[key])[:40]!r} is not {what}")
+
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise NanoseekError(f"{path}: GGUF metadata general.architecture is missing or not a string")
+    for key, hi in _COUNTS.items():
+        v = meta.get(f"{arch}.{key}")
+        if v is not None and not isinstance(v, list) and not (type(v) is int and 1 <= v <= hi):
+            bad(f"{arch}.{key}", f"a count in [1, {hi}]")
+    for key in _POSITIVE:
+        v = meta.get(f"{arch}.{key}")
+        if v is not None and not (type(v) in (int, float) and 0 < v < float("inf")):
+            bad(f"{arch}.{key}", "a positive number")
+    for key in _TOKEN_IDS:
+        if meta.get(f"tokenizer.ggml.{key}") is not None and type(meta[f"tokenizer.ggml.{key}"]) is not int:
+            bad(f"tokenizer.ggml.{key}", "an integer")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            bad(key, "a list of strings")
+    types, tokens = meta.get("tokenizer.ggml.token_type"), meta.get("tokenizer.ggml.tokens") or []
+    if types is not None and not (isinstance(types, list) and len(types) == len(tokens)
+                                  and all(type(t) is int for t in types)):
+        bad("tokenizer.ggml.token_type", "a list of integers, one per token")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            bad(key, "a string")
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -177,6 +234,8 @@ def _hf_name(name: str) -> str | None:
 
 def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's `permute`: per head, rows (pair, 2) -> (2, pair), i.e. interleaved -> halves."""
+    if w.shape[0] % (2 * n_head):
+        raise NanoseekError(f"a q/k tensor of {w.shape[0]} rows does not split into {n_head} heads of rotary pairs")
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
@@ -248,7 +307,12 @@ def _tokenizer(path: Path, meta: dict) -> tuple[Tokenizer | None, dict]:
     vocab = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)  # a few files repeat a token; the first id wins, as in llama.cpp
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_PRES))
+    if any(len(m) != 2 for m in merges):
+        raise NanoseekError(f"{path}: GGUF metadata tokenizer.ggml.merges has an entry that is not 'left right'")
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_PRES))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions (a merge of unknown tokens)
+        raise NanoseekError(f"{path}: the GGUF vocabulary does not make a BPE tokenizer ({str(e)[:100]})") from None
     gpt2_regex = split in (_GPT2_SPLIT, _DIGITS_THEN_GPT2)  # ByteLevel's own regex is GPT-2's
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_regex)
     if split is _DIGITS_THEN_GPT2:
