@@ -102,13 +102,13 @@ def read_gguf(path) -> GGUFContents:
             w = unpermute_rope(w, config["num_attention_heads"])
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_rope(w, config["num_key_value_heads"])
-        elif name.endswith(("k_b_proj.weight", "v_b_proj.weight")):
+        elif name.endswith((".k_b_proj.weight", ".v_b_proj.weight")):
             mla_halves[name] = w
             continue
         for k, v in unstack_experts(name, w).items():
             tensors[k] = torch.from_numpy(np.require(v, np.float32, ["C", "W"]))
     for k in sorted(mla_halves):  # deepseek2: attn_k_b + attn_v_b -> kv_b_proj
-        if k.endswith("k_b_proj.weight"):
+        if k.endswith(".k_b_proj.weight"):
             v = k.replace("k_b_proj", "v_b_proj")
             if v not in mla_halves:
                 raise NanoseekError(f"{path}: {k} has no matching attn_v_b")
