@@ -73,3 +73,18 @@ def test_mla_row_is_the_cache_the_engine_allocates(tmp_path):
     assert claims[5].ours.startswith(f"{values_per_token_per_layer} values per token per layer")
     mha = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
     assert f"vs {mha} for MHA" in claims[5].ours
+
+
+def test_report_card_opens_with_the_claims_table(tmp_path):
+    from nanoseek.eval.report import write_report
+    n = 40
+    rows = [row("base", [0.0] * n), row("r1-zero", [1.0] * n)]
+    for r in rows:
+        r.update(task="arithmetic-l2", k=4, **{"pass@1_ci": [r["pass@1"] * 0.9, min(1, r["pass@1"] * 1.1)]})
+    run = write_run(tmp_path / "run", rows, lengths=[30 + i for i in range(40)])
+    text = write_report(run).read_text()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## Seed claims"
+    assert "| Pure RL on rule-checked rewards teaches reasoning (R1-Zero) |" in text
+    assert "0.0% [0.0, 0.0]" in text and "100.0% [90.0, 100.0]" in text      # eval table with intervals
+    assert (run / "plots" / "eval_pass1.png").stat().st_size > 1000
