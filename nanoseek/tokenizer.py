@@ -44,6 +44,19 @@ R1_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{%- endif %}"
 )
 
+# The dialogue format of the synthetic pretraining corpus (data/synthetic.py), as a chat template: a
+# model pretrained on it is exported with this template, so chat and the server prompt it the way it was
+# trained. One user turn renders exactly as the "r1-zero-short" task prompt; earlier answers drop
+# their reasoning, as in R1's convention.
+DIALOGUE_TEMPLATE = (
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'system' %}{{ m['content'] + '\n' }}"
+    "{%- elif m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\n' }}"
+    "{%- elif m['role'] == 'assistant' %}{{ 'Assistant: ' + m['content'].split('</think>')[-1].strip() + '\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ 'Assistant: <think>' }}{%- endif %}"
+)
 
 # Unicode noncharacters (reserved for a program's internal use, never text): while a chat template
 # renders, they fence the special-token strings that came from message contents.

@@ -130,7 +130,7 @@ def model_config(a: PretrainArgs, tok) -> ModelConfig:
 def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     """(tokenizer, token array, data key, sample prompts); rank 0 tokenizes, the others read its cache."""
     from ..data import arithmetic_corpus, cached_tokenizer, demo_prompts, documents_hash, read_documents, token_file
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import DIALOGUE_TEMPLATE, Tokenizer
 
     if a.corpus:
         docs = read_documents(a.corpus)
@@ -165,6 +165,8 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     if not info.main:
         result = build()
     tok, tokens = result
+    if not a.corpus and not a.tokenizer:   # the model learns the corpus's dialogue format: chat in that format
+        tok.chat_template = DIALOGUE_TEMPLATE
     prompts = demo_prompts() if not a.corpus else [tok.decode(tokens[:16].tolist(), skip_special_tokens=True)]
     return tok, tokens, key, prompts
 
