@@ -109,37 +109,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Interactive chat; the chain of thought (inside <think>) is shown dimmed."""
-    from .infer.reasoning import ReasoningSplitter
+    from .chat import HELP, chat
     params = _params(args)
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tok = _load(args)
     if tok is None:
         raise NanoseekError(f"{args.model}: no tokenizer found")
     engine = _engine(args, model, tok)
-    dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("nanoseek chat — empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        history.append({"role": "user", "content": line})
-        prompt = tok.apply_chat_template(history)
-        split = ReasoningSplitter(started_in_reasoning=prompt.rstrip().endswith("<think>"))
-        answer = []
-        for d in engine.stream([prompt], params):
-            answer.append(d.text)
-            for kind, text in split.feed(d.text):
-                sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
-            sys.stdout.flush()
-        for kind, text in split.flush():
-            sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
-    return 0
+    if params.max_tokens >= engine.max_seq_len:
+        raise NanoseekError(f"--max-tokens {params.max_tokens} leaves no room for a prompt in "
+                            f"--max-seq-len {engine.max_seq_len}")
+    print(f"nanoseek chat: {args.model} (temperature {params.temperature}, {HELP})", file=sys.stderr)
+    return chat(engine, tok, params, args.system)
 
 
 def build_parser() -> argparse.ArgumentParser:

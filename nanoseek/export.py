@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from .atomic import atomic_dir
+from .args import HelpFormatter
 from .errors import NanoseekError
 
 LICENSES = ("mit", "apache-2.0", "llama3", "other")
@@ -507,7 +508,7 @@ task before relying on it.
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "export", help="publish open weights: a Hugging Face directory (with model card) or a GGUF file",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Export a model (HF directory, training checkpoint or .gguf) for publication.\n\n"
                     "formats and what each supports:\n"
                     "  hf    every architecture (deepseek_v3, deepseek_v2, llama, qwen2), MTP modules kept:\n"

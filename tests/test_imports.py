@@ -24,7 +24,7 @@ LAYERS = [
     {"data"},                                    # corpora, task suites, rewards' parsers
     {"train", "eval"},
     {"pipeline", "speedrun", "export", "serve"},
-    {"cli", "__main__"},                         # the top: nothing imports it
+    {"cli", "__main__", "chat"},                 # the top: nothing imports cli
 ]
 SERVE_MAY_IMPORT = {"serve", "infer", "weights", "errors", "version", "atomic", "args", "nanoseek"}
 

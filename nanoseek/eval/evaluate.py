@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..atomic import write_json
 from ..data.tasks import Example, Task, TEMPLATES, get_task, render
+from ..args import HelpFormatter
 from ..errors import NanoseekError
 from ..data.rewards import END_ANSWER, LANGUAGES, Response, language_consistency, parse_response
 from .stats import mean_ci, wilson
@@ -163,7 +164,7 @@ def evaluate(model, tok, task: Task, n: int = 200, k: int = 4, template: str = "
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "eval", help="evaluate a model on a verifiable task: pass@1, maj@k, greedy accuracy",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Evaluate on held-out problems of a task: pass@1 over k samples at temperature 0.6,\n"
                     "top-p 0.95 (the R1 setting), maj@k, greedy accuracy, mean length, format and\n"
                     "language rates. Prints one JSON object.\n\nexamples:\n"

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write
+from ..args import HelpFormatter
 from ..errors import NanoseekError
 
 KNOWN = ("pretrain/metrics.jsonl", "grpo/metrics.jsonl", "distill/metrics.jsonl", "distill/dataset_stats.json",
@@ -536,7 +537,7 @@ def run(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "report", help="report card of a run: markdown + PNG plots from its logs",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Rebuild RUN_DIR/report.md and RUN_DIR/plots/*.png from the logs a run left\n"
                     "(pretrain/, grpo/, distill/ metrics, eval.json, cost.json, chat.json, summary.json);\n"
                     "missing parts are marked \"not run\". Prints the report's path.\n\n"

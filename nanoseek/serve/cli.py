@@ -22,6 +22,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..args import HelpFormatter
 from ..errors import NanoseekError
 
 log = logging.getLogger("nanoseek.serve")
@@ -65,7 +66,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "serve", help="OpenAI-compatible server with visible reasoning and a web chat page",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions,\n"
                     "/v1/completions, /v1/models, /health, /metrics) with continuous batching;\n"
                     "reasoning goes to message.reasoning_content. A chat page is served at /.\n\n" + EXAMPLES)
@@ -194,7 +195,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanoseek.serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m nanoseek.serve", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0] + "\n\n" + EXAMPLES)
     add_arguments(p)
     args = p.parse_args(argv)

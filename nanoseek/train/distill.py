@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from ..atomic import atomic_write
-from ..args import add_fields, from_args, module_main
+from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..errors import NanoseekError
 
 STATE_FILE, DATA_FILE, STATS_FILE = "distill_state.json", "data.jsonl", "dataset_stats.json"
@@ -396,7 +396,7 @@ HELP = {
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..data.tasks import TEMPLATES
     s = subparsers.add_parser("distill", help="distill a reasoning teacher into a student (rejection sampling + SFT)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
+                              formatter_class=HelpFormatter, description=DESCRIPTION)
     add_fields(s, DistillArgs, HELP, {"template": sorted(TEMPLATES)}, required={"teacher"})
     s.set_defaults(func=run)
     return s

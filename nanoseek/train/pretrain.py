@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .. import cost
-from ..args import add_fields, from_args, module_main
+from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
@@ -448,7 +448,7 @@ CHOICES = {"schedule": SCHEDULES, "dtype": ("auto", "fp32", "bf16"), "arch": ("l
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "pretrain", help="pretrain a DeepSeek-V3-style model from scratch (MTP, aux-loss-free balance)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Pretrain from scratch: next-token + multi-token-prediction loss, auxiliary-loss-free\n"
                     "load balancing, resumable checkpoints, DDP/FSDP2 under torchrun.\n\nexamples:\n"
                     "  nanoseek pretrain --out runs/tiny                        # CPU demo, synthetic arithmetic\n"
