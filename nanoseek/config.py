@@ -272,6 +272,7 @@ _POSITIVE = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size":
              "kv_lora_rank": 1 << 16, "qk_rope_head_dim": 1 << 14, "v_head_dim": 1 << 14,
              "num_experts_per_tok": 1 << 16, "moe_intermediate_size": 1 << 22, "n_group": 1 << 16,
              "topk_group": 1 << 16, "moe_layer_freq": 4096}
+_MLA_ONLY = ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
 _OPTIONAL_POSITIVE = {"num_key_value_heads": 4096, "head_dim": 1 << 14, "q_lora_rank": 1 << 20}
 _NON_NEGATIVE = {"qk_nope_head_dim": 1 << 14, "n_shared_experts": 1 << 16, "first_k_dense_replace": 4096,
                  "num_nextn_predict_layers": 64, "n_routed_experts": 1 << 16}
@@ -301,6 +302,8 @@ def check_fields(cfg: ModelConfig) -> None:
 
     for name, hi in _POSITIVE.items():
         v = getattr(cfg, name)
+        if v is None and name in _MLA_ONLY and not cfg.is_mla:      # a llama / qwen2 config has no latent
+            continue
         need(_is_int(v) and 1 <= v <= hi, name, f"an integer in [1, {hi}]")
     for name, hi in _OPTIONAL_POSITIVE.items():
         v = getattr(cfg, name)
