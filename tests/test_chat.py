@@ -143,3 +143,10 @@ def test_help_shows_defaults(command, shown):
     text = " ".join(r.stdout.split()).replace("(default ", "(default: ")
     for s in shown:
         assert s in text, (command, s)
+
+
+def test_info_prints_where_the_example_model_is(gguf_path):
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--example-model"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == str(gguf_path)
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "info"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--example-model" in r.stderr
