@@ -74,7 +74,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # config.json keys we don't use, kept for round trips
 
     def __post_init__(self):
-        if self.model_type not in ARCHITECTURES:
+        if not isinstance(self.model_type, str) or self.model_type not in ARCHITECTURES:
             raise NanoseekError(f"unsupported architecture {self.model_type!r}; "
                                 f"supported: {', '.join(ARCHITECTURES)}")
         check_fields(self)
@@ -148,8 +148,8 @@ class ModelConfig:
                 raise NanoseekError("config: text_config must be an object")
             d = dict(d["text_config"])
         model_type = d.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise NanoseekError(f"unsupported architecture {model_type!r} in config.json; "
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            raise NanoseekError(f"unsupported architecture {str(model_type)[:40]!r} in config.json; "
                                 f"supported: {', '.join(ARCHITECTURES)}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kw: dict[str, Any] = {}
