@@ -119,8 +119,10 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
         _tick()
-        _check_args(args, kwargs)
-        if getattr(__obj, "__name__", None) == "replace" and isinstance(getattr(__obj, "__self__", None), str):
+        # 'fmt'.format(...): the format string is the owner (jinja wraps str.format; __wrapped__ is the original)
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+        _check_args((*args, owner) if isinstance(owner, str) else args, kwargs)
+        if getattr(__obj, "__name__", None) == "replace" and isinstance(owner, str):
             if len(args) >= 2 and all(isinstance(a, str) for a in args[:2]) and \
                     _replace_size(__obj.__self__, *args[:3]) > _limit():
                 raise TemplateLimit("the chat template's replace() would build a value past its size bound")
@@ -139,7 +141,7 @@ def _bounded(f):
     @functools.wraps(f)   # keeps jinja's pass_context / pass_environment marks
     def g(*args, **kwargs):
         _tick()
-        _check_args(args[1:], kwargs)
+        _check_args(args if f.__name__ == "do_format" else args[1:], kwargs)   # format: args[0] is the format
         if f.__name__ == "do_replace" and len(args) >= 4 and all(isinstance(a, str) for a in args[1:4]) \
                 and _replace_size(*args[1:4]) > _limit():
             raise TemplateLimit("the chat template's replace filter would build a value past its size bound")
