@@ -192,11 +192,18 @@ def test_templates_that_loop_or_blow_up_are_stopped(tok, source):
     assert peak < 64 << 20             # refused before the value was built (a 1 MB bound, 2 GB asked)
 
 
-def test_a_looping_template_does_not_freeze_health(tok):
-    slow = Tokenizer(tok.tk, LOOPING, tok.bos_token, tok.eos_token)
-    with live_server(engine_factory(scripted_model(tok), slow), template_seconds=1.0) as live:
+# loops over a local variable call no hook: only the server's own wait bounds them (~3e7 steps here)
+SILENT_LOOP = ("{% set s = messages[0]['content'] %}{% for a in s %}{% for b in s %}{% for c in s %}"
+               "{% endfor %}{% endfor %}{% endfor %}")
+
+
+@pytest.mark.parametrize("source, content", [(LOOPING, "x"), (SILENT_LOOP, "y" * 300)], ids=["range", "silent"])
+def test_a_looping_template_does_not_freeze_health(tok, source, content):
+    slow = Tokenizer(tok.tk, source, tok.bos_token, tok.eos_token)
+    with live_server(engine_factory(scripted_model(tok), slow), template_seconds=0.3) as live:
         result = {}
-        t = threading.Thread(target=lambda: result.update(r=chat(live.url)))
+        t = threading.Thread(target=lambda: result.update(r=chat(live.url, messages=[{"role": "user",
+                                                                                      "content": content}])))
         t.start()
         time.sleep(0.2)
         assert httpx.get(live.url + "/health", timeout=30).status_code == 200       # while the template runs
