@@ -197,13 +197,13 @@ SILENT_LOOP = ("{% set s = messages[0]['content'] %}{% for a in s %}{% for b in 
                "{% endfor %}{% endfor %}{% endfor %}")
 
 
-@pytest.mark.parametrize("source, content", [(LOOPING, "x"), (SILENT_LOOP, "y" * 300)], ids=["range", "silent"])
 def test_the_bounds_leave_ordinary_templates_and_contents_alone(tok):
     text = "100% of {12345678}, 'x' * 10**9 " * 1000        # looks like a bomb, is only text
     source = "{% for m in messages %}{{ m['content'].strip() | trim }}{{ '%d' % loop.index }}{% endfor %}"
     assert Tokenizer(tok.tk, source).apply_chat_template([{"role": "user", "content": text}]) == text.strip() + "1"
 
 
+@pytest.mark.parametrize("source, content", [(LOOPING, "x"), (SILENT_LOOP, "y" * 300)], ids=["range", "silent"])
 def test_a_looping_template_does_not_freeze_health(tok, source, content):
     slow = Tokenizer(tok.tk, source, tok.bos_token, tok.eos_token)
     with live_server(engine_factory(scripted_model(tok), slow), template_seconds=0.3) as live:
