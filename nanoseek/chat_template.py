@@ -59,8 +59,12 @@ def _check_args(args, kwargs):
         for v in (a if isinstance(a, (tuple, list)) else (a,)):
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) > _limit():
                 raise TemplateLimit(f"the chat template used the number {str(v)[:20]}, past its bound")
-        if isinstance(a, str) and _WIDE_FORMAT.search(a) and ("%" in a or "{" in a):
-            raise TemplateLimit("the chat template used a format width past its bound")
+
+
+def _check_format(fmt):
+    """A format string ('%9999999d', '{:>9999999}') whose width or precision alone passes the bound."""
+    if isinstance(fmt, str) and _WIDE_FORMAT.search(fmt) and ("%" in fmt or "{" in fmt):
+        raise TemplateLimit("the chat template used a format width past its bound")
 
 
 def _replace_size(s: str, old: str, new: str, count=-1) -> int:
@@ -111,7 +115,8 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         elif operator == "**" and isinstance(right, (int, float)) and abs(right) > 64:
             raise TemplateLimit("the chat template raised a number to a power past its bound")
         elif operator == "%" and isinstance(left, str):
-            _check_args((left, right), {})
+            _check_format(left)
+            _check_args((right,), {})
         elif operator == "+" and isinstance(left, (str, list)) and isinstance(right, type(left)):
             if len(left) + len(right) > _limit():
                 raise TemplateLimit("the chat template concatenated values past its size bound")
@@ -120,7 +125,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
     def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 - jinja2's signature
         _tick()
         _check_args(args, kwargs)
-        if getattr(__obj, "__name__", None) == "replace" and isinstance(getattr(__obj, "__self__", None), str):
+        # 'fmt'.format(...): the format string is the owner (jinja wraps str.format; __wrapped__ is the original)
+        owner = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)
+        if getattr(__obj, "__name__", None) in ("format", "format_map"):
+            _check_format(owner)
+        if getattr(__obj, "__name__", None) == "replace" and isinstance(owner, str):
             if len(args) >= 2 and all(isinstance(a, str) for a in args[:2]) and \
                     _replace_size(__obj.__self__, *args[:3]) > _limit():
                 raise TemplateLimit("the chat template's replace() would build a value past its size bound")
@@ -140,6 +149,8 @@ def _bounded(f):
     def g(*args, **kwargs):
         _tick()
         _check_args(args[1:], kwargs)
+        if f.__name__ == "do_format" and args:                # args[0] is the format string
+            _check_format(args[0])
         if f.__name__ == "do_replace" and len(args) >= 4 and all(isinstance(a, str) for a in args[1:4]) \
                 and _replace_size(*args[1:4]) > _limit():
             raise TemplateLimit("the chat template's replace filter would build a value past its size bound")

@@ -76,7 +76,7 @@ class ModelConfig:
     extra: dict = field(default_factory=dict)  # config.json keys we don't use, kept for round trips
 
     def __post_init__(self):
-        if self.model_type not in ARCHITECTURES:
+        if not isinstance(self.model_type, str) or self.model_type not in ARCHITECTURES:
             raise NanoseekError(f"unsupported architecture {self.model_type!r}; "
                                 f"supported: {', '.join(ARCHITECTURES)}")
         check_fields(self)
@@ -155,8 +155,8 @@ class ModelConfig:
                 raise NanoseekError("config: text_config must be an object")
             d = dict(d["text_config"])
         model_type = d.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise NanoseekError(f"unsupported architecture {model_type!r} in config.json; "
+        if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+            raise NanoseekError(f"unsupported architecture {str(model_type)[:40]!r} in config.json; "
                                 f"supported: {', '.join(ARCHITECTURES)}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kw: dict[str, Any] = {}
@@ -268,18 +268,19 @@ class ModelConfig:
 # Ceilings far above any published model (DeepSeek-V3: 61 layers, 7168 wide, 256 experts, 129K vocab)
 # that keep a hostile config.json from building billions of modules before the weights are compared.
 _POSITIVE = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
-             "num_hidden_layers": 4096, "num_attention_heads": 4096, "max_position_embeddings": 1 << 30,
-             "kv_lora_rank": 1 << 16, "qk_rope_head_dim": 1 << 14, "v_head_dim": 1 << 14,
-             "num_experts_per_tok": 1 << 16, "moe_intermediate_size": 1 << 22, "n_group": 1 << 16,
-             "topk_group": 1 << 16, "moe_layer_freq": 4096}
-_MLA_ONLY = ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+             "num_hidden_layers": 4096, "num_attention_heads": 4096, "max_position_embeddings": 1 << 30}
+_MLA_POSITIVE = {"kv_lora_rank": 1 << 16, "qk_rope_head_dim": 1 << 14, "v_head_dim": 1 << 14}
+_MOE_POSITIVE = {"num_experts_per_tok": 1 << 16, "moe_intermediate_size": 1 << 22, "n_group": 1 << 16,
+                 "topk_group": 1 << 16, "moe_layer_freq": 4096}
 _OPTIONAL_POSITIVE = {"num_key_value_heads": 4096, "head_dim": 1 << 14, "q_lora_rank": 1 << 20}
-_NON_NEGATIVE = {"qk_nope_head_dim": 1 << 14, "n_shared_experts": 1 << 16, "first_k_dense_replace": 4096,
-                 "num_nextn_predict_layers": 64, "n_routed_experts": 1 << 16}
-_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
-_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob")
-_CHOICES = {"hidden_act": ("silu",), "scoring_func": ("softmax", "sigmoid"),
-            "topk_method": ("greedy", "group_limited_greedy", "noaux_tc")}
+_NON_NEGATIVE = {"first_k_dense_replace": 4096, "num_nextn_predict_layers": 64}
+_MLA_NON_NEGATIVE = {"qk_nope_head_dim": 1 << 14}
+_MOE_NON_NEGATIVE = {"n_shared_experts": 1 << 16}
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_MOE_BOOLS = ("norm_topk_prob",)
+_CHOICES = {"hidden_act": ("silu",)}
+_MOE_CHOICES = {"scoring_func": ("softmax", "sigmoid"), "topk_method": ("greedy", "group_limited_greedy", "noaux_tc")}
 _ROPE_KEYS = {"linear": ("factor",), "yarn": ("original_max_position_embeddings",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
@@ -295,30 +296,33 @@ def _is_number(v) -> bool:
 
 
 def check_fields(cfg: ModelConfig) -> None:
-    """Each value alone: type, sign and a sane ceiling (NanoseekError naming the field)."""
+    """Each value alone: type, sign and a sane ceiling (NanoseekError naming the field).
+
+    MLA fields are checked for DeepSeek models only, MoE fields when there are routed experts:
+    a llama config.json may carry them as null."""
     def need(ok: bool, name: str, what: str):
         if not ok:
             raise NanoseekError(f"config: {name} must be {what}, got {str(getattr(cfg, name))[:40]!r}")
 
-    for name, hi in _POSITIVE.items():
+    moe = cfg.n_routed_experts
+    need(moe is None or (_is_int(moe) and 0 <= moe <= 1 << 16), "n_routed_experts", f"null or an integer in [0, {1 << 16}]")
+    mla, moe = cfg.model_type in ("deepseek_v3", "deepseek_v2"), bool(moe)
+    for name, hi in {**_POSITIVE, **(_MLA_POSITIVE if mla else {}), **(_MOE_POSITIVE if moe else {})}.items():
         v = getattr(cfg, name)
-        if v is None and name in _MLA_ONLY and not cfg.is_mla:      # a llama / qwen2 config has no latent
-            continue
         need(_is_int(v) and 1 <= v <= hi, name, f"an integer in [1, {hi}]")
     for name, hi in _OPTIONAL_POSITIVE.items():
         v = getattr(cfg, name)
         need(v is None or (_is_int(v) and 1 <= v <= hi), name, f"null or an integer in [1, {hi}]")
-    for name, hi in _NON_NEGATIVE.items():
+    for name, hi in {**_NON_NEGATIVE, **(_MLA_NON_NEGATIVE if mla else {}), **(_MOE_NON_NEGATIVE if moe else {})}.items():
         v = getattr(cfg, name)
-        need((v is None and name == "n_routed_experts") or (_is_int(v) and 0 <= v <= hi), name,
-             f"an integer in [0, {hi}]")
-    for name in _POSITIVE_FLOATS:
+        need(_is_int(v) and 0 <= v <= hi, name, f"an integer in [0, {hi}]")
+    for name in _POSITIVE_FLOATS + (("routed_scaling_factor",) if moe else ()):
         v = getattr(cfg, name)
         need(_is_number(v) and v > 0, name, "a positive number")
-    for name in _BOOLS:
+    for name in _BOOLS + (_MOE_BOOLS if moe else ()):
         need(isinstance(getattr(cfg, name), bool), name, "true or false")
     need(cfg.rope_interleave is None or isinstance(cfg.rope_interleave, bool), "rope_interleave", "true or false")
-    for name, allowed in _CHOICES.items():
+    for name, allowed in {**_CHOICES, **(_MOE_CHOICES if moe else {})}.items():
         v = getattr(cfg, name)
         need(isinstance(v, str) and v in allowed, name, "one of " + ", ".join(allowed))
     for name in ("bos_token_id", "pad_token_id"):

@@ -151,7 +151,7 @@ def test_bad_llama_values_are_refused_naming_the_field(change, words):
     ({"n_group": 256, "topk_group": 4}, "leaves 1 per group"),
     ({"n_group": 64, "topk_group": 1}, "num_experts_per_tok=8 is more than the 4 experts in the topk_group=1 kept groups"),
     ({"num_experts_per_tok": 0}, "num_experts_per_tok must be an integer in [1,"),
-    ({"n_routed_experts": -1}, "n_routed_experts must be an integer in [0,"),
+    ({"n_routed_experts": -1}, "n_routed_experts must be null or an integer in [0,"),
     ({"qk_rope_head_dim": 63}, "rotary dimension must be even"),
     ({"scoring_func": "relu"}, "scoring_func must be one of softmax, sigmoid"),
     ({"q_lora_rank": 0}, "q_lora_rank must be null or an integer"),
@@ -177,3 +177,9 @@ def test_group_routing_edges_that_are_valid_still_load():
 def test_config_json_that_is_not_an_object_is_refused(doc):
     with pytest.raises(NanoseekError):
         ModelConfig.from_hf_config(doc)
+
+
+def test_llama_configs_may_leave_deepseek_fields_null():
+    cfg = ModelConfig.from_hf_config({**SMOLLM2_135M, "kv_lora_rank": None, "qk_rope_head_dim": None,
+                                      "n_group": None, "scoring_func": None, "routed_scaling_factor": None})
+    assert not cfg.is_mla and not cfg.is_moe and cfg.head_dim == 64

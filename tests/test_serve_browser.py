@@ -32,7 +32,7 @@ def browser():
 
 def test_chat_page_streams_answer_and_reasoning(browser):
     tok = tokenizer()
-    with live_server(engine_factory(scripted_model(tok), tok)) as live:
+    with live_server(engine_factory(scripted_model(tok), tok, max_seq_len=1024)) as live:
         page = browser.new_page(viewport={"width": 900, "height": 640}, bypass_csp=True)  # for wait_for_function
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))

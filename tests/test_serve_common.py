@@ -7,7 +7,8 @@
   and the LM head maps each script token to the next one; any other token is followed by EOS.
   After the R1 prompt it answers REASONING + "</think>" + "\\n\\n" + ANSWER, then stops; after
   LOOP[0] it alternates LOOP[1], LOOP[0], ... until max_tokens (a request that runs as long as needed).
-* `live_server(make_engine)`: uvicorn in a thread on a free loopback port, yields (url, server, worker).
+* `live_server(make_engine, read_timeout=30, **create_app_kwargs)`: uvicorn in a thread on a free loopback
+  port, yields (url, server, worker).
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def live_server(make_engine, read_timeout=30.0, **app_kwargs):
     from nanoseek.serve.worker import Worker
 
     worker = Worker(make_engine)
-    app = create_app(worker, MODEL, **app_kwargs)
+    app = create_app(worker, MODEL, **{"body_timeout": read_timeout, **app_kwargs})   # as the CLI does
     sock = _bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
     server = build_server(app, worker, "127.0.0.1", port, drain_timeout=10, log_level="warning",

@@ -5,7 +5,8 @@
     open http://127.0.0.1:8000/                     # the web chat page
 
 Modules: `worker` (the engine thread), `protocol` (request validation, OpenAI errors),
-`app` (FastAPI endpoints, SSE), `metrics` (Prometheus text), `cli` (flags, uvicorn, SIGTERM drain),
+`app` (FastAPI endpoints, SSE), `guard` (Host check, concurrency limit, read timeouts),
+`metrics` (Prometheus text), `cli` (flags, uvicorn, SIGTERM drain),
 `static/` (the chat page: plain HTML/CSS/JS, no build step). fastapi is imported lazily, so the
 rest of nanoseek works without it.
 """

@@ -19,9 +19,9 @@ import functools
 import hmac
 import json
 import logging
+import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -53,13 +53,12 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None,
     """max_tokens: the server's cap per request (None: the context); host: the bound address the Host
     header is checked against (with allowed_hosts); body_timeout: seconds to receive a request body;
     template_seconds: the chat template's render bound."""
-    templates = ThreadPoolExecutor(2, thread_name_prefix="nanoseek-template")   # renders off the event loop
+    templates = RenderThreads(2)     # chat templates render off the event loop
 
     @asynccontextmanager
     async def lifespan(app):
         worker.start()
         yield
-        templates.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(worker.close)
 
     app = FastAPI(title="nanoseek", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -243,16 +242,46 @@ class _Ctx:
                  u["prompt_tokens"], u["completion_tokens"], ",".join(map(str, finish)), dt)
 
 
-async def _render_chat(tok, messages, pool, seconds: float) -> tuple[str, list[int]]:
-    """The chat prompt and its ids, rendered in `pool` (a looping template cannot hold the event loop)."""
-    loop = asyncio.get_running_loop()
-    render = functools.partial(tok.encode_chat, messages, seconds=seconds)
+class RenderThreads:
+    """At most `n` chat-template renders at once, each in a daemon thread: a template that ignores its
+    deadline costs one thread until it ends, but never the event loop, and never blocks the exit."""
+
+    def __init__(self, n: int):
+        self.n, self.slots = n, None
+
+    async def run(self, fn, timeout: float):
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.n)     # bound to the running loop
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await asyncio.wait_for(self.slots.acquire(), timeout)
+        fut = loop.create_future()
+
+        def target():
+            try:
+                result = (fn(), None)
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting handler
+                result = (None, e)
+            try:
+                loop.call_soon_threadsafe(self._done, fut, *result)
+            except RuntimeError:                       # the loop has closed: nobody is waiting
+                pass
+        threading.Thread(target=target, name="nanoseek-template", daemon=True).start()
+        return await asyncio.wait_for(asyncio.shield(fut), max(deadline - loop.time(), 0.001))
+
+    def _done(self, fut, value, error):
+        self.slots.release()                           # when the thread ends, not when the wait does
+        if not fut.done():
+            fut.set_exception(error) if error else fut.set_result(value)
+
+
+async def _render_chat(tok, messages, threads: RenderThreads, seconds: float) -> tuple[str, list[int]]:
+    """The chat prompt and its ids, rendered off the event loop with the template's time bound."""
+    limit = 2 * seconds + 1
     try:
-        return await asyncio.wait_for(loop.run_in_executor(pool, render), 2 * seconds + 1)
+        return await threads.run(functools.partial(tok.encode_chat, messages, seconds=seconds), limit)
     except asyncio.TimeoutError:   # the render ignored its own deadline: stop waiting for it
-        raise bad("messages", f"the chat template did not finish within {2 * seconds + 1:g} s") from None
-    except RuntimeError as e:      # the pool is shut down: the server is stopping
-        raise ApiError(503, f"the server is shutting down ({e})", code="draining") from None
+        raise bad("messages", f"the chat template did not finish within {limit:g} s") from None
     except Exception as e:  # noqa: BLE001 - NanoseekError from a bound, raise_exception() in the template
         raise bad("messages", f"the chat template rejected the messages: {str(e)[:300]}") from None
 

@@ -10,6 +10,10 @@ The socket is bound first (a busy port is a one-line error, exit 2), then uvicor
 and the model loads in the engine thread: until it is ready, /health and generation answer 503.
 SIGTERM (or Ctrl-C) stops admitting requests (503), lets in-flight ones finish (up to
 --drain-timeout seconds), then exits; a second signal exits at once.
+
+Limits (docs/security.md): requests must name this server in their Host header (--allowed-hosts
+adds names; guards against DNS rebinding), at most --max-concurrency in flight (503 beyond),
+--read-timeout seconds to send a request head and again its body, --max-tokens per request.
 """
 
 from __future__ import annotations
@@ -143,7 +147,7 @@ def build_server(app, worker, host="127.0.0.1", port=0, drain_timeout=60.0, log_
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=drain_timeout, timeout_keep_alive=5,
-                            http=head_timeout_protocol(read_timeout), h11_max_incomplete_event_size=64 << 10)
+                            http=head_timeout_protocol(read_timeout))   # h11 caps a request head at 16 KiB
     return DrainingServer(config)
 
 
@@ -162,6 +166,8 @@ def run(args) -> int:
         log.setLevel(logging.INFO)
     if not _is_loopback(args.host) and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    if not _is_loopback(args.host) and not args.allowed_hosts:
+        log.info("clients must reach this server by IP address, or by a name listed in --allowed-hosts")
 
     if args.threads:
         torch.set_num_threads(args.threads)
