@@ -47,11 +47,15 @@ def front_matter(text: str) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
-@pytest.fixture(scope="module")
-def tok():
+def tiny_tokenizer():
     corpus = [f"{a} + {b} = {a + b}. The cat's {a} hats aren't red; 你好 {b}!\n\n  x"
               for a in range(50) for b in range(50)]
     return Tokenizer.train_bpe(corpus, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

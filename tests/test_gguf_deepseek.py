@@ -184,8 +184,7 @@ def test_refuses_what_llama_cpp_would_run_differently(changes, message, tok, tmp
 
 
 # -- a trained model --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trained(tok):
+def train_tiny(tok):
     """The tiny V3 trained 60 Adam steps on sums like `12 + 7 = 19.`: sharper logits than random weights."""
     model = deepseek(tok, seed=3, num_nextn_predict_layers=0).train()
     g = torch.Generator().manual_seed(0)
@@ -200,6 +199,11 @@ def trained(tok):
         opt.step()
     assert loss.item() < 2.5
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tok):
+    return train_tiny(tok)
 
 
 @needs_llama_cpp
