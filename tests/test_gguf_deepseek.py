@@ -220,3 +220,35 @@ def test_trained_model_f16_and_q8_0_in_llama_cpp(trained, tok, tmp_path):
     q8 = llama(write_gguf(trained, tok, tmp_path / "m-q8_0.gguf", "q8_0"))
     same = sum(a == b for a, b in zip(llama_cpp_logits(q8, ids).argmax(-1), ours.argmax(-1)))
     assert same >= 0.8 * len(ids)
+
+
+@pytest.mark.parametrize("key, value", [("deepseek2.block_count", 10**8), ("deepseek2.attention.head_count", 0),
+                                        ("deepseek2.expert_count", 10**9), ("deepseek2.attention.kv_lora_rank", -1)])
+def test_absurd_counts_are_refused_before_anything_is_built(key, value, tok, tmp_path):
+    import gguf
+
+    src = gguf.GGUFReader(write_gguf(deepseek(tok, num_nextn_predict_layers=0), tok, tmp_path / "m.gguf", "f32"))
+    w = gguf.GGUFWriter(tmp_path / "bad.gguf", "deepseek2")
+    for k, f in src.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture":
+            continue
+        kind = gguf.GGUFValueType.INT64 if k == key else f.types[0]
+        w.add_key_value(k, value if k == key else f.contents(), kind,
+                        sub_type=f.types[-1] if len(f.types) > 1 else None)
+    w.add_tensor("token_embd.weight", np.zeros((tok.vocab_size, 128), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(NanoseekError, match=key.replace(".", r"\.")):
+        nanoseek.load(tmp_path / "bad.gguf")
+
+
+def test_gguf_export_card_says_the_mtp_module_is_left_out(tok, tmp_path):
+    from nanoseek import export
+
+    out = export.export_gguf(deepseek(tok), tok, tmp_path / "pub", outtype="q8_0", name="tiny v3")
+    assert out.name == "tiny-v3-Q8_0.gguf"
+    card = (tmp_path / "pub" / "README.md").read_text()
+    assert "1 MTP (multi-token prediction) module(s) are not in this file" in card
+    assert "llama-server -m pub/tiny-v3-Q8_0.gguf" in card and "MTP depth | 1" in card

@@ -187,6 +187,11 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict) -> dict:
     sizes = {hf: get(k) for k, hf in required.items()}
     if any(isinstance(v, list) for v in sizes.values()) or isinstance(get("attention.head_count_kv"), list):
         raise NanoseekError(f"{path}: per-layer sizes (lists in the metadata) are not supported")
+    for k, hf in required.items():  # before anything is built from them
+        sizes[hf] = _count(path, f"{arch}.{k}", sizes[hf])
+    for k in ("attention.head_count_kv", "attention.key_length"):
+        if get(k) is not None:
+            _count(path, f"{arch}.{k}", get(k))
     cfg = {"model_type": arch, "architectures": [ARCHITECTURES[arch]], **sizes}
     heads = cfg["num_attention_heads"]
     embed = tensors.get("token_embd.weight")
