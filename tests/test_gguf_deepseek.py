@@ -252,3 +252,55 @@ def test_gguf_export_card_says_the_mtp_module_is_left_out(tok, tmp_path):
     card = (tmp_path / "pub" / "README.md").read_text()
     assert "1 MTP (multi-token prediction) module(s) are not in this file" in card
     assert "llama-server -m pub/tiny-v3-Q8_0.gguf" in card and "MTP depth | 1" in card
+
+
+FUZZED = ["embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+          "attention.q_lora_rank", "attention.kv_lora_rank", "attention.key_length_mla", "attention.value_length_mla",
+          "rope.dimension_count", "leading_dense_block_count", "expert_count", "expert_used_count",
+          "expert_shared_count", "expert_feed_forward_length", "expert_group_count", "expert_group_used_count"]
+COUNTS = [-1, 0, 1, 3, 7, 300, 2**20 + 1, 2**62]
+
+
+def test_fuzzed_deepseek2_metadata_loads_or_is_refused_in_one_line(tok, tmp_path_factory):
+    """Every key above set to each of COUNTS, then random pairs and triples (hypothesis, derandomized):
+    the file loads, or nanoseek.load raises NanoseekError in one line (never another error)."""
+    import gguf
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    d = tmp_path_factory.mktemp("fuzz")
+    model = deepseek(tok, num_nextn_predict_layers=0)
+    src = gguf.GGUFReader(write_gguf(model, tok, d / "m.gguf", "f32"))
+    fields = {k: (f.contents(), f.types) for k, f in src.fields.items()
+              if not k.startswith("GGUF.") and k != "general.architecture"}
+    tensors = [(t.name, np.array(t.data).reshape(tuple(reversed([int(n) for n in t.shape])))) for t in src.tensors]
+
+    def check(changes):
+        w = gguf.GGUFWriter(d / "bad.gguf", "deepseek2")
+        for k, (v, types) in fields.items():
+            if k.removeprefix("deepseek2.") not in changes:
+                w.add_key_value(k, v, types[0], sub_type=types[-1] if len(types) > 1 else None)
+        for short, v in changes.items():
+            w.add_key_value(f"deepseek2.{short}", v, gguf.GGUFValueType.INT64)
+        for name, t in tensors:
+            w.add_tensor(name, t)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        try:
+            nanoseek.load(d / "bad.gguf")
+        except NanoseekError as e:
+            assert "\n" not in str(e)
+
+    for key in FUZZED:
+        for value in COUNTS:
+            check({key: value})
+
+    @settings(max_examples=40, deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.dictionaries(st.sampled_from(FUZZED), st.sampled_from(COUNTS), min_size=2, max_size=3))
+    def combinations(changes):
+        check(changes)
+
+    combinations()
