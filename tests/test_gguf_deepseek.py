@@ -4,7 +4,8 @@ Tiny random configs (with and without q_lora_rank, grouped routing, dense first 
 embeddings, YaRN, rope rows in halves, a softmax-gated V2) and a tiny model trained here for a few
 dozen steps are written as F32, F16 and Q8_0 files. llama.cpp must tokenize like nanoseek, give
 logits within 0.5% of the logit scale from F32 files (measured 0.1%) and within 2% at 95% of the
-positions from F16 files (see the test for why not all), decode the same 32 greedy tokens from F16,
+positions from F16 files (see the test for why not all), decode the same 32 greedy tokens from F16 (a near tie within the logit tolerance may go
+to our second choice: `assert_same_greedy`),
 mostly the same from Q8_0, and nanoseek must load the file back
 (`nanoseek.load("x.gguf")`) with the weights written: the same logits as the model itself (F32)
 or as the model with its matrices rounded to float16 (F16), to 1e-5 of the logit scale.
@@ -44,6 +45,19 @@ def deepseek(tok, seed=0, **changes):
                                           eos_token_id=tok.eos_token_id, **changes)
     torch.manual_seed(seed)
     return randomize(nanoseek.Transformer(cfg).eval(), seed=seed, std=0.1)
+
+
+def assert_same_greedy(theirs, ours, model, prompt, tol):
+    """llama.cpp's greedy tokens equal ours; only where our top two are within `tol` (the logit
+    tolerance) may it take our second choice, after which the texts differ and are not compared.
+    Returns how many tokens are equal (32 of 32 in every case on the machine this was written on)."""
+    for i, (a, b) in enumerate(zip(theirs, ours)):
+        if a != b:
+            step = logits(model, prompt + ours[:i])[-1]
+            assert a == np.argsort(step)[-2] and step[b] - step[a] <= tol, f"token {i}: llama.cpp {a}, nanoseek {b}"
+            return i
+    assert len(theirs) == len(ours)
+    return len(ours)
 
 
 def llama(path):
@@ -99,7 +113,7 @@ def test_llama_cpp_runs_the_file_like_nanoseek(case, tok, tmp_path):
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "12 + 7 = ?"}]))
     greedy = generate(model, [prompt], max_new_tokens=32)[0]
     assert len(greedy) == 32 and len(set(greedy)) >= 8  # varied text, not one repeated token
-    assert llama_cpp_greedy(f16, prompt, 32) == greedy
+    assert_same_greedy(llama_cpp_greedy(f16, prompt, 32), greedy, model, prompt, 0.02 * np.abs(ours).max())
 
 
 def test_metadata_and_tensors_as_llama_cpp_reads_them(tok, tmp_path):
@@ -214,7 +228,7 @@ def test_trained_model_f16_and_q8_0_in_llama_cpp(trained, tok, tmp_path):
     ours = logits(trained, ids)
     f16 = llama(write_gguf(trained, tok, tmp_path / "m-f16.gguf", "f16"))
     assert np.abs(llama_cpp_logits(f16, ids) - ours).max() <= 0.02 * np.abs(ours).max()
-    assert llama_cpp_greedy(f16, prompt, 32) == greedy
+    assert_same_greedy(llama_cpp_greedy(f16, prompt, 32), greedy, trained, prompt, 0.02 * np.abs(ours).max())
     # Q8_0: 8-bit weights, and llama.cpp rounds the activations to 8 bits too; greedy text stays mostly
     # the same (measured 32 of 32 here; the bound leaves room for near-ties on other CPUs)
     q8 = llama(write_gguf(trained, tok, tmp_path / "m-q8_0.gguf", "q8_0"))
