@@ -15,7 +15,7 @@ stages and resumes the unfinished one from its last checkpoint):
   4. distill    the RL model writes verified traces (rejection sampling); the student learns them by SFT
   5. student-rl the same student trained by GRPO directly with comparable compute (R1 §4.1's comparison)
   6. eval       base, RL, distilled and student-RL models on the held-out split: pass@1, maj@k, greedy
-  7. export     the RL model as open weights (HF safetensors + GGUF of the dense student)
+  7. export     open weights: the RL (MoE) model and the dense student, each as HF safetensors and GGUF
   8. report     report.md with plots, the eval table, the cost of DeepSeek-V3 and a sample chat
 """
 
@@ -213,8 +213,8 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         export.add_parser(sub)
         cost.add_parser(sub)
         with contextlib.redirect_stdout(io.StringIO()):
-            for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("distill", "hf", "student-hf"),
-                                  ("distill", "gguf", "student-gguf")):
+            for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("grpo", "gguf", "rl-gguf"),
+                                  ("distill", "hf", "student-hf"), ("distill", "gguf", "student-gguf")):
                 if not (root / src / "final").is_dir():
                     continue
                 args = cli.parse_args(["export", str(root / src / "final"), "--format", fmt,
@@ -229,7 +229,9 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
                                                    ensure_ascii=False, indent=2) + "\n")
         args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
         (root / "cost.json").write_text(json.dumps(cost.build_report(args, load_config(args.model)), indent=2) + "\n")
-        return {"exported": ["export/rl-hf", "export/student-hf", "export/student-gguf"]}
+        # which runtime loads which: *-hf in transformers, vLLM, SGLang and nanoseek; *-gguf in llama.cpp
+        # (rl-gguf as its deepseek2 architecture, without the MTP module) and nanoseek
+        return {"exported": ["export/rl-hf", "export/rl-gguf", "export/student-hf", "export/student-gguf"]}
     stage("export", export_stage)
 
     run.summary["total_s"] = round(sum(run.summary["stage_s"].values()), 1)

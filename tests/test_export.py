@@ -47,11 +47,15 @@ def front_matter(text: str) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
-@pytest.fixture(scope="module")
-def tok():
+def tiny_tokenizer():
     corpus = [f"{a} + {b} = {a + b}. The cat's {a} hats aren't red; 你好 {b}!\n\n  x"
               for a in range(50) for b in range(50)]
     return Tokenizer.train_bpe(corpus, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +156,7 @@ def test_hf_export_card_license_metadata_generation_config(hf_dir, v3, tok):
     assert (gc.temperature, gc.top_p, gc.do_sample, gc.eos_token_id) == (0.6, 0.95, True, tok.eos_token_id)
     assert {p.name for p in hf_dir.iterdir()} == {
         "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-        "generation_config.json", "LICENSE", "README.md"}
+        "generation_config.json", "LICENSE", "README.md", export.MARKER}
 
 
 def test_hf_export_with_mtp_modules_loads_in_transformers(tok, tmp_path):
@@ -169,6 +173,67 @@ def test_hf_export_with_mtp_modules_loads_in_transformers(tok, tmp_path):
     with torch.no_grad():
         got = ref(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - logits(model, ids)).max() <= 1e-4
+
+
+# What vLLM and SGLang read from a DeepSeek-V3 config.json to build the model (no GPU here, so this
+# path is checked up to the config): vllm/model_executor/models/deepseek_v2.py (DeepseekV2MoE,
+# DeepseekV2MLAAttention, DeepseekV2DecoderLayer, DeepseekV2Model) and
+# python/sglang/srt/models/deepseek_v2.py (DeepseekV2MoE's TopK, MoEGate); both read n_group and
+# topk_group as attributes and run MLA's rope on interleaved pairs (is_neox_style=False).
+ENGINE_FIELDS = [
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act", "rms_norm_eps",
+    "max_position_embeddings", "rope_theta", "rope_scaling", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+    "first_k_dense_replace", "moe_layer_freq", "norm_topk_prob", "routed_scaling_factor", "topk_method",
+    "scoring_func", "n_group", "topk_group", "num_nextn_predict_layers", "tie_word_embeddings",
+    "bos_token_id", "eos_token_id",
+]
+
+
+def test_hf_config_has_what_vllm_sglang_and_transformers_read(hf_dir, v3):
+    from transformers import DeepseekV3Config
+
+    c = json.loads((hf_dir / "config.json").read_text())
+    missing = [k for k in ENGINE_FIELDS if k not in c]
+    assert not missing
+    assert c["architectures"] == ["DeepseekV3ForCausalLM"] and c["model_type"] == "deepseek_v3"
+    assert (c["topk_method"], c["scoring_func"], c["hidden_act"], c["moe_layer_freq"]) == \
+        ("noaux_tc", "sigmoid", "silu", 1)
+    assert c["rope_interleave"] is True  # transformers' DeepseekV3 reads it; vLLM / SGLang assume it
+    per_group = c["n_routed_experts"] // c["n_group"]
+    assert c["n_routed_experts"] % c["n_group"] == 0 and per_group >= 2  # groups are scored by their top 2
+    assert 1 <= c["topk_group"] <= c["n_group"] and c["num_experts_per_tok"] <= c["topk_group"] * per_group
+    ref = DeepseekV3Config.from_pretrained(hf_dir)
+    for k in ENGINE_FIELDS[2:] + ["rope_interleave"]:
+        if k not in ("rope_theta", "rope_scaling", "topk_method", "scoring_func", "moe_layer_freq"):
+            assert getattr(ref, k) == c[k], k
+    assert ref.rope_parameters["rope_theta"] == c["rope_theta"]
+
+
+def test_hf_export_puts_deepseek_rope_rows_in_pairs_and_refuses_single_expert_groups(tok, tmp_path):
+    """A DeepSeek model built with rope in halves is written interleaved (what the engines run): same logits."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = nanoseek.preset("tiny").replace(vocab_size=tok.vocab_size, num_nextn_predict_layers=1,
+                                          rope_interleave=False)
+    torch.manual_seed(1)
+    model = randomize(nanoseek.Transformer(cfg).eval(), seed=1, std=0.1)
+    export.export_hf(model, tok, tmp_path / "out", license="mit")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_interleave"] is True
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = tok.encode(SAMPLE)
+    with torch.no_grad():
+        got = ref(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(got - logits(model, ids)).max() <= 1e-4
+    back, _ = nanoseek.load(tmp_path / "out")  # the MTP module's rope rows were reordered too
+    with torch.no_grad():
+        a, b = model(torch.tensor([ids]), return_mtp=True)[1][0], back(torch.tensor([ids]), return_mtp=True)[1][0]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+    one_per_group = randomize(nanoseek.Transformer(cfg.replace(n_group=8, topk_group=2)).eval())
+    with pytest.raises(NanoseekError, match="1 expert per group"):
+        export.export_hf(one_per_group, tok, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_license_texts_and_card_front_matter(v3, tok):
@@ -196,7 +261,7 @@ def test_hf_export_of_interleaved_llama_is_exact_in_transformers(tok, tmp_path):
     assert np.abs(got - logits(model, ids)).max() <= 1e-4
 
 
-def test_refuses_non_empty_directory_without_force(v3, tok, tmp_path):
+def test_force_replaces_only_a_previous_export_or_an_empty_directory(v3, tok, tmp_path):
     out = tmp_path / "release"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -205,29 +270,81 @@ def test_refuses_non_empty_directory_without_force(v3, tok, tmp_path):
     args = parser().parse_args(["export", str(tmp_path), "--out", str(out)])
     with pytest.raises(NanoseekError, match="not empty.*--force"):
         args.func(args)
+    with pytest.raises(NanoseekError, match="not a previous nanoseek export"):  # an arbitrary tree, even forced
+        export.export_hf(v3, tok, out, license="mit", force=True)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]  # no temp directories left
+    (out / "notes.txt").unlink()
+    export.export_hf(v3, tok, out, license="mit", force=True)  # an empty directory
+    written = sorted(p.name for p in out.iterdir())
+    export.export_gguf(v3, tok, out, license="apache-2.0", force=True)  # a previous export, replaced
+    assert (out / "config.json").exists() is False and front_matter((out / "README.md").read_text())["license"] == \
+        "apache-2.0"
     export.export_hf(v3, tok, out, license="mit", force=True)
-    assert not (out / "notes.txt").exists() and (out / "config.json").is_file()
-    assert front_matter((out / "README.md").read_text())["license"] == "mit"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+    assert sorted(p.name for p in out.iterdir()) == written
+    (out / "mine.txt").write_text("added after the export")
+    with pytest.raises(NanoseekError, match="did not write.*mine.txt"):
+        export.export_hf(v3, tok, out, license="mit", force=True)
+    assert (out / "mine.txt").read_text() == "added after the export"
+    (tmp_path / "x.gguf").write_text("not a gguf file")
+    with pytest.raises(NanoseekError, match="not a GGUF file"):
+        export.export_gguf(v3, tok, tmp_path / "x.gguf", force=True)
+    assert (tmp_path / "x.gguf").read_text() == "not a gguf file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release", "x.gguf"]
+
+
+def test_exports_are_world_readable_whatever_the_umask(v3, tok, tmp_path):
+    import os
+    import stat
+    old = os.umask(0o077)
+    try:
+        export.export_hf(v3, tok, tmp_path / "hf", license="mit")
+        export.export_gguf(v3, tok, tmp_path / "gguf", license="mit")
+    finally:
+        os.umask(old)
+    for d in (tmp_path / "hf", tmp_path / "gguf"):
+        assert stat.S_IMODE(d.stat().st_mode) == 0o755
+        files = list(d.iterdir())
+        assert files and all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in files)
+        listed = json.loads((d / export.MARKER).read_text())["files"]
+        assert sorted(listed) == sorted(f.name for f in files if f.name != export.MARKER)
 
 
 def test_failed_export_leaves_nothing_behind(v3, tok, tmp_path, monkeypatch):
     out = tmp_path / "release"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    export.export_hf(v3, tok, out, license="apache-2.0")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(*a, **kw):
         raise RuntimeError("disk full")
     monkeypatch.setattr(export, "model_card", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_hf(v3, tok, out, license="mit", force=True)
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
     with pytest.raises(RuntimeError, match="disk full"):
         export.export_hf(v3, tok, tmp_path / "new", license="mit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def test_cli_out_dot_and_out_gguf_through_subprocess(hf_dir, tmp_path):
+    """`--out .` is refused in one line and leaves nothing; `--out NAME.gguf` alone writes a GGUF file."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("x")
+    for argv in (["--out", "."], ["--out", ".", "--force"], ["--out", "..", "--force"],
+                 ["--out", "m.gguf", "--format", "hf"]):
+        r = subprocess.run([sys.executable, "-m", "nanoseek", "export", str(hf_dir), *argv], cwd=work,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (argv, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "export", str(hf_dir), "--out", "m.gguf"], cwd=work,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (work / "m.gguf").read_bytes()[:4] == b"GGUF" and sorted(p.name for p in work.iterdir()) == \
+        ["m.gguf", "mine.txt"]
 
 
 def test_cli_reads_training_and_eval_json_and_keeps_the_license(hf_dir, tmp_path, capsys):
@@ -255,26 +372,25 @@ def test_cli_help_and_bad_input(hf_dir, tmp_path, capsys):
     args = parser().parse_args(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     with pytest.raises(NanoseekError, match="no such file"):
         args.func(args)
-    args = parser().parse_args(["export", str(hf_dir), "--format", "gguf", "--out", str(tmp_path / "o")])
-    with pytest.raises(NanoseekError, match="not deepseek_v3"):
+    args = parser().parse_args(["export", str(hf_dir), "--format", "hf", "--out", str(tmp_path / "o.gguf")])
+    with pytest.raises(NanoseekError, match="ends in .gguf but --format is hf"):
         args.func(args)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o.gguf").exists()
     from nanoseek import cli
     choices = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
     if "export" not in choices:
         pytest.skip("export is not wired into nanoseek/cli.py yet")
     r = subprocess.run([sys.executable, "-m", "nanoseek", "export", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--format" in r.stdout
+    for what in ("deepseek_v3", "vLLM", "SGLang", "deepseek2", "MTP", "Q8_0", "attn_k_b"):
+        assert what in r.stdout, what
     r = subprocess.run([sys.executable, "-m", "nanoseek", "export", str(tmp_path / "missing"), "--out",
                         str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
 
 
 # -- GGUF -------------------------------------------------------------------------------------------
-def test_gguf_refuses_deepseek_and_unknown_pre_tokenizers(v3, tok, tmp_path):
-    with pytest.raises(NanoseekError, match="deepseek_v3"):
-        export.export_gguf(v3, tok, tmp_path / "m.gguf")
-    assert not any(tmp_path.iterdir())
+def test_gguf_refuses_unknown_pre_tokenizers(tok):
     from tokenizers import pre_tokenizers
     other = Tokenizer.train_bpe(["hello world"] * 10, vocab_size=300)
     other.tk.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -333,7 +449,7 @@ def test_gguf_variants_logits_in_llama_cpp_and_round_trip(case, tok, tmp_path):
     model = llama_model(tok, seed=1, **changes)
     out = export.export_gguf(model, tok, tmp_path / "pub", outtype=outtype, license="apache-2.0", name="Tiny X")
     assert out.name == f"Tiny-X-{outtype.upper()}.gguf" and out.is_file()
-    assert {p.name for p in (tmp_path / "pub").iterdir()} == {out.name, "README.md", "LICENSE"}
+    assert {p.name for p in (tmp_path / "pub").iterdir()} == {out.name, "README.md", "LICENSE", export.MARKER}
     meta = front_matter((tmp_path / "pub" / "README.md").read_text())
     assert meta["license"] == "apache-2.0" and "gguf" in meta["tags"] and "library_name" not in meta
     ids = tok.encode(SAMPLE)

@@ -73,4 +73,5 @@ def test_speedrun_smoke_killed_and_resumed_writes_the_report(tmp_path, monkeypat
     assert "pass@1" in report and (out / "plots").is_dir() and any((out / "plots").glob("*.png"))
     assert (out / "export" / "rl-hf" / "config.json").is_file()
     assert list((out / "export" / "student-gguf").glob("*.gguf"))
+    assert list((out / "export" / "rl-gguf").glob("*.gguf"))  # the MoE model, as llama.cpp's deepseek2
     assert summary["total_s"] > 0

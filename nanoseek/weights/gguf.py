@@ -244,6 +244,11 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict) -> dict:
     sizes = {hf: get(k) for k, hf in required.items()}
     if any(isinstance(v, list) for v in sizes.values()) or isinstance(get("attention.head_count_kv"), list):
         raise NanoseekError(f"{path}: per-layer sizes (lists in the metadata) are not supported")
+    for k, hf in required.items():  # before anything is built from them
+        sizes[hf] = _count(path, f"{arch}.{k}", sizes[hf])
+    for k in ("attention.head_count_kv", "attention.key_length"):
+        if get(k) is not None:
+            _count(path, f"{arch}.{k}", get(k))
     cfg = {"model_type": arch, "architectures": [ARCHITECTURES[arch]], **sizes}
     heads = cfg["num_attention_heads"]
     embed = tensors.get("token_embd.weight")
@@ -318,23 +323,24 @@ def _deepseek2_config(path: Path, meta: dict, tensors: dict) -> dict:
         "max_position_embeddings": get("context_length", 4096), "rope_theta": get("rope.freq_base", 10000.0),
         "rope_scaling": None, "rope_interleave": True, "attention_bias": False,
         "tie_word_embeddings": "output.weight" not in tensors, "torch_dtype": "float32",
-        "q_lora_rank": get("attention.q_lora_rank") or None, "kv_lora_rank": counts["attention.kv_lora_rank"],
+        "q_lora_rank": _count(path, "deepseek2.attention.q_lora_rank", get("attention.q_lora_rank", 0), minimum=0) or None, "kv_lora_rank": counts["attention.kv_lora_rank"],
         "qk_nope_head_dim": k_len - rope, "qk_rope_head_dim": rope, "v_head_dim": v_len,
         "num_nextn_predict_layers": 0,
     }
     if experts:
-        dense = get("leading_dense_block_count", 0)
+        dense = _count(path, "deepseek2.leading_dense_block_count", get("leading_dense_block_count", 0), minimum=0)
         cfg.update(
             n_routed_experts=experts, first_k_dense_replace=dense, moe_layer_freq=1,
             num_experts_per_tok=_count(path, "deepseek2.expert_used_count", get("expert_used_count")),
-            n_shared_experts=get("expert_shared_count", 0),
+            n_shared_experts=_count(path, "deepseek2.expert_shared_count", get("expert_shared_count", 0), minimum=0),
             moe_intermediate_size=_count(path, "deepseek2.expert_feed_forward_length",
                                          get("expert_feed_forward_length")),
             routed_scaling_factor=get("expert_weights_scale", 1.0) or 1.0,
             norm_topk_prob=bool(get("expert_weights_norm", False)),
             scoring_func="sigmoid" if sigmoid else "softmax",
             topk_method="noaux_tc" if v3 else "greedy",
-            n_group=groups, topk_group=get("expert_group_used_count", 1) or 1)
+            n_group=groups,
+            topk_group=_count(path, "deepseek2.expert_group_used_count", get("expert_group_used_count", 1) or 1))
     else:
         cfg.update(n_routed_experts=None)
     if get("rope.scaling.type") == "yarn":

@@ -1,10 +1,12 @@
-"""Write a dense llama / qwen2 model and its tokenizer as a GGUF file that llama.cpp runs.
+"""Write a model and its tokenizer as a GGUF file that llama.cpp runs: llama, qwen2, and DeepSeek-V3 / V2
+as llama.cpp's `deepseek2`.
 
     from nanoseek.weights.gguf_writer import write_gguf
     write_gguf(model, tok, "model-f16.gguf", outtype="f16")     # or "q8_0", "f32"
 
 `nanoseek export MODEL --format gguf` calls this. What llama.cpp's own converter
-(convert_hf_to_gguf.py, `LlamaModel`) does, done here from a nanoseek model:
+(convert_hf_to_gguf.py, `LlamaModel`, `Qwen2Model`, `DeepseekV2Model`) does, done here from a
+nanoseek model (names and reshapes in weights/gguf_names.py, the map the reader uses too):
 - Names: `model.layers.N.self_attn.q_proj.weight` -> `blk.N.attn_q.weight` and so on; no
   `output.weight` when the embeddings are tied (llama.cpp then reuses `token_embd`).
 - llama only (not qwen2): the rows of every head of q_proj / k_proj go from Hugging Face's
@@ -13,18 +15,23 @@
   k_proj. weights/gguf.py undoes exactly this on the way in. (A nanoseek model built with
   `rope_interleave=True` already has that order and is written as is; qwen2, which llama.cpp
   rotates in halves, gets the inverse in that case.)
-- Types: 1-D tensors (norms, biases) stay F32; matrices are F16, or Q8_0 (32-value blocks,
-  `gguf.quants.quantize`) when the row length is a multiple of 32, else F16.
+- deepseek2: `kv_b_proj` split into `attn_k_b` / `attn_v_b` (llama.cpp absorbs them and caches the
+  latent), routed experts stacked into `ffn_*_exps`, `exp_probs_b` for the correction bias, the MLA
+  and MoE keys (`_deepseek2_metadata`), rope rows in interleaved pairs (DeepSeek's layout; a model
+  built with rope in halves is reordered), MTP modules left out (llama.cpp does not run them).
+  `check_gguf_config` refuses, in one line, what llama.cpp would run differently.
+- Types: 1-D tensors (norms, biases) and the MoE router stay F32; matrices are F16, or Q8_0
+  (32-value blocks, `gguf.quants.quantize`) when the row length is a multiple of 32, else F16.
 - RoPE: default, linear (`rope.scaling.type`) and llama3 (a `rope_freqs.weight` tensor of
-  per-dimension divisors, as the converter writes for Llama 3.1) are written; YaRN / dynamic
-  scaling for llama is refused rather than silently changed.
+  per-dimension divisors, as the converter writes for Llama 3.1) for llama / qwen2, YaRN with
+  DeepSeek's settings for deepseek2; anything else is refused rather than silently changed.
 - Tokenizer: byte-level BPE only (`tokenizer.ggml.model = "gpt2"`): tokens in id order, merges,
   token types (added special tokens CONTROL, other added tokens USER_DEFINED), bos / eos / pad,
   add_bos_token and the chat template. `tokenizer.ggml.pre` names llama.cpp's pre-tokenizer
   regex that splits text like ours: `Tokenizer.train_bpe` uses ByteLevel(use_regex=True), the
   GPT-2 split, which is llama.cpp's "gpt-2"; SmolLM2 splits digits first, "smollm"; Qwen2 and
   Llama 3 tokenizers are "qwen2" and "llama-bpe". Anything else is refused.
-The file is written to a temp sibling and renamed into place.
+The file is written to a temp sibling, fsynced and renamed into place.
 """
 
 from __future__ import annotations
@@ -206,17 +213,22 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def _dense_metadata(w, cfg, gguf) -> None:
-    """llama / qwen2 hyperparameters under `{arch}.*`, as the converter's LlamaModel / Qwen2Model write them."""
+def _shared_metadata(w, cfg, head_count_kv: int, rope_dims: int) -> None:
+    """The `{arch}.*` sizes every architecture has."""
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_head_count_kv(head_count_kv)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_dimension_count(rope_dims)
+
+
+def _dense_metadata(w, cfg, gguf) -> None:
+    """llama / qwen2 hyperparameters, as the converter's LlamaModel / Qwen2Model write them."""
+    _shared_metadata(w, cfg, cfg.num_key_value_heads, cfg.head_dim)
     if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
@@ -227,15 +239,7 @@ def _dense_metadata(w, cfg, gguf) -> None:
 
 def _deepseek2_metadata(w, cfg, gguf) -> None:
     """deepseek2 hyperparameters, as the converter's DeepseekV2Model writes them (MLA as MQA of one KV head)."""
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(1)  # absorbed MLA attends over the one shared latent
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.qk_rope_head_dim)
+    _shared_metadata(w, cfg, 1, cfg.qk_rope_head_dim)  # absorbed MLA attends over the one shared latent
     w.add_leading_dense_block_count(cfg.first_k_dense_replace if cfg.is_moe else cfg.num_hidden_layers)
     w.add_q_lora_rank(cfg.q_lora_rank or 0)  # llama.cpp requires the key; 0 = plain attn_q
     w.add_kv_lora_rank(cfg.kv_lora_rank)
