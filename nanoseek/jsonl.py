@@ -1,7 +1,9 @@
 """JSON Lines, read and written in one place: data files, training logs, kept traces.
 
     rows = read_jsonl("data.jsonl")                      # a bad line: NanoseekError "data.jsonl:7: not JSON (...)"
-    rows = read_jsonl(log, torn_tail=True)               # a log: a torn last line (a killed write) ends it
+    rows = read_jsonl(traces, errors="torn_tail")        # a torn last line (a killed append) is dropped
+    rows = read_jsonl(log, errors="stop")                # a log: the first bad line ends it
+    rows = read_jsonl(log, errors="skip")                # a report: bad lines (and bad bytes) are passed over
     for n, row in iter_jsonl(path): ...                  # with line numbers, for per-line checks
     write_jsonl(path, rows)                              # atomic, fsynced
     append_jsonl(path, rows, fsync=True)                 # appended, durable before the next step
@@ -27,12 +29,18 @@ def line(row) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
-def iter_jsonl(path: str | os.PathLike, torn_tail: bool = False) -> Iterator[tuple[int, object]]:
+ERRORS = ("strict", "torn_tail", "stop", "skip")
+
+
+def iter_jsonl(path: str | os.PathLike, errors: str = "strict") -> Iterator[tuple[int, object]]:
     """(line number, value) of each non-blank line. A line that is not JSON raises NanoseekError naming
-    the file and line; with `torn_tail`, a bad *last* line (cut short by a kill) ends the file instead."""
+    the file and line ("strict"), unless it is the last one ("torn_tail": cut short by a kill), or ends
+    the file ("stop"), or is passed over ("skip", which also reads undecodable bytes as U+FFFD)."""
+    if errors not in ERRORS:
+        raise ValueError(f"errors must be one of {ERRORS}")
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        lines = p.read_text(encoding="utf-8", errors="replace" if errors == "skip" else "strict").splitlines()
     except FileNotFoundError:
         raise NanoseekError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -42,16 +50,19 @@ def iter_jsonl(path: str | os.PathLike, torn_tail: bool = False) -> Iterator[tup
         if not text.strip():
             continue
         try:
-            yield n, json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError as e:
-            if torn_tail and n == last:
+            if errors == "skip":
+                continue
+            if errors == "stop" or (errors == "torn_tail" and n == last):
                 return
             raise NanoseekError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+        yield n, value
 
 
-def read_jsonl(path: str | os.PathLike, torn_tail: bool = False) -> list:
+def read_jsonl(path: str | os.PathLike, errors: str = "strict") -> list:
     """Every line's value (see iter_jsonl)."""
-    return [row for _, row in iter_jsonl(path, torn_tail)]
+    return [row for _, row in iter_jsonl(path, errors)]
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_dir, atomic_write
+from ..atomic import atomic_dir
 from ..config import ModelConfig
 from ..errors import NanoseekError
 from ..weights import save as save_model
@@ -177,18 +177,3 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     da, db = a.to_hf_config(), b.to_hf_config()
     skip = {"torch_dtype", "dtype"}
     return sorted(k for k in set(da) | set(db) if k not in skip and da.get(k) != db.get(k))
-
-
-def truncate_log(path: Path, step: int | None) -> None:
-    """Keep the lines of a JSONL log up to `step` (all of them dropped when step is None): a resumed
-    run rewrites what came after its checkpoint. A torn last line ends the kept part. Atomic."""
-    path = Path(path)
-    kept = []
-    if step is not None and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                break  # a torn last line
-    atomic_write(path, "".join(k + "\n" for k in kept))

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..args import add_fields
+from ..data.sampler import sub_seed
 from ..errors import NanoseekError
 from . import checkpoint
 from .grpo_loss import DEFAULT_CLIP, VARIANTS, entropy, group_advantages, policy_loss, token_weights
@@ -135,7 +136,7 @@ def rollout_copy(model, dtype: str):
 
 def sample_seed(seed: int, step: int, i: int) -> int:
     """Rollout seeds depend only on (seed, step, sample index): resuming reproduces the rollouts."""
-    return (seed * 1_000_003 + step * 100_003 + i) % (1 << 31)
+    return sub_seed(seed, step * 100_003 + i) % (1 << 31)
 
 
 # ------------------------------------------------------------------------------ rollouts

@@ -25,7 +25,7 @@ import torch
 
 from ..atomic import atomic_dir
 from ..errors import NanoseekError
-from ..jsonl import JsonlLog
+from ..jsonl import JsonlLog, read_jsonl, write_jsonl
 from . import checkpoint
 
 
@@ -83,8 +83,17 @@ class MetricsLog(JsonlLog):
     checkpoint's step are dropped first, so the log reads as if the run had never stopped."""
 
     def __init__(self, path: Path, resume_step: int | None):
-        checkpoint.truncate_log(path, resume_step)
+        truncate_log(path, resume_step)
         super().__init__(path, "a")
+
+
+def truncate_log(path: Path, step: int | None) -> None:
+    """Keep the records of a JSONL log up to `step` (none when step is None): a resumed run rewrites what
+    came after its checkpoint. A torn line (a kill mid-write) ends the kept part. Atomic."""
+    kept = []
+    if step is not None and Path(path).is_file():
+        kept = [r for r in read_jsonl(path, errors="stop") if r.get("step", 0) <= step]
+    write_jsonl(path, kept)
 
 
 class Progress:

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 
 from ..args import add_fields, from_args, module_main
+from ..data.sampler import sub_seed
 from ..errors import NanoseekError
 from ..jsonl import iter_jsonl
 from . import checkpoint
@@ -250,7 +251,7 @@ class PackedStream:
 
     def epoch(self, e: int):
         while len(self.epochs) <= e:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self.epochs))
+            g = torch.Generator().manual_seed(sub_seed(self.seed, len(self.epochs)))
             order = torch.randperm(len(self.examples), generator=g).tolist()
             ids, mask, _ = pack([self.examples[i] for i in order], self.row_len, self.pad_id)
             self.epochs.append((ids, mask))
