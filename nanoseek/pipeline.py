@@ -24,6 +24,7 @@ import dataclasses
 import sys
 
 from .atomic import write_json
+from .args import HelpFormatter
 from .errors import NanoseekError
 
 STAGES = ("cold-start", "reasoning", "rejection", "final-rl", "distill", "eval", "report")
@@ -128,7 +129,7 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "pipeline", help="DeepSeek-R1's multi-stage recipe: cold start, RL, rejection sampling, RL, distill",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description=__doc__.split("\n\n", 1)[1])
     s.add_argument("recipe", choices=["r1"], help="the recipe (r1)")
     s.add_argument("--model", required=True, help="the base model (e.g. runs/speedrun/pretrain/final)")

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from .atomic import atomic_write, write_json
+from .args import HelpFormatter
 from .errors import NanoseekError
 
 # Budgets for 2 CPU cores. gpu-small scales the same pipeline (bigger model, more steps).
@@ -261,7 +262,7 @@ STAGE_FUNCTIONS = {"pretrain": _pretrain_stage, "student": _student_stage, "grpo
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "speedrun", help="the whole recipe end to end: pretrain -> R1-Zero GRPO -> distill -> eval -> report",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description=__doc__.split("\n\n", 1)[1].split("\n\n", 1)[1] + "\nexamples:\n"
                     "  nanoseek speedrun --out runs/speedrun\n  nanoseek speedrun --out runs/speedrun --resume")
     s.add_argument("--out", default="runs/speedrun")

@@ -115,3 +115,65 @@ def test_tiny_preset_is_a_few_million_params_of_deepseek_v3():
     total, active = cfg.num_params()
     assert cfg.model_type == "deepseek_v3" and cfg.is_moe and cfg.num_nextn_predict_layers == 1
     assert 1e6 < total < 1e7 and active < total
+
+
+# -- validation: one clear NanoseekError naming the field, before anything is built -------------------
+@pytest.mark.parametrize("change, words", [
+    ({"hidden_size": 0}, "hidden_size must be an integer in [1,"),
+    ({"num_hidden_layers": -2}, "num_hidden_layers must be"),
+    ({"num_hidden_layers": 10**8}, "num_hidden_layers must be an integer in [1, 4096]"),
+    ({"vocab_size": "32000"}, "vocab_size must be"),
+    ({"num_attention_heads": 2.5}, "num_attention_heads must be"),
+    ({"num_attention_heads": True}, "num_attention_heads must be"),
+    ({"rms_norm_eps": 0}, "rms_norm_eps must be a positive number"),
+    ({"rope_theta": float("nan")}, "rope_theta must be a positive number"),
+    ({"rope_theta": 10**400}, "rope_theta must be a positive number"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false"),
+    ({"hidden_act": "gelu"}, "hidden_act must be one of silu"),
+    ({"eos_token_id": [1, "2"]}, "eos_token_id must be"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 2}}, "'dynamic' is not supported"),
+    ({"rope_scaling": [1, 2]}, "rope_scaling must be null or an object"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be null or an integer in [1,"),
+    ({"num_key_value_heads": 2}, "num_attention_heads=9 is not a multiple of num_key_value_heads=2"),
+    ({"num_attention_heads": 7, "num_key_value_heads": 7}, "hidden_size=576 is not divisible by num_attention_heads=7"),
+    ({"head_dim": 63}, "rotary dimension must be even"),
+])
+def test_bad_llama_values_are_refused_naming_the_field(change, words):
+    with pytest.raises(NanoseekError) as e:
+        ModelConfig.from_hf_config({**SMOLLM2_135M, **change})
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"n_routed_experts": 250}, "n_routed_experts=250 is not divisible by n_group=8"),
+    ({"topk_group": 9}, "topk_group=9 is larger than n_group=8"),
+    ({"n_group": 256, "topk_group": 4}, "leaves 1 per group"),
+    ({"n_group": 64, "topk_group": 1}, "num_experts_per_tok=8 is more than the 4 experts in the topk_group=1 kept groups"),
+    ({"num_experts_per_tok": 0}, "num_experts_per_tok must be an integer in [1,"),
+    ({"n_routed_experts": -1}, "n_routed_experts must be an integer in [0,"),
+    ({"qk_rope_head_dim": 63}, "rotary dimension must be even"),
+    ({"scoring_func": "relu"}, "scoring_func must be one of softmax, sigmoid"),
+    ({"q_lora_rank": 0}, "q_lora_rank must be null or an integer"),
+])
+def test_bad_deepseek_values_are_refused_naming_the_field(change, words):
+    with pytest.raises(NanoseekError) as e:
+        ModelConfig.from_hf_config({**DEEPSEEK_R1, **change})
+    assert words in str(e.value)
+
+
+def test_group_routing_edges_that_are_valid_still_load():
+    # 8 experts in 4 groups of 2, keep 2 groups: 4 reachable experts, top-4 is allowed
+    ModelConfig.from_hf_config({**DEEPSEEK_R1, "n_routed_experts": 8, "n_group": 4, "topk_group": 2,
+                                "num_experts_per_tok": 4})
+    # V2's group_limited_greedy scores a group by its best expert, so one expert per group is fine
+    ModelConfig.from_hf_config({**DEEPSEEK_V25, "n_routed_experts": 8, "n_group": 8, "topk_group": 6})
+    with pytest.raises(NanoseekError, match="not divisible by n_group"):   # but the groups must still divide
+        ModelConfig.from_hf_config({**DEEPSEEK_V25, "n_routed_experts": 7})
+
+
+@pytest.mark.parametrize("doc", [[1, 2], "x", None, {"text_config": [1]},
+                                 {**SMOLLM2_135M, "rope_theta": None, "rope_parameters": [1]}])
+def test_config_json_that_is_not_an_object_is_refused(doc):
+    with pytest.raises(NanoseekError):
+        ModelConfig.from_hf_config(doc)

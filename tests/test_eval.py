@@ -10,6 +10,7 @@ from nanoseek.data.synthetic import arithmetic_corpus
 from nanoseek.data.tasks import Example, get_task
 from nanoseek.eval import evaluate, majority_correct, score_samples
 from nanoseek.eval.evaluate import completion_text
+from nanoseek.eval.stats import wilson
 from nanoseek.infer import Engine, RequestOutput, SamplingParams
 from nanoseek.tokenizer import Tokenizer
 
@@ -44,6 +45,12 @@ def test_score_samples_by_hand():
     assert r["language_rate"] == pytest.approx((1 + 1 + 1 + 0 + 1 + 1 + 1 + 1 / 3) / 8)
     assert r["samples"][0] == {"question": E71.question, "answer": "71", "completion": completions[0][0],
                                "correct": True}
+    # intervals over the 2 problems: per-problem pass@1 3/4 and 1/4 -> mean 1/2, s = sqrt(1/8)
+    assert r["per_problem"] == {"pass@1": [0.75, 0.25], "maj@k": [1.0, 0.0], "greedy": [1.0, 0.0],
+                                "language": [pytest.approx(3 / 4), pytest.approx((3 + 1 / 3) / 4)]}
+    half = 1.959963984540054 * (1 / 8) ** 0.5 / 2 ** 0.5
+    assert r["pass@1_ci"] == pytest.approx([0.5 - half, 0.5 + half])
+    assert r["greedy_ci"] == pytest.approx(list(wilson(1, 2))) and r["maj@k_ci"] == r["greedy_ci"]
     json.dumps(r)
 
 

@@ -17,14 +17,15 @@ ROOT = Path(__file__).resolve().parents[1] / "nanoseek"
 # Layer of each top-level piece of the package, lowest first. A module may import its own layer or a
 # lower one. `nanoseek` is the package facade (`nanoseek.load`, `nanoseek.save`), above weights/.
 LAYERS = [
-    {"errors", "version", "atomic", "args", "jsonl"},   # leaves: errors, atomic writes, JSONL, argparse
+    {"errors", "version", "atomic", "args", "jsonl", "chat_template"},  # leaves: errors, atomic writes, JSONL,
+                                                                        # argparse, chat templates
     {"config", "tokenizer"},                     # ModelConfig and the counts; tokenizer and the R1 tags
     {"model"},                                   # pure math
     {"weights", "infer", "cost", "nanoseek"},    # load/save, the engine, the cost model
     {"data"},                                    # corpora, task suites, rewards' parsers
     {"train", "eval"},
     {"pipeline", "speedrun", "export", "serve"},
-    {"cli", "__main__"},                         # the top: nothing imports it
+    {"cli", "__main__", "chat"},                 # the top: nothing imports cli
 ]
 SERVE_MAY_IMPORT = {"serve", "infer", "weights", "errors", "version", "atomic", "args", "nanoseek"}
 

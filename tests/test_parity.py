@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import nanoseek
 from nanoseek.config import ModelConfig
 
-from conftest import randomize
+from conftest import assert_close_scaled, randomize
 
 MLA = dict(vocab_size=101, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
@@ -75,7 +75,7 @@ def test_transformers_to_nanoseek(case, tmp_path):
         expected = ref(x).logits
         got = ours(x)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= 1e-4
+    assert_close_scaled(got, expected, 1e-4)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -90,7 +90,7 @@ def test_nanoseek_to_transformers(case, tmp_path):
         ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     x = tokens()
     with torch.no_grad():
-        assert (ours(x) - ref(x).logits).abs().max().item() <= 1e-4
+        assert_close_scaled(ours(x), ref(x).logits, 1e-4)
 
 
 def test_v3_with_mtp_saves_layer_after_last_and_transformers_still_loads(tmp_path):
@@ -119,4 +119,4 @@ def test_v3_with_mtp_saves_layer_after_last_and_transformers_still_loads(tmp_pat
         warnings.simplefilter("ignore")
         ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (ref(x).logits - la).abs().max().item() <= 1e-4
+        assert_close_scaled(la, ref(x).logits, 1e-4)

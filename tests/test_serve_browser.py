@@ -82,8 +82,34 @@ def test_stop_button_aborts_the_stream(browser):
         page.click("#stop")
         page.wait_for_selector("#send", state="visible")
         assert page.locator(".stats").first.text_content().endswith("stopped")
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while live.worker.batch_size:              # the server saw the disconnect and freed the row
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        page.close()
+
+
+def test_failed_turn_is_not_resent(browser):
+    tok = tokenizer()
+    with live_server(engine_factory(scripted_model(tok), tok)) as live:
+        page = browser.new_page(bypass_csp=True)
+        bodies = []
+        page.on("request", lambda r: r.url.endswith("/v1/chat/completions") and bodies.append(r.post_data_json))
+        page.goto(live.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'nanoseek-tiny'")
+        page.click("#settings summary")
+        page.fill("#temperature", "0")
+        page.fill("#max_tokens", "-5")                      # the server answers 400
+        page.fill("#input", "First question")
+        page.press("#input", "Enter")
+        page.locator(".msg.assistant.error").wait_for()
+        page.wait_for_selector("#send", state="visible")
+        page.fill("#max_tokens", "")
+        page.fill("#input", "What is 2 plus 3?")
+        page.press("#input", "Enter")
+        page.wait_for_function("document.querySelectorAll('.msg.assistant .stats')[1].textContent !== ''")
+        assert page.locator(".msg.assistant .answer").nth(1).text_content() == ANSWER
+        assert len(bodies) == 2
+        assert bodies[1]["messages"] == [{"role": "user", "content": "What is 2 plus 3?"}]
+        assert "unsent" in page.locator(".msg.user").first.get_attribute("class")
         page.close()

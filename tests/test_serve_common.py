@@ -99,7 +99,7 @@ class Live:
 
 
 @contextmanager
-def live_server(make_engine, **app_kwargs):
+def live_server(make_engine, read_timeout=30.0, **app_kwargs):
     from nanoseek.serve.app import create_app
     from nanoseek.serve.cli import _bind, build_server
     from nanoseek.serve.worker import Worker
@@ -108,7 +108,8 @@ def live_server(make_engine, **app_kwargs):
     app = create_app(worker, MODEL, **app_kwargs)
     sock = _bind("127.0.0.1", 0)
     port = sock.getsockname()[1]
-    server = build_server(app, worker, "127.0.0.1", port, drain_timeout=10, log_level="warning")
+    server = build_server(app, worker, "127.0.0.1", port, drain_timeout=10, log_level="warning",
+                          read_timeout=read_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -94,3 +94,17 @@ def test_bad_messages_and_missing_tokenizer(tok, tmp_path):
         tok.apply_chat_template([{"content": "hi"}])
     with pytest.raises(NanoseekError, match="no tokenizer.json"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_dialogue_template_renders_the_task_prompt():
+    from nanoseek.data.tasks import render
+    from nanoseek.tokenizer import DIALOGUE_TEMPLATE
+    tok = Tokenizer.train_bpe(["User: Question: 1 + 2 = ?\nAssistant: <think> 3 </think>"] * 5, vocab_size=300)
+    tok.chat_template = DIALOGUE_TEMPLATE
+    q = "Question: 487 + 356 = ?"
+    assert tok.apply_chat_template([{"role": "user", "content": q}]) == render("r1-zero-short", q)
+    history = [{"role": "user", "content": "Question: 1 + 2 = ?"},
+               {"role": "assistant", "content": "3 </think> <answer> 3 </answer>"},
+               {"role": "user", "content": q}]
+    assert tok.apply_chat_template(history) == ("User: Question: 1 + 2 = ?\nAssistant: <answer> 3 </answer>\n"
+                                                + render("r1-zero-short", q))

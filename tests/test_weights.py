@@ -139,3 +139,44 @@ def test_cli_help_has_examples():
     for cmd in ([], ["generate"], ["chat"], ["info"], ["speedrun"]):
         r = cli(*cmd, "--help")
         assert r.returncode == 0 and "example" in r.stdout
+
+
+# -- hostile or broken files: one NanoseekError, nothing read from outside the directory -------------
+def _sharded(tmp_path, index_doc):
+    d = tmp_path / "m"
+    nanoseek.save(tiny_v3(), None, d)
+    (d / "model.safetensors.index.json").write_text(json.dumps(index_doc))
+    return d
+
+
+@pytest.mark.parametrize("doc, words", [
+    ({"weight_map": {"lm_head.weight": "../outside.safetensors"}}, "inside the model directory"),
+    ({"weight_map": {"lm_head.weight": "/etc/passwd"}}, "inside the model directory"),
+    ({"weight_map": {"lm_head.weight": "sub/../../x.safetensors"}}, "inside the model directory"),
+    ({"weight_map": {"lm_head.weight": "C:\\x.safetensors"}}, "inside the model directory"),
+    ({"weight_map": {"lm_head.weight": "model.bin"}}, "inside the model directory"),
+    ({"weight_map": {"lm_head.weight": 3}}, "malformed index"),
+    ({"weight_map": [["lm_head.weight", "model.safetensors"]]}, "malformed index"),
+    ([1, 2], "malformed index"),
+    ({"metadata": {}}, "malformed index"),
+])
+def test_bad_safetensors_index_is_refused(tmp_path, doc, words):
+    outside = tmp_path / "outside.safetensors"
+    save_file({"x": torch.zeros(1)}, str(outside))
+    d = _sharded(tmp_path, doc)
+    with pytest.raises(NanoseekError) as e:
+        nanoseek.load(d)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_index_that_is_not_utf8_json_is_refused(tmp_path):
+    d = _sharded(tmp_path, {})
+    (d / "model.safetensors.index.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(NanoseekError, match="not valid JSON"):
+        nanoseek.load(d)
+
+
+def test_fp8_scale_of_the_wrong_shape_is_refused():
+    w = torch.zeros(300, 200).to(torch.float8_e4m3fn)
+    with pytest.raises(NanoseekError, match="does not match a 300x200 weight"):
+        dequant_fp8_block(w, torch.ones(2, 2))

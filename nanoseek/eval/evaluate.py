@@ -17,6 +17,8 @@ The R1 setting (DeepSeek-R1 §3): k samples per problem at temperature 0.6, top-
   format_rate    share of well-formed sampled completions (rewards.parse_response)
   language_rate  mean language consistency of the chain of thought (the text before </think>, or
                  the whole completion if it never closes it) in the problem's language
+  *_ci           95% intervals (pass@1: over per-problem accuracy; maj@k, greedy: Wilson), and
+  per_problem    each problem's scores, for paired comparisons of models (eval.stats)
 Generation goes through the batched nanoseek.infer.Engine with stop=["</answer>"]; the engine drops
 a stop string from the text, so it is put back for parsing.
 """
@@ -32,8 +34,10 @@ from pathlib import Path
 from ..atomic import write_json
 from ..data.sampler import sub_seed
 from ..data.tasks import Example, Task, TEMPLATES, get_task, render
+from ..args import HelpFormatter
 from ..errors import NanoseekError
 from ..data.rewards import END_ANSWER, LANGUAGES, Response, language_consistency, parse_response
+from .stats import mean_ci, wilson
 
 TEMPERATURE, TOP_P = 0.6, 0.95
 STOP = [END_ANSWER]
@@ -91,8 +95,16 @@ def score_samples(examples: list[Example], completions: list[list[str]], task: T
     mean = lambda xs: sum(map(float, xs)) / len(xs)  # noqa: E731
     out = {"task": task.name, "n": len(examples), "k": k, "pass@1": mean(correct), "maj@k": mean(maj),
            "greedy": None, "mean_length": None, "format_rate": mean(formed), "language_rate": mean(lang)}
+    # 95% intervals over problems (k samples of one problem are correlated), and the per-problem
+    # scores themselves, so two models on the same problems can be compared pairwise (eval.stats)
+    per_problem = [mean(correct[i * k:(i + 1) * k]) for i in range(len(examples))]
+    out["pass@1_ci"] = list(mean_ci(per_problem)[1:])
+    out["maj@k_ci"] = list(wilson(sum(maj), len(maj)))
+    out["per_problem"] = {"pass@1": per_problem, "maj@k": [float(x) for x in maj],
+                          "language": [mean(lang[i * k:(i + 1) * k]) for i in range(len(examples))]}
     if greedy is not None:
-        out["greedy"] = mean([_correct(task, parse_response(g), ex) for g, ex in zip(greedy, examples)])
+        g = [float(_correct(task, parse_response(c), ex)) for c, ex in zip(greedy, examples)]
+        out["greedy"], out["greedy_ci"], out["per_problem"]["greedy"] = mean(g), list(wilson(sum(g), len(g))), g
     if lengths is not None:
         out["mean_length"] = mean([x for row in lengths for x in row])
     out["samples"] = [{"question": ex.question, "answer": ex.answer, "completion": c[0],
@@ -153,7 +165,7 @@ def evaluate(model, tok, task: Task, n: int = 200, k: int = 4, template: str = "
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "eval", help="evaluate a model on a verifiable task: pass@1, maj@k, greedy accuracy",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Evaluate on held-out problems of a task: pass@1 over k samples at temperature 0.6,\n"
                     "top-p 0.95 (the R1 setting), maj@k, greedy accuracy, mean length, format and\n"
                     "language rates. Prints one JSON object.\n\nexamples:\n"

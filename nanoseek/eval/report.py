@@ -33,6 +33,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from .. import jsonl
+from ..args import HelpFormatter
 from ..errors import NanoseekError
 
 KNOWN = ("pretrain/metrics.jsonl", "grpo/metrics.jsonl", "distill/metrics.jsonl", "distill/dataset_stats.json",
@@ -139,6 +140,14 @@ def count(x) -> str:
 
 def pct(x) -> str:
     return f"{100 * x:.1f}%" if _num(x) else "–"
+
+
+def with_ci(row: dict, key: str) -> str:
+    """A rate with its 95% interval when the evaluation recorded one: 74.8% [70.1, 79.2]."""
+    ci = row.get(f"{key}_ci")
+    if not (_num(row.get(key)) and isinstance(ci, list) and len(ci) == 2 and all(map(_num, ci))):
+        return pct(row.get(key))
+    return f"{pct(row[key])} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def money(x) -> str:
@@ -351,32 +360,38 @@ def eval_section(run: Path, plots: Plots) -> list[str]:
     ks = {r.get("k") for r in rows if r.get("k") is not None}
     maj = f"maj@{ks.pop()}" if len(ks) == 1 else "maj@k"
     headers = ["model", "task", "pass@1", maj, "greedy", "mean length", "format rate", "language rate"]
-    body = [[r.get("model", "?"), r.get("task", "?"), pct(r.get("pass@1")), pct(r.get("maj@k")), pct(r.get("greedy")),
+    body = [[r.get("model", "?"), r.get("task", "?"), with_ci(r, "pass@1"), with_ci(r, "maj@k"), with_ci(r, "greedy"),
              r.get("mean_length"), pct(r.get("format_rate")), pct(r.get("language_rate"))] for r in rows]
     if any("n" in r for r in rows):
         headers.append("n")
         for b, r in zip(body, rows):
             b.append(r.get("n"))
     out.append(table(headers, body))
-    models = list(dict.fromkeys(str(r.get("model", "?")) for r in rows))
-    tasks = list(dict.fromkeys(str(r.get("task", "?")) for r in rows))
-    score = {(str(r.get("model", "?")), str(r.get("task", "?"))): r.get("pass@1") for r in rows}
-    if any(_num(v) for v in score.values()):
-        fig, (ax,) = plots.figure(width=max(4.0, 1.2 * len(models) * max(1, len(tasks)) ** 0.5))
-        w = 0.8 / len(tasks)
-        for t_i, task in enumerate(tasks):
-            xs = [m_i + (t_i - (len(tasks) - 1) / 2) * w for m_i in range(len(models))]
-            ys = [100 * score[(m, task)] if _num(score.get((m, task))) else 0.0 for m in models]
-            bars = ax.bar(xs, ys, w, label=task)
-            ax.bar_label(bars, fmt="%.1f", fontsize=7)
-        ax.set_xticks(range(len(models)), models)
-        ax.set_xlabel("model")
-        ax.set_ylabel("pass@1 (%)")
-        ax.set_ylim(0, 105)
-        ax.set_title("pass@1 per model")
-        _legend(ax)
-        out.append(plots.save(fig, "eval_pass1"))
+    scored = [r for r in rows if _num(r.get("pass@1"))]
+    if scored:
+        out.append(plots.save(pass1_bars(plots, scored), "eval_pass1"))
     return out
+
+
+def pass1_bars(plots: "Plots", rows: list[dict]):
+    """Horizontal bars (labels stay readable however many models), value labels, 95% intervals."""
+    names = [f"{r.get('model', '?')}" + (f" ({r['task']})" if len({x.get('task') for x in rows}) > 1 else "")
+             for r in rows]
+    ys = [100 * r["pass@1"] for r in rows]
+    ci = [r.get("pass@1_ci") for r in rows]
+    err = [[100 * r["pass@1"] - 100 * c[0] if c else 0 for r, c in zip(rows, ci)],
+           [100 * c[1] - 100 * r["pass@1"] if c else 0 for r, c in zip(rows, ci)]]
+    fig, (ax,) = plots.figure(width=7.0, height=0.45 * len(rows) + 1.2)
+    pos = list(range(len(rows)))[::-1]                      # first row on top
+    bars = ax.barh(pos, ys, xerr=err if any(ci) else None, capsize=3, color="#4c72b0",
+                   error_kw={"elinewidth": 1, "ecolor": "#333"})
+    ax.bar_label(bars, labels=[f"{y:.1f}%" for y in ys], padding=4, fontsize=8)
+    ax.set_yticks(pos, names, fontsize=8)
+    ax.set_xlim(0, 110)
+    ax.set_xlabel("held-out pass@1 (%)" + (", bars: 95% CI" if any(ci) else ""))
+    ax.set_title("pass@1 per model")
+    ax.grid(axis="y", alpha=0)
+    return fig
 
 
 def _cost_entries(data) -> list[tuple[str, dict]]:
@@ -463,6 +478,19 @@ def chat_section(run: Path) -> list[str]:
     return out
 
 
+def claims_section(run: Path) -> list[str]:
+    """The seed-claims table (eval.claims) when the run evaluated models by role (a speedrun)."""
+    from .claims import claims_markdown, seed_claims
+    data = read_json(run / "eval.json")
+    rows = data.get("rows") if isinstance(data, dict) else None
+    if not (isinstance(rows, list) and any(isinstance(r, dict) and "role" in r for r in rows)):
+        return []
+    return ["## Seed claims", "Each claim of the DeepSeek papers, the paper's figure, and this run's (95% intervals "
+            "over the same held-out problems; differences are paired). Reproduced: **yes** when the interval "
+            "excludes no effect, **partly** when only the direction or half of the claim holds.",
+            claims_markdown(seed_claims(run))]
+
+
 def summary_section(summary: dict) -> list[str]:
     items = [(k, v) for k, v in _flatten(summary) if k != "title"]
     if not items:
@@ -487,6 +515,7 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None) -> Path:
     plots = Plots(run)
     parts = [f"# {title}", f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by "
              f"`nanoseek report {run.name}` from the logs in this directory."]
+    parts += claims_section(run)
     parts += summary_section(summary)
     for section in (pretrain_section, grpo_section, distill_section, eval_section):
         parts += section(run, plots)
@@ -505,7 +534,7 @@ def run(args) -> int:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "report", help="report card of a run: markdown + PNG plots from its logs",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Rebuild RUN_DIR/report.md and RUN_DIR/plots/*.png from the logs a run left\n"
                     "(pretrain/, grpo/, distill/ metrics, eval.json, cost.json, chat.json, summary.json);\n"
                     "missing parts are marked \"not run\". Prints the report's path.\n\n"

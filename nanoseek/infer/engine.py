@@ -383,10 +383,13 @@ class Engine:
         return [self._output(r) for r in reqs]
 
     def stream(self, prompts: list[str | list[int]], params: SamplingParams | None = None) -> Iterator[Delta]:
-        for prompt in prompts:
-            self.add_request(prompt, params)
-        while self.has_work():
-            yield from self.step()
+        ids = [self.add_request(prompt, params) for prompt in prompts]
+        try:
+            while self.has_work():
+                yield from self.step()
+        finally:   # a consumer that stops early (Ctrl-C, a closed generator) frees its requests' rows
+            for rid in ids:
+                self.abort(rid)
 
     @staticmethod
     def _output(r: _Request) -> RequestOutput:

@@ -15,11 +15,13 @@ Every error has OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..infer import QueueFull, SamplingParams
+from .guard import Guard, HostCheck
 from .protocol import ApiError, GenRequest, bad, parse_chat, parse_completion
 from .worker import Event, Job, Unavailable, Worker
 
@@ -44,16 +47,25 @@ ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1
 
 def create_app(worker: Worker, model_name: str, api_key: str | None = None,
                reasoning_budget: int | None = None, log_prompts: bool = False,
-               max_body_bytes: int = 4 << 20) -> FastAPI:
+               max_body_bytes: int = 4 << 20, max_tokens: int | None = None, host: str = "127.0.0.1",
+               allowed_hosts: list[str] | None = None, max_concurrency: int | None = None,
+               body_timeout: float = 30.0, template_seconds: float = 5.0) -> FastAPI:
+    """max_tokens: the server's cap per request (None: the context); host: the bound address the Host
+    header is checked against (with allowed_hosts); body_timeout: seconds to receive a request body;
+    template_seconds: the chat template's render bound."""
+    templates = ThreadPoolExecutor(2, thread_name_prefix="nanoseek-template")   # renders off the event loop
+
     @asynccontextmanager
     async def lifespan(app):
         worker.start()
         yield
+        templates.shutdown(wait=False, cancel_futures=True)
         await asyncio.to_thread(worker.close)
 
     app = FastAPI(title="nanoseek", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.add_middleware(_CountAndHeaders, metrics=worker.metrics)
+    app.add_middleware(Guard, hosts=HostCheck(host, allowed_hosts), max_concurrency=max_concurrency)
+    app.add_middleware(_CountAndHeaders, metrics=worker.metrics)     # outermost: counts Guard's answers too
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     metrics = worker.metrics
 
@@ -98,10 +110,17 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None,
         if size.isdigit() and int(size) > max_body_bytes:
             raise ApiError(413, f"request body larger than {max_body_bytes} bytes", code="request_too_large")
         raw = bytearray()
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > max_body_bytes:
-                raise ApiError(413, f"request body larger than {max_body_bytes} bytes", code="request_too_large")
+
+        async def receive():
+            async for chunk in request.stream():
+                raw.extend(chunk)
+                if len(raw) > max_body_bytes:
+                    raise ApiError(413, f"request body larger than {max_body_bytes} bytes", code="request_too_large")
+        try:
+            await asyncio.wait_for(receive(), body_timeout)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {body_timeout:g} s",
+                           code="request_timeout") from None
         try:
             body = json.loads(bytes(raw), parse_constant=_no_constants)
         except (ValueError, RecursionError) as e:
@@ -158,14 +177,11 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None,
         same_origin(request)
         body = await read_json(request)
         ready()
-        req = parse_chat(body, model_name, reasoning_budget)
-        try:
-            prompt = worker.tok.apply_chat_template(req.messages)
-        except Exception as e:  # noqa: BLE001 - the template may raise_exception() on bad input
-            raise bad("messages", f"the chat template rejected the messages: {e}") from None
-        ids = await asyncio.to_thread(worker.tok.encode, prompt)
+        req = parse_chat(body, model_name, reasoning_budget, max_tokens)
+        prompt, ids = await _render_chat(worker.tok, req.messages, templates, template_seconds)
         started_in_reasoning = prompt.rstrip().endswith("<think>")
-        jobs = _jobs(req, [ids], worker, reasoning=True, started_in_reasoning=started_in_reasoning)
+        jobs = _jobs(req, [ids], worker, reasoning=True, started_in_reasoning=started_in_reasoning,
+                     cap=max_tokens)
         ctx = _Ctx("chatcmpl", "chat", model_name, t0, prompt, [ids], jobs, log_prompts)
         return await _respond(request, worker, req, ctx, _chat_stream, _chat_body)
 
@@ -176,11 +192,11 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None,
         same_origin(request)
         body = await read_json(request)
         ready()
-        req = parse_completion(body, model_name, worker.tok.vocab_size)
+        req = parse_completion(body, model_name, worker.tok.vocab_size, max_tokens)
         prompts = [p if isinstance(p, list) else await asyncio.to_thread(worker.tok.encode, p) for p in req.prompts]
         if not all(prompts):
             raise bad("prompt", "the prompt encodes to no tokens")
-        jobs = _jobs(req, prompts, worker, reasoning=False)
+        jobs = _jobs(req, prompts, worker, reasoning=False, cap=max_tokens)
         ctx = _Ctx("cmpl", "completions", model_name, t0, req.prompts, prompts, jobs, log_prompts)
         return await _respond(request, worker, req, ctx, _completion_stream, _completion_body)
 
@@ -227,20 +243,39 @@ class _Ctx:
                  u["prompt_tokens"], u["completion_tokens"], ",".join(map(str, finish)), dt)
 
 
+async def _render_chat(tok, messages, pool, seconds: float) -> tuple[str, list[int]]:
+    """The chat prompt and its ids, rendered in `pool` (a looping template cannot hold the event loop)."""
+    loop = asyncio.get_running_loop()
+    render = functools.partial(tok.encode_chat, messages, seconds=seconds)
+    try:
+        return await asyncio.wait_for(loop.run_in_executor(pool, render), 2 * seconds + 1)
+    except asyncio.TimeoutError:   # the render ignored its own deadline: stop waiting for it
+        raise bad("messages", f"the chat template did not finish within {2 * seconds + 1:g} s") from None
+    except RuntimeError as e:      # the pool is shut down: the server is stopping
+        raise ApiError(503, f"the server is shutting down ({e})", code="draining") from None
+    except Exception as e:  # noqa: BLE001 - NanoseekError from a bound, raise_exception() in the template
+        raise bad("messages", f"the chat template rejected the messages: {str(e)[:300]}") from None
+
+
 def _jobs(req: GenRequest, prompts: list[list[int]], worker: Worker, reasoning: bool,
-          started_in_reasoning: bool = False) -> list[Job]:
-    """One Job per (prompt, choice); max_tokens is clamped to what the context has left."""
+          started_in_reasoning: bool = False, cap: int | None = None) -> list[Job]:
+    """One Job per (prompt, choice); a max_tokens past the context left after the prompt is a 400."""
     jobs, max_seq = [], worker.engine.max_seq_len
     for pi, ids in enumerate(prompts):
         left = max_seq - len(ids)
         if left < 1:
             raise ApiError(400, f"the prompt has {len(ids)} tokens; this server's context is {max_seq}",
                            param="messages" if reasoning else "prompt", code="context_length_exceeded")
+        if req.max_tokens is not None and req.max_tokens > left:
+            raise ApiError(400, f"max_tokens is {req.max_tokens}, but this server's context is {max_seq} tokens "
+                                f"and the prompt has {len(ids)}: at most {left} can be generated",
+                           param="max_tokens", code="context_length_exceeded")
+        n_tokens = req.max_tokens or min(left, req.default_max_tokens or left, cap or left)
         for j in range(req.n):
             p = dict(req.params)
             if p["seed"] is not None:
                 p["seed"] = (p["seed"] + j) & (2**63 - 1)
-            params = SamplingParams(max_tokens=min(req.max_tokens or left, left), logprobs=req.logprobs, **p)
+            params = SamplingParams(max_tokens=n_tokens, logprobs=req.logprobs, **p)
             jobs.append(Job(ids, params, index=pi * req.n + j, reasoning=reasoning,
                             started_in_reasoning=started_in_reasoning, budget=req.budget if reasoning else None))
     return jobs

@@ -2,7 +2,8 @@
 
     nanoseek serve --model DIR_OR_GGUF [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                    [--max-batch N] [--max-queue N] [--quantize fp16|int8|int4|w8a8]
-                   [--reasoning-budget N] [--log-prompts]
+                   [--reasoning-budget N] [--log-prompts] [--max-tokens N] [--allowed-hosts a,b]
+                   [--max-concurrency N] [--read-timeout S]
     python -m nanoseek.serve --model DIR        # the same, without the nanoseek CLI
 
 The socket is bound first (a busy port is a one-line error, exit 2), then uvicorn starts at once
@@ -21,6 +22,7 @@ import socket
 import sys
 from pathlib import Path
 
+from ..args import HelpFormatter
 from ..errors import NanoseekError
 
 log = logging.getLogger("nanoseek.serve")
@@ -42,6 +44,15 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-batch", type=int, default=32, help="requests decoded together (default 32)")
     s.add_argument("--max-queue", type=int, default=256, help="requests waiting beyond the batch; more get 429")
     s.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + completion)")
+    s.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens one request may generate (default: what the context leaves); more is a 400")
+    s.add_argument("--allowed-hosts", default="",
+                   help="comma-separated Host names this server answers to besides its address "
+                        "(e.g. chat.example.com,*.example.com; '*' for any): guards against DNS rebinding")
+    s.add_argument("--max-concurrency", type=int, default=512,
+                   help="requests in flight (streaming ones included); more get 503 (default 512)")
+    s.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a client has to send its request head, and again its body (default 30)")
     s.add_argument("--quantize", choices=["fp16", "int8", "int4", "w8a8"], default=None,
                    help="quantize linear layers (fp16: fastest lossless on AVX2; w8a8: faster, but lossy)")
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="default float32")
@@ -55,7 +66,7 @@ def add_arguments(s: argparse.ArgumentParser) -> None:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "serve", help="OpenAI-compatible server with visible reasoning and a web chat page",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Serve a model over an OpenAI-compatible HTTP API (/v1/chat/completions,\n"
                     "/v1/completions, /v1/models, /health, /metrics) with continuous batching;\n"
                     "reasoning goes to message.reasoning_content. A chat page is served at /.\n\n" + EXAMPLES)
@@ -66,9 +77,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _check(args) -> None:
     """Cheap checks before the server starts (the weights themselves load in the engine thread)."""
-    for name, lo in (("max_batch", 1), ("max_queue", 1), ("max_seq_len", 2), ("port", 0)):
+    for name, lo in (("max_batch", 1), ("max_queue", 1), ("max_seq_len", 2), ("port", 0), ("max_concurrency", 1)):
         if getattr(args, name) < lo:
             raise NanoseekError(f"--{name.replace('_', '-')} must be >= {lo}")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise NanoseekError("--max-tokens must be >= 1")
+    if not 0 < args.read_timeout < 1e6:
+        raise NanoseekError("--read-timeout must be a positive number of seconds")
     if args.port > 65535:
         raise NanoseekError("--port must be <= 65535")
     if args.threads is not None and args.threads < 1:
@@ -114,9 +129,12 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def build_server(app, worker, host="127.0.0.1", port=0, drain_timeout=60.0, log_level="info"):
-    """A uvicorn server whose first SIGTERM/SIGINT makes the worker stop admitting (503) before draining."""
+def build_server(app, worker, host="127.0.0.1", port=0, drain_timeout=60.0, log_level="info", read_timeout=30.0):
+    """A uvicorn server whose first SIGTERM/SIGINT makes the worker stop admitting (503) before draining;
+    a connection that does not complete its request head within read_timeout seconds is closed."""
     import uvicorn
+
+    from .guard import head_timeout_protocol
 
     class DrainingServer(uvicorn.Server):
         def handle_exit(self, sig, frame):
@@ -124,7 +142,8 @@ def build_server(app, worker, host="127.0.0.1", port=0, drain_timeout=60.0, log_
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=drain_timeout, timeout_keep_alive=5)
+                            timeout_graceful_shutdown=drain_timeout, timeout_keep_alive=5,
+                            http=head_timeout_protocol(read_timeout), h11_max_incomplete_event_size=64 << 10)
     return DrainingServer(config)
 
 
@@ -160,9 +179,12 @@ def run(args) -> int:
     sock = _bind(args.host, args.port)
     name = args.model_name or (Path(args.model).stem if Path(args.model).is_file() else Path(args.model).resolve().name)
     worker = Worker(make_engine)
+    allowed = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     app = create_app(worker, name, api_key=args.api_key, reasoning_budget=args.reasoning_budget,
-                     log_prompts=args.log_prompts)
-    server = build_server(app, worker, args.host, sock.getsockname()[1], args.drain_timeout)
+                     log_prompts=args.log_prompts, max_tokens=args.max_tokens, host=args.host,
+                     allowed_hosts=allowed, max_concurrency=args.max_concurrency, body_timeout=args.read_timeout)
+    server = build_server(app, worker, args.host, sock.getsockname()[1], args.drain_timeout,
+                          read_timeout=args.read_timeout)
     worker.on_failed = lambda msg: setattr(server, "should_exit", True)
     log.info("nanoseek serve: %s as '%s' on http://%s:%d (loading the model)", args.model, name,
              args.host, sock.getsockname()[1])
@@ -173,7 +195,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nanoseek.serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m nanoseek.serve", formatter_class=HelpFormatter,
                                 description=__doc__.split("\n\n")[0] + "\n\n" + EXAMPLES)
     add_arguments(p)
     args = p.parse_args(argv)

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 INT64 = 2**63
 MAX_N = 16
+# Below this, logits / T overflow float32 and sampling degenerates (1e-40 gave EOS every time);
+# vLLM treats temperatures under the same epsilon (_SAMPLING_EPS = 1e-5) as greedy.
+MIN_TEMPERATURE = 1e-5
 ROLES = {"system", "developer", "user", "assistant"}
 
 
@@ -24,7 +27,8 @@ class ApiError(Exception):
     """An error response: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
              404: "not_found_error",
-             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+             405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
+             421: "invalid_request_error", 429: "rate_limit_error",
              500: "server_error", 503: "service_unavailable"}
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
@@ -104,7 +108,8 @@ class GenRequest:
     """What the server needs from either endpoint."""
     model: str | None
     params: dict                             # SamplingParams fields except max_tokens
-    max_tokens: int | None                   # None: as many as the context allows
+    max_tokens: int | None                   # as the client asked; None: not given
+    default_max_tokens: int | None           # when not given (None: as many as the context allows)
     n: int
     stream: bool
     include_usage: bool
@@ -116,7 +121,7 @@ class GenRequest:
 
 
 def _common(body: dict, served_model: str, default_budget: int | None, max_tokens_default: int | None,
-            max_tokens_names=("max_tokens",)) -> dict:
+            max_tokens_names=("max_tokens",), max_tokens_cap: int | None = None) -> dict:
     """The fields both endpoints share."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
@@ -130,7 +135,12 @@ def _common(body: dict, served_model: str, default_budget: int | None, max_token
     max_tokens = None
     for name in max_tokens_names:
         max_tokens = _int(body, name, max_tokens, lo=1)
+        if max_tokens_cap is not None and max_tokens is not None and max_tokens > max_tokens_cap:
+            raise bad(name, f"'{name}' is {str(max_tokens)[:24]}, more than this server's limit of "
+                            f"{max_tokens_cap} tokens (--max-tokens)")
     temperature = _float(body, "temperature", 1.0, 0, 2)
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
     top_p = _float(body, "top_p", 1.0, 0, 1)
     if top_p == 0:                      # OpenAI accepts 0: only the most likely token survives
         temperature, top_p = 0.0, 1.0
@@ -149,14 +159,15 @@ def _common(body: dict, served_model: str, default_budget: int | None, max_token
         repetition_penalty=_float(body, "repetition_penalty", 1.0, 0.01, 100),
         stop=_stop(body), seed=seed & (INT64 - 1) if seed is not None else None,
     )
-    return dict(model=model, params=params, max_tokens=max_tokens or max_tokens_default,
+    return dict(model=model, params=params, max_tokens=max_tokens, default_max_tokens=max_tokens_default,
                 n=_int(body, "n", 1, 1, MAX_N), stream=_bool(body, "stream"),
                 include_usage=_bool(stream_options or {}, "include_usage") if stream_options else False,
                 budget=budget if budget is not None else default_budget)
 
 
-def parse_chat(body, served_model: str, default_budget: int | None = None) -> GenRequest:
-    c = _common(body, served_model, default_budget, None, ("max_tokens", "max_completion_tokens"))
+def parse_chat(body, served_model: str, default_budget: int | None = None,
+               max_tokens_cap: int | None = None) -> GenRequest:
+    c = _common(body, served_model, default_budget, None, ("max_tokens", "max_completion_tokens"), max_tokens_cap)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list of {role, content} objects")
@@ -190,8 +201,8 @@ def _content(v, param) -> str:
     raise bad(param, f"{param} must be a string or a list of text parts")
 
 
-def parse_completion(body, served_model: str, vocab_size: int) -> GenRequest:
-    c = _common(body, served_model, None, 16)
+def parse_completion(body, served_model: str, vocab_size: int, max_tokens_cap: int | None = None) -> GenRequest:
+    c = _common(body, served_model, None, 16, max_tokens_cap=max_tokens_cap)
     c["budget"] = None
     prompt = body.get("prompt") if isinstance(body, dict) else None
     if isinstance(prompt, str):

@@ -48,7 +48,7 @@ from typing import Callable
 import torch
 
 from ..atomic import atomic_write
-from ..args import add_fields, from_args, module_main
+from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..data.sampler import sub_seed
 from ..errors import NanoseekError
 from ..jsonl import append_jsonl, read_jsonl, write_jsonl
@@ -384,7 +384,7 @@ HELP = {
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..data.tasks import TEMPLATES
     s = subparsers.add_parser("distill", help="distill a reasoning teacher into a student (rejection sampling + SFT)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
+                              formatter_class=HelpFormatter, description=DESCRIPTION)
     add_fields(s, DistillArgs, HELP, {"template": sorted(TEMPLATES)}, required={"teacher"})
     s.set_defaults(func=run)
     return s

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..args import add_fields
+from ..args import HelpFormatter, add_fields
 from ..data.sampler import sub_seed
 from ..errors import NanoseekError
 from . import checkpoint
@@ -520,7 +520,7 @@ HELP = {
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "grpo", help="reinforcement learning with GRPO on rule-checked rewards (R1-Zero)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="R1-Zero-style RL: G samples per question from the inference engine, rule-checked rewards\n"
                     "(accuracy, format, language consistency), group-normalised advantages, clipped objective.\n\n"
                     "examples:\n"

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .. import cost
-from ..args import add_fields, from_args, module_main
+from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
@@ -119,7 +119,7 @@ def model_config(a: PretrainArgs, tok) -> ModelConfig:
 def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     """(tokenizer, token array, data key, sample prompts); rank 0 tokenizes, the others read its cache."""
     from ..data import arithmetic_corpus, cached_tokenizer, demo_prompts, documents_hash, read_documents, token_file
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import DIALOGUE_TEMPLATE, Tokenizer
 
     if a.corpus:
         docs = read_documents(a.corpus)
@@ -154,6 +154,8 @@ def prepare_data(a: PretrainArgs, info: dist.DistInfo, ckpt_dir: Path | None):
     if not info.main:
         result = build()
     tok, tokens = result
+    if not a.corpus and not a.tokenizer:   # the model learns the corpus's dialogue format: chat in that format
+        tok.chat_template = DIALOGUE_TEMPLATE
     prompts = demo_prompts() if not a.corpus else [tok.decode(tokens[:16].tolist(), skip_special_tokens=True)]
     return tok, tokens, key, prompts
 
@@ -442,7 +444,7 @@ CHOICES = {"schedule": SCHEDULES, "dtype": ("auto", "fp32", "bf16"), "arch": ("l
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser(
         "pretrain", help="pretrain a DeepSeek-V3-style model from scratch (MTP, aux-loss-free balance)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         description="Pretrain from scratch: next-token + multi-token-prediction loss, auxiliary-loss-free\n"
                     "load balancing, resumable checkpoints, DDP/FSDP2 under torchrun.\n\nexamples:\n"
                     "  nanoseek pretrain --out runs/tiny                        # CPU demo, synthetic arithmetic\n"

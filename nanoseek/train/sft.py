@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..args import add_fields, from_args, module_main
+from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..data.sampler import sub_seed
 from ..errors import NanoseekError
 from ..jsonl import iter_jsonl
@@ -461,7 +461,7 @@ CHOICES = {"template": TEMPLATES, "schedule": SCHEDULES, "dtype": ("auto", "fp32
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     s = subparsers.add_parser("sft", help="supervised fine-tuning on JSONL chats (assistant-only loss)",
-                              formatter_class=argparse.RawDescriptionHelpFormatter, description=DESCRIPTION)
+                              formatter_class=HelpFormatter, description=DESCRIPTION)
     add_fields(s, SFTArgs, HELP, CHOICES, required={"model", "data", "out"}, exclusive={"steps", "epochs"},
                skip={"beta1", "beta2"})
     s.set_defaults(func=run)

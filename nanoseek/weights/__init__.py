@@ -79,10 +79,18 @@ def load(path, dtype: torch.dtype | None = None, device=None):
     cfg = read_config(p)
     tensors = read_tensors(safetensors_files(p))
     if any(k.endswith("_scale_inv") for k in tensors):
-        block = (cfg.extra.get("quantization_config") or {}).get("weight_block_size", [128, 128])[0]
+        block = fp8_block_size(cfg.extra.get("quantization_config"))
         tensors = dequant_fp8(tensors, block)
     tok = Tokenizer.from_dir(p) if (p / "tokenizer.json").is_file() else None
     return build_model(cfg, tensors, dtype, device).eval(), tok
+
+
+def fp8_block_size(qc) -> int:
+    """quantization_config.weight_block_size[0] (DeepSeek-V3: [128, 128]), validated."""
+    block = (qc or {}).get("weight_block_size", [128, 128]) if isinstance(qc, (dict, type(None))) else None
+    if not (isinstance(block, list) and block and all(type(b) is int and 1 <= b <= 1 << 16 for b in block)):
+        raise NanoseekError("config: quantization_config.weight_block_size must be a list of positive integers")
+    return block[0]
 
 
 def save(model: Transformer, tokenizer, path, max_shard_bytes: int = 2 * 1024**3,

@@ -2,7 +2,7 @@
 
     from nanoseek.weights.gguf import read_gguf
     g = read_gguf("SmolLM2-135M-Instruct.Q4_1.gguf")
-    g.config                      # a config.json dict: model_type "llama" or "qwen2", sizes, rope, token ids
+    g.config                      # a config.json dict: model_type llama, qwen2 or deepseek_v3 / _v2, sizes, rope
     g.tensors                     # {"model.embed_tokens.weight": float32 tensor, ...}: HF names and layouts
     g.tokenizer.encode("hi").ids  # a `tokenizers.Tokenizer` (byte-level BPE)
     g.chat_template, g.special_tokens
@@ -10,11 +10,16 @@
 `nanoseek.load("model.gguf")` builds a model from this. Every tensor is dequantized to float32
 (F32/F16/BF16 directly; Q4_0, Q4_1, Q8_0 and the other block formats with `gguf.quants`, vectorized).
 
-What llama.cpp's converter changed, and what is undone here:
-- Names: `blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight` and so on (`_hf_name`).
+What llama.cpp's converter changed, and what is undone here (names and reshapes: weights/gguf_names.py,
+the one map the writer uses too):
+- Names: `blk.N.attn_q.weight` -> `model.layers.N.self_attn.q_proj.weight` and so on (`hf_name`).
 - llama (not qwen2): the rows of each head of q_proj / k_proj are reordered from HF's rotate-half
   layout (x_0..x_{d/2-1}, y_0..y_{d/2-1}) to interleaved pairs (x_0, y_0, x_1, y_1, ...) for
-  llama.cpp's rope; `_unpermute_rope` puts them back, so the tensors equal the original checkpoint.
+  llama.cpp's rope; `unpermute_rope` puts them back, so the tensors equal the original checkpoint.
+- deepseek2 (DeepSeek-V2 / V3): `attn_k_b` + `attn_v_b` are merged back into `kv_b_proj` (or the
+  older unsplit `attn_kv_b` is taken as is), stacked `ffn_*_exps` are split into one tensor per
+  expert, `exp_probs_b` is the router's `e_score_correction_bias`; the config comes from the
+  deepseek2 keys (`_deepseek2_config`). MTP modules are not in such files.
 - Tied embeddings: there is no `output.weight`; then `tie_word_embeddings` is True and no
   `lm_head.weight` is returned.
 
@@ -33,7 +38,6 @@ transformers 5.23 drops them from its added tokens and cuts them into bytes.
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,18 +46,13 @@ import numpy as np
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from ..config import ModelConfig
 from ..errors import NanoseekError
+from .gguf_names import hf_name, merge_kv_b, unpermute_rope, unstack_experts
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "deepseek2": "DeepseekV3ForCausalLM"}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
-
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
+MAX_COUNT = 1 << 20  # layers, heads, experts, widths: anything larger is a damaged or hostile header
 
 # How each `tokenizer.ggml.pre` splits text before BPE (llama.cpp's llama-vocab.cpp, same names).
 _GPT2_SPLIT = "gpt2"
@@ -81,18 +80,23 @@ class GGUFContents:
 
 
 def read_gguf(path) -> GGUFContents:
-    """Config, float32 HF-named tensors and tokenizer of a llama / qwen2 GGUF file."""
+    """Config, float32 HF-named tensors and tokenizer of a llama / qwen2 / deepseek2 GGUF file."""
     path = Path(path)
     reader = _open(path)
-    meta = {key: _value(f) for key, f in reader.fields.items()}
+    meta = read_metadata(path, reader)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
         raise NanoseekError(f"{path}: unsupported GGUF architecture {arch!r}; "
                             f"supported: {', '.join(ARCHITECTURES)}")
-    config = _config(path, meta, arch, {t.name: t for t in reader.tensors})
-    tensors = {}
+    by_name = {t.name: t for t in reader.tensors}
+    config = _deepseek2_config(path, meta, by_name) if arch == "deepseek2" else _config(path, meta, arch, by_name)
+    try:
+        ModelConfig.from_hf_config(config)     # sizes that cannot build a model: refused before any dequant
+    except NanoseekError as e:
+        raise NanoseekError(f"{path}: {e}") from None
+    tensors, mla_halves = {}, {}
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        name = hf_name(t.name)
         if name is None:
             if t.name == "rope_freqs.weight":  # llama-3.1 style rope scaling, baked into per-dim factors
                 warnings.warn(f"{path}: ignoring rope_freqs.weight (llama-3.1 rope scaling is not reconstructed)")
@@ -100,12 +104,77 @@ def read_gguf(path) -> GGUFContents:
             raise NanoseekError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}")
         w = _dequantize(path, t)
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = _unpermute_rope(w, config["num_attention_heads"])
+            w = unpermute_rope(w, config["num_attention_heads"])
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = _unpermute_rope(w, config["num_key_value_heads"])
-        tensors[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
+            w = unpermute_rope(w, config["num_key_value_heads"])
+        elif name.endswith((".k_b_proj.weight", ".v_b_proj.weight")):
+            mla_halves[name] = w
+            continue
+        for k, v in unstack_experts(name, w).items():
+            tensors[k] = torch.from_numpy(np.require(v, np.float32, ["C", "W"]))
+    for k in sorted(mla_halves):  # deepseek2: attn_k_b + attn_v_b -> kv_b_proj
+        if k.endswith(".k_b_proj.weight"):
+            v = k.replace("k_b_proj", "v_b_proj")
+            if v not in mla_halves:
+                raise NanoseekError(f"{path}: {k} has no matching attn_v_b")
+            tensors[k.replace("k_b_proj", "kv_b_proj")] = torch.from_numpy(merge_kv_b(mla_halves[k], mla_halves[v]))
+    if config.get("topk_method") == "noaux_tc":  # llama.cpp routes without a bias when the file has none
+        for k in [k for k in tensors if k.endswith(".mlp.gate.weight")]:
+            tensors.setdefault(k.replace(".weight", ".e_score_correction_bias"), torch.zeros(config["n_routed_experts"]))
     tokenizer, special = _tokenizer(path, meta)
     return GGUFContents(config, tensors, tokenizer, meta.get("tokenizer.chat_template"), special)
+
+
+# -- metadata validation: absurd or mistyped values are refused before anything large is built ------
+_COUNTS = {"block_count": 4096, "embedding_length": 1 << 20, "feed_forward_length": 1 << 22,
+           "attention.head_count": 4096, "attention.head_count_kv": 4096, "context_length": 1 << 30,
+           "attention.key_length": 1 << 14, "attention.value_length": 1 << 14, "vocab_size": 1 << 24,
+           "rope.scaling.original_context_length": 1 << 30}
+_POSITIVE = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "rope.scaling.factor")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+
+
+def read_metadata(path: Path, reader) -> dict:
+    """The key/value metadata as Python values, each known key checked for its type and range."""
+    meta = {}
+    for key, f in reader.fields.items():
+        try:
+            meta[key] = _value(f)
+        except Exception as e:  # noqa: BLE001 - a damaged field fails deep in numpy
+            raise NanoseekError(f"{path}: unreadable GGUF metadata field {key[:60]!r} ({type(e).__name__})") from None
+    check_metadata(path, meta)
+    return meta
+
+
+def check_metadata(path: Path, meta: dict) -> None:
+    def bad(key, what):
+        raise NanoseekError(f"{path}: GGUF metadata {key} = {str(meta[key])[:40]!r} is not {what}")
+
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise NanoseekError(f"{path}: GGUF metadata general.architecture is missing or not a string")
+    for key, hi in _COUNTS.items():
+        v = meta.get(f"{arch}.{key}")
+        if v is not None and not isinstance(v, list) and not (type(v) is int and 1 <= v <= hi):
+            bad(f"{arch}.{key}", f"a count in [1, {hi}]")
+    for key in _POSITIVE:
+        v = meta.get(f"{arch}.{key}")
+        if v is not None and not (type(v) in (int, float) and 0 < v < float("inf")):
+            bad(f"{arch}.{key}", "a positive number")
+    for key in _TOKEN_IDS:
+        if meta.get(f"tokenizer.ggml.{key}") is not None and type(meta[f"tokenizer.ggml.{key}"]) is not int:
+            bad(f"tokenizer.ggml.{key}", "an integer")
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        v = meta.get(key)
+        if v is not None and not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
+            bad(key, "a list of strings")
+    types, tokens = meta.get("tokenizer.ggml.token_type"), meta.get("tokenizer.ggml.tokens") or []
+    if types is not None and not (isinstance(types, list) and len(types) == len(tokens)
+                                  and all(type(t) is int for t in types)):
+        bad("tokenizer.ggml.token_type", "a list of integers, one per token")
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            bad(key, "a string")
 
 
 # -- reading ------------------------------------------------------------------------------------------
@@ -163,23 +232,6 @@ def _dequantize(path: Path, t) -> np.ndarray:
     return np.asarray(w, dtype=np.float32).reshape(shape)
 
 
-def _hf_name(name: str) -> str | None:
-    base, _, kind = name.rpartition(".")
-    if kind not in ("weight", "bias"):
-        return None
-    if base in _TOP_NAMES:
-        return f"{_TOP_NAMES[base]}.{kind}"
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    if m and m[2] in _LAYER_NAMES:
-        return f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}.{kind}"
-    return None
-
-
-def _unpermute_rope(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Inverse of llama.cpp's `permute`: per head, rows (pair, 2) -> (2, pair), i.e. interleaved -> halves."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _config(path: Path, meta: dict, arch: str, tensors: dict) -> dict:
     def get(key, default=None):
         return meta.get(f"{arch}.{key}", default)
@@ -224,6 +276,88 @@ def _config(path: Path, meta: dict, arch: str, tensors: dict) -> dict:
     return cfg
 
 
+def _deepseek2_config(path: Path, meta: dict, tensors: dict) -> dict:
+    """A DeepSeek-V3 config.json from llama.cpp's deepseek2 keys (the writer's `_deepseek2_metadata`).
+
+    The file holds what llama.cpp runs, so that is what comes back: rope in interleaved pairs,
+    group routing by top-2 sums (V3's noaux_tc; a zero correction bias when the file has none),
+    no MTP modules. Files without the `_mla` keys (older converters) give per-head widths under
+    key_length / value_length and hold the unsplit attn_kv_b.
+    """
+    def get(key, default=None):
+        return meta.get(f"deepseek2.{key}", default)
+
+    required = ["embedding_length", "feed_forward_length", "block_count", "attention.head_count",
+                "attention.kv_lora_rank", "rope.dimension_count"]
+    missing = [f"deepseek2.{k}" for k in required if get(k) is None]
+    if missing:
+        raise NanoseekError(f"{path}: GGUF metadata lacks {', '.join(missing)}")
+    counts = {k: _count(path, f"deepseek2.{k}", get(k)) for k in required}
+    rope = counts["rope.dimension_count"]
+    k_len = _count(path, "deepseek2.attention.key_length_mla", get("attention.key_length_mla", get("attention.key_length")))
+    v_len = _count(path, "deepseek2.attention.value_length_mla",
+                   get("attention.value_length_mla", get("attention.value_length")))
+    if k_len <= rope:
+        raise NanoseekError(f"{path}: key length {k_len} leaves no room beside {rope} rope dimensions")
+    experts = _count(path, "deepseek2.expert_count", get("expert_count", 0), minimum=0)
+    layers = counts["block_count"]
+    groups = _count(path, "deepseek2.expert_group_count", get("expert_group_count", 1) or 1)
+    sigmoid = get("expert_gating_func") == 2  # llama.cpp: 1 softmax, 2 sigmoid; absent = softmax
+    has_bias = any(name.endswith("exp_probs_b.bias") for name in tensors)
+    v3 = sigmoid or has_bias or groups > 1
+    embed = tensors.get("token_embd.weight")
+    cfg = {
+        "model_type": "deepseek_v3" if v3 else "deepseek_v2",
+        "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+        "vocab_size": get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or (
+            int(embed.shape[1]) if embed is not None else None),
+        "hidden_size": counts["embedding_length"], "intermediate_size": counts["feed_forward_length"],
+        "num_hidden_layers": layers, "num_attention_heads": counts["attention.head_count"],
+        "num_key_value_heads": counts["attention.head_count"], "hidden_act": "silu",
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "max_position_embeddings": get("context_length", 4096), "rope_theta": get("rope.freq_base", 10000.0),
+        "rope_scaling": None, "rope_interleave": True, "attention_bias": False,
+        "tie_word_embeddings": "output.weight" not in tensors, "torch_dtype": "float32",
+        "q_lora_rank": get("attention.q_lora_rank") or None, "kv_lora_rank": counts["attention.kv_lora_rank"],
+        "qk_nope_head_dim": k_len - rope, "qk_rope_head_dim": rope, "v_head_dim": v_len,
+        "num_nextn_predict_layers": 0,
+    }
+    if experts:
+        dense = get("leading_dense_block_count", 0)
+        cfg.update(
+            n_routed_experts=experts, first_k_dense_replace=dense, moe_layer_freq=1,
+            num_experts_per_tok=_count(path, "deepseek2.expert_used_count", get("expert_used_count")),
+            n_shared_experts=get("expert_shared_count", 0),
+            moe_intermediate_size=_count(path, "deepseek2.expert_feed_forward_length",
+                                         get("expert_feed_forward_length")),
+            routed_scaling_factor=get("expert_weights_scale", 1.0) or 1.0,
+            norm_topk_prob=bool(get("expert_weights_norm", False)),
+            scoring_func="sigmoid" if sigmoid else "softmax",
+            topk_method="noaux_tc" if v3 else "greedy",
+            n_group=groups, topk_group=get("expert_group_used_count", 1) or 1)
+    else:
+        cfg.update(n_routed_experts=None)
+    if get("rope.scaling.type") == "yarn":
+        mscale_all = float(f"{(get('rope.scaling.yarn_log_multiplier') or 0.0) / 0.1:.6g}")  # written as 0.1 * it
+        cfg["rope_scaling"] = {"type": "yarn", "factor": get("rope.scaling.factor", 1.0),
+                               "original_max_position_embeddings": get("rope.scaling.original_context_length"),
+                               "mscale": mscale_all, "mscale_all_dim": mscale_all, "beta_fast": 32, "beta_slow": 1}
+    elif get("rope.scaling.type") not in (None, "none"):
+        raise NanoseekError(f"{path}: rope scaling {get('rope.scaling.type')!r} is not supported for deepseek2")
+    cfg["bos_token_id"] = meta.get("tokenizer.ggml.bos_token_id")
+    cfg["eos_token_id"] = meta.get("tokenizer.ggml.eos_token_id")
+    cfg["pad_token_id"] = meta.get("tokenizer.ggml.padding_token_id")
+    cfg["add_bos_token"], cfg["add_eos_token"] = _adds_bos_eos(meta)
+    return cfg
+
+
+def _count(path: Path, key: str, value, minimum: int = 1) -> int:
+    """A size from the metadata, refused unless a plain integer in [minimum, MAX_COUNT]."""
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= MAX_COUNT:
+        raise NanoseekError(f"{path}: {key} = {value!r} is not a count between {minimum} and {MAX_COUNT:,}")
+    return value
+
+
 def _adds_bos_eos(meta: dict) -> tuple[bool, bool]:
     """Whether encoding adds BOS / EOS: the file's flags, else llama.cpp's default for the vocabulary."""
     bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.pre") in _LLAMA3_PRES)
@@ -248,7 +382,12 @@ def _tokenizer(path: Path, meta: dict) -> tuple[Tokenizer | None, dict]:
     vocab = {}
     for i, tok in enumerate(tokens):
         vocab.setdefault(tok, i)  # a few files repeat a token; the first id wins, as in llama.cpp
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_PRES))
+    if any(len(m) != 2 for m in merges):
+        raise NanoseekError(f"{path}: GGUF metadata tokenizer.ggml.merges has an entry that is not 'left right'")
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in _LLAMA3_PRES))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises plain Exceptions (a merge of unknown tokens)
+        raise NanoseekError(f"{path}: the GGUF vocabulary does not make a BPE tokenizer ({str(e)[:100]})") from None
     gpt2_regex = split in (_GPT2_SPLIT, _DIGITS_THEN_GPT2)  # ByteLevel's own regex is GPT-2's
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_regex)
     if split is _DIGITS_THEN_GPT2:

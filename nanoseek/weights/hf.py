@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -31,21 +31,36 @@ def read_config(path: Path) -> ModelConfig:
     f = path / "config.json"
     if not f.is_file():
         raise NanoseekError(f"{path}: no config.json (expected a Hugging Face model directory or a .gguf file)")
+    return ModelConfig.from_hf_config(read_json(f))
+
+
+def read_json(f: Path):
+    """A JSON file's value; NanoseekError for bad UTF-8 or bad JSON (the caller checks the shape)."""
     try:
-        d = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise NanoseekError(f"{f}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf_config(d)
+        return json.loads(f.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise NanoseekError(f"{f}: not valid JSON ({str(e)[:100]})") from None
+
+
+def shard_names(index: Path) -> list[str]:
+    """The shard files an index lists: plain relative paths inside the model directory, never '..' or absolute."""
+    doc = read_json(index)
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise NanoseekError(f"{index}: malformed index (expected {{\"weight_map\": {{tensor name: shard file name}}}})")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if (not name or name.startswith(("/", "\\")) or PureWindowsPath(name).drive or ".." in parts
+                or "\0" in name or not name.endswith(".safetensors")):
+            raise NanoseekError(f"{index}: shard {name[:80]!r} is not a .safetensors file inside the model directory")
+    return names
 
 
 def safetensors_files(path: Path) -> list[Path]:
     index = path / INDEX
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise NanoseekError(f"{index}: malformed index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        files = [path / f for f in shard_names(index)]
     else:
         files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -72,6 +87,9 @@ def dequant_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: int 
                       dtype=torch.float32) -> torch.Tensor:
     """DeepSeek-V3 FP8: w[i, j] = fp8[i, j] * scale_inv[i // block, j // block]."""
     rows, cols = weight.shape
+    if scale_inv.dim() != 2 or tuple(scale_inv.shape) != (-(-rows // block), -(-cols // block)):
+        raise NanoseekError(f"FP8 scale of shape {list(scale_inv.shape)} does not match a {rows}x{cols} weight "
+                            f"in {block}x{block} blocks")
     scale = scale_inv.float().repeat_interleave(block, 0)[:rows].repeat_interleave(block, 1)[:, :cols]
     return (weight.float() * scale).to(dtype)
 
@@ -82,6 +100,8 @@ def dequant_fp8(tensors: dict[str, torch.Tensor], block: int = 128) -> dict[str,
         if k.endswith("_scale_inv"):
             continue
         s = tensors.get(k + "_scale_inv") if k.endswith(".weight") else None
+        if s is not None and v.dim() != 2:
+            raise NanoseekError(f"{k}: an FP8 weight must be 2-D, got shape {list(v.shape)}")
         out[k] = dequant_fp8_block(v, s, block) if s is not None else v
     return out
 

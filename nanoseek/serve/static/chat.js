@@ -96,9 +96,22 @@ async function send(text) {
   scrollDown();
   controller = new AbortController();
   busy(true);
-  let reasoning = "", content = "", usage = null, note = "";
+  let reasoning = "", content = "", usage = null, note = "", failed = null;
   const t0 = performance.now();
-  let tThink = null;
+  let tThink = null, frame = 0;
+  // Paint at most once per frame: a fast model sends hundreds of deltas a second, and re-rendering the
+  // whole text plus a forced layout for each one starves the page (the Stop button stops responding).
+  const paint = () => {
+    frame = 0;
+    if (reasoning) {
+      b.details.hidden = false;
+      if (!content) b.details.open = true;
+      b.thought.textContent = reasoning;
+    }
+    if (content) b.answer.textContent = content;
+    scrollDown();
+  };
+  const schedule = () => { if (!frame) frame = requestAnimationFrame(paint); };
   try {
     const res = await fetch("/v1/chat/completions", {
       method: "POST", headers: authHeaders(), body: JSON.stringify(requestBody()), signal: controller.signal,
@@ -116,12 +129,7 @@ async function send(text) {
       if (!choice) continue;
       const delta = choice.delta || {};
       const r = delta.reasoning_content || delta.reasoning;
-      if (r) {
-        reasoning += r;
-        b.details.hidden = false;
-        if (!content) b.details.open = true;
-        b.thought.textContent = reasoning;
-      }
+      if (r) reasoning += r;
       if (delta.content) {
         if (!content && reasoning) {
           tThink = (performance.now() - t0) / 1000;
@@ -129,15 +137,17 @@ async function send(text) {
           b.details.open = false;
         }
         content += delta.content;
-        b.answer.textContent = content;
       }
       if (choice.finish_reason === "length") note = " · stopped at max tokens";
-      scrollDown();
+      schedule();
     }
   } catch (e) {
     if (e.name === "AbortError") note = " · stopped";
-    else { b.div.classList.add("error"); b.answer.textContent = (content ? content + "\n\n" : "") + "Error: " + e.message; }
+    else { failed = e.message; b.div.classList.add("error"); }
   } finally {
+    if (frame) cancelAnimationFrame(frame);
+    paint();
+    if (failed) b.answer.textContent = (content ? content + "\n\n" : "") + "Error: " + failed;
     if (reasoning && tThink === null) b.summary.textContent = "Reasoning";
     const secs = (performance.now() - t0) / 1000;
     if (usage) {
@@ -147,7 +157,11 @@ async function send(text) {
     } else {
       b.stats.textContent = `${secs.toFixed(1)} s${note}`;
     }
-    history.push({ role: "assistant", content });
+    // A failed or empty turn is not history: resending it would show the model an empty reply.
+    if (b.div.isConnected) {                 // not cleared meanwhile
+      if (failed || !content) { history.pop(); b.div.previousElementSibling.classList.add("unsent"); }
+      else history.push({ role: "assistant", content });
+    }
     controller = null;
     busy(false);
     $("input").focus();

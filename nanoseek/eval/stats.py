@@ -1,0 +1,48 @@
+"""Confidence intervals for evaluation results: how sure a pass@1 or a difference between two models is.
+
+    from nanoseek.eval.stats import wilson, mean_ci, paired_diff_ci
+    wilson(37, 50)                 # 95% Wilson score interval of a proportion -> (lo, hi)
+    mean_ci(per_problem_accuracy)  # mean with a normal-approximation 95% interval -> (mean, lo, hi)
+    paired_diff_ci(a, b)           # mean of a - b over the same problems, with its 95% interval
+
+pass@1 averages k correlated samples per problem, so its interval is taken over problems (the
+per-problem mean accuracy), not over the n*k samples; a comparison of two models on the same
+problems uses the paired differences, which is tighter than two separate intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Z95 = 1.959963984540054  # the two-sided 95% quantile of the standard normal
+
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion successes / n (Wilson 1927); (0, 1) when n == 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mean_ci(xs: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
+    """Mean of xs with a normal-approximation interval mean +- z * s / sqrt(n) (s: sample std)."""
+    n = len(xs)
+    if n == 0:
+        raise ValueError("no values")
+    m = sum(xs) / n
+    if n == 1:
+        return m, m, m
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
+    half = z * s / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def paired_diff_ci(a: Sequence[float], b: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
+    """Mean of a[i] - b[i] (two models scored on the same problems) with its 95% interval."""
+    if len(a) != len(b):
+        raise ValueError("paired samples need equal lengths")
+    return mean_ci([x - y for x, y in zip(a, b)], z)
