@@ -56,7 +56,7 @@ def iter_jsonl(path: str | os.PathLike, errors: str = "strict") -> Iterator[tupl
                 continue
             if errors == "stop" or (errors == "torn_tail" and n == last):
                 return
-            raise NanoseekError(f"{path}:{n}: not JSON ({e.msg} at column {e.colno})") from None
+            raise NanoseekError(f"{path}:{n}: not JSON ({e.msg}, column {e.colno})") from None
         yield n, value
 
 
