@@ -7,6 +7,10 @@
 
 Each writes a temp sibling (`.NAME.tmp-*`, in the same directory so the rename cannot cross file
 systems) and renames it over `path` only when the writing succeeded; on failure the temp is removed.
+Durable against a power cut, not only a crash: every file (and a directory's own entry list) is
+fsynced before the rename, and the parent directory after it, so the new name never points at
+data the disk has not got. A directory replaced in place is first moved to a unique
+`.NAME.old-*` sibling; leftovers of an earlier interrupted replace are removed, never reused.
 """
 
 from __future__ import annotations
@@ -39,6 +43,36 @@ def atomic_file(path: str | os.PathLike) -> Iterator[BinaryIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (names created, renamed, removed in it) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return  # e.g. Windows, where directories cannot be opened; NTFS journals renames itself
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (and /proc-like mounts) refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under root, then every directory bottom-up (their entries)."""
+    for dirpath, _, files in os.walk(root, topdown=False):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            if os.path.islink(p):
+                continue
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
@@ -67,14 +101,24 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        try:
+            fsync_tree(self.tmp)
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
+        parent = self.path.parent
+        for stale in parent.glob(f".{self.path.name}.old-*"):  # an earlier replace interrupted midway
+            shutil.rmtree(stale, ignore_errors=True)
         if self.path.exists():
             if not self.overwrite:
                 shutil.rmtree(self.tmp, ignore_errors=True)
                 raise NanoseekError(f"{self.path} exists; refusing to overwrite")
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
+            old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-", dir=parent))
+            os.replace(self.path, old / "x")   # into a fresh, unique directory: never blocked by a leftover
             os.replace(self.tmp, self.path)
+            fsync_dir(parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.tmp, self.path)
+        fsync_dir(parent)
         return False

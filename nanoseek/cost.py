@@ -32,7 +32,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from .atomic import atomic_write
 from .config import PRESETS, ModelConfig, load_config, preset

@@ -15,7 +15,7 @@ stages and resumes the unfinished one from its last checkpoint):
   4. distill    the RL model writes verified traces (rejection sampling); the student learns them by SFT
   5. student-rl the same student trained by GRPO directly with comparable compute (R1 §4.1's comparison)
   6. eval       base, RL, distilled and student-RL models on the held-out split: pass@1, maj@k, greedy
-  7. export     open weights: the RL (MoE) model and the dense student, each as HF safetensors and GGUF
+  7. export     the RL model as open weights (HF safetensors + GGUF of the dense student)
   8. report     report.md with plots, the eval table, the cost of DeepSeek-V3 and a sample chat
 """
 
@@ -101,149 +101,164 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         raise NanoseekError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
     p = PRESETS[preset]
     run = Stages(out, resume, "speedrun", only)
-    root = run.root
     if threads:
         import torch
         torch.set_num_threads(threads)
     run.summary.setdefault("preset", preset)
-    stage, resuming = run.run, (lambda d: run.resuming(d.name))
-
-    # 1. pretrain the DeepSeek-V3-architecture base model
-    def pretrain_stage():
-        from .train.pretrain import PretrainArgs, pretrain
-        d = root / "pretrain"
-        r = pretrain(PretrainArgs(out=str(d), preset=p["model"], steps=p["pretrain_steps"], batch_size=p["batch_size"],
-                                  seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed, resume=resuming(d),
-                                  save_every=250, sample_every=500, final_eval=p["eval_n"]))
-        return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
-    stage("pretrain", pretrain_stage)
-
-    # 2. a dense student base model (llama architecture, same tokenizer and corpus, a third of the budget)
-    def student_stage():
-        from .train.pretrain import PretrainArgs, pretrain
-        d = root / "student"
-        r = pretrain(PretrainArgs(out=str(d), preset=p["model"], arch="llama", steps=p["student_steps"],
-                                  batch_size=p["batch_size"], seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed,
-                                  tokenizer=str(root / "pretrain" / "final"), cache_dir=str(root / "pretrain" / "cache"),
-                                  resume=resuming(d), save_every=250, sample_every=10**9, final_eval=0))
-        return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
-    stage("student", student_stage)
-
-    # 3. R1-Zero GRPO on the base model
-    def grpo_stage():
-        from .train.grpo import GRPOArgs, grpo, resolve
-        d = root / "grpo"
-        a = resolve(GRPOArgs(model=str(root / "pretrain" / "final"), out=str(d), preset="r1-zero-tiny",
-                             resume=resuming(d), seed=seed), set())
-        a = dataclasses.replace(a, steps=p["grpo_steps"], prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
-                                max_tokens=p["max_tokens"], eval_n=p["eval_n"])
-        r = grpo(a)
-        first, last = r["history"][0] if r["history"] else {}, r["history"][-1] if r["history"] else {}
-        return {"steps": r["step"], "heldout_greedy_start": first.get("eval/accuracy"),
-                "heldout_greedy_end": last.get("eval/accuracy")}
-    stage("grpo", grpo_stage)
-
-    # 4. distil the RL model's verified reasoning into the dense student
-    def distill_stage():
-        from .train.distill import DistillArgs, distill
-        d = root / "distill"
-        try:
-            r = distill(DistillArgs(teacher=str(root / "grpo" / "final"), student=str(root / "student" / "final"),
-                                    task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
-                                    out=str(d), max_tokens=p["max_tokens"], seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
-                                    seed=seed, resume=d.exists()))
-        except NanoseekError as e:  # an RL model with no verified trace: nothing to distil, say so and go on
-            if "no verified trace" not in str(e):
-                raise
-            print(f"[speedrun] distill skipped: {e}", file=sys.stderr)
-            return {"kept": 0, "skipped": str(e)}
-        return {k: r["dataset"].get(k) for k in ("generated", "kept", "keep_rate")}
-    stage("distill", distill_stage)
-
-    # 5. the same student trained by GRPO directly, for comparable compute
-    def student_rl_stage():
-        from .train.grpo import GRPOArgs, grpo, resolve
-        d = root / "student-rl"
-        a = resolve(GRPOArgs(model=str(root / "student" / "final"), out=str(d), preset="r1-zero-tiny",
-                             resume=resuming(d), seed=seed), set())
-        r = grpo(dataclasses.replace(a, steps=p["student_rl_steps"], prompts_per_step=p["grpo_prompts"],
-                                     group_size=p["group_size"], max_tokens=p["max_tokens"], eval_n=p["eval_n"]))
-        return {"steps": r["step"]}
-    stage("student-rl", student_rl_stage)
-
-    # 6. evaluate every model on the held-out split
-    def eval_stage():
-        from .data.tasks import get_task
-        from .eval import evaluate
-        from .weights import load
-        task = get_task("arithmetic", level=2)
-        models = {"base (pretrained V3-tiny)": root / "pretrain" / "final", "RL (R1-Zero GRPO)": root / "grpo" / "final",
-                  "student base (dense)": root / "student" / "final",
-                  "student distilled from RL": root / "distill" / "final",
-                  "student + GRPO directly": root / "student-rl" / "final"}
-        rows = []
-        for name, path in models.items():
-            if not (path / "config.json").is_file():
-                continue
-            model, tok = load(path)
-            res = evaluate(model, tok, task, n=p["eval_n"], k=p["eval_k"], template="r1-zero-short",
-                           max_tokens=p["max_tokens"], seed=seed)
-            row = {"model": name, **{k: v for k, v in res.items() if k != "samples"}}
-            rows.append(row)
-            print(f"[speedrun] eval {name}: pass@1 {row['pass@1']:.1%}, maj@{p['eval_k']} {row['maj@k']:.1%}, "
-                  f"greedy {row['greedy']:.1%}, format {row['format_rate']:.1%}", file=sys.stderr)
-        write_json(root / "eval.json", {"rows": rows})
-        return {r["model"]: round(r["pass@1"], 3) for r in rows}
-    stage("eval", eval_stage)
-
-    # 7. export open weights; a sample chat; the cost of the real thing
-    def export_stage():
-        import contextlib
-        import io
-
-        from . import cost, export
-        from .args import Parser
-        from .config import load_config
-        from .data.tasks import render
-        from .infer import Engine, SamplingParams
-        from .infer.reasoning import split_reasoning
-        from .weights import load
-        cli = Parser(prog="nanoseek")   # the same code paths as `nanoseek export` and `nanoseek cost`
-        sub = cli.add_subparsers(dest="command")
-        export.add_parser(sub)
-        cost.add_parser(sub)
-        with contextlib.redirect_stdout(io.StringIO()):
-            for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("grpo", "gguf", "rl-gguf"),
-                                  ("distill", "hf", "student-hf"), ("distill", "gguf", "student-gguf")):
-                if not (root / src / "final").is_dir():
-                    continue
-                args = cli.parse_args(["export", str(root / src / "final"), "--format", fmt,
-                                       "--out", str(root / "export" / dst), "--force"])
-                args.func(args)
-        model, tok = load(root / "grpo" / "final")
-        question = "Question: 487 + 356 = ?"
-        text = Engine(model, tok, max_batch_size=1).generate(
-            [render("r1-zero-short", question)], SamplingParams(max_tokens=p["max_tokens"], temperature=0))[0].text
-        reasoning, answer = split_reasoning(text, started_in_reasoning=True)
-        (root / "chat.json").write_text(json.dumps({"prompt": question, "reasoning": reasoning, "answer": answer},
-                                                   ensure_ascii=False, indent=2) + "\n")
-        args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
-        (root / "cost.json").write_text(json.dumps(cost.build_report(args, load_config(args.model)), indent=2) + "\n")
-        # which runtime loads which: *-hf in transformers, vLLM, SGLang and nanoseek; *-gguf in llama.cpp
-        # (rl-gguf as its deepseek2 architecture, without the MTP module) and nanoseek
-        return {"exported": ["export/rl-hf", "export/rl-gguf", "export/student-hf", "export/student-gguf"]}
-    stage("export", export_stage)
-
-    run.summary["total_s"] = round(sum(run.summary["stage_s"].values()), 1)
-    run.save_summary()
-
-    def report_stage():
-        from .eval.report import write_report
-        path = write_report(root, title="nanoseek speedrun")
-        print(f"[speedrun] report card: {path}", file=sys.stderr)
-        return {}
-    stage("report", report_stage)
+    for name, fn in STAGE_FUNCTIONS.items():
+        if name == "report":
+            run.summary["total_s"] = round(sum(run.summary["stage_s"].values()), 1)
+            run.save_summary()
+        run.run(name, lambda: fn(run, p, seed))
     return run.summary
+
+
+# ------------------------------------------------------------------------------ the stages
+def _pretrain_stage(run: Stages, p: dict, seed: int) -> dict:
+    """1. Pretrain the DeepSeek-V3-architecture base model."""
+    from .train.pretrain import PretrainArgs, pretrain
+    root = run.root
+    d = root / "pretrain"
+    r = pretrain(PretrainArgs(out=str(d), preset=p["model"], steps=p["pretrain_steps"], batch_size=p["batch_size"],
+                              seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed, resume=run.resuming(d.name),
+                              save_every=250, sample_every=500, final_eval=p["eval_n"]))
+    return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
+
+
+def _student_stage(run: Stages, p: dict, seed: int) -> dict:
+    """2. A dense student base model (llama architecture, same tokenizer and corpus, a third of the budget)."""
+    from .train.pretrain import PretrainArgs, pretrain
+    root = run.root
+    d = root / "student"
+    r = pretrain(PretrainArgs(out=str(d), preset=p["model"], arch="llama", steps=p["student_steps"],
+                              batch_size=p["batch_size"], seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed,
+                              tokenizer=str(root / "pretrain" / "final"), cache_dir=str(root / "pretrain" / "cache"),
+                              resume=run.resuming(d.name), save_every=250, sample_every=10**9, final_eval=0))
+    return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
+
+
+def _grpo_stage(run: Stages, p: dict, seed: int) -> dict:
+    """3. R1-Zero GRPO on the base model."""
+    from .train.grpo import GRPOArgs, grpo, resolve
+    root = run.root
+    d = root / "grpo"
+    a = resolve(GRPOArgs(model=str(root / "pretrain" / "final"), out=str(d), preset="r1-zero-tiny",
+                         resume=run.resuming(d.name), seed=seed), set())
+    a = dataclasses.replace(a, steps=p["grpo_steps"], prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
+                            max_tokens=p["max_tokens"], eval_n=p["eval_n"])
+    r = grpo(a)
+    first, last = r["history"][0] if r["history"] else {}, r["history"][-1] if r["history"] else {}
+    return {"steps": r["step"], "heldout_greedy_start": first.get("eval/accuracy"),
+            "heldout_greedy_end": last.get("eval/accuracy")}
+
+
+def _distill_stage(run: Stages, p: dict, seed: int) -> dict:
+    """4. Distil the RL model's verified reasoning into the dense student."""
+    from .train.distill import DistillArgs, distill
+    root = run.root
+    d = root / "distill"
+    try:
+        r = distill(DistillArgs(teacher=str(root / "grpo" / "final"), student=str(root / "student" / "final"),
+                                task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
+                                out=str(d), max_tokens=p["max_tokens"], seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
+                                seed=seed, resume=d.exists()))
+    except NanoseekError as e:  # an RL model with no verified trace: nothing to distil, say so and go on
+        if "no verified trace" not in str(e):
+            raise
+        print(f"[speedrun] distill skipped: {e}", file=sys.stderr)
+        return {"kept": 0, "skipped": str(e)}
+    return {k: r["dataset"].get(k) for k in ("generated", "kept", "keep_rate")}
+
+
+def _student_rl_stage(run: Stages, p: dict, seed: int) -> dict:
+    """5. The same student trained by GRPO directly, for comparable compute."""
+    from .train.grpo import GRPOArgs, grpo, resolve
+    root = run.root
+    d = root / "student-rl"
+    a = resolve(GRPOArgs(model=str(root / "student" / "final"), out=str(d), preset="r1-zero-tiny",
+                         resume=run.resuming(d.name), seed=seed), set())
+    r = grpo(dataclasses.replace(a, steps=p["student_rl_steps"], prompts_per_step=p["grpo_prompts"],
+                                 group_size=p["group_size"], max_tokens=p["max_tokens"], eval_n=p["eval_n"]))
+    return {"steps": r["step"]}
+
+
+def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
+    """6. Evaluate every model on the held-out split."""
+    from .data.tasks import get_task
+    from .eval import evaluate
+    from .weights import load
+    root = run.root
+    task = get_task("arithmetic", level=2)
+    models = {"base (pretrained V3-tiny)": root / "pretrain" / "final", "RL (R1-Zero GRPO)": root / "grpo" / "final",
+              "student base (dense)": root / "student" / "final",
+              "student distilled from RL": root / "distill" / "final",
+              "student + GRPO directly": root / "student-rl" / "final"}
+    rows = []
+    for name, path in models.items():
+        if not (path / "config.json").is_file():
+            continue
+        model, tok = load(path)
+        res = evaluate(model, tok, task, n=p["eval_n"], k=p["eval_k"], template="r1-zero-short",
+                       max_tokens=p["max_tokens"], seed=seed)
+        row = {"model": name, **{k: v for k, v in res.items() if k != "samples"}}
+        rows.append(row)
+        print(f"[speedrun] eval {name}: pass@1 {row['pass@1']:.1%}, maj@{p['eval_k']} {row['maj@k']:.1%}, "
+              f"greedy {row['greedy']:.1%}, format {row['format_rate']:.1%}", file=sys.stderr)
+    write_json(root / "eval.json", {"rows": rows})
+    return {r["model"]: round(r["pass@1"], 3) for r in rows}
+
+
+def _export_stage(run: Stages, p: dict, seed: int) -> dict:
+    """7. Export open weights; a sample chat; the cost of the real thing."""
+    import contextlib
+    import io
+
+    from . import cost, export
+    from .args import Parser
+    from .config import load_config
+    from .data.tasks import render
+    from .infer import Engine, SamplingParams
+    from .infer.reasoning import split_reasoning
+    from .weights import load
+    root = run.root
+    cli = Parser(prog="nanoseek")   # the same code paths as `nanoseek export` and `nanoseek cost`
+    sub = cli.add_subparsers(dest="command")
+    export.add_parser(sub)
+    cost.add_parser(sub)
+    with contextlib.redirect_stdout(io.StringIO()):
+        for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("grpo", "gguf", "rl-gguf"),
+                              ("distill", "hf", "student-hf"), ("distill", "gguf", "student-gguf")):
+            if not (root / src / "final").is_dir():
+                continue
+            args = cli.parse_args(["export", str(root / src / "final"), "--format", fmt,
+                                   "--out", str(root / "export" / dst), "--force"])
+            args.func(args)
+    model, tok = load(root / "grpo" / "final")
+    question = "Question: 487 + 356 = ?"
+    text = Engine(model, tok, max_batch_size=1).generate(
+        [render("r1-zero-short", question)], SamplingParams(max_tokens=p["max_tokens"], temperature=0))[0].text
+    reasoning, answer = split_reasoning(text, started_in_reasoning=True)
+    (root / "chat.json").write_text(json.dumps({"prompt": question, "reasoning": reasoning, "answer": answer},
+                                               ensure_ascii=False, indent=2) + "\n")
+    args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
+    (root / "cost.json").write_text(json.dumps(cost.build_report(args, load_config(args.model)), indent=2) + "\n")
+    # which runtime loads which: *-hf in transformers, vLLM, SGLang and nanoseek; *-gguf in llama.cpp
+    # (rl-gguf as its deepseek2 architecture, without the MTP module) and nanoseek
+    return {"exported": ["export/rl-hf", "export/rl-gguf", "export/student-hf", "export/student-gguf"]}
+
+
+def _report_stage(run: Stages, p: dict, seed: int) -> dict:
+    """8. The report card: report.md with the plots, the eval table, the cost and a sample chat."""
+    from .eval.report import write_report
+    root = run.root
+    path = write_report(root, title="nanoseek speedrun")
+    print(f"[speedrun] report card: {path}", file=sys.stderr)
+    return {}
+
+
+STAGE_FUNCTIONS = {"pretrain": _pretrain_stage, "student": _student_stage, "grpo": _grpo_stage,
+                   "distill": _distill_stage, "student-rl": _student_rl_stage, "eval": _eval_stage,
+                   "export": _export_stage, "report": _report_stage}  # in STAGES order
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -218,7 +218,7 @@ def model_dir(tmp_path_factory, r1_tok):
 
 
 @pytest.mark.parametrize("content,needle", [(None, "no such data file"), ("", "empty"), ("\n  \n", "empty"),
-                                            ('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', ":2: malformed JSON"),
+                                            ('{"prompt": "a", "completion": "b"}\n{"prompt": "a",\n', ":2: not JSON"),
                                             ('{"prompt": "a"}\n', ":1: expected"),
                                             ('{"messages": [{"role": "user", "content": "x"}]}\n', "no assistant")])
 def test_bad_data_is_one_clear_error(tmp_path, capsys, model_dir, content, needle):

@@ -19,6 +19,13 @@ import torch
 
 from ..errors import NanoseekError
 
+SEED_STRIDE = 1_000_003  # a prime: seed * SEED_STRIDE + i gives every (run seed, stream i) its own seed
+
+
+def sub_seed(seed: int, i: int) -> int:
+    """The seed of stream `i` (an epoch, a sample) of a run seeded with `seed`."""
+    return seed * SEED_STRIDE + i
+
 
 class WindowSampler:
     def __init__(self, tokens: np.ndarray, seq_len: int, seed: int = 0):
@@ -34,7 +41,7 @@ class WindowSampler:
 
     def _order(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(sub_seed(self.seed, epoch))
             self._perm = (epoch, torch.randperm(self.n_windows, generator=g).numpy())
         return self._perm[1]
 

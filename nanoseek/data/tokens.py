@@ -25,6 +25,7 @@ import numpy as np
 
 from ..atomic import atomic_dir, atomic_file, atomic_write
 from ..errors import NanoseekError
+from ..jsonl import iter_jsonl
 from ..tokenizer import BOS, EOS, R1_SPECIAL_TOKENS, R1_TEMPLATE, Tokenizer
 
 ENCODE_BATCH = 4096  # documents per encode_batch call
@@ -39,23 +40,17 @@ def read_documents(files: Sequence[str | os.PathLike]) -> list[str]:
     for f in map(Path, files):
         if not f.is_file():
             raise NanoseekError(f"{f}: no such corpus file")
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise NanoseekError(f"{f}: not UTF-8 text") from None
         if f.suffix == ".jsonl":
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise NanoseekError(f"{f}:{n}: not JSON ({e.msg})") from None
+            for n, obj in iter_jsonl(f):
                 doc = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
                 if not isinstance(doc, str):
                     raise NanoseekError(f"{f}:{n}: expected an object with a \"text\" string")
                 docs.append(doc)
         else:
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise NanoseekError(f"{f}: not UTF-8 text") from None
             docs.extend(p.strip() for p in text.replace("\r\n", "\n").split("\n\n"))
     docs = [d for d in docs if d.strip()]
     if not docs:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ModelConfig
+from ..jsonl import read_jsonl
 from .stats import mean_ci, paired_diff_ci
 
 MOE_LINK = "docs/benchmarks.md#moe-vs-dense"
@@ -59,9 +60,10 @@ def _paired(a: dict, b: dict, key: str = "pass@1") -> tuple[float, float, float]
 
 
 def _read_jsonl(path: Path) -> list[dict]:
+    """The log's records; a torn or bad line (a killed run) is passed over, never a failed report."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in read_jsonl(path, errors="skip") if isinstance(r, dict)]
 
 
 def pure_rl(rows: dict) -> Claim:

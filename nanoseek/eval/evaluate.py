@@ -32,6 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from ..atomic import write_json
+from ..data.sampler import sub_seed
 from ..data.tasks import Example, Task, TEMPLATES, get_task, render
 from ..args import HelpFormatter
 from ..errors import NanoseekError
@@ -145,7 +146,7 @@ def evaluate(model, tok, task: Task, n: int = 200, k: int = 4, template: str = "
         for j in range(k):
             reqs.append(p)
             params.append(SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE, top_p=TOP_P,
-                                         seed=(seed * 1_000_003 + i * (k + 1) + j) % 2**31, stop=STOP))
+                                         seed=sub_seed(seed, i * (k + 1) + j) % 2**31, stop=STOP))
         reqs.append(p)
         params.append(SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=STOP))
     outs = engine.generate(reqs, params, progress=progress)

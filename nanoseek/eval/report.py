@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from ..atomic import atomic_write
+from .. import jsonl
 from ..args import HelpFormatter
 from ..errors import NanoseekError
 
@@ -47,14 +48,10 @@ def read_jsonl(path: Path) -> list[dict]:
     Rows with a numeric "step" are de-duplicated by step (a resumed run may repeat some), last wins."""
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
+    try:
+        rows = [row for row in jsonl.read_jsonl(path, errors="skip") if isinstance(row, dict)]
+    except NanoseekError:  # unreadable: a report never fails on one bad part
+        return []
     if rows and all(_num(r.get("step")) for r in rows):
         rows = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
     return rows

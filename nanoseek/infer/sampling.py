@@ -7,6 +7,8 @@ Seeded sampling must give the same text whatever else shares the batch, so the r
 drawn from a shared generator: each row's uniforms come from a counter-based hash of
 (seed, step, token id), and the token is picked by the exponential race
 argmax(log p - log(-log u)), which samples exactly from p.
+
+    params = SamplingParams(max_tokens=256, temperature=0.6, top_p=0.95, seed=0)   # one per request
 """
 
 from __future__ import annotations

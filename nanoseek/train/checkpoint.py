@@ -6,26 +6,33 @@
         rng.pt              torch (and CUDA) RNG states
         trainer_state.json  step, data-sampler position, model config, training arguments, last metrics
 
-A checkpoint is built in a temp directory next to its final name and renamed into place when
-complete (atomic.py `atomic_dir`), so a crash leaves either the previous checkpoints or a
-`.step-*.tmp-*` directory that `latest()` ignores. Only the last `keep` checkpoints are kept.
+        manifest.json       size and sha256 of every other file, written last
+
+A checkpoint is built in a temp directory next to its final name, fsynced, and renamed into place
+when complete (atomic.py `atomic_dir`), so a crash leaves either the previous checkpoints or a
+`.step-*.tmp-*` directory that `latest()` ignores. A checkpoint torn anyway (a disk that lied about
+fsync, a copy cut short) fails its manifest: `latest()` warns and falls back to the one before.
+Only the last `keep` checkpoints up to the one just written are kept (never a newer, torn one's
+successor: a resumed run that fell back overwrites the torn step when it gets there).
 
     path = save(root, step, model, tok, optimizer_state, rng, trainer_state, keep=3)
-    path = latest(root)                       # None if there is no complete checkpoint
+    path = latest(root)                       # None if there is no complete, intact checkpoint
     ckpt = read(path)                         # Checkpoint(model_state, optimizer, rng, trainer_state)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_dir, atomic_write
+from ..atomic import atomic_dir
 from ..config import ModelConfig
 from ..errors import NanoseekError
 from ..weights import save as save_model
@@ -33,6 +40,7 @@ from ..weights.hf import from_disk_names, read_config, read_tensors, safetensors
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
+MANIFEST = "manifest.json"
 
 
 @dataclass
@@ -71,9 +79,58 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest(path: Path) -> dict[str, dict]:
+    """{relative file name: {"bytes", "sha256"}} of every file of the checkpoint but the manifest."""
+    path = Path(path)
+    return {p.relative_to(path).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(path.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def verify(path: Path) -> str | None:
+    """Why the checkpoint at `path` is torn (a file missing, cut short or changed), or None if intact.
+    Checkpoints written before manifests existed are taken as they are."""
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return f"{STATE_FILE} is unreadable"
+        return f"{MANIFEST} is missing" if state.get("manifest") else None
+    try:
+        want = json.loads((path / MANIFEST).read_text())
+        if not all(isinstance(m, dict) and isinstance(m.get("bytes"), int) and isinstance(m.get("sha256"), str)
+                   for m in want.values()):
+            raise ValueError
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):  # JSONDecodeError is a ValueError
+        return f"{MANIFEST} is unreadable"
+    for name, meta in want.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, not {meta['bytes']}"
+        if _sha256(f) != meta["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def latest(root: Path) -> Path | None:
-    dirs = step_dirs(root)
-    return dirs[-1][1] if dirs else None
+    """The newest intact checkpoint under root; each torn newer one is skipped with a warning."""
+    for _, path in reversed(step_dirs(root)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        print(f"nanoseek: warning: checkpoint {path} is torn ({problem}); falling back to the one before",
+              file=sys.stderr)
+    return None
 
 
 def remove_stale_temp_dirs(root: Path) -> None:
@@ -88,13 +145,14 @@ def save(root: Path, step: int, model, tokenizer, optimizer_state: dict, rng: di
          keep: int = 3) -> Path:
     """Write step-<step>/ atomically, then delete all but the newest `keep` checkpoints."""
     path = Path(root) / f"step-{step:08d}"
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path) as tmp:  # fsynced, then renamed into place
         save_model(model, tokenizer, tmp)  # replaces tmp by a complete HF directory
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(rng, tmp / "rng.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step}, indent=2) + "\n")
-    if keep > 0:
-        for _, old in step_dirs(root)[:-keep]:
+        (tmp / STATE_FILE).write_text(json.dumps({**trainer_state, "step": step, "manifest": True}, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest(tmp), indent=2) + "\n")
+    if keep > 0:  # the newest `keep` up to this step; a newer (torn) one is overwritten when its step comes
+        for _, old in [d for d in step_dirs(root) if d[0] <= step][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return path
 
@@ -119,18 +177,3 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
     da, db = a.to_hf_config(), b.to_hf_config()
     skip = {"torch_dtype", "dtype"}
     return sorted(k for k in set(da) | set(db) if k not in skip and da.get(k) != db.get(k))
-
-
-def truncate_log(path: Path, step: int | None) -> None:
-    """Keep the lines of a JSONL log up to `step` (all of them dropped when step is None): a resumed
-    run rewrites what came after its checkpoint. A torn last line ends the kept part. Atomic."""
-    path = Path(path)
-    kept = []
-    if step is not None and path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:
-                break  # a torn last line
-    atomic_write(path, "".join(k + "\n" for k in kept))

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,9 @@ import torch
 
 from ..atomic import atomic_write
 from ..args import HelpFormatter, add_fields, from_args, module_main
+from ..data.sampler import sub_seed
 from ..errors import NanoseekError
+from ..jsonl import append_jsonl, read_jsonl, write_jsonl
 
 STATE_FILE, DATA_FILE, STATS_FILE = "distill_state.json", "data.jsonl", "dataset_stats.json"
 KEEP = "kept"
@@ -143,25 +144,15 @@ class TraceStore:
         self.done = set(state["done"])
         self.counts.update(state["counts"])
         done_prompts = {self.prompts[i] for i in self.done}
-        lines = self.data.read_text(encoding="utf-8").splitlines() if self.data.exists() else []
-        dropped = 0
-        for n, line in enumerate(lines, 1):
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                if n == len(lines):  # torn by a kill mid-write
-                    dropped += 1
-                    continue
-                raise NanoseekError(f"{self.data}:{n}: malformed JSON; cannot resume") from None
+        # a last line torn by a kill mid-write is dropped; any other bad line is an error
+        for rec in read_jsonl(self.data, errors="torn_tail") if self.data.exists() else []:
             key = (rec.get("prompt"), rec.get("completion"))
             if rec.get("prompt") not in done_prompts or key in self.seen:
-                dropped += 1  # written before the kill, but its prompt was not marked done
-                continue
+                continue  # written before the kill, but its prompt was not marked done
             self.seen.add(key)
             self.records.append(rec)
-        if dropped or len(self.records) != self.counts["kept"]:
-            self.counts["kept"] = len(self.records)
-            atomic_write(self.data, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records))
+        self.counts["kept"] = len(self.records)
+        write_jsonl(self.data, self.records)  # exactly the kept records, before appending more
 
     def add(self, indices: list[int], records: list[dict], reasons: list[str]) -> int:
         """Append one batch's kept traces (deduplicated), then mark its prompts done. Returns kept."""
@@ -174,10 +165,7 @@ class TraceStore:
             self.seen.add(key)
             new.append(rec)
         if new:
-            with open(self.data, "a", encoding="utf-8") as f:
-                f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-                f.flush()
-                os.fsync(f.fileno())
+            append_jsonl(self.data, new, fsync=True)
         self.records += new
         self.counts["generated"] += len(reasons)
         self.counts["kept"] += len(new)
@@ -252,7 +240,7 @@ def teacher_sampler(model, tok, prompts: list[str], a: DistillArgs) -> SampleFn:
                 reqs.append(ids[i])
                 # one seed per (prompt, sample): the same traces whatever the batching or a resume
                 params.append(SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
-                                             seed=(a.seed * 1_000_003 + i * a.k + j) % 2**31, stop=STOP))
+                                             seed=sub_seed(a.seed, i * a.k + j) % 2**31, stop=STOP))
         outs = engine.generate(reqs, params)
         texts = [completion_text(o, tok) for o in outs]
         return [texts[n * a.k:(n + 1) * a.k] for n in range(len(indices))]

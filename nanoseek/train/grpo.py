@@ -29,20 +29,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..atomic import atomic_dir
 from ..args import HelpFormatter, add_fields
+from ..data.sampler import sub_seed
 from ..errors import NanoseekError
 from . import checkpoint
 from .grpo_loss import DEFAULT_CLIP, VARIANTS, entropy, group_advantages, policy_loss, token_weights
 from .optim import adamw, lr_at
+from .run import MetricsLog, Progress, check_same, resume_point, run_dir, save_final, set_lr
 
 
 @dataclass
@@ -137,7 +136,7 @@ def rollout_copy(model, dtype: str):
 
 def sample_seed(seed: int, step: int, i: int) -> int:
     """Rollout seeds depend only on (seed, step, sample index): resuming reproduces the rollouts."""
-    return (seed * 1_000_003 + step * 100_003 + i) % (1 << 31)
+    return sub_seed(seed, step * 100_003 + i) % (1 << 31)
 
 
 # ------------------------------------------------------------------------------ rollouts
@@ -285,28 +284,111 @@ def greedy_eval(engine, tok, task, examples, a: GRPOArgs, rewards_fn) -> dict:
             "eval/response_length": sum(len(o.token_ids) for o in outs) / n}
 
 
+# ------------------------------------------------------------------------------ one step: rollout, score, update
+def collect(engine, tok, task, pool: list, cursor: int, a: GRPOArgs, rewards_fn, step: int):
+    """1. Rollouts for the next `prompts_per_step` questions of the pool; for dapo, groups whose rewards
+    are all equal are dropped and refilled with new questions (up to 3 extra rounds). Returns
+    (rollouts, new cursor, samples generated, share of zero-advantage groups before any refill)."""
+    want, n_pool = a.prompts_per_step, len(pool)
+    batch_exs = [pool[(cursor + i) % n_pool] for i in range(want)]
+    cursor += want
+    with torch.inference_mode():
+        r = rollout(engine, tok, task, batch_exs, a, rewards_fn, step)
+    n_generated = len(r.completions)
+    zero_adv = (torch.tensor(r.rewards["total"]).view(-1, a.group_size).std(1) == 0).float().mean().item()
+    if a.variant == "dapo":
+        extra_round = 0
+        while True:
+            tr = torch.tensor(r.rewards["total"]).view(-1, a.group_size)
+            keep_groups = [g for g in range(tr.shape[0]) if tr[g].std() > 0]
+            if len(keep_groups) >= want or extra_round == 3:
+                break
+            extra_round += 1
+            more = [pool[(cursor + i) % n_pool] for i in range(want)]
+            cursor += want
+            with torch.inference_mode():
+                r = concat(r, rollout(engine, tok, task, more, a, rewards_fn, step, offset=n_generated))
+            n_generated = len(r.completions)
+        keep_groups = keep_groups[:want]
+        r = select(r, [g * a.group_size + j for g in keep_groups for j in range(a.group_size)])
+    return r, cursor, n_generated, zero_adv
+
+
+def score(r: Rollouts, a: GRPOArgs, step: int, zero_adv: float) -> dict:
+    """2. The step's reward metrics: the mean of each component, accuracy, lengths, zero-advantage shares."""
+    rewards = torch.tensor(r.rewards["total"], dtype=torch.float32)
+    metrics = {"step": step + 1}
+    for k, v in r.rewards.items():
+        metrics["reward" if k == "total" else f"reward/{k}"] = sum(v) / max(len(v), 1)
+    trained = rewards.view(-1, a.group_size) if len(rewards) else torch.zeros(1, a.group_size)
+    metrics.update(accuracy=metrics.get("reward/accuracy", 0.0), zero_adv_frac=zero_adv,
+                   zero_adv_frac_trained=(trained.std(1) == 0).float().mean().item() if len(rewards) else 0.0,
+                   response_length=sum(map(len, r.completion_ids)) / max(len(r.completion_ids), 1),
+                   truncated_frac=sum(r.truncated) / max(len(r.truncated), 1))
+    return metrics
+
+
+def micro_batches(r: Rollouts, a: GRPOArgs, pad_id: int) -> list[tuple]:
+    """The update's micro-batches of whole groups, each cut to its own length: (ids, mask, token weights,
+    advantages, SharedPrompt or None), built once for the reference and all μ updates."""
+    rewards = torch.tensor(r.rewards["total"], dtype=torch.float32)
+    adv = group_advantages(rewards.view(-1, a.group_size), a.variant).flatten()
+    ids, mask = pack(r, pad_id)
+    w = token_weights(mask, a.variant, a.max_tokens)
+    per = max(1, a.micro_batch // a.group_size) * a.group_size if a.shared_prompt else a.micro_batch
+    micro = []
+    for k, (mb, mm, mw, madv) in enumerate(zip(ids.split(per), mask.split(per), w.split(per), adv.split(per))):
+        mb, mm = trimmed(mb, mm)
+        sp = (pack_shared(r.prompt_ids[k * per:(k + 1) * per], r.completion_ids[k * per:(k + 1) * per],
+                          a.group_size, pad_id) if a.shared_prompt else None)
+        micro.append((mb, mm, mw[:, :mm.shape[1]], madv, sp))
+    return micro
+
+
+def update(model, ref, optimizer, micro: list[tuple], a: GRPOArgs, clip: tuple[float, float]) -> dict:
+    """3. μ optimizer steps on the clipped objective; the first pass's log-probs are π_old (θ has not
+    moved yet), π_ref comes from the frozen reference (when β > 0). Returns the update's metrics."""
+    ref_logp = []
+    if ref is not None:
+        with torch.no_grad():
+            ref_logp = [token_logprobs(ref, mb, a.temperature, mask=mm, shared=sp)[0] for mb, mm, _, _, sp in micro]
+    model.train()
+    loss_sum, ent_sum, stats = 0.0, 0.0, {"clip_frac": 0.0, "tokens": 0.0, "kl": 0.0}
+    old_logp: list[torch.Tensor] = []
+    for it in range(a.updates):
+        for j, (mb, mmask, mw, madv, sp) in enumerate(micro):
+            logp, ent = token_logprobs(model, mb, a.temperature, with_entropy=it == 0, mask=mmask, shared=sp)
+            if it == 0:
+                old_logp.append(logp.detach())
+                ent_sum += (ent * mmask).sum().item()
+            loss, st = policy_loss(logp, old_logp[j], ref_logp[j] if ref is not None else None, madv,
+                                   mmask, mw, clip[0], clip[1], a.beta)
+            loss.backward()
+            if it == a.updates - 1:
+                loss_sum += loss.item()
+                for k in stats:
+                    stats[k] += st[k]
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    tokens = max(stats["tokens"], 1)
+    return {"loss": loss_sum, "kl": stats["kl"] / tokens, "clip_frac": stats["clip_frac"] / tokens,
+            "entropy": ent_sum / tokens}
+
+
 # ------------------------------------------------------------------------------ training
 def grpo(a: GRPOArgs) -> dict:
     """Train; returns a summary (per-step metrics) for tests and scripts."""
     _check(a)
     if a.threads:
         torch.set_num_threads(a.threads)
+    from ..data.rewards import Rewards
     from ..data.tasks import get_task
     from ..infer import Engine
     from ..weights import load
-    from ..data.rewards import Rewards
 
-    out = Path(a.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NanoseekError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    ckpt_root = out / "checkpoints"
-    last = checkpoint.latest(ckpt_root)
-    if last is not None and not a.resume:
-        raise NanoseekError(f"{out} already has checkpoints (latest {last.name}); pass --resume or another --out")
-    checkpoint.remove_stale_temp_dirs(ckpt_root)
-
+    out = run_dir(a.out)
+    last = resume_point(out, a.resume, "grpo")
     task = get_task(a.task, level=a.level, langs=a.langs)
     model, tok = load(last or a.model, dtype=torch.float32)
     if tok is None:
@@ -315,8 +397,8 @@ def grpo(a: GRPOArgs) -> dict:
     if a.beta > 0:
         ref, _ = load(a.model, dtype=torch.float32)
         ref.eval().requires_grad_(False)
-    clip_low = a.clip_low if a.clip_low is not None else DEFAULT_CLIP[a.variant][0]
-    clip_high = a.clip_high if a.clip_high is not None else DEFAULT_CLIP[a.variant][1]
+    clip = (a.clip_low if a.clip_low is not None else DEFAULT_CLIP[a.variant][0],
+            a.clip_high if a.clip_high is not None else DEFAULT_CLIP[a.variant][1])
     weights = {"accuracy": a.accuracy_weight, "format": a.format_weight, "language": a.language_weight,
                "overlong": a.overlong_weight if a.variant != "dapo" or a.overlong_weight else 1.0}
     buffer = a.overlong_buffer if a.overlong_buffer is not None else a.max_tokens // 4
@@ -329,11 +411,9 @@ def grpo(a: GRPOArgs) -> dict:
         optimizer.load_state_dict(ck.optimizer)
         checkpoint.set_rng_state(ck.rng)
         start = ck.trainer_state["step"]
-        saved = ck.trainer_state.get("args", {})
-        changed = [k for k in ("task", "level", "langs", "template", "variant", "group_size", "prompts_per_step", "seed")
-                   if k in saved and saved[k] != getattr(a, k)]
-        if changed:
-            raise NanoseekError(f"{last} was trained with different {', '.join(changed)}; resume with the same settings")
+        check_same(last, ck.trainer_state.get("args", {}),
+                   {k: getattr(a, k) for k in ("task", "level", "langs", "template", "variant", "group_size",
+                                               "prompts_per_step", "seed")}, "resume with the same settings")
         del ck
     else:
         torch.manual_seed(a.seed)
@@ -344,118 +424,35 @@ def grpo(a: GRPOArgs) -> dict:
     pad_id = tok.pad_token_id if getattr(tok, "pad_token_id", None) is not None else (tok.eos_token_id or 0)
     engine = Engine(rollout_copy(model, a.rollout_dtype), tok, max_batch_size=min(a.prompts_per_step * a.group_size, 128),
                     max_seq_len=min(model.config.max_position_embeddings, 2048))
-    log_mode = "a" if a.resume else "w"
-    metrics_path, samples_path = out / "metrics.jsonl", out / "samples.jsonl"
-    if a.resume:
-        checkpoint.truncate_log(metrics_path, start)
-        checkpoint.truncate_log(samples_path, start)
-    mlog, slog = open(metrics_path, log_mode), open(samples_path, log_mode)
-    bar = None
-    if a.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=a.steps, initial=start, desc=f"grpo ({a.variant})", unit="step", dynamic_ncols=True)
-    say = bar.write if bar is not None else (lambda s: print(s, file=sys.stderr))
+    mlog = MetricsLog(out / "metrics.jsonl", start if a.resume else None)
+    slog = MetricsLog(out / "samples.jsonl", start if a.resume else None)
+    progress = Progress(a.steps, start, f"grpo ({a.variant})", a.progress)
     total, active = model.config.num_params()
-    say(f"nanoseek grpo: {model.config.architecture} {total / 1e6:.1f}M params, task {task.name}, "
-        f"template {a.template}, {a.variant}, {a.prompts_per_step} prompts x G={a.group_size}, "
-        f"{a.max_tokens} tokens, lr {a.lr}, β {a.beta}, ε {clip_low}/{clip_high}, rewards {weights}")
+    progress.say(f"nanoseek grpo: {model.config.architecture} {total / 1e6:.1f}M params, task {task.name}, "
+                 f"template {a.template}, {a.variant}, {a.prompts_per_step} prompts x G={a.group_size}, "
+                 f"{a.max_tokens} tokens, lr {a.lr}, β {a.beta}, ε {clip[0]}/{clip[1]}, rewards {weights}")
 
     history = []
     if start == 0:
         rec = {"step": 0, **greedy_eval(engine, tok, task, held_out, a, rewards_fn)}
-        say(f"step 0 (base model) | held-out greedy accuracy {rec['eval/accuracy']:.1%} | "
-            f"format {rec['eval/format']:.1%}")
-        mlog.write(json.dumps(rec) + "\n")
-        mlog.flush()
+        progress.say(f"step 0 (base model) | held-out greedy accuracy {rec['eval/accuracy']:.1%} | "
+                     f"format {rec['eval/format']:.1%}")
+        mlog.write(rec)
         history.append(rec)
     cursor = start * a.prompts_per_step
     step = start
     t_run = time.perf_counter()
     while step < a.steps:
         t0 = time.perf_counter()
-        # -- 1. rollouts (dapo: drop all-equal groups and refill, up to 3 extra rounds)
         model.eval()
-        want = a.prompts_per_step
-        batch_exs = [pool[(cursor + i) % n_pool] for i in range(want)]
-        cursor += want
-        with torch.inference_mode():
-            r = rollout(engine, tok, task, batch_exs, a, rewards_fn, step)
-        n_generated = len(r.completions)
-        total_r = torch.tensor(r.rewards["total"]).view(-1, a.group_size)
-        zero_adv = (total_r.std(1) == 0).float().mean().item()
-        if a.variant == "dapo":
-            extra_round = 0
-            while True:
-                tr = torch.tensor(r.rewards["total"]).view(-1, a.group_size)
-                keep_groups = [g for g in range(tr.shape[0]) if tr[g].std() > 0]
-                if len(keep_groups) >= want or extra_round == 3:
-                    break
-                extra_round += 1
-                more = [pool[(cursor + i) % n_pool] for i in range(want)]
-                cursor += want
-                with torch.inference_mode():
-                    r = concat(r, rollout(engine, tok, task, more, a, rewards_fn, step, offset=n_generated))
-                n_generated = len(r.completions)
-            keep_groups = keep_groups[:want]
-            r = select(r, [g * a.group_size + j for g in keep_groups for j in range(a.group_size)])
+        r, cursor, n_generated, zero_adv = collect(engine, tok, task, pool, cursor, a, rewards_fn, step)
         t_roll = time.perf_counter() - t0
-
-        # -- 2. advantages and the batch
-        rewards = torch.tensor(r.rewards["total"], dtype=torch.float32)
-        metrics = {"step": step + 1}
-        for k, v in r.rewards.items():
-            metrics["reward" if k == "total" else f"reward/{k}"] = sum(v) / max(len(v), 1)
-        trained = rewards.view(-1, a.group_size) if len(rewards) else torch.zeros(1, a.group_size)
-        metrics.update(accuracy=metrics.get("reward/accuracy", 0.0), zero_adv_frac=zero_adv,
-                       zero_adv_frac_trained=(trained.std(1) == 0).float().mean().item() if len(rewards) else 0.0,
-                       response_length=sum(map(len, r.completion_ids)) / max(len(r.completion_ids), 1),
-                       truncated_frac=sum(r.truncated) / max(len(r.truncated), 1))
-        loss_sum, stats = 0.0, {"clip_frac": 0.0, "tokens": 0.0, "kl": 0.0}
-        ent_sum = 0.0
+        metrics = score(r, a, step, zero_adv)
         if len(r.completions):
-            adv = group_advantages(rewards.view(-1, a.group_size), a.variant).flatten()
-            ids, mask = pack(r, pad_id)
-            w = token_weights(mask, a.variant, a.max_tokens)
-            # micro-batches of whole groups, cut to their own length, once for the reference and all μ updates
-            per = max(1, a.micro_batch // a.group_size) * a.group_size if a.shared_prompt else a.micro_batch
-            micro = []
-            for k, (mb, mm, mw, madv) in enumerate(zip(ids.split(per), mask.split(per), w.split(per), adv.split(per))):
-                mb, mm = trimmed(mb, mm)
-                sp = (pack_shared(r.prompt_ids[k * per:(k + 1) * per], r.completion_ids[k * per:(k + 1) * per],
-                                  a.group_size, pad_id) if a.shared_prompt else None)
-                micro.append((mb, mm, mw[:, :mm.shape[1]], madv, sp))
-            ref_logp = []
-            if ref is not None:
-                with torch.no_grad():
-                    ref_logp = [token_logprobs(ref, mb, a.temperature, mask=mm, shared=sp)[0]
-                                for mb, mm, _, _, sp in micro]
-            # -- 3. μ optimizer steps; the first pass's log-probs are π_old (θ has not moved yet)
-            model.train()
-            lr = lr_at(step, a.steps, a.lr, a.warmup, "constant")  # RL: constant after warmup
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            old_logp: list[torch.Tensor] = []
-            for it in range(a.updates):
-                for j, (mb, mmask, mw, madv, sp) in enumerate(micro):
-                    logp, ent = token_logprobs(model, mb, a.temperature, with_entropy=it == 0, mask=mmask, shared=sp)
-                    if it == 0:
-                        old_logp.append(logp.detach())
-                        ent_sum += (ent * mmask).sum().item()
-                    loss, st = policy_loss(logp, old_logp[j], ref_logp[j] if ref is not None else None, madv,
-                                           mmask, mw, clip_low, clip_high, a.beta)
-                    loss.backward()
-                    if it == a.updates - 1:
-                        loss_sum += loss.item()
-                        for k in stats:
-                            stats[k] += st[k]
-                torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            lr = set_lr(optimizer, lr_at(step, a.steps, a.lr, a.warmup, "constant"))  # RL: constant after warmup
+            metrics.update(update(model, ref, optimizer, micro_batches(r, a, pad_id), a, clip), lr=lr)
             if engine.model is not model:
                 engine.use_model(rollout_copy(model, a.rollout_dtype))
-            tokens = max(stats["tokens"], 1)
-            metrics.update(loss=loss_sum, kl=stats["kl"] / tokens, clip_frac=stats["clip_frac"] / tokens,
-                           entropy=ent_sum / tokens, lr=lr)
         step += 1
         dt = time.perf_counter() - t0
         metrics.update(samples_per_s=n_generated / dt, step_s=dt, rollout_s=t_roll,
@@ -463,43 +460,33 @@ def grpo(a: GRPOArgs) -> dict:
         if step % a.eval_every == 0 or step == a.steps:
             model.eval()
             metrics.update(greedy_eval(engine, tok, task, held_out, a, rewards_fn))
-        mlog.write(json.dumps(metrics) + "\n")
-        mlog.flush()
+        mlog.write(metrics)
         for i in range(0, min(len(r.completions), 2 * a.group_size), a.group_size):
-            slog.write(json.dumps({"step": step, "question": r.examples[i].question, "answer": r.examples[i].answer,
-                                   "completion": r.completions[i], "reward": r.rewards["total"][i]},
-                                  ensure_ascii=False) + "\n")
-        slog.flush()
+            slog.write({"step": step, "question": r.examples[i].question, "answer": r.examples[i].answer,
+                        "completion": r.completions[i], "reward": r.rewards["total"][i]})
         history.append(metrics)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
-                            len=f"{metrics['response_length']:.0f}")
+        progress.update(reward=f"{metrics['reward']:.2f}", acc=f"{metrics['accuracy']:.2f}",
+                        len=f"{metrics['response_length']:.0f}")
         if "eval/accuracy" in metrics:
-            say(f"step {step} | reward {metrics['reward']:.3f} | train acc {metrics['accuracy']:.1%} | "
-                f"held-out greedy acc {metrics['eval/accuracy']:.1%} | format {metrics['eval/format']:.1%} | "
-                f"language {metrics['eval/language']:.1%} | len {metrics['response_length']:.0f} | "
-                f"kl {metrics.get('kl', 0):.4f} | clip {metrics.get('clip_frac', 0):.3f} | "
-                f"{metrics['samples_per_s']:.1f} samples/s")
+            progress.say(f"step {step} | reward {metrics['reward']:.3f} | train acc {metrics['accuracy']:.1%} | "
+                         f"held-out greedy acc {metrics['eval/accuracy']:.1%} | format {metrics['eval/format']:.1%} | "
+                         f"language {metrics['eval/language']:.1%} | len {metrics['response_length']:.0f} | "
+                         f"kl {metrics.get('kl', 0):.4f} | clip {metrics.get('clip_frac', 0):.3f} | "
+                         f"{metrics['samples_per_s']:.1f} samples/s")
         if step % a.save_every == 0 or step == a.steps:
             model.eval()
-            checkpoint.save(ckpt_root, step, model, tok, optimizer.state_dict(), checkpoint.rng_state(),
+            checkpoint.save(out / "checkpoints", step, model, tok, optimizer.state_dict(), checkpoint.rng_state(),
                             {"args": dataclasses.asdict(a), "metrics": metrics, "init_model": a.model}, keep=a.keep)
-    if bar is not None:
-        bar.close()
+    progress.close()
     mlog.close()
     slog.close()
     final = out / "final"
     if step > start or not final.exists():
-        from ..weights import save as save_model
-        with atomic_dir(final) as tmp:
-            save_model(model, tok, tmp)
-            (tmp / "training.json").write_text(json.dumps({"stage": "grpo", **dataclasses.asdict(a),
-                                                           "last": history[-1] if history else None},
-                                                          indent=2, ensure_ascii=False) + "\n")
-        say(f"final model written to {final}")
+        save_final(final, model, tok, {"stage": "grpo", **dataclasses.asdict(a),
+                                       "last": history[-1] if history else None})
+        progress.say(f"final model written to {final}")
     from ..eval.report import write_report
-    say(f"plots of reward, accuracy and response length: {write_report(out, title='nanoseek grpo')}")
+    progress.say(f"plots of reward, accuracy and response length: {write_report(out, title='nanoseek grpo')}")
     return {"history": history, "start_step": start, "step": step, "out": str(out)}
 
 

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +36,10 @@ from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
 from . import checkpoint, dist, expert_parallel
-from .run import MetricsLog
 from .objective import (balance_loss, expert_loads, load_stats, moe_layers, mtp_loss, mtp_weight,
                         next_token_loss, update_bias)
 from .optim import SCHEDULES, adamw, lr_at
+from .run import MetricsLog, Progress, check_same, resume_point, run_dir, save_final, set_lr, use_amp
 
 
 @dataclass
@@ -108,15 +106,6 @@ def _check_args(a: PretrainArgs) -> None:
         raise NanoseekError("--dtype must be auto, fp32 or bf16")
     if a.expert_parallel and a.fsdp:
         raise NanoseekError("--expert-parallel works with DDP, not with --fsdp")
-
-
-def _writable_out(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out):
-            pass
-    except OSError as e:
-        raise NanoseekError(f"{out}: cannot write the output directory ({e.strerror or e})") from None
 
 
 def model_config(a: PretrainArgs, tok) -> ModelConfig:
@@ -220,21 +209,35 @@ def pretrain(a: PretrainArgs) -> dict:
         dist.shutdown(info)
 
 
-def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
-    out = Path(a.out)
-    ckpt_root = out / "checkpoints"
-    _writable_out(out)
-    last = checkpoint.latest(ckpt_root)
-    if last is not None and not a.resume:
-        raise NanoseekError(f"{out} already has checkpoints (latest {last.name}); pass --resume to continue "
-                            f"or choose another --out")
-    if last is None and a.resume and info.main:
-        print(f"nanoseek pretrain: no checkpoint in {ckpt_root}; starting from step 0", file=sys.stderr)
-    ckpt = checkpoint.read(last) if last is not None else None
+@dataclass
+class _Run:
+    """What the loop of one pretraining run works on, built by `_setup`."""
+    out: Path
+    tok: object
+    tokens: object
+    prompts: list[str]
+    cfg: ModelConfig
+    sampler: object
+    bound: dict
+    micro: int
+    accum: int
+    amp: bool
+    model: Transformer
+    wrapped: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    start: int
+    moes: list
+    balance: bool
 
+
+def _setup(a: PretrainArgs, info: dist.DistInfo) -> _Run:
+    """Run directory, resume checks, data, model, optimizer (and their state when resuming)."""
+    from ..data import WindowSampler
+    out = run_dir(a.out)
+    last = resume_point(out, a.resume, "pretrain", info.main)
+    ckpt = checkpoint.read(last) if last is not None else None
     tok, tokens, data_key, prompts = prepare_data(a, info, last)
     cfg = model_config(a, tok)
-    from ..data import WindowSampler
     sampler = WindowSampler(tokens, a.seq_len, seed=a.seed)
     bound = {"seq_len": a.seq_len, "batch_size": a.batch_size, "seed": a.seed, "data": data_key}
     if ckpt is not None:
@@ -242,20 +245,14 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         if diff:
             raise NanoseekError(f"{last} was trained with a different model config ({', '.join(diff[:5])} "
                                 f"differ); resume with the same --preset/--config/--arch")
-        was = ckpt.trainer_state.get("bound", {})
-        changed = [k for k in bound if was.get(k) != bound[k]]
-        if changed:
-            raise NanoseekError(f"{last} was trained with different {', '.join(changed)}; an exact resume "
-                                f"needs the same corpus, --seq-len, --batch-size and --seed")
+        check_same(last, ckpt.trainer_state.get("bound", {}), bound,
+                   "an exact resume needs the same corpus, --seq-len, --batch-size and --seed")
         sampler.load_state_dict(ckpt.trainer_state["sampler"])
 
     micro = a.micro_batch or a.batch_size // info.world
     if micro < 1 or a.batch_size % (micro * info.world):
         raise NanoseekError(f"--batch-size {a.batch_size} must be a multiple of --micro-batch {micro} x "
                             f"{info.world} processes")
-    accum = a.batch_size // (micro * info.world)
-    amp = a.dtype == "bf16" or (a.dtype == "auto" and info.device.type == "cuda" and torch.cuda.is_bf16_supported())
-
     torch.manual_seed(a.seed)
     model = Transformer(cfg)
     if ckpt is not None:
@@ -263,8 +260,6 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
     model.to(info.device).train()
     if a.expert_parallel:  # keep this rank's routed experts (a no-op on one process)
         expert_parallel.shard_experts(model, info)
-    moes = moe_layers(model)
-    balance = cfg.is_moe and not a.no_balance
     wrapped = dist.wrap(model, info, a.fsdp)
     optimizer = adamw(model, a.lr, a.weight_decay, (a.beta1, a.beta2))
     start = 0
@@ -272,147 +267,148 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         dist.load_optimizer_state(wrapped, optimizer, ckpt.optimizer, info)
         checkpoint.set_rng_state(ckpt.rng)
         start = ckpt.trainer_state["step"]
-        del ckpt
+    return _Run(out, tok, tokens, prompts, cfg, sampler, bound, micro, a.batch_size // (micro * info.world),
+                use_amp(a.dtype, info.device), model, wrapped, optimizer, start, moe_layers(model),
+                cfg.is_moe and not a.no_balance)
 
+
+def _step(r: _Run, a: PretrainArgs, info: dist.DistInfo, step: int) -> dict:
+    """One optimizer step over the global batch (micro-batches accumulated); its metrics, all ranks averaged."""
+    t0 = time.perf_counter()
+    lr = set_lr(r.optimizer, lr_at(step, a.steps, a.lr, a.warmup, a.schedule, a.min_lr_ratio))
+    lam = mtp_weight(step, a.steps, a.mtp_weight, a.mtp_weight_final)
+    batch = r.sampler.next_batch(a.batch_size, info.rank, info.world).to(info.device)
+    sums = torch.zeros(3, dtype=torch.float64)  # main, mtp, balance (means over micro-batches)
+    loads = torch.zeros(len(r.moes), r.cfg.n_routed_experts or 0, dtype=torch.float64)
+    for i, window in enumerate(batch.split(r.micro)):
+        with dist.grad_sync(r.wrapped, info, sync=i == r.accum - 1):
+            with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=r.amp):
+                logits, mtp_logits, routing = r.wrapped(window[:, :-1], return_mtp=True, return_routing=True)
+            main = next_token_loss(logits, window)
+            l_mtp = mtp_loss(mtp_logits, window)
+            l_bal = (balance_loss(routing, r.cfg.num_experts_per_tok, a.balance_alpha)
+                     if r.balance and a.balance_alpha > 0 else None)
+            loss = main + lam * l_mtp + (l_bal if l_bal is not None else 0.0)
+            (loss / r.accum).backward()
+        sums += torch.tensor([main.item(), l_mtp.item(), l_bal.item() if l_bal is not None else 0.0],
+                             dtype=torch.float64) / r.accum
+        if routing:
+            loads += expert_loads(routing)
+    grad_norm = dist.clip_grad_norm(r.model, a.grad_clip, info)  # the global norm (FSDP2, expert parallel)
+    r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    dist.all_reduce(sums, info, "mean")
+    dist.all_reduce(loads, info, "sum")
+    if r.balance and a.bias_gamma > 0:
+        update_bias(r.moes, loads, a.bias_gamma)
+    main_loss, mtp_l, bal_l = sums.tolist()
+    dt = time.perf_counter() - t0
     tokens_per_step = a.batch_size * a.seq_len
-    flops_per_token = cost.flops_per_token(cfg, a.seq_len, mtp=cfg.num_nextn_predict_layers > 0)["train"]
-    peak, peak_src = device_peak_flops(info, amp) if info.main else (None, "")
-    log = MetricsLog(out / "metrics.jsonl", start if a.resume else None) if info.main else None
+    metrics = {"step": step + 1, "loss": main_loss, "mtp_loss": mtp_l if r.cfg.num_nextn_predict_layers else None,
+               "balance_loss": bal_l if r.balance else None, "total_loss": main_loss + lam * mtp_l + bal_l,
+               "lr": lr, "mtp_lambda": lam, "grad_norm": float(grad_norm), "tokens": (step + 1) * tokens_per_step,
+               "tokens_per_s": tokens_per_step / dt, "step_s": dt}
+    if r.moes:
+        ratios = load_stats(loads)
+        metrics.update(load_max_mean=ratios, load_max_mean_avg=sum(ratios) / len(ratios))
+    return metrics
+
+
+def _save(r: _Run, a: PretrainArgs, info: dist.DistInfo, step: int, metrics: dict) -> None:
+    """A checkpoint: with FSDP or expert parallelism every rank takes part in gathering; rank 0 writes."""
+    opt_state = dist.optimizer_state(r.wrapped, r.optimizer, info)
+    target = r.model
+    if info.fsdp or info.expert_parallel:
+        state = dist.model_state(r.wrapped, info)  # full on rank 0 only
+        if info.main:
+            with torch.device("meta"):
+                target = Transformer(r.cfg)
+            target.load_state_dict(state, assign=True)
     if info.main:
-        total, active = cfg.num_params()
-        print(f"nanoseek pretrain: {cfg.architecture} {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
-              f"vocab {cfg.vocab_size}, {len(tokens):,} tokens ({sampler.n_windows:,} windows of {a.seq_len}); "
-              f"batch {a.batch_size} = {micro} x {accum} accum x {info.world} proc; steps {start}->{a.steps}; "
-              f"{'bf16 autocast' if amp else 'fp32'} on {info.device}"
+        checkpoint.save(r.out / "checkpoints", step, target, r.tok, opt_state, checkpoint.rng_state(),
+                        {"sampler": r.sampler.state_dict(), "bound": r.bound, "metrics": metrics,
+                         "train_args": dataclasses.asdict(a)}, keep=a.keep)
+    dist.barrier(info)
+
+
+def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
+    r = _setup(a, info)
+    flops_per_token = cost.flops_per_token(r.cfg, a.seq_len, mtp=r.cfg.num_nextn_predict_layers > 0)["train"]
+    peak, peak_src = device_peak_flops(info, r.amp) if info.main else (None, "")
+    log = MetricsLog(r.out / "metrics.jsonl", r.start if a.resume else None) if info.main else None
+    if info.main:
+        total, active = r.cfg.num_params()
+        print(f"nanoseek pretrain: {r.cfg.architecture} {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
+              f"vocab {r.cfg.vocab_size}, {len(r.tokens):,} tokens ({r.sampler.n_windows:,} windows of {a.seq_len}); "
+              f"batch {a.batch_size} = {r.micro} x {r.accum} accum x {info.world} proc; steps {r.start}->{a.steps}; "
+              f"{'bf16 autocast' if r.amp else 'fp32'} on {info.device}"
               + (f" ({info.backend}, {'FSDP2' if a.fsdp else 'DDP'}"
                  f"{' + expert parallel' if info.expert_parallel else ''})" if info.enabled else "")
               + (f"; MFU against {peak_src}: {peak / 1e9:,.0f} GFLOP/s per process" if peak else ""), file=sys.stderr)
-    bar = None
-    if info.main and a.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=a.steps, initial=start, desc="pretrain", unit="step", dynamic_ncols=True)
-    say = (bar.write if bar is not None else lambda s: print(s, file=sys.stderr)) if info.main else (lambda s: None)
-
-    def save(step: int, metrics: dict) -> None:
-        # with FSDP every rank takes part in gathering the full state; rank 0 writes
-        opt_state = dist.optimizer_state(wrapped, optimizer, info)
-        target = model
-        if info.fsdp or info.expert_parallel:
-            state = dist.model_state(wrapped, info)  # full on rank 0 only
-            if info.main:
-                with torch.device("meta"):
-                    target = Transformer(cfg)
-                target.load_state_dict(state, assign=True)
-        if info.main:
-            checkpoint.save(ckpt_root, step, target, tok, opt_state, checkpoint.rng_state(),
-                            {"sampler": sampler.state_dict(), "bound": bound, "metrics": metrics,
-                             "train_args": dataclasses.asdict(a)}, keep=a.keep)
-        dist.barrier(info)
-
-    if info.main and a.resume:
-        checkpoint.remove_stale_temp_dirs(ckpt_root)
-    if start >= a.steps and info.main:
-        print(f"nanoseek pretrain: {last} is already at step {start} of --steps {a.steps}; nothing to do",
-              file=sys.stderr)
+        if r.start >= a.steps:
+            print(f"nanoseek pretrain: {r.out / 'checkpoints'} is already at step {r.start} of --steps {a.steps}; "
+                  f"nothing to do", file=sys.stderr)
+    progress = Progress(a.steps, r.start, "pretrain", info.main and a.progress)
+    say = progress.say if info.main else (lambda s: None)
     losses: list[float] = []
     metrics: dict = {}
     t_start = time.perf_counter()
-    step = start
-    autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=amp)
+    step = r.start
     while step < a.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, a.steps, a.lr, a.warmup, a.schedule, a.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        lam = mtp_weight(step, a.steps, a.mtp_weight, a.mtp_weight_final)
-        batch = sampler.next_batch(a.batch_size, info.rank, info.world).to(info.device)
-        sums = torch.zeros(3, dtype=torch.float64)  # main, mtp, balance (means over micro-batches)
-        loads = torch.zeros(len(moes), cfg.n_routed_experts or 0, dtype=torch.float64)
-        for i, window in enumerate(batch.split(micro)):
-            with dist.grad_sync(wrapped, info, sync=i == accum - 1):
-                with autocast:
-                    logits, mtp_logits, routing = wrapped(window[:, :-1], return_mtp=True, return_routing=True)
-                main = next_token_loss(logits, window)
-                l_mtp = mtp_loss(mtp_logits, window)
-                l_bal = (balance_loss(routing, cfg.num_experts_per_tok, a.balance_alpha)
-                         if balance and a.balance_alpha > 0 else None)
-                loss = main + lam * l_mtp + (l_bal if l_bal is not None else 0.0)
-                (loss / accum).backward()
-            sums += torch.tensor([main.item(), l_mtp.item(), l_bal.item() if l_bal is not None else 0.0],
-                                 dtype=torch.float64) / accum
-            if routing:
-                loads += expert_loads(routing)
-        grad_norm = dist.clip_grad_norm(model, a.grad_clip, info)  # the global norm (FSDP2, expert parallel)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dist.all_reduce(sums, info, "mean")
-        dist.all_reduce(loads, info, "sum")
-        if balance and a.bias_gamma > 0:
-            update_bias(moes, loads, a.bias_gamma)
+        metrics = _step(r, a, info, step)
         step += 1
-        dt = time.perf_counter() - t0
-        main_loss, mtp_l, bal_l = sums.tolist()
-        losses.append(main_loss)
-        tok_s = tokens_per_step / dt
-        metrics = {"step": step, "loss": main_loss, "mtp_loss": mtp_l if cfg.num_nextn_predict_layers else None,
-                   "balance_loss": bal_l if balance else None, "total_loss": main_loss + lam * mtp_l + bal_l,
-                   "lr": lr, "mtp_lambda": lam, "grad_norm": float(grad_norm), "tokens": step * tokens_per_step,
-                   "tokens_per_s": tok_s, "step_s": dt, "elapsed_s": time.perf_counter() - t_start,
-                   "mfu": tok_s / info.world * flops_per_token / peak if peak else None}
-        if moes:
-            ratios = load_stats(loads)
-            metrics.update(load_max_mean=ratios, load_max_mean_avg=sum(ratios) / len(ratios))
+        losses.append(metrics["loss"])
+        metrics.update(elapsed_s=time.perf_counter() - t_start,
+                       mfu=metrics["tokens_per_s"] / info.world * flops_per_token / peak if peak else None)
         if info.main:
             log.write(metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{main_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            progress.update(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
             if step % a.log_every == 0 or step == a.steps:
-                say(f"step {step:>6} | loss {main_loss:.4f} | mtp {mtp_l:.4f} | bal {bal_l:.2e} | "
-                    f"lr {lr:.2e} | gnorm {float(grad_norm):.2f} | {tok_s:,.0f} tok/s"
+                say(f"step {step:>6} | loss {metrics['loss']:.4f} | mtp {metrics['mtp_loss'] or 0.0:.4f} | "
+                    f"bal {metrics['balance_loss'] or 0.0:.2e} | lr {metrics['lr']:.2e} | "
+                    f"gnorm {metrics['grad_norm']:.2f} | {metrics['tokens_per_s']:,.0f} tok/s"
                     + (f" | MFU {metrics['mfu']:.1%}" if metrics["mfu"] else "")
-                    + (f" | load max/mean {metrics['load_max_mean_avg']:.2f}" if moes else ""))
+                    + (f" | load max/mean {metrics['load_max_mean_avg']:.2f}" if r.moes else ""))
         out_of_time = a.time_limit is not None and time.perf_counter() - t_start > a.time_limit
         if a.time_limit is not None and info.enabled:  # rank 0's clock decides, or ranks could disagree and hang
             out_of_time = dist.broadcast_object(out_of_time, info)
         if step % a.sample_every == 0 or step == a.steps or out_of_time:
             if info.fsdp or info.expert_parallel or info.main:  # every rank takes part in their forwards
-                texts = samples(model, tok, prompts, a.sample_tokens)
-                for t in texts:
-                    say(f"  sample @ {step}: {t!r}")
-                metrics["samples"] = texts
+                metrics["samples"] = samples(r.model, r.tok, r.prompts, a.sample_tokens)
+                for text in metrics["samples"]:
+                    say(f"  sample @ {step}: {text!r}")
         if step % a.save_every == 0 or step == a.steps or out_of_time:
-            save(step, metrics)
+            _save(r, a, info, step, metrics)
         if out_of_time:
             say(f"time limit of {a.time_limit:.0f}s reached at step {step}")
             break
-    if bar is not None:
-        bar.close()
+    progress.close()
     if log is not None:
         log.close()
-    final = out / "final"
-    if info.main and step > start:
-        target = dist.unwrap(wrapped) if not (info.fsdp or info.expert_parallel) else None
-        if target is None:
-            last = checkpoint.latest(ckpt_root)
-            from ..weights import load
-            target, _ = load(last)
-        from ..weights import save as save_model
-        summary = {"stage": "pretrain", "corpus": a.corpus or f"synthetic arithmetic ({a.synthetic_docs} problems)",
-                   "tokens": step * tokens_per_step, "steps": step, "seq_len": a.seq_len,
-                   "batch_size": a.batch_size, "lr": a.lr, "schedule": a.schedule,
-                   "final_loss": metrics.get("loss"), "mtp_loss": metrics.get("mtp_loss"),
-                   "balance": "aux-loss-free bias + sequence-wise loss" if balance else "off",
-                   "wall_clock_s": round(time.perf_counter() - t_start, 1)}
-        if not a.corpus and a.final_eval > 0:
-            scores = arithmetic_eval(target, tok, n=a.final_eval)
-            summary["eval_100_new_problems"] = {k: round(v, 3) for k, v in scores.items()}
-            say("greedy on 100 new problems: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
-        save_model(target, tok, final)
-        (final / "training.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        say(f"final model written to {final}")
-    return {"losses": losses, "start_step": start, "step": step, "last": metrics, "out": str(out),
-            "config": cfg}
+    if info.main and step > r.start:
+        _finish(r, a, info, step, metrics, time.perf_counter() - t_start, say)
+    return {"losses": losses, "start_step": r.start, "step": step, "last": metrics, "out": str(r.out),
+            "config": r.cfg}
+
+
+def _finish(r: _Run, a: PretrainArgs, info: dist.DistInfo, step: int, metrics: dict, seconds: float, say) -> None:
+    """OUT/final (rank 0): the model, graded on new problems for the synthetic corpus, with training.json."""
+    target = dist.unwrap(r.wrapped) if not (info.fsdp or info.expert_parallel) else None
+    if target is None:  # sharded: the last checkpoint holds the full model
+        from ..weights import load
+        target, _ = load(checkpoint.latest(r.out / "checkpoints"))
+    summary = {"stage": "pretrain", "corpus": a.corpus or f"synthetic arithmetic ({a.synthetic_docs} problems)",
+               "tokens": step * a.batch_size * a.seq_len, "steps": step, "seq_len": a.seq_len,
+               "batch_size": a.batch_size, "lr": a.lr, "schedule": a.schedule,
+               "final_loss": metrics.get("loss"), "mtp_loss": metrics.get("mtp_loss"),
+               "balance": "aux-loss-free bias + sequence-wise loss" if r.balance else "off",
+               "wall_clock_s": round(seconds, 1)}
+    if not a.corpus and a.final_eval > 0:
+        scores = arithmetic_eval(target, r.tok, n=a.final_eval)
+        summary["eval_100_new_problems"] = {k: round(v, 3) for k, v in scores.items()}
+        say("greedy on 100 new problems: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
+    save_final(r.out / "final", target, r.tok, summary)
+    say(f"final model written to {r.out / 'final'}")
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -55,9 +55,12 @@ import torch
 import torch.nn.functional as F
 
 from ..args import HelpFormatter, add_fields, from_args, module_main
+from ..data.sampler import sub_seed
 from ..errors import NanoseekError
+from ..jsonl import iter_jsonl
 from . import checkpoint
 from .optim import SCHEDULES, adamw, lr_at
+from .run import MetricsLog, Progress, check_same, resume_point, run_dir, save_final, set_lr, use_amp
 
 TEMPLATES = ("chat", "none")
 
@@ -94,21 +97,10 @@ class SFTArgs:
 # ------------------------------------------------------------------------------ data
 def read_records(path) -> list[dict]:
     """The JSONL lines as dicts, checked; one NanoseekError naming the file (and line) otherwise."""
-    p = Path(path)
-    if not p.is_file():
+    if not Path(path).is_file():
         raise NanoseekError(f"{path}: no such data file")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise NanoseekError(f"{path}: unreadable data file ({e})") from None
     records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NanoseekError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+    for n, rec in iter_jsonl(path):
         problem = check_record(rec)
         if problem:
             raise NanoseekError(f"{path}:{n}: {problem}")
@@ -259,7 +251,7 @@ class PackedStream:
 
     def epoch(self, e: int):
         while len(self.epochs) <= e:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + len(self.epochs))
+            g = torch.Generator().manual_seed(sub_seed(self.seed, len(self.epochs)))
             order = torch.randperm(len(self.examples), generator=g).tolist()
             ids, mask, _ = pack([self.examples[i] for i in order], self.row_len, self.pad_id)
             self.epochs.append((ids, mask))
@@ -345,16 +337,8 @@ def train_sft(model, tok, a: SFTArgs, records: list[dict] | None = None, base: s
         problem = check_record(r)
         if problem:
             raise NanoseekError(f"record {i}: {problem}")
-    out = Path(a.out)
-    ckpt_root = out / "checkpoints"
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise NanoseekError(f"{out}: cannot create the output directory ({e.strerror or e})") from None
-    last = checkpoint.latest(ckpt_root)
-    if last is not None and not a.resume:
-        raise NanoseekError(f"{out} already has checkpoints (latest {last.name}); pass --resume to continue "
-                            f"or choose another --out")
+    out = run_dir(a.out)
+    last = resume_point(out, a.resume, "sft")
 
     row_len = a.seq_len + 1
     examples, cut, dropped = fit([encode_record(r, tok, a.template) for r in records], row_len)
@@ -372,45 +356,17 @@ def train_sft(model, tok, a: SFTArgs, records: list[dict] | None = None, base: s
     for p in model.parameters():
         p.requires_grad_(True)
     optimizer = adamw(model, a.lr, a.weight_decay, (a.beta1, a.beta2))
-    start = 0
-    if last is not None:
-        ckpt = checkpoint.read(last)
-        diff = checkpoint.config_differences(ckpt.config, model.config)
-        if diff:
-            raise NanoseekError(f"{last} holds a model with a different config ({', '.join(diff[:5])} differ); "
-                                f"resume with the same --model")
-        was = ckpt.trainer_state.get("bound", {})
-        changed = [k for k in bound if was.get(k) != bound[k]]
-        if changed:
-            raise NanoseekError(f"{last} was trained with different {', '.join(changed)}; an exact resume "
-                                f"needs the same data, --template, --seq-len, --batch-size and --seed")
-        with torch.no_grad():
-            model.load_state_dict({k: v.to(device) for k, v in ckpt.model_state.items()}, strict=True)
-        optimizer.load_state_dict(ckpt.optimizer)
-        checkpoint.set_rng_state(ckpt.rng)
-        start = ckpt.trainer_state["step"]
-        del ckpt
-        checkpoint.remove_stale_temp_dirs(ckpt_root)
+    start = _resume(last, model, optimizer, bound, device) if last is not None else 0
     micro = a.micro_batch or a.batch_size
-    amp = a.dtype == "bf16" or (a.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    amp = use_amp(a.dtype, device)
 
-    from .run import MetricsLog
     log = MetricsLog(out / "metrics.jsonl", start if last is not None else None)
     n_sup = sum(sum(m[1:]) for _, m in examples)
     print(f"nanoseek sft: {len(examples)} examples ({n_sup:,} trained tokens; {cut} cut to {row_len} tokens, "
           f"{dropped} dropped with nothing to train), {len(stream.epoch(0)[0])} packed rows per epoch; "
           f"steps {start}->{total} of {a.batch_size} rows x {a.seq_len}; lr {a.lr:g} on {device}"
           f"{' (bf16 autocast)' if amp else ''}", file=sys.stderr)
-    bar = None
-    if a.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=start, desc="sft", unit="step", dynamic_ncols=True)
-    say = bar.write if bar is not None else (lambda s: print(s, file=sys.stderr))
-
-    def save(step: int, metrics: dict) -> None:
-        checkpoint.save(ckpt_root, step, model, tok, optimizer.state_dict(), checkpoint.rng_state(),
-                        {"bound": bound, "metrics": metrics, "base_model": base,
-                         "train_args": dataclasses.asdict(a)}, keep=a.keep)
+    progress = Progress(total, start, "sft", a.progress)
 
     losses: list[float] = []
     metrics: dict = {}
@@ -419,9 +375,7 @@ def train_sft(model, tok, a: SFTArgs, records: list[dict] | None = None, base: s
     try:
         while step < total:
             t0 = time.perf_counter()
-            lr = lr_at(step, total, a.lr, warmup, a.schedule, a.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            lr = set_lr(optimizer, lr_at(step, total, a.lr, warmup, a.schedule, a.min_lr_ratio))
             rows, mask = stream.batch(step, a.batch_size)
             rows, mask = rows.to(device), mask.to(device)
             trained = int(mask[:, 1:].sum())
@@ -441,30 +395,43 @@ def train_sft(model, tok, a: SFTArgs, records: list[dict] | None = None, base: s
                        "trained_tokens": trained, "tokens_per_s": rows.numel() / dt,
                        "elapsed_s": time.perf_counter() - t_start}
             log.write(metrics)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum:.3f}")
+            progress.update(loss=f"{loss_sum:.3f}")
             if step % a.log_every == 0 or step == total:
-                say(f"step {step:>6} | loss {loss_sum:.4f} | lr {lr:.2e} | gnorm {float(grad_norm):.2f} | "
-                    f"{metrics['tokens_per_s']:,.0f} tok/s")
+                progress.say(f"step {step:>6} | loss {loss_sum:.4f} | lr {lr:.2e} | gnorm {float(grad_norm):.2f} | "
+                             f"{metrics['tokens_per_s']:,.0f} tok/s")
             if step % a.save_every == 0 or step == total:
-                save(step, metrics)
+                checkpoint.save(out / "checkpoints", step, model, tok, optimizer.state_dict(), checkpoint.rng_state(),
+                                {"bound": bound, "metrics": metrics, "base_model": base,
+                                 "train_args": dataclasses.asdict(a)}, keep=a.keep)
     finally:
-        if bar is not None:
-            bar.close()
+        progress.close()
         log.close()
     model.eval()
     final = out / "final"
     if step > start or not final.is_dir():
-        from ..weights import save as save_model
-        save_model(model, tok, final)
-        summary = {"stage": "sft", "base_model": base, "examples": len(examples), "template": a.template,
-                   "steps": step, "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr,
-                   "final_loss": metrics.get("loss"), "wall_clock_s": round(time.perf_counter() - t_start, 1)}
-        (final / "training.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
-        say(f"final model written to {final}")
+        save_final(final, model, tok, {
+            "stage": "sft", "base_model": base, "examples": len(examples), "template": a.template, "steps": step,
+            "seq_len": a.seq_len, "batch_size": a.batch_size, "lr": a.lr, "final_loss": metrics.get("loss"),
+            "wall_clock_s": round(time.perf_counter() - t_start, 1)})
+        progress.say(f"final model written to {final}")
     return {"losses": losses, "start_step": start, "step": step, "total_steps": total, "out": str(out),
             "final": str(final), "examples": len(examples), "cut": cut, "dropped": dropped, "last": metrics}
+
+
+def _resume(last: Path, model, optimizer, bound: dict, device) -> int:
+    """Load checkpoint `last` into the model and optimizer (same config and data required); its step."""
+    ckpt = checkpoint.read(last)
+    diff = checkpoint.config_differences(ckpt.config, model.config)
+    if diff:
+        raise NanoseekError(f"{last} holds a model with a different config ({', '.join(diff[:5])} differ); "
+                            f"resume with the same --model")
+    check_same(last, ckpt.trainer_state.get("bound", {}), bound,
+               "an exact resume needs the same data, --template, --seq-len, --batch-size and --seed")
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(device) for k, v in ckpt.model_state.items()}, strict=True)
+    optimizer.load_state_dict(ckpt.optimizer)
+    checkpoint.set_rng_state(ckpt.rng)
+    return ckpt.trainer_state["step"]
 
 
 # ------------------------------------------------------------------------------ CLI

@@ -1,5 +1,8 @@
 """The task interface: `Example`, `Task` (seeded problems, the held-out split, a verifier) and the
 stable-hash split rule. Suites subclass `Task`; see `nanoseek.data.tasks` for the registry.
+
+    class MyTask(Task):          # implement _sample(rng), key(ex), question_key(question), verify(answer, ex)
+        name = "mine"
 """
 
 from __future__ import annotations

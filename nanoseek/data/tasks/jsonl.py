@@ -18,12 +18,12 @@ once. The test split is returned whole (at most n lines), never repeated.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
 
 from ...errors import NanoseekError
+from ...jsonl import iter_jsonl
 from .base import Example, Task, is_test_key
 from .math_answer import answers_equal
 
@@ -41,30 +41,23 @@ class JsonlTask(Task):
         self.splits: dict[str, list[Example]] = {"train": [], "test": []}
         self._test_keys: set[str] = set()
         seen: set[str] = set()
-        with open(p, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise NanoseekError(f"{path}:{n}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
-                        or not isinstance(row.get("answer"), (str, int, float)) or isinstance(row["answer"], bool):
-                    raise NanoseekError(f"{path}:{n}: each line needs a string \"prompt\" and an \"answer\"")
-                split = row.get("split")
-                if split not in (None, "train", "test"):
-                    raise NanoseekError(f"{path}:{n}: \"split\" must be \"train\" or \"test\"")
-                key = _canon(row["prompt"])
-                if key in seen:
-                    continue
-                seen.add(key)
-                split = split or ("test" if is_test_key(key) else "train")
-                ex = Example(row["prompt"], str(row["answer"]), str(row.get("lang", "en")),
-                             {"line": n, "split": split})
-                self.splits[split].append(ex)
-                if split == "test":
-                    self._test_keys.add(key)
+        for n, row in iter_jsonl(path):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) \
+                    or not isinstance(row.get("answer"), (str, int, float)) or isinstance(row["answer"], bool):
+                raise NanoseekError(f"{path}:{n}: each line needs a string \"prompt\" and an \"answer\"")
+            split = row.get("split")
+            if split not in (None, "train", "test"):
+                raise NanoseekError(f"{path}:{n}: \"split\" must be \"train\" or \"test\"")
+            key = _canon(row["prompt"])
+            if key in seen:
+                continue
+            seen.add(key)
+            split = split or ("test" if is_test_key(key) else "train")
+            ex = Example(row["prompt"], str(row["answer"]), str(row.get("lang", "en")),
+                         {"line": n, "split": split})
+            self.splits[split].append(ex)
+            if split == "test":
+                self._test_keys.add(key)
         if not seen:
             raise NanoseekError(f"{path}: no problems")
 
