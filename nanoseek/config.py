@@ -305,7 +305,8 @@ def check_fields(cfg: ModelConfig) -> None:
             raise NanoseekError(f"config: {name} must be {what}, got {str(getattr(cfg, name))[:40]!r}")
 
     moe = cfg.n_routed_experts
-    need(moe is None or (_is_int(moe) and 0 <= moe <= 1 << 16), "n_routed_experts", f"null or an integer in [0, {1 << 16}]")
+    need(moe is None or (_is_int(moe) and 0 <= moe <= 1 << 16), "n_routed_experts",
+         f"null or an integer in [0, {1 << 16}]")
     mla, moe = cfg.model_type in ("deepseek_v3", "deepseek_v2"), bool(moe)
     for name, hi in {**_POSITIVE, **(_MLA_POSITIVE if mla else {}), **(_MOE_POSITIVE if moe else {})}.items():
         v = getattr(cfg, name)
@@ -313,7 +314,8 @@ def check_fields(cfg: ModelConfig) -> None:
     for name, hi in _OPTIONAL_POSITIVE.items():
         v = getattr(cfg, name)
         need(v is None or (_is_int(v) and 1 <= v <= hi), name, f"null or an integer in [1, {hi}]")
-    for name, hi in {**_NON_NEGATIVE, **(_MLA_NON_NEGATIVE if mla else {}), **(_MOE_NON_NEGATIVE if moe else {})}.items():
+    non_negative = {**_NON_NEGATIVE, **(_MLA_NON_NEGATIVE if mla else {}), **(_MOE_NON_NEGATIVE if moe else {})}
+    for name, hi in non_negative.items():
         v = getattr(cfg, name)
         need(_is_int(v) and 0 <= v <= hi, name, f"an integer in [0, {hi}]")
     for name in _POSITIVE_FLOATS + (("routed_scaling_factor",) if moe else ()):
