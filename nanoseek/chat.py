@@ -19,29 +19,30 @@ QUIT = ("/exit", "/quit")
 HELP = "/exit or Ctrl-D quits, Ctrl-C stops a reply, /clear forgets the conversation"
 
 
-def fit_history(tok, history: list[dict], budget: int) -> tuple[str, list[dict], int]:
-    """(prompt, history, dropped): the oldest non-system turns are dropped, a user turn with its reply,
-    until the prompt's tokens fit `budget`. Raises NanoseekError if the last message alone does not fit."""
+def fit_history(tok, history: list[dict], budget: int) -> tuple[str, list[int], list[dict], int]:
+    """(prompt, its ids, history, dropped): the oldest non-system turns are dropped, a user turn with its
+    reply, until the prompt's tokens fit `budget`. Special tokens typed in a message stay text
+    (Tokenizer.encode_chat). Raises NanoseekError if the last message alone does not fit."""
     system = [m for m in history if m["role"] == "system"]
     turns = [m for m in history if m["role"] != "system"]
     dropped = 0
     while True:
-        prompt = tok.apply_chat_template(system + turns)
-        if len(tok.encode(prompt)) <= budget:
-            return prompt, system + turns, dropped
+        prompt, ids = tok.encode_chat(system + turns)
+        if len(ids) <= budget:
+            return prompt, ids, system + turns, dropped
         if len(turns) <= 1:
-            raise NanoseekError(f"the message alone ({len(tok.encode(prompt))} tokens with the template) does "
+            raise NanoseekError(f"the message alone ({len(ids)} tokens with the template) does "
                                 f"not fit the {budget} tokens of context left for a prompt; try --max-seq-len")
         cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
         turns, dropped = turns[cut:], dropped + cut
 
 
-def _reply(engine, prompt: str, params, dim: str, reset: str) -> str:
+def _reply(engine, prompt: str, ids: list[int], params, dim: str, reset: str) -> str:
     """Stream one reply; Ctrl-C stops it (KeyboardInterrupt propagates after the stream is closed)."""
     from .infer.reasoning import ReasoningSplitter
     split = ReasoningSplitter(started_in_reasoning=prompt.rstrip().endswith("<think>"))
     out = []
-    stream = engine.stream([prompt], params)
+    stream = engine.stream([ids], params)
     try:
         for d in stream:
             out.append(d.text)
@@ -82,7 +83,7 @@ def chat(engine, tok, params, system: str | None = None) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         try:
-            prompt, kept, dropped = fit_history(tok, history + [{"role": "user", "content": line}], budget)
+            prompt, ids, kept, dropped = fit_history(tok, history + [{"role": "user", "content": line}], budget)
         except NanoseekError as e:
             print(f"({e})", file=sys.stderr)
             continue
@@ -90,7 +91,7 @@ def chat(engine, tok, params, system: str | None = None) -> int:
             print(f"(dropped the {dropped} oldest messages to fit the context of {engine.max_seq_len} tokens)",
                   file=sys.stderr)
         try:
-            answer = _reply(engine, prompt, params, dim, reset)
+            answer = _reply(engine, prompt, ids, params, dim, reset)
         except KeyboardInterrupt:
             print(f"{reset}\n(stopped)", file=sys.stderr)
             history = kept[:-1]

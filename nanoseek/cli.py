@@ -108,13 +108,16 @@ def cmd_generate(args) -> int:
     model, tok = _load(args)
     if tok is None:
         raise NanoseekError(f"{args.model}: no tokenizer found (tokenizer.json or GGUF vocabulary)")
-    text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    if not tok.encode(text):
+    if args.chat:   # special tokens typed in the prompt stay text
+        _, ids = tok.encode_chat([{"role": "user", "content": args.prompt}])
+    else:
+        ids = tok.encode(args.prompt)
+    if not ids:
         raise NanoseekError("the prompt encodes to no tokens")
     engine = _engine(args, model, tok)
     t0, n = time.perf_counter(), 0
     try:
-        for d in engine.stream([text], params):
+        for d in engine.stream([ids], params):
             sys.stdout.write(d.text)
             sys.stdout.flush()
             n += len(d.token_ids)

@@ -104,7 +104,7 @@ def test_ctrl_c_stops_only_the_reply(tiny_dir, monkeypatch, capsys):
     real_stream, calls = engine.stream, []
 
     def stream(prompts, params):
-        calls.append(prompts[0])
+        calls.append(tok.decode(prompts[0]))
         for i, d in enumerate(real_stream(prompts, params)):
             if len(calls) == 1 and i == 2:
                 raise KeyboardInterrupt          # Ctrl-C while the first reply is being written
@@ -125,9 +125,9 @@ def test_fit_history_drops_oldest_turns_first():
         h += [{"role": "user", "content": f"q{i} the cat"}, {"role": "assistant", "content": f"a{i} the mat"}]
     h.append({"role": "user", "content": "last"})
     full = len(tok.encode(tok.apply_chat_template(h)))
-    prompt, kept, dropped = fit_history(tok, h, full - 1)
+    prompt, ids, kept, dropped = fit_history(tok, h, full - 1)
     assert dropped == 2 and kept[0]["role"] == "system" and kept[1]["content"] == "q1 the cat"
-    assert len(tok.encode(prompt)) <= full - 1 and kept[-1]["content"] == "last"
+    assert len(ids) <= full - 1 and ids == tok.encode(prompt) and kept[-1]["content"] == "last"
 
 
 @pytest.mark.parametrize("command,shown", [
