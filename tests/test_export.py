@@ -230,10 +230,9 @@ def test_hf_export_puts_deepseek_rope_rows_in_pairs_and_refuses_single_expert_gr
     with torch.no_grad():
         a, b = model(torch.tensor([ids]), return_mtp=True)[1][0], back(torch.tensor([ids]), return_mtp=True)[1][0]
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
-    one_per_group = randomize(nanoseek.Transformer(cfg.replace(n_group=8, topk_group=2)).eval())
-    with pytest.raises(NanoseekError, match="1 expert per group"):
-        export.export_hf(one_per_group, tok, tmp_path / "bad")
-    assert not (tmp_path / "bad").exists()
+    # vLLM / SGLang need >= 2 experts per group: such a config is refused before a model exists
+    with pytest.raises(NanoseekError, match="leaves 1 per group"):
+        cfg.replace(n_group=8, topk_group=2)
 
 
 def test_license_texts_and_card_front_matter(v3, tok):
