@@ -387,6 +387,9 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         log.close()
     if info.main and step > r.start:
         _finish(r, a, info, step, metrics, time.perf_counter() - t_start, say)
+    # leave together: a rank that tears gloo down while rank 0 still writes final/ was seen to abort
+    # ("terminate called without an active exception") on a loaded machine
+    dist.barrier(info)
     return {"losses": losses, "start_step": r.start, "step": step, "last": metrics, "out": str(r.out),
             "config": r.cfg}
 
