@@ -21,13 +21,63 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import platform
 import sys
+import time
+from pathlib import Path
 
-from .atomic import write_json
+from .atomic import atomic_write, write_json
 from .args import HelpFormatter
 from .errors import NanoseekError
 
 STAGES = ("cold-start", "reasoning", "rejection", "final-rl", "distill", "eval", "report")
+
+
+class Stages:
+    """A run directory of named stages: each finished stage leaves a `.NAME.done` marker (atomic) and
+    its timing in summary.json, so a resumed run skips it. Shared by `speedrun` and `pipeline`."""
+
+    def __init__(self, out: str | Path, resume: bool, label: str, only: list[str] | None = None):
+        self.root, self.label, self.only = Path(out), label, only
+        if self.root.exists() and not self.root.is_dir():
+            raise NanoseekError(f"{self.root} is a file, not a run directory")
+        if self.root.is_dir() and any(self.root.iterdir()) and not resume:
+            raise NanoseekError(f"{self.root} is not empty; pass --resume to continue that run or choose another --out")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NanoseekError(f"{self.root}: cannot create the output directory ({e.strerror or e})") from None
+        p = self.root / "summary.json"
+        self.summary = json.loads(p.read_text()) if p.is_file() else {}
+        self.summary.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version(),
+                                            "processor": platform.processor() or platform.machine()})
+        self.summary.setdefault("stage_s", {})
+
+    def save_summary(self) -> None:
+        write_json(self.root / "summary.json", self.summary)
+
+    def done(self, name: str) -> bool:
+        return (self.root / f".{name}.done").is_file()
+
+    def run(self, name: str, fn) -> None:
+        if self.only and name not in self.only:
+            return
+        if self.done(name):
+            print(f"[{self.label}] {name}: done already, skipped", file=sys.stderr)
+            return
+        print(f"\n[{self.label}] ===== {name} =====", file=sys.stderr)
+        t0 = time.perf_counter()
+        info = fn() or {}
+        dt = round(time.perf_counter() - t0, 1)
+        self.summary["stage_s"][name] = dt
+        self.summary.update({f"{name}.{k}": v for k, v in info.items()})
+        self.save_summary()
+        atomic_write(self.root / f".{name}.done", json.dumps({"seconds": dt, **info}, indent=2) + "\n")
+
+    def resuming(self, sub: str) -> bool:
+        """Whether stage directory `sub` has checkpoints to resume from."""
+        return (self.root / sub / "checkpoints").is_dir()
 
 
 def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0, tok=None, level: int = 2,
@@ -47,83 +97,97 @@ def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0, t
     return recs
 
 
-def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, seed: int = 0,
-       cold_start: int = 1000, rl_steps: int = 40, final_rl_steps: int = 20, prompts: int = 400, k: int = 4,
-       eval_n: int = 200, only: list[str] | None = None) -> dict:
-    from pathlib import Path
+# ------------------------------------------------------------------------------ R1's stages, reusable
+def cold_start(run: Stages, stage: str, model: str, n: int, seed: int = 0) -> dict:
+    """Stage 1: SFT of `model` on n readable worked solutions (-> run.root/stage/final)."""
+    from .train.sft import SFTArgs, train_sft
+    from .weights import load
+    m, tok = load(model)
+    r = train_sft(m, tok, SFTArgs(out=str(run.root / stage), template="none", epochs=1, seq_len=256,
+                                  batch_size=16, lr=5e-4, seed=seed, resume=run.resuming(stage)),
+                  records=cold_start_records(n, seed=seed), base=model)
+    return {"examples": n, "final_loss": r["losses"][-1] if r["losses"] else None}
 
-    from .speedrun import Stages
+
+def rl(run: Stages, stage: str, start: str, steps: int, seed: int = 0, language_weight: float = 0.0,
+       **overrides) -> dict:
+    """GRPO (the r1-zero-tiny preset) from `start`; language_weight > 0 adds R1's language reward."""
     from .train.grpo import GRPOArgs, grpo, resolve
+    a = resolve(GRPOArgs(model=start, out=str(run.root / stage), preset="r1-zero-tiny", seed=seed,
+                         resume=run.resuming(stage)), set())
+    r = grpo(dataclasses.replace(a, steps=steps, language_weight=language_weight, **overrides))
+    h = r["history"]
+    return {"steps": r["step"], "heldout_greedy_start": h[0].get("eval/accuracy") if h else None,
+            "heldout_greedy_end": h[-1].get("eval/accuracy") if h else None}
+
+
+def sample_and_train(run: Stages, stage: str, teacher: str, student: str, prompts: int, k: int, seed: int = 0,
+                     **overrides) -> dict:
+    """Rejection sampling + SFT: `teacher` answers `prompts` training questions k times; the verified,
+    well-formed, language-consistent, distinct traces train `student` (R1 §2.3.3 and §4)."""
+    from .train.distill import DistillArgs, distill
+    d = run.root / stage
+    try:
+        r = distill(DistillArgs(teacher=teacher, student=student, task="arithmetic", level=2, prompts=prompts, k=k,
+                                out=str(d), seed=seed, resume=d.exists(),
+                                **{"max_tokens": 112, "seq_len": 256, "lr": 5e-4, "epochs": 2, **overrides}))
+    except NanoseekError as e:   # a teacher with no verified trace: nothing to learn from, say so and go on
+        if "no verified trace" not in str(e):
+            raise
+        print(f"[{run.label}] {stage} skipped: {e}", file=sys.stderr)
+        return {"kept": 0, "skipped": str(e)}
+    return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate")}
+
+
+def evaluate_models(run: Stages, models: list[tuple[str, str, str]], n: int, k: int, max_tokens: int = 112,
+                    seed: int = 0) -> dict:
+    """(role, name, path) models on the held-out split -> run.root/eval.json (rows tagged by role, with
+    per-problem scores for the claims table's paired intervals)."""
+    from .data.tasks import get_task
+    from .eval import evaluate
+    from .weights import load
+    task = get_task("arithmetic", level=2)
+    rows = []
+    for role, name, path in models:
+        if not (Path(path) / "config.json").is_file():
+            continue
+        m, tok = load(path)
+        res = evaluate(m, tok, task, n=n, k=k, template="r1-zero-short", max_tokens=max_tokens, seed=seed)
+        rows.append({"role": role, "model": name, **{k_: v for k_, v in res.items() if k_ != "samples"}})
+        print(f"[{run.label}] eval {name}: pass@1 {res['pass@1']:.1%}, maj@{k} {res['maj@k']:.1%}, greedy "
+              f"{res['greedy']:.1%}, format {res['format_rate']:.1%}, language {res['language_rate']:.1%}",
+              file=sys.stderr)
+    write_json(run.root / "eval.json", {"rows": rows})
+    return {r["model"]: round(r["pass@1"], 3) for r in rows}
+
+
+def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, seed: int = 0,
+       cold_start_n: int = 1000, rl_steps: int = 40, final_rl_steps: int = 20, prompts: int = 400, k: int = 4,
+       eval_n: int = 200, only: list[str] | None = None) -> dict:
+    """`nanoseek pipeline r1`: the four R1 stages from `model`, then distillation into `student`."""
     if not Path(model).exists():
         raise NanoseekError(f"{model}: no such model")
     run = Stages(out, resume, "pipeline r1", only)
-    root = run.root
-
-    def final(stage: str) -> str:
-        return str(root / stage / "final")
-
-    def rl(stage: str, start: str, steps: int):
-        a = resolve(GRPOArgs(model=start, out=str(root / stage), preset="r1-zero-tiny", seed=seed,
-                             resume=run.resuming(stage)), set())
-        r = grpo(dataclasses.replace(a, steps=steps, language_weight=0.5))
-        h = r["history"]
-        return {"heldout_greedy_start": h[0].get("eval/accuracy") if h else None,
-                "heldout_greedy_end": h[-1].get("eval/accuracy") if h else None}
-
-    def cold():
-        from .weights import load
-        from .train.sft import SFTArgs, train_sft
-        m, tok = load(model)
-        r = train_sft(m, tok, SFTArgs(out=str(root / "cold-start"), template="none", epochs=1, seq_len=256,
-                                      batch_size=16, lr=5e-4, seed=seed, resume=run.resuming("cold-start")),
-                      records=cold_start_records(cold_start, seed=seed), base=model)
-        return {"examples": cold_start, "final_loss": r["losses"][-1] if r["losses"] else None}
-
-    def reject():
-        from .train.distill import DistillArgs, distill
-        r = distill(DistillArgs(teacher=final("reasoning"), student=model, task="arithmetic", level=2,
-                                prompts=prompts, k=k, out=str(root / "rejection"), max_tokens=112, seq_len=256,
-                                lr=5e-4, epochs=2, seed=seed, resume=(root / "rejection").exists()))
-        return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate")}
-
-    def dist():
-        from .train.distill import DistillArgs, distill
-        r = distill(DistillArgs(teacher=final("final-rl"), student=student, task="arithmetic", level=2,
-                                prompts=prompts, k=k, out=str(root / "distill"), max_tokens=112, seq_len=256,
-                                epochs=3, seed=seed + 1, resume=(root / "distill").exists()))
-        return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate")}
-
-    def evaluate_all():
-        from .data.tasks import get_task
-        from .eval import evaluate
-        from .weights import load
-        task = get_task("arithmetic", level=2)
-        rows = []
-        for name, path in [("base", model), ("1 cold-start SFT", final("cold-start")), ("2 reasoning RL", final("reasoning")),
-                           ("3 rejection sampling + SFT", final("rejection")), ("4 final RL", final("final-rl")),
-                           ("5 distilled student", final("distill"))]:
-            if not Path(path).exists():
-                continue
-            m, tok = load(path)
-            res = evaluate(m, tok, task, n=eval_n, k=4, template="r1-zero-short", max_tokens=112, seed=seed)
-            rows.append({"model": name, **{k_: v for k_, v in res.items() if k_ != "samples"}})
-            print(f"[pipeline r1] {name}: pass@1 {res['pass@1']:.1%}, greedy {res['greedy']:.1%}, "
-                  f"format {res['format_rate']:.1%}, language {res['language_rate']:.1%}", file=sys.stderr)
-        write_json(root / "eval.json", {"rows": rows})
-        return {r["model"]: round(r["pass@1"], 3) for r in rows}
-
-    def report():
-        from .eval.report import write_report
-        print(f"[pipeline r1] report card: {write_report(root, title='nanoseek pipeline r1')}", file=sys.stderr)
-
-    run.run("cold-start", cold)
-    run.run("reasoning", lambda: rl("reasoning", final("cold-start"), rl_steps))
-    run.run("rejection", reject)
-    run.run("final-rl", lambda: rl("final-rl", final("rejection"), final_rl_steps))
-    run.run("distill", dist)
-    run.run("eval", evaluate_all)
-    run.run("report", report)
+    final = lambda stage: str(run.root / stage / "final")  # noqa: E731
+    run.run("cold-start", lambda: cold_start(run, "cold-start", model, cold_start_n, seed))
+    run.run("reasoning", lambda: rl(run, "reasoning", final("cold-start"), rl_steps, seed, language_weight=0.5))
+    run.run("rejection", lambda: sample_and_train(run, "rejection", final("reasoning"), model, prompts, k, seed))
+    run.run("final-rl", lambda: rl(run, "final-rl", final("rejection"), final_rl_steps, seed, language_weight=0.5))
+    run.run("distill", lambda: sample_and_train(run, "distill", final("final-rl"), student, prompts, k, seed + 1,
+                                                lr=None, epochs=3))
+    models = [("base", "base", model), ("cold-start", "1 cold-start SFT", final("cold-start")),
+              ("reasoning", "2 reasoning RL", final("reasoning")),
+              ("rejection", "3 rejection sampling + SFT", final("rejection")),
+              ("r1", "4 final RL", final("final-rl")), ("student-distilled", "5 distilled student", final("distill"))]
+    run.run("eval", lambda: evaluate_models(run, models, eval_n, 4, seed=seed))
+    run.run("report", lambda: print(f"[pipeline r1] report card: {_report(run, 'nanoseek pipeline r1')}",
+                                    file=sys.stderr))
     return run.summary
+
+
+def _report(run: Stages, title: str):
+    from .eval.report import write_report
+    return write_report(run.root, title=title)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -7,16 +7,23 @@
 
 Stages (each writes its own directory under OUT and a `.done` marker; `--resume` skips finished
 stages and resumes the unfinished one from its last checkpoint):
-  1. pretrain   BPE tokenizer + the tiny DeepSeek-V3 (MLA + MoE + MTP, aux-loss-free balancing) on the
-                synthetic worked-arithmetic corpus (held-out questions excluded)      -> pretrain/final
-  2. student    a dense llama-architecture student pretrained on the same corpus with a smaller budget
-                (the "small base model" DeepSeek distils into)                         -> student/final
-  3. grpo       R1-Zero: GRPO from the base model on rule-checked rewards              -> grpo/final
-  4. distill    the RL model writes verified traces (rejection sampling); the student learns them by SFT
-  5. student-rl the same student trained by GRPO directly with comparable compute (R1 §4.1's comparison)
-  6. eval       base, RL, distilled and student-RL models on the held-out split: pass@1, maj@k, greedy
-  7. export     the RL model as open weights (HF safetensors + GGUF of the dense student)
-  8. report     report.md with plots, the eval table, the cost of DeepSeek-V3 and a sample chat
+  pretrain     BPE tokenizer + the tiny DeepSeek-V3 (MLA + MoE + MTP, aux-loss-free balancing) on the
+               synthetic worked-arithmetic corpus (held-out questions excluded)       -> pretrain/final
+  student      a dense llama-architecture student on the same corpus: the small base model that
+               distillation and direct RL start from                                   -> student/final
+  grpo         R1-Zero: pure GRPO from the base on rule-checked rewards (no language reward)
+  cold-start   R1: SFT of the base on a few readable worked solutions
+  reasoning    R1: GRPO from the cold start with accuracy + format + language-consistency rewards
+  rejection    R1: the reasoning model's verified traces (rejection sampling) re-train the base
+  final-rl     R1: a last GRPO stage with the language reward                          -> r1/final
+  distill      R1's verified traces (deduplicated, language-consistent) -> SFT of the student
+  student-rl   the same student trained by GRPO directly, with more compute than distillation used
+  eval         every model on the same held-out problems: pass@1, maj@k, greedy, format, language,
+               length, with 95% intervals and per-problem scores
+  export       R1 as open weights (HF + deepseek2 GGUF), the distilled student (HF + GGUF); a sample
+               chat through the model's own chat template; DeepSeek-V3's bill
+  report       report.md: the seed-claims table first, then plots and tables of every stage
+A preset may leave out rejection / final-rl (R1 is then the reasoning model); the report says which.
 """
 
 from __future__ import annotations
@@ -29,70 +36,31 @@ import sys
 import time
 from pathlib import Path
 
-from .atomic import atomic_write, write_json
 from .args import HelpFormatter
+from .atomic import atomic_write, write_json
 from .errors import NanoseekError
+from .pipeline import Stages, cold_start, evaluate_models, rl, sample_and_train
 
 # Budgets for 2 CPU cores. gpu-small scales the same pipeline (bigger model, more steps).
+# Budgets for 2 CPU cores (docs/experiments.md#the-seed-claims-in-the-speedrun has the runs behind them).
+# gpu-small scales the same pipeline (bigger model, more steps). rejection_prompts 0 leaves out R1's
+# rejection-sampling and final-RL stages.
 PRESETS = {
-    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=500, grpo_steps=60, grpo_prompts=16, group_size=8,
-                distill_prompts=600, distill_k=4, student_rl_steps=30, eval_n=200, eval_k=4, batch_size=16,
-                seq_len=128, docs=60000, max_tokens=112),
+    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, grpo_steps=60, grpo_prompts=16, group_size=8,
+                cold_start=1000, r1_rl_steps=40, rejection_prompts=0, final_rl_steps=20, distill_prompts=2400,
+                distill_k=1, student_rl_steps=50, eval_n=400, eval_k=4, batch_size=16, seq_len=128, docs=60000,
+                max_tokens=112),
     "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, grpo_steps=400, grpo_prompts=64,
-                      group_size=16, distill_prompts=8000, distill_k=8, student_rl_steps=200, eval_n=1000, eval_k=16,
+                      group_size=16, cold_start=4000, r1_rl_steps=300, rejection_prompts=8000, final_rl_steps=200,
+                      distill_prompts=8000, distill_k=1, student_rl_steps=300, eval_n=1000, eval_k=16,
                       batch_size=64, seq_len=256, docs=1_000_000, max_tokens=200),
     # wiring check for tests: every stage, a few steps each
     "smoke": dict(model="tiny", pretrain_steps=6, student_steps=4, grpo_steps=2, grpo_prompts=2, group_size=4,
-                  distill_prompts=6, distill_k=2, student_rl_steps=1, eval_n=4, eval_k=2, batch_size=4, seq_len=64,
-                  docs=400, max_tokens=24),
+                  cold_start=8, r1_rl_steps=1, rejection_prompts=4, final_rl_steps=1, distill_prompts=6, distill_k=2,
+                  student_rl_steps=1, eval_n=4, eval_k=2, batch_size=4, seq_len=64, docs=400, max_tokens=24),
 }
-STAGES = ("pretrain", "student", "grpo", "distill", "student-rl", "eval", "export", "report")
-
-
-class Stages:
-    """A run directory of named stages: each finished stage leaves a `.NAME.done` marker (atomic) and
-    its timing in summary.json, so a resumed run skips it. Shared by `speedrun` and `pipeline`."""
-
-    def __init__(self, out: str | Path, resume: bool, label: str, only: list[str] | None = None):
-        self.root, self.label, self.only = Path(out), label, only
-        if self.root.exists() and not self.root.is_dir():
-            raise NanoseekError(f"{self.root} is a file, not a run directory")
-        if self.root.is_dir() and any(self.root.iterdir()) and not resume:
-            raise NanoseekError(f"{self.root} is not empty; pass --resume to continue that run or choose another --out")
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise NanoseekError(f"{self.root}: cannot create the output directory ({e.strerror or e})") from None
-        p = self.root / "summary.json"
-        self.summary = json.loads(p.read_text()) if p.is_file() else {}
-        self.summary.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version(),
-                                            "processor": platform.processor() or platform.machine()})
-        self.summary.setdefault("stage_s", {})
-
-    def save_summary(self) -> None:
-        write_json(self.root / "summary.json", self.summary)
-
-    def done(self, name: str) -> bool:
-        return (self.root / f".{name}.done").is_file()
-
-    def run(self, name: str, fn) -> None:
-        if self.only and name not in self.only:
-            return
-        if self.done(name):
-            print(f"[{self.label}] {name}: done already, skipped", file=sys.stderr)
-            return
-        print(f"\n[{self.label}] ===== {name} =====", file=sys.stderr)
-        t0 = time.perf_counter()
-        info = fn() or {}
-        dt = round(time.perf_counter() - t0, 1)
-        self.summary["stage_s"][name] = dt
-        self.summary.update({f"{name}.{k}": v for k, v in info.items()})
-        self.save_summary()
-        atomic_write(self.root / f".{name}.done", json.dumps({"seconds": dt, **info}, indent=2) + "\n")
-
-    def resuming(self, sub: str) -> bool:
-        """Whether stage directory `sub` has checkpoints to resume from."""
-        return (self.root / sub / "checkpoints").is_dir()
+STAGES = ("pretrain", "student", "grpo", "cold-start", "reasoning", "rejection", "final-rl", "distill", "student-rl",
+          "eval", "export", "report")
 
 
 def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = False, seed: int = 0,
@@ -138,74 +106,68 @@ def _student_stage(run: Stages, p: dict, seed: int) -> dict:
 
 
 def _grpo_stage(run: Stages, p: dict, seed: int) -> dict:
-    """3. R1-Zero GRPO on the base model."""
-    from .train.grpo import GRPOArgs, grpo, resolve
-    root = run.root
-    d = root / "grpo"
-    a = resolve(GRPOArgs(model=str(root / "pretrain" / "final"), out=str(d), preset="r1-zero-tiny",
-                         resume=run.resuming(d.name), seed=seed), set())
-    a = dataclasses.replace(a, steps=p["grpo_steps"], prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
-                            max_tokens=p["max_tokens"], eval_n=p["eval_n"])
-    r = grpo(a)
-    first, last = r["history"][0] if r["history"] else {}, r["history"][-1] if r["history"] else {}
-    return {"steps": r["step"], "heldout_greedy_start": first.get("eval/accuracy"),
-            "heldout_greedy_end": last.get("eval/accuracy")}
+    """R1-Zero: pure RL from the base model (accuracy + format rewards only)."""
+    return rl(run, "grpo", str(run.root / "pretrain" / "final"), p["grpo_steps"], seed,
+              prompts_per_step=p["grpo_prompts"], group_size=p["group_size"], max_tokens=p["max_tokens"],
+              eval_n=min(p["eval_n"], 200))
+
+
+def r1_final(run: Stages, p: dict) -> Path:
+    """R1's last stage: final-rl, or reasoning when the preset leaves out rejection sampling."""
+    return run.root / "r1" / ("final-rl" if p["rejection_prompts"] else "reasoning") / "final"
+
+
+def _cold_start_stage(run: Stages, p: dict, seed: int) -> dict:
+    return cold_start(run, "r1/cold-start", str(run.root / "pretrain" / "final"), p["cold_start"], seed)
+
+
+def _reasoning_stage(run: Stages, p: dict, seed: int) -> dict:
+    return rl(run, "r1/reasoning", str(run.root / "r1" / "cold-start" / "final"), p["r1_rl_steps"], seed,
+              language_weight=0.5, prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
+              max_tokens=p["max_tokens"], eval_n=min(p["eval_n"], 200))
+
+
+def _rejection_stage(run: Stages, p: dict, seed: int) -> dict:
+    if not p["rejection_prompts"]:
+        return {"skipped": "left out by the preset: R1 is the reasoning model"}
+    return sample_and_train(run, "r1/rejection", str(run.root / "r1" / "reasoning" / "final"),
+                            str(run.root / "pretrain" / "final"), p["rejection_prompts"], 1, seed)
+
+
+def _final_rl_stage(run: Stages, p: dict, seed: int) -> dict:
+    if not p["rejection_prompts"]:
+        return {"skipped": "left out by the preset: R1 is the reasoning model"}
+    return rl(run, "r1/final-rl", str(run.root / "r1" / "rejection" / "final"), p["final_rl_steps"], seed,
+              language_weight=0.5, prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
+              max_tokens=p["max_tokens"], eval_n=min(p["eval_n"], 200))
 
 
 def _distill_stage(run: Stages, p: dict, seed: int) -> dict:
-    """4. Distil the RL model's verified reasoning into the dense student."""
-    from .train.distill import DistillArgs, distill
-    root = run.root
-    d = root / "distill"
-    try:
-        r = distill(DistillArgs(teacher=str(root / "grpo" / "final"), student=str(root / "student" / "final"),
-                                task="arithmetic", level=2, prompts=p["distill_prompts"], k=p["distill_k"],
-                                out=str(d), max_tokens=p["max_tokens"], seq_len=p["seq_len"] * 2, lr=1e-3, epochs=2,
-                                seed=seed, resume=d.exists()))
-    except NanoseekError as e:  # an RL model with no verified trace: nothing to distil, say so and go on
-        if "no verified trace" not in str(e):
-            raise
-        print(f"[speedrun] distill skipped: {e}", file=sys.stderr)
-        return {"kept": 0, "skipped": str(e)}
-    return {k: r["dataset"].get(k) for k in ("generated", "kept", "keep_rate")}
+    """R1's verified reasoning, distilled into the dense student (k samples of each training question)."""
+    return sample_and_train(run, "distill", str(r1_final(run, p)), str(run.root / "student" / "final"),
+                            p["distill_prompts"], p["distill_k"], seed + 1, max_tokens=p["max_tokens"],
+                            seq_len=p["seq_len"] * 2)
 
 
 def _student_rl_stage(run: Stages, p: dict, seed: int) -> dict:
-    """5. The same student trained by GRPO directly, for comparable compute."""
-    from .train.grpo import GRPOArgs, grpo, resolve
-    root = run.root
-    d = root / "student-rl"
-    a = resolve(GRPOArgs(model=str(root / "student" / "final"), out=str(d), preset="r1-zero-tiny",
-                         resume=run.resuming(d.name), seed=seed), set())
-    r = grpo(dataclasses.replace(a, steps=p["student_rl_steps"], prompts_per_step=p["grpo_prompts"],
-                                 group_size=p["group_size"], max_tokens=p["max_tokens"], eval_n=p["eval_n"]))
-    return {"steps": r["step"]}
+    """The same student trained by GRPO directly (R1 §4.1's comparison)."""
+    return rl(run, "student-rl", str(run.root / "student" / "final"), p["student_rl_steps"], seed,
+              prompts_per_step=p["grpo_prompts"], group_size=p["group_size"], max_tokens=p["max_tokens"],
+              eval_n=min(p["eval_n"], 200))
 
 
 def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
-    """6. Evaluate every model on the held-out split."""
-    from .data.tasks import get_task
-    from .eval import evaluate
-    from .weights import load
+    """Every model on the same held-out problems (roles feed the claims table)."""
     root = run.root
-    task = get_task("arithmetic", level=2)
-    models = {"base (pretrained V3-tiny)": root / "pretrain" / "final", "RL (R1-Zero GRPO)": root / "grpo" / "final",
-              "student base (dense)": root / "student" / "final",
-              "student distilled from RL": root / "distill" / "final",
-              "student + GRPO directly": root / "student-rl" / "final"}
-    rows = []
-    for name, path in models.items():
-        if not (path / "config.json").is_file():
-            continue
-        model, tok = load(path)
-        res = evaluate(model, tok, task, n=p["eval_n"], k=p["eval_k"], template="r1-zero-short",
-                       max_tokens=p["max_tokens"], seed=seed)
-        row = {"model": name, **{k: v for k, v in res.items() if k != "samples"}}
-        rows.append(row)
-        print(f"[speedrun] eval {name}: pass@1 {row['pass@1']:.1%}, maj@{p['eval_k']} {row['maj@k']:.1%}, "
-              f"greedy {row['greedy']:.1%}, format {row['format_rate']:.1%}", file=sys.stderr)
-    write_json(root / "eval.json", {"rows": rows})
-    return {r["model"]: round(r["pass@1"], 3) for r in rows}
+    models = [("base", "base (pretrained V3-tiny)", root / "pretrain" / "final"),
+              ("r1-zero", "R1-Zero (pure RL)", root / "grpo" / "final"),
+              ("r1", "R1 (cold start + RL with the language reward"
+                     + (" + rejection SFT + RL)" if p["rejection_prompts"] else ")"), r1_final(run, p)),
+              ("student-base", "student base (dense)", root / "student" / "final"),
+              ("student-distilled", "student distilled from R1", root / "distill" / "final"),
+              ("student-rl", "student + GRPO directly", root / "student-rl" / "final")]
+    return evaluate_models(run, [(r, n, str(path)) for r, n, path in models], p["eval_n"], p["eval_k"],
+                           p["max_tokens"], seed)
 
 
 def _export_stage(run: Stages, p: dict, seed: int) -> dict:
@@ -216,7 +178,6 @@ def _export_stage(run: Stages, p: dict, seed: int) -> dict:
     from . import cost, export
     from .args import Parser
     from .config import load_config
-    from .data.tasks import render
     from .infer import Engine, SamplingParams
     from .infer.reasoning import split_reasoning
     from .weights import load
@@ -226,20 +187,22 @@ def _export_stage(run: Stages, p: dict, seed: int) -> dict:
     export.add_parser(sub)
     cost.add_parser(sub)
     with contextlib.redirect_stdout(io.StringIO()):
-        for src, fmt, dst in (("grpo", "hf", "rl-hf"), ("grpo", "gguf", "rl-gguf"),
-                              ("distill", "hf", "student-hf"), ("distill", "gguf", "student-gguf")):
-            if not (root / src / "final").is_dir():
+        for src, fmt, dst in ((r1_final(run, p), "hf", "rl-hf"), (r1_final(run, p), "gguf", "rl-gguf"),
+                              (root / "distill" / "final", "hf", "student-hf"),
+                              (root / "distill" / "final", "gguf", "student-gguf")):
+            if not src.is_dir():
                 continue
-            args = cli.parse_args(["export", str(root / src / "final"), "--format", fmt,
-                                   "--out", str(root / "export" / dst), "--force"])
+            args = cli.parse_args(["export", str(src), "--format", fmt, "--out", str(root / "export" / dst),
+                                   "--force"])
             args.func(args)
-    model, tok = load(root / "grpo" / "final")
+    # R1 in conversation, prompted through its own chat template as `nanoseek chat` and the server do
+    model, tok = load(r1_final(run, p))
     question = "Question: 487 + 356 = ?"
+    prompt, ids = tok.encode_chat([{"role": "user", "content": question}])
     text = Engine(model, tok, max_batch_size=1).generate(
-        [render("r1-zero-short", question)], SamplingParams(max_tokens=p["max_tokens"], temperature=0))[0].text
-    reasoning, answer = split_reasoning(text, started_in_reasoning=True)
-    (root / "chat.json").write_text(json.dumps({"prompt": question, "reasoning": reasoning, "answer": answer},
-                                               ensure_ascii=False, indent=2) + "\n")
+        [ids], SamplingParams(max_tokens=p["max_tokens"], temperature=0))[0].text
+    reasoning, answer = split_reasoning(text, started_in_reasoning=prompt.rstrip().endswith("<think>"))
+    write_json(root / "chat.json", {"model": "R1", "prompt": question, "reasoning": reasoning, "answer": answer})
     args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
     (root / "cost.json").write_text(json.dumps(cost.build_report(args, load_config(args.model)), indent=2) + "\n")
     # which runtime loads which: *-hf in transformers, vLLM, SGLang and nanoseek; *-gguf in llama.cpp
@@ -257,8 +220,9 @@ def _report_stage(run: Stages, p: dict, seed: int) -> dict:
 
 
 STAGE_FUNCTIONS = {"pretrain": _pretrain_stage, "student": _student_stage, "grpo": _grpo_stage,
-                   "distill": _distill_stage, "student-rl": _student_rl_stage, "eval": _eval_stage,
-                   "export": _export_stage, "report": _report_stage}  # in STAGES order
+                   "cold-start": _cold_start_stage, "reasoning": _reasoning_stage, "rejection": _rejection_stage,
+                   "final-rl": _final_rl_stage, "distill": _distill_stage, "student-rl": _student_rl_stage,
+                   "eval": _eval_stage, "export": _export_stage, "report": _report_stage}  # in STAGES order
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

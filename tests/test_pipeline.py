@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nanoseek.errors import NanoseekError
-from nanoseek.speedrun import Stages
+from nanoseek.pipeline import Stages
 
 
 def test_stages_skip_finished_and_rerun_interrupted(tmp_path):
@@ -68,10 +68,34 @@ def test_speedrun_smoke_killed_and_resumed_writes_the_report(tmp_path, monkeypat
     for stage in sr.STAGES:
         assert (out / f".{stage}.done").is_file(), stage
     rows = json.loads((out / "eval.json").read_text())["rows"]
-    assert {r["model"] for r in rows} >= {"base (pretrained V3-tiny)", "RL (R1-Zero GRPO)", "student distilled from RL"}
+    assert [r["role"] for r in rows] == ["base", "r1-zero", "r1", "student-base", "student-distilled", "student-rl"]
+    assert all(len(r["per_problem"]["pass@1"]) == 4 for r in rows)
     report = (out / "report.md").read_text()
+    assert report.split("\n## ")[1].startswith("Seed claims")          # the claims table opens the card
+    assert "| Pure RL on rule-checked rewards teaches reasoning (R1-Zero) |" in report
     assert "pass@1" in report and (out / "plots").is_dir() and any((out / "plots").glob("*.png"))
+    assert (out / "r1" / "final-rl" / "final" / "config.json").is_file()   # the smoke preset runs all R1 stages
     assert (out / "export" / "rl-hf" / "config.json").is_file()
     assert list((out / "export" / "student-gguf").glob("*.gguf"))
     assert list((out / "export" / "rl-gguf").glob("*.gguf"))  # the MoE model, as llama.cpp's deepseek2
     assert summary["total_s"] > 0
+    served_export_chats_in_its_training_format(out / "export" / "rl-hf")
+
+
+def served_export_chats_in_its_training_format(path):
+    """The exported model, served, is prompted through /v1/chat/completions exactly as it was trained
+    (the corpus's dialogue format, opening <think>), so its reply is parsed into reasoning and answer."""
+    import httpx
+
+    import nanoseek
+    from nanoseek.data.tasks import render
+    from test_serve_common import engine_factory, live_server
+    model, tok = nanoseek.load(path)
+    q = "Question: 487 + 356 = ?"
+    with live_server(engine_factory(model, tok)) as live:
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": q}], "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["usage"]["prompt_tokens"] == len(tok.encode(render("r1-zero-short", q)))
+    assert "reasoning_content" in body["choices"][0]["message"]      # the reply starts inside <think>
