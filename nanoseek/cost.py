@@ -32,6 +32,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .atomic import atomic_write
 from .config import PRESETS, ModelConfig, load_config, preset
@@ -396,6 +397,16 @@ def _save_plot(path: str, report: dict, cfg: ModelConfig):
     atomic_write(path, buf.getvalue())
 
 
+def model_config(model: str) -> ModelConfig:
+    """load_config, or the shape of a .gguf file (read from its metadata, like every other command)."""
+    if str(model).endswith(".gguf"):
+        from .weights.gguf import read_gguf_config
+        if not Path(model).is_file():
+            raise NanoseekError(f"{model}: no such GGUF file")
+        return read_gguf_config(model)
+    return load_config(model)
+
+
 def build_report(args, cfg: ModelConfig) -> dict:
     gpu = gpu_spec(args.gpu)
     cpu = gpu.name.startswith("this CPU")
@@ -466,7 +477,7 @@ def print_report(r: dict):
 
 
 def run(args) -> int:
-    cfg = load_config(args.model)
+    cfg = model_config(args.model)
     report = build_report(args, cfg)
     if args.plot:
         _save_plot(args.plot, report, cfg)

@@ -151,3 +151,19 @@ def test_cli_cpu_run(capsys):
 def test_cli_bad_input_raises(argv):
     with pytest.raises(NanoseekError):
         _cli(argv)
+
+
+def test_cost_reads_a_gguf_like_every_other_command(gguf_path):
+    import json
+    import subprocess
+    import sys
+
+    import nanoseek
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "cost", "--model", str(gguf_path), "--json"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    model, _ = nanoseek.load(gguf_path)
+    assert json.loads(r.stdout)["total_params"] == model.config.num_params()[0] == 134_515_008
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "cost", "--model", "missing.gguf"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1

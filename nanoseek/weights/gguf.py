@@ -79,9 +79,8 @@ class GGUFContents:
     special_tokens: dict = field(default_factory=dict)  # bos_token / eos_token / pad_token / unk_token
 
 
-def read_gguf(path) -> GGUFContents:
-    """Config, float32 HF-named tensors and tokenizer of a llama / qwen2 / deepseek2 GGUF file."""
-    path = Path(path)
+def _header(path: Path):
+    """(reader, metadata, HF config dict) of a GGUF file, checked before any tensor is read."""
     reader = _open(path)
     meta = read_metadata(path, reader)
     arch = meta.get("general.architecture")
@@ -94,6 +93,19 @@ def read_gguf(path) -> GGUFContents:
         ModelConfig.from_hf_config(config)     # sizes that cannot build a model: refused before any dequant
     except NanoseekError as e:
         raise NanoseekError(f"{path}: {e}") from None
+    return reader, meta, config
+
+
+def read_gguf_config(path) -> ModelConfig:
+    """The model's shape from a GGUF file's metadata alone (no tensor is dequantized)."""
+    return ModelConfig.from_hf_config(_header(Path(path))[2])
+
+
+def read_gguf(path) -> GGUFContents:
+    """Config, float32 HF-named tensors and tokenizer of a llama / qwen2 / deepseek2 GGUF file."""
+    path = Path(path)
+    reader, meta, config = _header(path)
+    arch = meta.get("general.architecture")
     tensors, mla_halves = {}, {}
     for t in reader.tensors:
         name = hf_name(t.name)
