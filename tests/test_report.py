@@ -164,8 +164,8 @@ def test_full_report(full_run):
 
     # summary.json key/values
     run_rows = {r[0]: r[1] for r in table_rows(sec["Run"])}
-    assert run_rows["machine.cpu_cores"] == "2" and run_rows["torch"] == "2.13.0"
-    assert run_rows["timings.pretrain_s"] == "125 (2m 05s)"
+    assert run_rows["machine: cpu cores"] == "2" and run_rows["torch"] == "2.13.0"   # keys read as words
+    assert run_rows["timings: pretrain s"] == "125 (2m 05s)"
 
 
 def test_pretrain_only_and_torn_last_line(tmp_path):

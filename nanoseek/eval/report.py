@@ -39,6 +39,8 @@ from ..errors import NanoseekError
 KNOWN = ("pretrain/metrics.jsonl", "grpo/metrics.jsonl", "distill/metrics.jsonl", "distill/dataset_stats.json",
          "eval.json", "cost.json", "chat.json", "summary.json")
 NOT_RUN = "_not run_"
+GRPO_LABELS = {"reward": "total", "accuracy": "training samples (T = 1)", "eval/accuracy": "held-out, greedy",
+               "response_length": "training samples", "eval/response_length": "held-out, greedy"}
 RATES = ("pass@1", "maj@k", "greedy", "format_rate", "language_rate")
 
 
@@ -102,6 +104,17 @@ def ema(values: list[float], beta: float) -> list[float]:
         s = beta * s + (1 - beta) * x
         out.append(s / (1 - beta ** t) if beta > 0 else x)
     return out
+
+
+def centered_mean(values: list[float], half: int) -> list[float]:
+    """Mean of the 2*half+1 values around each point (fewer at the ends): a smooth curve with no lag,
+    so a fast early drop is drawn where it happens (an EMA trails it)."""
+    import numpy as np
+    v = np.asarray(values, dtype=float)
+    c = np.concatenate([[0.0], np.cumsum(v)])
+    i = np.arange(len(v))
+    lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(v))
+    return ((c[hi] - c[lo]) / (hi - lo)).tolist()
 
 
 def smoothing(n: int) -> float:
@@ -234,23 +247,34 @@ class Plots:
 
 
 def curve(ax, rows: list[dict], key: str, label: str | None = None, color=None) -> bool:
-    """Raw values faint, their EMA on top; False if the log has no such metric."""
+    """Per-step values faint, a centered moving average on top (curves of 20 points or fewer are drawn
+    as they are, with markers); False if the log has no such metric."""
     xs, ys = series(rows, key)
     if not xs:
         return False
-    beta = smoothing(len(ys))
-    marker = "o" if len(ys) <= 20 else None
-    if beta > 0:
+    if len(ys) > 20:
         (raw,) = ax.plot(xs, ys, alpha=0.25, linewidth=0.8, color=color)
-        ax.plot(xs, ema(ys, beta), color=raw.get_color(), label=label or key)
+        ax.plot(xs, centered_mean(ys, max(1, len(ys) // 60)), color=raw.get_color(), label=label or key)
     else:
-        ax.plot(xs, ys, marker=marker, markersize=3, color=color, label=label or key)
+        ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label or key)
     return True
 
 
-def _legend(ax):
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
+def _smoothing_note(ax) -> None:
+    ax.text(0.99, 0.01, "faint: each step; solid: moving average", transform=ax.transAxes, ha="right",
+            va="bottom", fontsize=7, color="#666")
+
+
+def _legend(ax, below: bool = False):
+    """A legend that never covers a curve: the best free corner, or under the axes when `below`."""
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if below:
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=min(3, len(handles)),
+                  frameon=False)
+    else:
+        ax.legend(fontsize=8, loc="best", framealpha=0.85)
 
 
 # ------------------------------------------------------------------------------ sections
@@ -261,9 +285,15 @@ def pretrain_section(run: Path, plots: Plots) -> list[str]:
         return out + [NOT_RUN]
     fig, (ax,) = plots.figure()
     curve(ax, rows, "loss", "next-token loss")
-    curve(ax, rows, "mtp_loss", "MTP loss")
-    ax.set_ylabel("cross-entropy (nats)")
+    curve(ax, rows, "mtp_loss", "MTP loss (next-but-one token)")
+    ax.set_yscale("log")                     # the tail, where the runs differ, is visible
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullLocator
+    ax.yaxis.set_major_locator(FixedLocator([0.1, 0.2, 0.3, 0.5, 1, 2, 3, 5, 10]))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.set_ylabel("cross-entropy (nats, log scale)")
     ax.set_title("pretraining loss")
+    _smoothing_note(ax)
     _legend(ax)
     out.append(plots.save(fig, "pretrain_loss"))
     # per-layer expert load: the interface's name, or the one nanoseek pretrain writes
@@ -301,24 +331,27 @@ def grpo_section(run: Path, plots: Plots) -> list[str]:
     if not rows:
         return out + [NOT_RUN]
     reward_keys = ["reward"] + sorted({k for r in rows for k in r if k.startswith("reward/")})
-    panels = [("reward", reward_keys, "reward"), ("accuracy", ["accuracy", "eval/accuracy"], "accuracy"),
+    panels = [("reward (training samples)", reward_keys, "mean reward"),
+              ("accuracy", ["accuracy", "eval/accuracy"], "share correct"),
               ("response length", ["response_length", "eval/response_length"], "tokens")]
     panels = [p for p in panels if any(series(rows, k)[0] for k in p[1])]
     if panels:
-        fig, axes = plots.figure(len(panels), width=4.2)
+        fig, axes = plots.figure(len(panels), width=4.2, height=3.6)
         for ax, (title, keys, ylabel) in zip(axes, panels):
             for k in keys:
-                curve(ax, rows, k, k.removeprefix("reward/") if k != "reward" else "total")
+                curve(ax, rows, k, GRPO_LABELS.get(k, k.removeprefix("reward/")))
             ax.set_title(title)
             ax.set_ylabel(ylabel)
-            _legend(ax)
+            _legend(ax, below=True)
         out.append(plots.save(fig, "grpo_reward"))
-    extra = [k for k in ("kl", "entropy") if series(rows, k)[0]]
+    # KL only when a reference was used (beta > 0): with beta = 0 it is identically zero
+    extra = [k for k in ("kl", "entropy") if any(y != 0 for y in series(rows, k)[1])]
     if extra:
         fig, axes = plots.figure(len(extra), width=4.2)
         for ax, k in zip(axes, extra):
             curve(ax, rows, k)
-            ax.set_title({"kl": "KL to the reference", "entropy": "policy entropy"}[k])
+            ax.set_title({"kl": "KL to the reference (k3)", "entropy": "policy entropy"}[k])
+            ax.set_ylabel("nats per token")
         out.append(plots.save(fig, "grpo_kl_entropy"))
     out.append(metrics_table(rows))
     samples = [r for r in read_jsonl(stage_dir(run, "grpo") / "samples.jsonl") if "completion" in r]
@@ -433,11 +466,13 @@ def cost_section(run: Path, plots: Plots) -> list[str]:
         parts = [k for k in stages if k != "total"]
         fig, (ax,) = plots.figure(width=6.0)
         x = range(len(parts))
-        ax.bar([i - 0.2 for i in x], [v3["gpu_hours"][k] / 1e3 for k in parts], 0.4, label="cost model")
-        ax.bar([i + 0.2 for i in x], [v3["paper_gpu_hours"][k] / 1e3 for k in parts], 0.4, label="paper")
+        for shift, key, label in ((-0.2, "gpu_hours", "cost model"), (0.2, "paper_gpu_hours", "paper")):
+            bars = ax.bar([i + shift for i in x], [v3[key][k] / 1e3 for k in parts], 0.4, label=label)
+            ax.bar_label(bars, fmt="%.0fK", fontsize=7, padding=2)
+        ax.set_yscale("log")                 # post-training (5K) is visible beside pre-training (2,664K)
         ax.set_xticks(list(x), parts)
         ax.set_xlabel("")
-        ax.set_ylabel("GPU-hours (thousands)")
+        ax.set_ylabel("H800 GPU-hours (thousands, log)")
         ax.set_title("DeepSeek-V3 training cost")
         _legend(ax)
         out.append(plots.save(fig, "cost"))
@@ -491,11 +526,23 @@ def claims_section(run: Path) -> list[str]:
             claims_markdown(seed_claims(run))]
 
 
+def label(key: str) -> str:
+    """A summary.json key as a reader says it: stage_s.pretrain -> "pretrain: time (s)",
+    grpo.heldout_greedy_end -> "grpo: heldout greedy end"."""
+    if key.startswith("stage_s."):
+        return f"{key.removeprefix('stage_s.')}: time (s)"
+    if key == "total_s":
+        return "total time (s)"
+    head, _, tail = key.partition(".")
+    return (f"{head}: {tail}" if tail else head).replace("_", " ")
+
+
 def summary_section(summary: dict) -> list[str]:
     items = [(k, v) for k, v in _flatten(summary) if k != "title"]
     if not items:
         return []
-    body = [[k, f"{fmt(v)} ({duration(v)})" if _num(v) and k.endswith(("_s", "seconds")) and v >= 60 else v]
+    body = [[label(k), f"{fmt(v)} ({duration(v)})" if _num(v) and (k.endswith(("_s", "seconds")) or k.startswith("stage_s."))
+             and v >= 60 else v]
             for k, v in items]
     return ["## Run", table(["", "value"], body)]
 
