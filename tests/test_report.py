@@ -228,3 +228,15 @@ def test_cli_bad_dir_exit_2(tmp_path, capsys, kind):
     assert not (tmp_path / "x" / "report.md").exists() if kind == "empty" else True
     with pytest.raises(NanoseekError):
         write_report(target)
+
+
+def test_no_flat_kl_panel_when_beta_is_zero(tmp_path):
+    """With beta = 0 the KL is identically zero: only the entropy panel is drawn (a plot one panel wide)."""
+    import struct
+    run = tmp_path / "run"
+    write_jsonl(run / "grpo" / "metrics.jsonl", [{"step": s, "reward": 0.1 * s, "kl": 0.0, "entropy": 1.0 - 0.05 * s}
+                                                  for s in range(1, 30)])
+    write_report(run)
+    png = (run / "plots" / "grpo_kl_entropy.png").read_bytes()
+    width = struct.unpack(">I", png[16:20])[0]          # IHDR: the image width in pixels
+    assert width == 420                                 # one 4.2-inch panel at 100 dpi, not two
