@@ -1,6 +1,6 @@
 """`nanoseek speedrun` (= `make speedrun`): the whole DeepSeek-V3 / R1 recipe in one command, on a laptop CPU.
 
-    nanoseek speedrun                          # runs/speedrun, ~20-30 minutes on 2 CPU cores
+    nanoseek speedrun                          # runs/speedrun, ~13 min on 2 AVX-512 cores, ~30 on AVX2
     nanoseek speedrun --resume                 # continue an interrupted run where it stopped
     nanoseek speedrun --preset gpu-small       # the same pipeline, scaled up for a GPU
     nanoseek report runs/speedrun              # rebuild the report card from the logs
@@ -42,12 +42,14 @@ from .errors import NanoseekError
 from .pipeline import Stages, cold_start, evaluate_models, rl, sample_and_train
 
 # Budgets for 2 CPU cores. gpu-small scales the same pipeline (bigger model, more steps).
-# Budgets for 2 CPU cores (docs/experiments.md#the-seed-claims-in-the-speedrun has the runs behind them).
+# Budgets for 2 CPU cores (docs/experiments-seed-claims.md has the runs behind them: a 1000-step teacher
+# base or student breaks a claim; R1-Zero's jump comes between steps 30 and 40; the student's direct RL
+# gets about as many FLOPs as its distillation).
 # gpu-small scales the same pipeline (bigger model, more steps). rejection_prompts 0 leaves out R1's
 # rejection-sampling and final-RL stages.
 PRESETS = {
-    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, grpo_steps=60, grpo_prompts=16, group_size=8,
-                cold_start=1000, r1_rl_steps=40, rejection_prompts=0, final_rl_steps=20, distill_prompts=2400,
+    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, grpo_steps=40, grpo_prompts=16, group_size=8,
+                cold_start=1000, r1_rl_steps=20, rejection_prompts=2400, final_rl_steps=10, distill_prompts=2400,
                 distill_k=1, student_rl_steps=50, eval_n=400, eval_k=4, batch_size=16, seq_len=128, docs=60000,
                 max_tokens=112),
     "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, grpo_steps=400, grpo_prompts=64,
