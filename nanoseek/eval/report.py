@@ -499,6 +499,24 @@ def cost_section(run: Path, plots: Plots) -> list[str]:
     return out
 
 
+RUNTIMES = {"hf": "transformers, vLLM and SGLang (by its config.json), nanoseek",
+            "gguf": "llama.cpp (llama-server, Ollama, LM Studio), nanoseek"}
+
+
+def exports_section(run: Path) -> list[str]:
+    """What the run exported and which runtime loads each (speedrun's export/ directory)."""
+    exports = sorted(d for d in (run / "export").iterdir() if d.is_dir()) if (run / "export").is_dir() else []
+    if not exports:
+        return []
+    rows = []
+    for d in exports:
+        fmt = "gguf" if any(d.glob("*.gguf")) else "hf"
+        note = " (MoE as llama.cpp's deepseek2; the MTP module is left out)" if fmt == "gguf" and \
+            d.name.startswith("rl") else ""
+        rows.append([f"`export/{d.name}`", fmt.upper(), RUNTIMES[fmt] + note])
+    return ["## Open weights", table(["export", "format", "loads in"], rows)]
+
+
 def chat_section(run: Path) -> list[str]:
     chat = read_json(run / "chat.json")
     out = ["## Sample chat"]
@@ -566,6 +584,7 @@ def write_report(run_dir: str | os.PathLike, title: str | None = None) -> Path:
     parts += summary_section(summary)
     for section in (pretrain_section, grpo_section, distill_section, eval_section):
         parts += section(run, plots)
+    parts += exports_section(run)
     parts += chat_section(run)
     parts += cost_section(run, plots)
     path = run / "report.md"
