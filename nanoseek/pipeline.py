@@ -162,7 +162,7 @@ def evaluate_models(run: Stages, models: list[tuple[str, str, str]], n: int, k: 
 
 
 def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, seed: int = 0,
-       cold_start_n: int = 1000, rl_steps: int = 40, final_rl_steps: int = 20, prompts: int = 400, k: int = 4,
+       cold_start_n: int = 1000, rl_steps: int = 40, final_rl_steps: int = 20, prompts: int = 2400, k: int = 1,
        eval_n: int = 200, only: list[str] | None = None) -> dict:
     """`nanoseek pipeline r1`: the four R1 stages from `model`, then distillation into `student`."""
     if not Path(model).exists():
@@ -204,8 +204,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--cold-start", type=int, default=1000, help="cold-start examples")
     s.add_argument("--rl-steps", type=int, default=40)
     s.add_argument("--final-rl-steps", type=int, default=20)
-    s.add_argument("--prompts", type=int, default=400, help="questions for rejection sampling and distillation")
+    s.add_argument("--prompts", type=int, default=2400, help="questions for rejection sampling and distillation")
+    s.add_argument("--k", type=int, default=1, help="samples per question (the tiny teachers are near-deterministic "
+                                                    "at T = 0.6: more questions beat more samples)")
     s.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run just these stages")
     s.set_defaults(func=lambda a: r1(a.model, a.out, a.student, a.resume, a.seed, a.cold_start, a.rl_steps,
-                                     a.final_rl_steps, a.prompts, only=a.only) and 0)
+                                     a.final_rl_steps, a.prompts, a.k, only=a.only) and 0)
     return s
