@@ -11,8 +11,15 @@ Gate, DeepSeek-V2 (`softmax`): s = softmax(W_g h); `greedy` top-k, or `group_lim
 (groups ranked by their max score). transformers masks dropped groups with 0.0 there; with
 softmax scores > 0 that picks the same experts as -inf, which is what we use everywhere.
 
-Dispatch sorts the (token, expert) pairs by expert and runs each expert once on its contiguous
-slice: a loop over experts, never over tokens.
+Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice,
+and runs all routed experts as two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then
+down) over those slices, with the experts' weights stacked on the fly (a copy of E·3·H·I values,
+small next to the GEMMs at training batch sizes). The gate weight multiplies the intermediate
+activation (I wide) rather than the output (H wide): the same product, less memory traffic.
+Where the grouped GEMM does not apply (few rows, as in decode, where stacking every expert would
+read all of them for one token; quantized experts; strides not 16-byte multiples) a loop over the
+experts that got rows runs each once on its slice. Never a loop over tokens.
+benchmarks/moe_layer.py measures both against a dense SwiGLU of the same active size.
 
 `MoE(x)` returns `(y, Routing(scores, load))`, as DeepSeek's Gate returns (weights, indices): the
 module keeps no training state. Training reads the routing for the sequence-wise balance loss and
@@ -83,7 +90,38 @@ class Gate(nn.Module):
         return weights * self.routed_scaling_factor, indices, scores
 
 
+def grouped_mm_applies(x: torch.Tensor, experts: nn.ModuleList) -> bool:
+    """F.grouped_mm's conditions: plain bias-free Linear experts (not quantized), 16-byte row
+    strides, and a device where it has a kernel for the dtype (CPU: any float; CUDA: bf16)."""
+    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False
+    e = experts[0]
+    if not (isinstance(e, MLP) and all(type(m) is nn.Linear and m.bias is None
+                                       for m in (e.gate_proj, e.up_proj, e.down_proj))):
+        return False
+    align = 16 // x.element_size()
+    return e.gate_proj.in_features % align == 0 and e.gate_proj.out_features % align == 0
+
+
+def grouped_swiglu(xs: torch.Tensor, rw: torch.Tensor, counts: torch.Tensor,
+                   experts: nn.ModuleList) -> torch.Tensor:
+    """rw · expert_e(xs) for rows sorted by expert (counts[e] rows each), as two grouped GEMMs."""
+    dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+    w1 = torch.cat([torch.stack([e.gate_proj.weight for e in experts]),
+                    torch.stack([e.up_proj.weight for e in experts])], dim=1).to(dtype)   # [E, 2I, H]
+    w2 = torch.stack([e.down_proj.weight for e in experts]).to(dtype)                     # [E, H, I]
+    offs = counts.cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(xs.to(dtype), w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    return F.grouped_mm(F.silu(gate) * up * rw.to(dtype), w2.transpose(1, 2), offs=offs)
+
+
 class MoE(nn.Module):
+    # below this many (token, expert) rows the per-expert loop is cheaper than stacking every
+    # expert's weights (decode at small batch); benchmarks/moe_layer.py measured the crossover
+    GROUPED_MIN_ROWS = 64
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -108,11 +146,14 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
         token = order // self.top_k
-        xs = x[token]
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                outs.append(self.experts[e](xs[start:start + n]))
-                start += n
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys), counts.detach()
+        xs, rw = x[token], weights.flatten()[order, None]
+        if flat.numel() >= self.GROUPED_MIN_ROWS and grouped_mm_applies(x, self.experts):
+            ys = grouped_swiglu(xs, rw, counts, self.experts)
+        else:
+            outs, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    outs.append(self.experts[e](xs[start:start + n]))
+                    start += n
+            ys = torch.cat(outs) * rw.to(outs[0].dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype)), counts.detach()
