@@ -92,7 +92,7 @@ def test_moe_dispatch_equals_per_token_loop(path, monkeypatch):
     """Both dispatch paths (grouped GEMMs over the sorted rows; the per-expert loop that decode and
     quantized experts use) against a per-token loop: outputs and the gradients of the input, the
     gate and every expert (fp32, summation order only)."""
-    monkeypatch.setattr(MoE, "GROUPED_MIN_ROWS", 0 if path == "grouped" else 10**9)
+    monkeypatch.setattr(MoE, "GROUPED", path == "grouped")
     model = tiny_v3()
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
@@ -125,7 +125,7 @@ def test_moe_dispatch_equals_per_token_loop(path, monkeypatch):
 
 def test_moe_grouped_path_falls_back_where_grouped_mm_does_not_apply(monkeypatch):
     """Hidden sizes whose rows are not 16-byte multiples: the loop runs, same numbers."""
-    monkeypatch.setattr(MoE, "GROUPED_MIN_ROWS", 0)
+    monkeypatch.setattr(MoE, "GROUPED", True)
     model = tiny_v3(hidden_size=30, moe_intermediate_size=10, intermediate_size=40)
     moe = model.model.layers[1].mlp
     x = torch.randn(2, 9, 30, generator=torch.Generator().manual_seed(0))

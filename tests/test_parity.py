@@ -129,7 +129,7 @@ def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     from nanoseek.model.moe import MoE
-    monkeypatch.setattr(MoE, "GROUPED_MIN_ROWS", 0 if path == "grouped" else 10**9)
+    monkeypatch.setattr(MoE, "GROUPED", path == "grouped")
     cls, kw = CASES["v3_qlora_groups"]
     hf_cfg = getattr(transformers, cls)(**dict(kw, routed_scaling_factor=2.5, norm_topk_prob=True))
     hf_cfg._experts_implementation = "eager"

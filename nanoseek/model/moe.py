@@ -11,16 +11,17 @@ Gate, DeepSeek-V2 (`softmax`): s = softmax(W_g h); `greedy` top-k, or `group_lim
 (groups ranked by their max score). transformers masks dropped groups with 0.0 there; with
 softmax scores > 0 that picks the same experts as -inf, which is what we use everywhere.
 
-Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice,
-and runs all routed experts as two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then
-down) over those slices, with the experts' weights stacked on the fly (a copy of E·3·H·I values,
-small next to the GEMMs at training batch sizes). The gate weight multiplies the intermediate
-activation (I wide) rather than the output (H wide): the same product, less memory traffic.
-Where the grouped GEMM does not apply (few rows, as in decode, where stacking every expert would
-read all of them for one token; quantized experts; strides not 16-byte multiples) a loop over the
-experts that got rows runs each once on its slice. Never a loop over tokens.
-benchmarks/moe_layer.py measures both against a dense SwiGLU of the same active size.
-
+Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice.
+Two ways to run the experts on their slices, both a loop over experts at most, never over tokens:
+  grouped  two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then down) over all the
+           slices, the experts' weights stacked on the fly; the gate weight multiplies the
+           intermediate activation (I wide) rather than the output (H wide): same product, less traffic
+  loop     each expert that got rows, once, on its slice (also what quantized experts run)
+Stacking copies all E·3·H·I expert weights per call, so the grouped GEMMs pay only when there are
+enough rows per copied weight: in training from rows ≥ E·H·I / 1024, in inference (no gradient,
+where the loop's work is a third of training's) from rows ≥ E·H·I / 64; below that (decode, small
+batches, prefill of larger models) the loop. The crossovers were measured on the tiny and small
+presets (benchmarks/moe_layer.py, docs/benchmarks.md#moe-vs-dense).
 `MoE(x)` returns `(y, Routing(scores, load))`, as DeepSeek's Gate returns (weights, indices): the
 module keeps no training state. Training reads the routing for the sequence-wise balance loss and
 the auxiliary-loss-free bias update (nanoseek/train/objective.py); inference drops it.
@@ -118,9 +119,7 @@ def grouped_swiglu(xs: torch.Tensor, rw: torch.Tensor, counts: torch.Tensor,
 
 
 class MoE(nn.Module):
-    # below this many (token, expert) rows the per-expert loop is cheaper than stacking every
-    # expert's weights (decode at small batch); benchmarks/moe_layer.py measured the crossover
-    GROUPED_MIN_ROWS = 64
+    GROUPED: bool | None = None  # None: grouped GEMMs where they pay (see the docstring); True / False: forced
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,6 +139,13 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
+    def use_grouped(self, rows: int, x: torch.Tensor) -> bool:
+        if self.GROUPED is False or not grouped_mm_applies(x, self.experts):
+            return False
+        e = self.experts[0].gate_proj
+        return bool(self.GROUPED) or rows * (1024 if torch.is_grad_enabled() else 64) >= \
+            self.n_experts * e.in_features * e.out_features
+
     def dispatch(self, x, weights, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
         flat = indices.flatten()
@@ -147,7 +153,7 @@ class MoE(nn.Module):
         counts = torch.bincount(flat, minlength=self.n_experts)
         token = order // self.top_k
         xs, rw = x[token], weights.flatten()[order, None]
-        if flat.numel() >= self.GROUPED_MIN_ROWS and grouped_mm_applies(x, self.experts):
+        if self.use_grouped(flat.numel(), x):
             ys = grouped_swiglu(xs, rw, counts, self.experts)
         else:
             outs, start = [], 0
