@@ -106,16 +106,17 @@ def grouped_mm_applies(x: torch.Tensor, experts: nn.ModuleList) -> bool:
     return e.gate_proj.in_features % align == 0 and e.gate_proj.out_features % align == 0
 
 
-def grouped_swiglu(xs: torch.Tensor, rw: torch.Tensor, counts: torch.Tensor,
-                   experts: nn.ModuleList) -> torch.Tensor:
-    """rw · expert_e(xs) for rows sorted by expert (counts[e] rows each), as two grouped GEMMs."""
+def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, experts, rw: torch.Tensor | None = None) -> torch.Tensor:
+    """expert_e(xs) (times rw [rows, 1], if given) for rows sorted by expert (counts[e] rows each),
+    as two grouped GEMMs; `experts` holds the E experts the counts refer to."""
     dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
     w1 = torch.cat([torch.stack([e.gate_proj.weight for e in experts]),
                     torch.stack([e.up_proj.weight for e in experts])], dim=1).to(dtype)   # [E, 2I, H]
     w2 = torch.stack([e.down_proj.weight for e in experts]).to(dtype)                     # [E, H, I]
     offs = counts.cumsum(0).to(torch.int32)
     gate, up = F.grouped_mm(xs.to(dtype), w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    return F.grouped_mm(F.silu(gate) * up * rw.to(dtype), w2.transpose(1, 2), offs=offs)
+    h = F.silu(gate) * up
+    return F.grouped_mm(h if rw is None else h * rw.to(dtype), w2.transpose(1, 2), offs=offs)
 
 
 class MoE(nn.Module):
@@ -139,12 +140,14 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
-    def use_grouped(self, rows: int, x: torch.Tensor) -> bool:
-        if self.GROUPED is False or not grouped_mm_applies(x, self.experts):
+    def use_grouped(self, rows: int, x: torch.Tensor, experts=None) -> bool:
+        """Grouped GEMMs for `rows` (token, expert) rows over `experts` (default: all of them)?"""
+        experts = self.experts if experts is None else experts
+        if self.GROUPED is False or not grouped_mm_applies(x, experts):
             return False
-        e = self.experts[0].gate_proj
+        e = experts[0].gate_proj
         return bool(self.GROUPED) or rows * (1024 if torch.is_grad_enabled() else 64) >= \
-            self.n_experts * e.in_features * e.out_features
+            len(experts) * e.in_features * e.out_features
 
     def dispatch(self, x, weights, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
@@ -154,7 +157,7 @@ class MoE(nn.Module):
         token = order // self.top_k
         xs, rw = x[token], weights.flatten()[order, None]
         if self.use_grouped(flat.numel(), x):
-            ys = grouped_swiglu(xs, rw, counts, self.experts)
+            ys = grouped_swiglu(xs, counts, self.experts, rw)
         else:
             outs, start = [], 0
             for e, n in enumerate(counts.tolist()):
