@@ -206,8 +206,13 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 1 seed, 2M characters")
     a = p.parse_args()
     if a.quick:
-        a.steps, a.seeds, a.max_chars, a.evals = a.steps or 40, 1, min(a.max_chars, 2_000_000), 4
-    a.steps = a.steps or 640
+        a.steps, a.seeds, a.max_chars, a.evals = 40 if a.steps is None else a.steps, 1, min(a.max_chars, 2_000_000), 4
+    a.steps = 640 if a.steps is None else a.steps
+    for name in ("steps", "batch_size", "seeds", "evals", "heldout_windows", "threads", "vocab", "experts", "top_k"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.seq_len < 2 or a.top_k > a.experts or a.lr <= 0:
+        p.error("need --seq-len >= 2, --top-k <= --experts and --lr > 0")
     torch.set_num_threads(a.threads)
 
     try:

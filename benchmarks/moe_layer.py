@@ -224,6 +224,11 @@ def main() -> None:
     a = p.parse_args()
     if a.quick:
         a.presets, a.rounds, a.balance_steps = ["tiny"], 2, 300
+    if min(a.tokens, a.context, a.threads, a.rounds, a.balance_steps) < 1:
+        p.error("--tokens, --context, --threads, --rounds and --balance-steps must be at least 1")
+    for name in a.presets:
+        if name not in ("tiny", "small"):
+            p.error(f"--presets: {name!r} is not one of tiny, small")
     torch.set_num_threads(a.threads)
     cap, bf16_flags = cpu_bf16()
     bounds = measure_cpu()
