@@ -18,10 +18,11 @@ Two ways to run the experts on their slices, both a loop over experts at most, n
            intermediate activation (I wide) rather than the output (H wide): same product, less traffic
   loop     each expert that got rows, once, on its slice (also what quantized experts run)
 Stacking copies all E·3·H·I expert weights per call, so the grouped GEMMs pay only when there are
-enough rows per copied weight: in training from rows ≥ E·H·I / 1024, in inference (no gradient,
-where the loop's work is a third of training's) from rows ≥ E·H·I / 64; below that (decode, small
-batches, prefill of larger models) the loop. The crossovers were measured on the tiny and small
-presets (benchmarks/moe_layer.py, docs/benchmarks.md#moe-vs-dense).
+enough rows per copied weight: in training from rows ≥ E·H·I / 1024, in inference (no gradient)
+from rows ≥ E·H·I / 64; below that (decode, small batches, prefill of larger models) the loop.
+Both thresholds are the crossovers measured on the tiny and small presets
+(docs/benchmarks.md#moe-vs-dense); `MoE.GROUPED = True / False` forces a path.
+
 `MoE(x)` returns `(y, Routing(scores, load))`, as DeepSeek's Gate returns (weights, indices): the
 module keeps no training state. Training reads the routing for the sequence-wise balance loss and
 the auxiliary-loss-free bias update (nanoseek/train/objective.py); inference drops it.
