@@ -1,179 +1,302 @@
-"""Dense vs MoE at equal active parameters: loss after the same tokens, same data, same order.
+"""Dense vs DeepSeekMoE on real text: held-out loss against tokens, training FLOPs and wall clock.
 
-    .venv/bin/python benchmarks/dense_vs_moe.py --threads 2              # 600 steps each, 16 x 128 tokens/step
-    .venv/bin/python benchmarks/dense_vs_moe.py --quick                  # 40-step smoke run
-    .venv/bin/python benchmarks/dense_vs_moe.py --no-total --out runs/dvm   # skip (c), keep the runs
+    .venv/bin/python benchmarks/dense_vs_moe.py                      # 3 seeds x 3 models, ~25 min on 1 thread
+    .venv/bin/python benchmarks/dense_vs_moe.py --quick              # a 2-minute smoke run
+    .venv/bin/python benchmarks/dense_vs_moe.py --corpus my.txt --steps 2000 --threads 2
 
-Pretrains with `nanoseek.train.pretrain` (the same code `nanoseek pretrain` runs), one after the other:
-  (a) the tiny DeepSeek-V3 preset: MLA + MoE (8 routed experts, top-2, 1 shared) + MTP;
-  (b) a dense llama with the preset's width, depth and heads and the intermediate size whose
-      ACTIVE parameter count (ModelConfig.num_params()[1]) is closest to the MoE's;
-  (c) a dense llama whose count matches the MoE's TOTAL parameters (skip with --no-total).
-Each config goes to a config.json passed as PretrainArgs(config=...). All runs share one cache
-directory, so the BPE tokenizer (cached by corpus hash and vocabulary size, which all configs
-share) and the token file are built once and reused; the window order depends only on --seed.
-The script checks that every run saved the same tokenizer and saw the same tokens.
+Corpus: the Python standard library's own source (`Path(os.__file__).parent`, every *.py file,
+sorted, up to --max-chars), which every machine that runs this has; or --corpus files. Every 20th
+file is held out: the BPE (nanoseek.data.tokens.train_tokenizer) is trained on the others only, the
+models never train on it, and the held-out loss is the mean next-token cross-entropy over a fixed
+set of its windows.
 
-Final loss = mean of the `loss` key of OUT/<run>/metrics.jsonl over the last 10% of steps. `loss`
-is the main next-token cross-entropy only in every run: the MoE's MTP loss (`mtp_loss`) and balance
-loss (`balance_loss`) are logged apart and left out, so the numbers compare like for like. Time and
-tokens/s are the training loop's (metrics' `elapsed_s` at the last step: tokenizing, the final
-sample and saving excluded); the MoE's includes what it really trains (MTP module, balance loss,
-bias update). Runs are sequential on a noisy machine: read tokens/s as a rough ratio.
-num_params() excludes the MTP module (as DeepSeek-V3's 671B/37B do).
+Three models, the same attention (MLA, DeepSeek-V3's), depth, width, vocabulary and embeddings;
+only the FFN differs. Sized so the routed experts hold most of the parameters, not the embeddings:
+  moe           16 routed experts of width 64, top-2, 1 shared, sigmoid gate + aux-loss-free bias
+                (γ = 1e-3) + sequence-wise balance loss (α = 1e-4), every layer MoE, no MTP
+  dense_active  SwiGLU of width 64·(2+1) = 192: the MoE's active parameters, so the same training
+                FLOPs per token (the gate's 16·128 per layer aside); trained on the same tokens
+  dense_total   SwiGLU of width 64·(16+1) = 1088: the MoE's total parameters, given the same
+                training FLOPs as the MoE (so it sees fewer tokens)
+Same optimizer (AdamW 0.9/0.95, wd 0.1, clip 1.0), peak lr, warmup + cosine schedule over each run's
+own steps, batch, sequence length, data order (per seed) and initialisation rule. Training FLOPs =
+3 x forward FLOPs per token (nanoseek.cost.flops_per_token: matmuls + attention scores) x tokens.
+Wall clock counts training steps only (not the held-out evaluations); the models run one after the
+other in one process, in an order rotated per seed, on a shared machine: read it as a rough ratio.
 
-Prints a markdown table for the README, then one JSON line with the same numbers.
+Prints a markdown table (mean ± std over seeds) and one JSON line; writes a PNG with the three
+panels (--plot, default docs/dense_vs_moe.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanoseek.config import ModelConfig, preset  # noqa: E402
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.cost import flops_per_token  # noqa: E402
+from nanoseek.data.sampler import WindowSampler  # noqa: E402
+from nanoseek.data.tokens import cached_tokenizer, documents_hash, read_documents, token_file  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
-from nanoseek.config import dense_variant  # noqa: E402
-from nanoseek.train.pretrain import PretrainArgs, pretrain  # noqa: E402
+from nanoseek.model.transformer import Transformer  # noqa: E402
+from nanoseek.train.objective import balance_loss, expert_loads, load_stats, moe_layers, next_token_loss, \
+    update_bias  # noqa: E402
+from nanoseek.train.optim import adamw, lr_at  # noqa: E402
+
+HOLDOUT_EVERY = 20  # every 20th file of the corpus is held out
 
 
-def dense_matching(moe: ModelConfig, target: int, which: int) -> ModelConfig:
-    """The llama (preset width/depth/heads) whose num_params()[which] is closest to target.
-
-    The count is linear in intermediate_size (3·hidden per unit per layer), so solve, round, and
-    check the neighbours."""
-    base = dense_variant(moe, "llama")
-    c0 = base.replace(intermediate_size=1).num_params()[which]
-    per_unit = base.replace(intermediate_size=2).num_params()[which] - c0
-    guess = max(1, round(1 + (target - c0) / per_unit))
-    best = min((i for i in (guess - 1, guess, guess + 1) if i >= 1),
-               key=lambda i: abs(base.replace(intermediate_size=i).num_params()[which] - target))
-    return base.replace(intermediate_size=best)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def stdlib_documents(max_chars: int) -> list[str]:
+    root = Path(os.__file__).parent
+    docs, total = [], 0
+    for f in sorted(root.rglob("*.py")):
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            docs.append(text)
+            total += len(text)
+            if total >= max_chars:
+                break
+    return docs
 
 
-def run_one(name: str, cfg: ModelConfig, root: Path, cache: Path, a) -> dict:
-    cfg_dir = root / "configs" / name
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    (cfg_dir / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
-    out = root / name
-    big = a.steps + 1  # no intermediate samples or checkpoints (pretrain still samples and saves at the end)
-    args = PretrainArgs(out=str(out), config=str(cfg_dir / "config.json"), cache_dir=str(cache),
-                        synthetic_docs=a.docs, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len,
-                        seed=a.seed, threads=a.threads, final_eval=0, progress=False, sample_every=big,
-                        sample_tokens=1, save_every=big, keep=1, log_every=max(1, a.steps // 5))
-    print(f"--- {name}: {cfg.model_type}, intermediate_size {cfg.intermediate_size}", file=sys.stderr)
-    t0 = time.perf_counter()
-    summary = pretrain(args)
-    wall = time.perf_counter() - t0
-    rows = read_metrics(out / "metrics.jsonl")
-    if len(rows) != a.steps or [r["step"] for r in rows] != list(range(1, a.steps + 1)):
-        raise SystemExit(f"{out}/metrics.jsonl has {len(rows)} steps, expected 1..{a.steps}")
-    tail = rows[-max(1, a.steps // 10):]
-    last = rows[-1]
-    trained = summary["config"]  # the config as trained (vocabulary from the tokenizer)
-    total, active = trained.num_params()
-    emb = trained.vocab_size * trained.hidden_size * (1 if trained.tie_word_embeddings else 2) + trained.hidden_size
-    from nanoseek.data.tokens import tokenizer_hash
-    from nanoseek.tokenizer import Tokenizer
-    res = {
-        "model": name, "model_type": trained.model_type, "intermediate_size": trained.intermediate_size,
-        "total_params": total, "active_params": active,
-        "active_params_non_embedding": active - emb, "total_params_non_embedding": total - emb,
-        "final_loss": statistics.fmean(r["loss"] for r in tail), "loss_last_step": last["loss"],
-        "tail_steps": len(tail), "tokens": last["tokens"], "train_s": last["elapsed_s"],
-        "tokens_per_s": last["tokens"] / last["elapsed_s"], "wall_clock_s": wall,
-        "tokenizer_hash": tokenizer_hash(Tokenizer.from_dir(out / "final")),
-    }
-    if last.get("load_max_mean") is not None:
-        res["load_max_mean_final"] = statistics.fmean(r["load_max_mean_avg"] for r in tail)
-        res["load_max_mean_per_layer_last_step"] = [round(x, 3) for x in last["load_max_mean"]]
-        res["mtp_loss_final"] = statistics.fmean(r["mtp_loss"] for r in tail)
+def model_configs(vocab: int, experts: int, top_k: int, width: int) -> dict[str, ModelConfig]:
+    base = dict(model_type="deepseek_v3", vocab_size=vocab, hidden_size=128, num_hidden_layers=4,
+                num_attention_heads=4, max_position_embeddings=2048, q_lora_rank=64, kv_lora_rank=32,
+                qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, num_nextn_predict_layers=0,
+                bos_token_id=0, eos_token_id=1)
+    moe = ModelConfig(**base, intermediate_size=width * (top_k + 1), n_routed_experts=experts,
+                      num_experts_per_tok=top_k, n_shared_experts=1, moe_intermediate_size=width, n_group=1,
+                      topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid",
+                      topk_method="noaux_tc", first_k_dense_replace=0)
+    return {"moe": moe,
+            "dense_active": ModelConfig(**base, intermediate_size=width * (top_k + 1)),
+            "dense_total": ModelConfig(**base, intermediate_size=width * (experts + 1))}
+
+
+@torch.no_grad()
+def heldout_loss(model: Transformer, windows: torch.Tensor, batch: int) -> float:
+    model.eval()
+    total = sum(next_token_loss(model(w[:, :-1]), w).item() * len(w) for w in windows.split(batch))
+    model.train()
+    return total / len(windows)
+
+
+def train_one(name: str, cfg: ModelConfig, train_tokens: np.ndarray, heldout: torch.Tensor, steps: int,
+              seed: int, a) -> dict:
+    torch.manual_seed(seed)
+    model = Transformer(cfg).train()
+    opt = adamw(model, a.lr, 0.1, (0.9, 0.95))
+    sampler = WindowSampler(train_tokens, a.seq_len, seed=seed)  # same windows, same order per seed
+    moes = moe_layers(model)
+    per_token = flops_per_token(cfg, a.seq_len)["train"]
+    evals = sorted({max(1, round(steps * i / a.evals)) for i in range(1, a.evals + 1)})
+    curve, wall, loads = [], 0.0, []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        lr = lr_at(step, steps, a.lr, max(1, steps // 20), "cosine")
+        for g in opt.param_groups:
+            g["lr"] = lr
+        window = sampler.next_batch(a.batch_size)
+        if moes:
+            logits, routing = model(window[:, :-1], return_routing=True)
+            loss = next_token_loss(logits, window) + balance_loss(routing, cfg.num_experts_per_tok, 1e-4)
+        else:
+            loss = next_token_loss(model(window[:, :-1]), window)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if moes:
+            layer_loads = expert_loads(routing)
+            update_bias(moes, layer_loads, 1e-3)
+            loads.append(load_stats(layer_loads))
+        wall += time.perf_counter() - t0
+        if step + 1 in evals:
+            tokens = (step + 1) * a.batch_size * a.seq_len
+            curve.append({"step": step + 1, "tokens": tokens, "flops": tokens * per_token, "wall_s": wall,
+                          "heldout_loss": heldout_loss(model, heldout, a.batch_size)})
+            print(f"  {name} seed {seed} step {step + 1}/{steps}: held-out {curve[-1]['heldout_loss']:.4f} "
+                  f"({wall:.0f} s)", file=sys.stderr, flush=True)
+    total, active = cfg.num_params()
+    res = {"model": name, "seed": seed, "total_params": total, "active_params": active,
+           "train_flops_per_token": per_token, "curve": curve, **curve[-1]}
+    if loads:  # max/mean expert load, per layer, over the last 10% of steps
+        tail = np.array(loads[-max(1, steps // 10):])
+        res["load_max_mean"] = [round(float(x), 3) for x in tail.mean(0)]
     return res
+
+
+def interp(curve: list[dict], key: str, at: float) -> float:
+    """The held-out loss at x = at, linear between evaluations; NaN outside the curve (up to 2% past
+    its end counts as its end: dense_active's FLOPs are the MoE's less the gate's)."""
+    xs, ys = [c[key] for c in curve], [c["heldout_loss"] for c in curve]
+    return float(np.interp(at, xs, ys)) if xs[0] <= at <= xs[-1] * 1.02 else math.nan
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "-"
+    return f"{statistics.fmean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    colors = {"moe": "C3", "dense_active": "C0", "dense_total": "C2"}
+    for ax, (key, label, scale) in zip(axes, [("tokens", "training tokens (M)", 1e6),
+                                              ("flops", "training FLOPs (TFLOP)", 1e12),
+                                              ("wall_s", "training wall clock (s, 1 thread)", 1.0)]):
+        for name, color in colors.items():
+            runs = [r["curve"] for r in results if r["model"] == name]
+            if not runs:
+                continue
+            xs = np.mean([[c[key] for c in run] for run in runs], axis=0) / scale
+            ys = np.array([[c["heldout_loss"] for c in run] for run in runs])
+            ax.plot(xs, ys.mean(0), color=color, marker=".", label=name)
+            ax.fill_between(xs, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), color=color, alpha=0.2)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out loss (nats/token)")
+    axes[0].legend()
+    fig.suptitle(f"Dense vs MoE (MLA both), Python stdlib source, mean ± std over "
+                 f"{len({r['seed'] for r in results})} seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  .venv/bin/python benchmarks/dense_vs_moe.py --threads 2")
-    p.add_argument("--preset", default="tiny", help="the MoE preset (default tiny)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 600; --quick 40)")
+                                epilog="example:\n  .venv/bin/python benchmarks/dense_vs_moe.py --quick")
+    p.add_argument("--corpus", nargs="*", default=None, help="text/JSONL files (default: the stdlib's *.py)")
+    p.add_argument("--max-chars", type=int, default=12_000_000, help="stdlib corpus size cap (characters)")
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=None, help="MoE / dense_active steps (default 640; --quick 40)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--docs", type=int, default=None,
-                   help=f"synthetic corpus documents (default pretrain's {PretrainArgs.synthetic_docs}; --quick 5000)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="keep the runs here (default: a temporary directory)")
-    p.add_argument("--no-total", action="store_true", help="skip (c), the dense model at the MoE's total count")
-    p.add_argument("--quick", action="store_true", help="smoke run: 40 steps on a 5000-document corpus")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=2)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--evals", type=int, default=10, help="held-out evaluations per run")
+    p.add_argument("--heldout-windows", type=int, default=64)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cache", default="runs/dense_vs_moe-cache", help="tokenizer and token-file cache")
+    p.add_argument("--plot", default="docs/dense_vs_moe.png")
+    p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 1 seed, 2M characters")
     a = p.parse_args()
-    a.steps = a.steps or (40 if a.quick else 600)
-    a.docs = a.docs or (5000 if a.quick else PretrainArgs.synthetic_docs)
+    if a.quick:
+        a.steps, a.seeds, a.max_chars, a.evals = 40 if a.steps is None else a.steps, 1, min(a.max_chars, 2_000_000), 4
+    a.steps = 640 if a.steps is None else a.steps
+    for name in ("steps", "batch_size", "seeds", "evals", "heldout_windows", "threads", "vocab", "experts", "top_k"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if a.seq_len < 2 or a.top_k > a.experts or a.lr <= 0:
+        p.error("need --seq-len >= 2, --top-k <= --experts and --lr > 0")
+    torch.set_num_threads(a.threads)
 
-    moe = preset(a.preset)
-    if not moe.is_moe:
-        raise SystemExit(f"preset {a.preset!r} is not an MoE model")
-    m_total, m_active = moe.num_params()
-    configs = {"moe": moe, "dense_active": dense_matching(moe, m_active, 1)}
-    if not a.no_total:
-        configs["dense_total"] = dense_matching(moe, m_total, 0)
-    # with the preset's vocabulary; the trained counts (the table's) use the tokenizer's, and since
-    # both sides have the same embeddings the matched intermediate size does not depend on it
-    for name, c in configs.items():
+    try:
+        docs = read_documents(a.corpus) if a.corpus else stdlib_documents(a.max_chars)
+    except NanoseekError as e:
+        print(f"dense_vs_moe: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    held = docs[::HOLDOUT_EVERY]
+    train = [d for i, d in enumerate(docs) if i % HOLDOUT_EVERY]
+    if not held or not train:
+        print("dense_vs_moe: error: the corpus needs at least 2 documents", file=sys.stderr)
+        sys.exit(2)
+    t0 = time.perf_counter()
+    tok = cached_tokenizer(train, a.vocab, a.cache)
+    train_tokens = token_file(train, tok, a.cache)
+    held_tokens = token_file(held, tok, a.cache)
+    need = a.heldout_windows * a.seq_len + 1
+    if len(held_tokens) < need:
+        a.heldout_windows = (len(held_tokens) - 1) // a.seq_len
+    heldout = torch.from_numpy(np.asarray(held_tokens[:a.heldout_windows * a.seq_len + 1], dtype=np.int64))
+    heldout = heldout.unfold(0, a.seq_len + 1, a.seq_len)  # disjoint windows [n, T+1]
+    print(f"corpus: {len(docs)} documents, {sum(map(len, docs)):,} chars; train {len(train_tokens):,} tokens, "
+          f"held out {len(held_tokens):,} tokens ({len(held)} documents), eval on {len(heldout)} windows; "
+          f"BPE {tok.vocab_size} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+    configs = model_configs(tok.vocab_size, a.experts, a.top_k, 64)
+    fpt = {n: flops_per_token(c, a.seq_len)["train"] for n, c in configs.items()}
+    steps = {"moe": a.steps, "dense_active": a.steps,
+             "dense_total": max(1, round(a.steps * fpt["moe"] / fpt["dense_total"]))}  # equal FLOPs
+    for n, c in configs.items():
         t, act = c.num_params()
-        print(f"{name:13} {c.model_type:12} intermediate {c.intermediate_size:5}  total {t:>10,}  active {act:>10,}"
-              f"  (active {act / m_active - 1:+.3%} vs MoE active, total {t / m_total - 1:+.3%} vs MoE total)",
-              file=sys.stderr)
+        emb = 2 * c.vocab_size * c.hidden_size
+        print(f"{n:13} total {t:>9,}  active {act:>9,}  embeddings {emb:,}  train FLOPs/token {fpt[n]:,.0f}  "
+              f"steps {steps[n]}", file=sys.stderr)
 
-    with tempfile.TemporaryDirectory(prefix="dense_vs_moe-") as tmp:
-        root = Path(a.out) if a.out else Path(tmp)
-        root.mkdir(parents=True, exist_ok=True)
-        cache = root / "cache"
-        try:
-            results = [run_one(name, c, root, cache, a) for name, c in configs.items()]
-        except NanoseekError as e:
-            print(f"dense_vs_moe: error: {e}", file=sys.stderr)
-            sys.exit(2)
+    results = []
+    names = list(configs)
+    for seed in range(a.seeds):
+        for name in names[seed % 3:] + names[:seed % 3]:  # rotate the order: machine noise spreads
+            results.append(train_one(name, configs[name], train_tokens, heldout, steps[name], seed, a))
+    report(results, configs, steps, a, tok.vocab_size, len(train_tokens), len(heldout) * a.seq_len, docs)
+    plot(results, Path(a.plot))
+    print(f"plot: {a.plot}", file=sys.stderr)
 
-    if len({r["tokenizer_hash"] for r in results}) != 1 or len({r["tokens"] for r in results}) != 1:
-        raise SystemExit("the runs did not share the tokenizer / token count: the comparison is void")
-    moe_r = results[0]
-    labels = {"moe": f"DeepSeek-V3 `{a.preset}` (MLA + MoE {moe.n_routed_experts} experts top-{moe.num_experts_per_tok}"
-                     f" + {moe.n_shared_experts} shared, + MTP)",
-              "dense_active": "dense llama, MoE's active params", "dense_total": "dense llama, MoE's total params"}
-    print(f"\nDense vs MoE, synthetic corpus ({a.docs} docs), {a.steps} steps x {a.batch_size} x {a.seq_len} "
-          f"= {moe_r['tokens']:,} tokens each, same tokenizer and data order (seed {a.seed}); "
-          f"loss = next-token CE, mean of the last {moe_r['tail_steps']} steps\n")
-    print("| model | FFN | total params | active params | active vs MoE | final loss | tokens | train s | tokens/s "
-          "| expert load max/mean |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        ffn = (f"{moe.moe_intermediate_size} x ({moe.num_experts_per_tok} + {moe.n_shared_experts} shared)"
-               if r["model"] == "moe"
-               else str(r["intermediate_size"]))
-        load = f"{r['load_max_mean_final']:.2f}" if "load_max_mean_final" in r else "-"
-        print(f"| {labels[r['model']]} | {ffn} | {r['total_params'] / 1e6:.3f}M | {r['active_params'] / 1e6:.3f}M "
-              f"| {r['active_params'] / moe_r['active_params'] - 1:+.2%} | {r['final_loss']:.4f} | {r['tokens']:,} "
-              f"| {r['train_s']:.0f} | {r['tokens_per_s']:,.0f} | {load} |")
+
+def report(results, configs, steps, a, vocab, n_train, n_held, docs) -> None:
+    by = {n: [r for r in results if r["model"] == n] for n in configs}
+    moe_flops = statistics.fmean(r["flops"] for r in by["moe"])
+    wall_common = min(r["wall_s"] for r in results)
+    print(f"\nDense vs MoE, MLA attention on all three, {len(docs)} files of Python stdlib source "
+          f"({sum(map(len, docs)) / 1e6:.1f}M chars; BPE {vocab}; {n_train / 1e6:.2f}M training tokens, "
+          f"{n_held:,} held-out tokens never trained on), batch {a.batch_size} x {a.seq_len}, "
+          f"{a.seeds} seeds, {a.threads} thread(s)\n")
+    print("| model | FFN | total params | active params | tokens | train FLOPs | held-out loss | "
+          f"at {moe_flops / 1e12:.2f} TFLOP | at {wall_common:.0f} s | train s | tokens/s | expert load max/mean |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ffn = {"moe": f"{a.experts} x 64, top-{a.top_k} + 1 shared", "dense_active": "SwiGLU 192",
+           "dense_total": f"SwiGLU {64 * (a.experts + 1)}"}
+    summary = {}
+    for n, rs in by.items():
+        r0 = rs[0]
+        at_f = [interp(r["curve"], "flops", moe_flops) for r in rs]
+        at_w = [interp(r["curve"], "wall_s", wall_common) for r in rs]
+        wall = statistics.fmean(r["wall_s"] for r in rs)
+        load = "-"
+        if "load_max_mean" in r0:
+            load = f"{statistics.fmean(x for r in rs for x in r['load_max_mean']):.2f}"
+        print(f"| {n} | {ffn[n]} | {r0['total_params'] / 1e6:.2f}M | {r0['active_params'] / 1e6:.2f}M "
+              f"| {r0['tokens'] / 1e6:.2f}M | {r0['flops'] / 1e12:.2f}T | {mean_std([r['heldout_loss'] for r in rs])} "
+              f"| {mean_std(at_f)} | {mean_std(at_w)} | {wall:.0f} | {r0['tokens'] / wall:,.0f} | {load} |")
+        summary[n] = {"total_params": r0["total_params"], "active_params": r0["active_params"],
+                      "steps": steps[n], "tokens": r0["tokens"], "train_flops": r0["flops"],
+                      "heldout_loss": [round(r["heldout_loss"], 4) for r in rs],
+                      "heldout_loss_at_moe_flops": [round(x, 4) for x in at_f],
+                      "heldout_loss_at_common_wall": [round(x, 4) for x in at_w],
+                      "train_s": [round(r["wall_s"], 1) for r in rs],
+                      "load_max_mean_per_layer": [r.get("load_max_mean") for r in rs] if "load_max_mean" in r0 else None,
+                      "curves": [[{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items()}
+                                  for c in r["curve"]] for r in rs]}
     print()
-    print(json.dumps({
-        "benchmark": "dense_vs_moe", "preset": a.preset, "steps": a.steps, "batch_size": a.batch_size,
-        "seq_len": a.seq_len, "seed": a.seed, "synthetic_docs": a.docs, "threads": a.threads,
-        "runs": {r["model"]: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
-                              if k not in ("model", "tokenizer_hash")} for r in results},
-        "loss_dense_active_minus_moe": round(results[1]["final_loss"] - moe_r["final_loss"], 4),
-        "tokens_per_s_ratio_dense_active_vs_moe": round(results[1]["tokens_per_s"] / moe_r["tokens_per_s"], 3),
-    }))
+    print(json.dumps({"benchmark": "dense_vs_moe", "corpus_files": len(docs), "vocab": vocab, "seeds": a.seeds,
+                      "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "threads": a.threads,
+                      "experts": a.experts, "top_k": a.top_k, "common_wall_s": round(wall_common, 1),
+                      "runs": summary}))
 
 
 if __name__ == "__main__":

@@ -75,24 +75,64 @@ def test_gqa_cached_decode_equals_full_forward():
     assert_close_scaled(run_cached(model, ids, prefill=4), model(ids), 1e-5)
 
 
-@torch.no_grad()
-def test_moe_dispatch_equals_per_token_loop():
+def per_token_moe(moe, flat):
+    """The slow, obviously-correct reference: every token through its top-k experts, one by one."""
+    weights, idx, _ = moe.gate(flat)
+    rows = []
+    for t in range(flat.shape[0]):
+        y = moe.shared_experts(flat[t])
+        for j in range(moe.top_k):
+            y = y + weights[t, j] * moe.experts[int(idx[t, j])](flat[t])
+        rows.append(y)
+    return torch.stack(rows), idx
+
+
+@pytest.mark.parametrize("path", ["grouped", "loop"])
+def test_moe_dispatch_equals_per_token_loop(path, monkeypatch):
+    """Both dispatch paths (grouped GEMMs over the sorted rows; the per-expert loop that decode and
+    quantized experts use) against a per-token loop: outputs and the gradients of the input, the
+    gate and every expert (fp32, summation order only)."""
+    monkeypatch.setattr(MoE, "GROUPED", path == "grouped")
     model = tiny_v3()
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
     x = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(0))
-    got, routing = moe(x)
-    flat = x.reshape(-1, 32)
-    weights, idx, _ = moe.gate(flat)
-    ref = torch.zeros_like(flat)
-    for t in range(flat.shape[0]):  # the slow, obviously-correct reference
-        for j in range(moe.top_k):
-            ref[t] += weights[t, j] * moe.experts[int(idx[t, j])](flat[t])
-        ref[t] += moe.shared_experts(flat[t])
-    torch.testing.assert_close(got.reshape(-1, 32), ref, rtol=1e-5, atol=1e-5)  # fp32 summation order
-    assert int(routing.load.sum()) == flat.shape[0] * moe.top_k
+    grads = []
+    for run in ("ours", "reference"):
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        if run == "ours":
+            y, routing = moe(xg)
+            y = y.reshape(-1, 32)
+        else:
+            y, idx = per_token_moe(moe, xg.reshape(-1, 32))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        grads.append((y.detach(), xg.grad, {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                            for n, p in moe.named_parameters()}))
+    (got, gx, gp), (ref, rx, rp) = grads
+    assert_close_scaled(got, ref, 1e-5, "output")
+    assert_close_scaled(gx, rx, 1e-5, "input grad")
+    for n in rp:
+        assert_close_scaled(gp[n], rp[n], 1e-5, f"{n} grad")
+    assert rp["gate.weight"].abs().max() > 0
+    assert [bool(rp[f"experts.{e}.down_proj.weight"].abs().max() > 0) for e in range(moe.n_experts)] == \
+        (routing.load > 0).tolist()  # the routed experts, and only they, learn
+    assert int(routing.load.sum()) == x.shape[0] * x.shape[1] * moe.top_k
     assert routing.load.tolist() == torch.bincount(idx.flatten(), minlength=moe.n_experts).tolist()
-    torch.testing.assert_close(routing.scores.reshape(-1, moe.n_experts), moe.gate(flat)[2], rtol=0, atol=0)
+    torch.testing.assert_close(routing.scores.reshape(-1, moe.n_experts), moe.gate(x.reshape(-1, 32))[2],
+                               rtol=0, atol=0)
+
+
+def test_moe_grouped_path_falls_back_where_grouped_mm_does_not_apply(monkeypatch):
+    """Hidden sizes whose rows are not 16-byte multiples: the loop runs, same numbers."""
+    monkeypatch.setattr(MoE, "GROUPED", True)
+    model = tiny_v3(hidden_size=30, moe_intermediate_size=10, intermediate_size=40)
+    moe = model.model.layers[1].mlp
+    x = torch.randn(2, 9, 30, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, _ = moe(x)
+        ref, _ = per_token_moe(moe, x.reshape(-1, 30))
+    assert_close_scaled(got.reshape(-1, 30), ref, 1e-5)
 
 
 def test_v3_gate_hand_computed_routing():

@@ -120,3 +120,45 @@ def test_v3_with_mtp_saves_layer_after_last_and_transformers_still_loads(tmp_pat
         ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     with torch.no_grad():
         assert_close_scaled(la, ref(x).logits, 1e-4)
+
+
+@pytest.mark.parametrize("path", ["grouped", "loop"])
+def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
+    """One MoE block, same weights, against transformers' DeepseekV3MoE (its eager per-expert loop):
+    outputs and the gradients of the input, the router and the experts, fp32."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from nanoseek.model.moe import MoE
+    monkeypatch.setattr(MoE, "GROUPED", path == "grouped")
+    cls, kw = CASES["v3_qlora_groups"]
+    hf_cfg = getattr(transformers, cls)(**dict(kw, routed_scaling_factor=2.5, norm_topk_prob=True))
+    hf_cfg._experts_implementation = "eager"
+    ref = randomize(DeepseekV3MoE(hf_cfg), seed=2)
+    ours = MoE(ModelConfig.from_hf_config(hf_cfg.to_dict()))
+    E, I = ours.n_experts, hf_cfg.moe_intermediate_size
+    with torch.no_grad():
+        ours.gate.weight.copy_(ref.gate.weight)
+        ours.gate.e_score_correction_bias.copy_(ref.gate.e_score_correction_bias)
+        for e, ex in enumerate(ours.experts):
+            ex.gate_proj.weight.copy_(ref.experts.gate_up_proj[e, :I])
+            ex.up_proj.weight.copy_(ref.experts.gate_up_proj[e, I:])
+            ex.down_proj.weight.copy_(ref.experts.down_proj[e])
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(ours.shared_experts, n).weight.copy_(getattr(ref.shared_experts, n).weight)
+    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(4))
+    dy = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(5))
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y, _ = ours(xo)
+    want = ref(xr)
+    (y * dy).sum().backward()
+    (want * dy).sum().backward()
+    assert_close_scaled(y, want, 1e-5, "output")
+    assert_close_scaled(xo.grad, xr.grad, 1e-5, "input grad")
+    assert_close_scaled(ours.gate.weight.grad, ref.gate.weight.grad, 1e-5, "router grad")
+    def grad(p):  # an expert no token picked has no gradient in the loop path
+        return torch.zeros_like(p) if p.grad is None else p.grad
+    g = torch.stack([torch.cat([grad(ex.gate_proj.weight), grad(ex.up_proj.weight)]) for ex in ours.experts])
+    assert_close_scaled(g, ref.experts.gate_up_proj.grad, 1e-5, "experts' gate/up grad")
+    assert_close_scaled(torch.stack([grad(ex.down_proj.weight) for ex in ours.experts]),
+                        ref.experts.down_proj.grad, 1e-5, "experts' down grad")
+    assert_close_scaled(ours.shared_experts.down_proj.weight.grad, ref.shared_experts.down_proj.weight.grad, 1e-5)

@@ -11,8 +11,17 @@ Gate, DeepSeek-V2 (`softmax`): s = softmax(W_g h); `greedy` top-k, or `group_lim
 (groups ranked by their max score). transformers masks dropped groups with 0.0 there; with
 softmax scores > 0 that picks the same experts as -inf, which is what we use everywhere.
 
-Dispatch sorts the (token, expert) pairs by expert and runs each expert once on its contiguous
-slice: a loop over experts, never over tokens.
+Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice.
+Two ways to run the experts on their slices, both a loop over experts at most, never over tokens:
+  grouped  two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then down) over all the
+           slices, the experts' weights stacked on the fly; the gate weight multiplies the
+           intermediate activation (I wide) rather than the output (H wide): same product, less traffic
+  loop     each expert that got rows, once, on its slice (also what quantized experts run)
+Stacking copies all E·3·H·I expert weights per call, so the grouped GEMMs pay only when there are
+enough rows per copied weight: in training from rows ≥ E·H·I / 1024, in inference (no gradient)
+from rows ≥ E·H·I / 64; below that (decode, small batches, prefill of larger models) the loop.
+Both thresholds are the crossovers measured on the tiny and small presets
+(docs/benchmarks.md#moe-vs-dense); `MoE.GROUPED = True / False` forces a path.
 
 `MoE(x)` returns `(y, Routing(scores, load))`, as DeepSeek's Gate returns (weights, indices): the
 module keeps no training state. Training reads the routing for the sequence-wise balance loss and
@@ -83,7 +92,37 @@ class Gate(nn.Module):
         return weights * self.routed_scaling_factor, indices, scores
 
 
+def grouped_mm_applies(x: torch.Tensor, experts: nn.ModuleList) -> bool:
+    """F.grouped_mm's conditions: plain bias-free Linear experts (not quantized), 16-byte row
+    strides, and a device where it has a kernel for the dtype (CPU: any float; CUDA: bf16)."""
+    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
+        return False
+    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+        return False
+    e = experts[0]
+    if not (isinstance(e, MLP) and all(type(m) is nn.Linear and m.bias is None
+                                       for m in (e.gate_proj, e.up_proj, e.down_proj))):
+        return False
+    align = 16 // x.element_size()
+    return e.gate_proj.in_features % align == 0 and e.gate_proj.out_features % align == 0
+
+
+def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, experts, rw: torch.Tensor | None = None) -> torch.Tensor:
+    """expert_e(xs) (times rw [rows, 1], if given) for rows sorted by expert (counts[e] rows each),
+    as two grouped GEMMs; `experts` holds the E experts the counts refer to."""
+    dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+    w1 = torch.cat([torch.stack([e.gate_proj.weight for e in experts]),
+                    torch.stack([e.up_proj.weight for e in experts])], dim=1).to(dtype)   # [E, 2I, H]
+    w2 = torch.stack([e.down_proj.weight for e in experts]).to(dtype)                     # [E, H, I]
+    offs = counts.cumsum(0).to(torch.int32)
+    gate, up = F.grouped_mm(xs.to(dtype), w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    return F.grouped_mm(h if rw is None else h * rw.to(dtype), w2.transpose(1, 2), offs=offs)
+
+
 class MoE(nn.Module):
+    GROUPED: bool | None = None  # None: grouped GEMMs where they pay (see the docstring); True / False: forced
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -102,17 +141,29 @@ class MoE(nn.Module):
             y = y + self.shared_experts(x)
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
+    def use_grouped(self, rows: int, x: torch.Tensor, experts=None) -> bool:
+        """Grouped GEMMs for `rows` (token, expert) rows over `experts` (default: all of them)?"""
+        experts = self.experts if experts is None else experts
+        if self.GROUPED is False or not grouped_mm_applies(x, experts):
+            return False
+        e = experts[0].gate_proj
+        return bool(self.GROUPED) or rows * (1024 if torch.is_grad_enabled() else 64) >= \
+            len(experts) * e.in_features * e.out_features
+
     def dispatch(self, x, weights, indices) -> tuple[torch.Tensor, torch.Tensor]:
         """(Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
         token = order // self.top_k
-        xs = x[token]
-        outs, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                outs.append(self.experts[e](xs[start:start + n]))
-                start += n
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys), counts.detach()
+        xs, rw = x[token], weights.flatten()[order, None]
+        if self.use_grouped(flat.numel(), x):
+            ys = grouped_swiglu(xs, counts, self.experts, rw)
+        else:
+            outs, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n:
+                    outs.append(self.experts[e](xs[start:start + n]))
+                    start += n
+            ys = torch.cat(outs) * rw.to(outs[0].dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype)), counts.detach()

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import NanoseekError
-from ..model.moe import MoE
+from ..model.moe import MoE, grouped_swiglu
 
 if TYPE_CHECKING:  # dist.py imports this module for the expert-parallel paths
     from .dist import DistInfo
@@ -103,14 +103,19 @@ class ExpertParallelMoE(MoE):
         local = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts.flatten())
         by_expert = local.argsort(stable=True)
         rows = rows[by_expert]
-        outs, start = [], 0
-        for j, n in enumerate(recv_counts.sum(0).tolist()):
-            if n:
-                outs.append(self.experts[self.first + j](rows[start:start + n]))
-                start += n
-        # with no rows at all, keep the (empty) graph: the backward exchange is a collective that
-        # every rank must join
-        out = torch.cat(outs) if outs else rows
+        local_counts = recv_counts.sum(0)
+        local_experts = [self.experts[self.first + j] for j in range(L)]
+        if self.use_grouped(len(rows), rows, local_experts):  # the same kernels as one process
+            out = grouped_swiglu(rows, local_counts, local_experts)
+        else:
+            outs, start = [], 0
+            for j, n in enumerate(local_counts.tolist()):
+                if n:
+                    outs.append(local_experts[j](rows[start:start + n]))
+                    start += n
+            # with no rows at all, keep the (empty) graph: the backward exchange is a collective that
+            # every rank must join
+            out = torch.cat(outs) if outs else rows
         out = out[torch.argsort(by_expert)]                      # back to (source rank, expert) order
         ys = all_to_all(out, send_splits, recv_splits, self.group)
         ys = ys * weights.flatten()[order, None].to(x.dtype)

@@ -1,0 +1,267 @@
+"""The MoE layer's cost against a dense SwiGLU of the same active size, and against transformers.
+
+    .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~3 minutes on 1 thread
+    .venv/bin/python benchmarks/moe_layer.py --quick         # tiny only, fewer repeats
+
+Layer (forward + backward of one block on the same tokens, batch x seq = --tokens rows):
+  ours         nanoseek.model.moe.MoE as it runs: gate, grouped-GEMM dispatch, shared expert
+  ours_loop    the same module with the per-expert loop forced (what it was before grouped GEMMs)
+  dense        nanoseek's SwiGLU MLP with intermediate (top_k + shared) x moe_intermediate_size:
+               the MoE's active FFN parameters (the gate's E x H aside)
+  hf_eager / hf_grouped_mm   transformers' DeepseekV3MoE on the same config and weights, with its
+               per-expert loop and with its grouped_mm experts implementation
+in fp32, and in bf16 when the CPU has native bf16 (AVX512_BF16 or AMX, read from /proc/cpuinfo).
+The systems run in interleaved rounds in one process (the machine is shared and noisy, so each
+round sees the same load); a figure is the best round's median.
+
+Decode: one step of the tiny DeepSeek-V3 preset (MLA + MoE, no MTP) at batch 1 and 32 with a
+latent cache of --context tokens, against the same model with dense FFNs of its active size, with
+the MoE's dispatch as it runs (MoE.use_grouped's rule) and with each path forced.
+
+Balance: the tiny preset's gate on a skewed input distribution, the auxiliary-loss-free bias
+update (γ = 1e-3, DeepSeek-V3 §2.1.2) run for --balance-steps steps on the measured load; the
+expert load max/mean before and after.
+
+Prints the CPU capability, its measured bounds (matmul GFLOP/s, copy GB/s), a table, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+warnings.filterwarnings("ignore")
+
+from nanoseek.config import preset  # noqa: E402
+from nanoseek.cost import measure_cpu  # noqa: E402
+from nanoseek.model.cache import KVCache  # noqa: E402
+from nanoseek.model.moe import MLP, MoE  # noqa: E402
+from nanoseek.model.transformer import Transformer  # noqa: E402
+from nanoseek.train.objective import load_stats, update_bias  # noqa: E402
+
+
+def cpu_bf16() -> tuple[str, list[str]]:
+    """torch's CPU capability and the native bf16 flags of this CPU."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return torch.backends.cpu.get_cpu_capability(), [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+
+
+@contextmanager
+def forced_path(path: str | None):
+    old = MoE.GROUPED
+    MoE.GROUPED = {"grouped": True, "loop": False, None: old}[path]
+    try:
+        yield
+    finally:
+        MoE.GROUPED = old
+
+
+def rounds(fns: dict, repeats: int, n_rounds: int) -> dict[str, float]:
+    """Best over interleaved rounds of the median of `repeats` timed calls, seconds."""
+    best = {n: float("inf") for n in fns}
+    for f in fns.values():
+        f()  # warm up
+    for _ in range(n_rounds):
+        for n, f in fns.items():
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            best[n] = min(best[n], statistics.median(ts))
+    return best
+
+
+def hf_moe(cfg, ours: MoE, implementation: str):
+    """transformers' DeepseekV3MoE with the same config and our weights."""
+    import transformers
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    hf_cfg = transformers.DeepseekV3Config(**cfg.to_hf_config())
+    hf_cfg._experts_implementation = implementation
+    m = DeepseekV3MoE(hf_cfg)
+    with torch.no_grad():
+        m.gate.weight.copy_(ours.gate.weight)
+        m.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
+        m.experts.gate_up_proj.copy_(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
+                                                  for e in ours.experts]))
+        m.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        for n in ("gate_proj", "up_proj", "down_proj"):
+            getattr(m.shared_experts, n).weight.copy_(getattr(ours.shared_experts, n).weight)
+    return m
+
+
+def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: int) -> dict:
+    cfg = preset(name)
+    torch.manual_seed(0)
+    ours = MoE(cfg)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    with torch.no_grad():  # a trained-like, uneven but not degenerate routing
+        ours.gate.e_score_correction_bias.uniform_(-0.05, 0.05)
+    active_ffn = cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts)
+    dense = MLP(cfg.hidden_size, active_ffn)
+    models = {"ours": ours, "dense": dense}
+    for impl in ("eager", "grouped_mm"):
+        try:
+            models[f"hf_{impl}"] = hf_moe(cfg, ours, impl)
+        except Exception as e:  # an implementation this transformers does not have
+            print(f"  transformers {impl}: {e}", file=sys.stderr)
+    models = {n: m.to(dtype) for n, m in models.items()}
+    x = torch.randn(tokens, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    dy = torch.randn(tokens, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(2))
+
+    def step(m, path=None):
+        def f():
+            with forced_path(path):
+                out = m(x)
+            (out[0] if isinstance(out, tuple) else out).backward(dy)
+        return f
+
+    fns = {"ours": step(ours), "ours_loop": step(ours, "loop"), "dense": step(dense)}
+    for n in ("hf_eager", "hf_grouped_mm"):
+        if n in models:
+            try:
+                step(models[n])()
+                fns[n] = step(models[n])
+            except Exception as e:
+                print(f"  transformers {n}: {str(e)[:100]}", file=sys.stderr)
+    with torch.no_grad():  # the systems compute the same function
+        ref = models["hf_eager"](x) if "hf_eager" in models else None
+        got = ours(x)[0]
+    err = None if ref is None else float((got - ref).abs().max() / ref.abs().max().clamp_min(1.0))
+    t = rounds(fns, repeats, n_rounds)
+    res = {"preset": name, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
+           "ms": {n: round(v * 1e3, 2) for n, v in t.items()},
+           "ratio_vs_dense": {n: round(v / t["dense"], 3) for n, v in t.items()},
+           "max_rel_diff_vs_hf_eager": err}
+    print(f"  {name} {res['dtype']}: {res['ms']}", file=sys.stderr, flush=True)
+    return res
+
+
+def decode_models():
+    cfg = preset("tiny").replace(num_nextn_predict_layers=0)
+    dense_cfg = cfg.replace(first_k_dense_replace=cfg.num_hidden_layers,
+                            intermediate_size=cfg.moe_intermediate_size * (cfg.num_experts_per_tok + cfg.n_shared_experts))
+    out = {}
+    for n, c in (("moe", cfg), ("dense", dense_cfg)):
+        torch.manual_seed(0)
+        out[n] = Transformer(c).eval()
+    return out
+
+
+@torch.no_grad()
+def decode(batch: int, context: int, repeats: int, n_rounds: int) -> dict:
+    models = decode_models()
+    vocab = models["moe"].config.vocab_size
+    ids = torch.randint(0, vocab, (batch, context + 1), generator=torch.Generator().manual_seed(0))
+    caches = {}
+    for n, m in models.items():
+        cache = KVCache.for_model(m.config, batch, context + 1)
+        pos = torch.arange(context).expand(batch, context)
+        m(ids[:, :context], positions=pos, cache=cache)
+        caches[n] = cache
+    last = torch.full((batch, 1), context)
+
+    def step(n, path=None):
+        def f():  # writes the same slot every call: the cost of one step at this context
+            with forced_path(path):
+                models[n](ids[:, context:], positions=last, cache=caches[n])
+        return f
+
+    fns = {"moe": step("moe"), "moe_loop": step("moe", "loop"), "moe_grouped": step("moe", "grouped"),
+           "dense": step("dense")}
+    t = rounds(fns, repeats, n_rounds)
+    res = {"batch": batch, "context": context, "ms": {n: round(v * 1e3, 3) for n, v in t.items()},
+           "ratio_vs_dense": {n: round(v / t["dense"], 3) for n, v in t.items()}}
+    print(f"  decode batch {batch}: {res['ms']}", file=sys.stderr, flush=True)
+    return res
+
+
+@torch.no_grad()
+def balance(steps: int, tokens: int = 2048) -> dict:
+    """Expert load max/mean of the tiny preset's gate under skewed inputs, before and after the
+    auxiliary-loss-free bias update."""
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.gate.weight, std=0.02)
+    g = torch.Generator().manual_seed(3)
+    skew = torch.randn(cfg.hidden_size, generator=g) * 2.0  # a shared direction: routing piles up
+    history = []
+    for _ in range(steps + 1):
+        x = torch.randn(tokens, cfg.hidden_size, generator=g) + skew
+        _, idx, _ = moe.gate(x)
+        load = torch.bincount(idx.flatten(), minlength=moe.n_experts).double()[None]
+        history.append(load_stats(load)[0])
+        update_bias([moe], load, 1e-3)
+    return {"steps": steps, "load_max_mean_first": round(history[0], 3),
+            "load_max_mean_last_10pct": round(statistics.fmean(history[-max(1, steps // 10):]), 3)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  .venv/bin/python benchmarks/moe_layer.py --quick")
+    p.add_argument("--tokens", type=int, default=2048, help="rows per layer call (default 16 x 128)")
+    p.add_argument("--presets", nargs="*", default=["tiny", "small"])
+    p.add_argument("--context", type=int, default=128)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--balance-steps", type=int, default=1000)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args()
+    if a.quick:
+        a.presets, a.rounds, a.balance_steps = ["tiny"], 2, 300
+    if min(a.tokens, a.context, a.threads, a.rounds, a.balance_steps) < 1:
+        p.error("--tokens, --context, --threads, --rounds and --balance-steps must be at least 1")
+    for name in a.presets:
+        if name not in ("tiny", "small"):
+            p.error(f"--presets: {name!r} is not one of tiny, small")
+    torch.set_num_threads(a.threads)
+    cap, bf16_flags = cpu_bf16()
+    bounds = measure_cpu()
+    print(f"CPU capability {cap}; native bf16: {', '.join(bf16_flags) or 'no'}; {a.threads} thread(s); "
+          f"matmul fp32 {bounds['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {bounds['bf16_flops'] / 1e9:.0f} GFLOP/s; "
+          f"copy {bounds['bandwidth_gbs']:.1f} GB/s", file=sys.stderr)
+    dtypes = [torch.float32] + ([torch.bfloat16] if bf16_flags else [])
+    layers = [layer(n, dt, a.tokens, 5 if n == "tiny" else 2, a.rounds) for n in a.presets for dt in dtypes]
+    decodes = [decode(b, a.context, 20, a.rounds) for b in (1, 32)]
+    bal = balance(a.balance_steps)
+
+    print(f"\nMoE layer, forward + backward on {a.tokens} tokens, ms (ratio to the dense SwiGLU of the same "
+          f"active size); CPU {cap}, native bf16 {'/'.join(bf16_flags) or 'no'}, {a.threads} thread(s)\n")
+    cols = ["ours", "ours_loop", "dense", "hf_eager", "hf_grouped_mm"]
+    print("| preset | dtype | " + " | ".join(cols) + " |")
+    print("|---|---|" + "---:|" * len(cols))
+    for r in layers:
+        cells = [f"{r['ms'][c]:.1f} ({r['ratio_vs_dense'][c]:.2f}x)" if c in r["ms"] else "-" for c in cols]
+        print(f"| {r['preset']} | {r['dtype']} | " + " | ".join(cells) + " |")
+    print(f"\nDecode step, tiny V3 vs dense of equal active size, context {a.context}, fp32, ms (ratio to dense)\n")
+    print("| batch | MoE | MoE, loop forced | MoE, grouped forced | dense |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in decodes:
+        print(f"| {r['batch']} | " + " | ".join(f"{r['ms'][c]:.2f} ({r['ratio_vs_dense'][c]:.2f}x)"
+                                               for c in ("moe", "moe_loop", "moe_grouped", "dense")) + " |")
+    print(f"\nExpert load max/mean, tiny gate, skewed inputs: {bal['load_max_mean_first']} at the start, "
+          f"{bal['load_max_mean_last_10pct']} over the last 10% of {bal['steps']} bias updates\n")
+    print(json.dumps({"benchmark": "moe_layer", "cpu_capability": cap, "native_bf16": bf16_flags,
+                      "threads": a.threads, "matmul_gflops_fp32": round(bounds["fp32_flops"] / 1e9, 1),
+                      "matmul_gflops_bf16": round(bounds["bf16_flops"] / 1e9, 1),
+                      "copy_gbs": round(bounds["bandwidth_gbs"], 1), 
+                      "layer": layers, "decode": decodes, "balance": bal}))
+
+
+if __name__ == "__main__":
+    main()
