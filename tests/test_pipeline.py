@@ -74,7 +74,7 @@ def test_speedrun_smoke_killed_and_resumed_writes_the_report(tmp_path, monkeypat
     assert report.split("\n## ")[1].startswith("Seed claims")          # the claims table opens the card
     assert "| Pure RL on rule-checked rewards teaches reasoning (R1-Zero) |" in report
     assert "pass@1" in report and (out / "plots").is_dir() and any((out / "plots").glob("*.png"))
-    assert "| `export/rl-gguf` | GGUF | llama.cpp" in report and "| `export/rl-hf` | HF | transformers, vLLM" in report
+    assert "| `export/rl-gguf` | GGUF | llama.cpp" in report and "| `export/rl-hf` | HF | transformers, nanoseek; vLLM" in report
     assert (out / "r1" / "final-rl" / "final" / "config.json").is_file()   # the smoke preset runs all R1 stages
     assert (out / "export" / "rl-hf" / "config.json").is_file()
     assert list((out / "export" / "student-gguf").glob("*.gguf"))

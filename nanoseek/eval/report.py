@@ -499,7 +499,7 @@ def cost_section(run: Path, plots: Plots) -> list[str]:
     return out
 
 
-RUNTIMES = {"hf": "transformers, vLLM and SGLang (by its config.json), nanoseek",
+RUNTIMES = {"hf": "transformers, nanoseek; vLLM and SGLang (checked up to config.json, no GPU here)",
             "gguf": "llama.cpp (llama-server, Ollama, LM Studio), nanoseek"}
 
 
