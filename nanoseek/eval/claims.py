@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ModelConfig
+from ..cost import kv_cache_bytes_per_token
 from ..jsonl import read_jsonl
-from .stats import mean_ci, paired_diff_ci
+from .stats import mean_ci, paired_diff_ci, with_ci
 
 MOE_LINK = "../benchmarks.md#moe-vs-dense"   # from docs/speedrun/report.md, where the card is committed
 
@@ -44,14 +45,8 @@ def _pts(d: tuple[float, float, float]) -> str:
     return f"{100 * m:+.1f} pts [{100 * lo:+.1f}, {100 * hi:+.1f}]"
 
 
-def _with_ci(row: dict, key: str = "pass@1") -> str:
-    ci = row.get(f"{key}_ci")
-    return _pct(row[key]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
-
-
-def _verdict(diff: tuple[float, float, float], sign: int = 1) -> str:
-    m, lo, hi = (sign * x for x in diff)
-    lo, hi = min(lo, hi), max(lo, hi)
+def _verdict(diff: tuple[float, float, float]) -> str:
+    m, lo, _ = diff
     return "yes" if lo > 0 else "partly" if m > 0 else "no"
 
 
@@ -71,7 +66,7 @@ def pure_rl(rows: dict) -> Claim:
               "AIME 2024 pass@1 15.6% -> 71.0% (R1 §2.2.4)", "", "not run")
     if "base" in rows and "r1-zero" in rows:
         d = _paired(rows["r1-zero"], rows["base"])
-        c.ours = f"held-out pass@1 {_with_ci(rows['base'])} -> {_with_ci(rows['r1-zero'])}; {_pts(d)}"
+        c.ours = f"held-out pass@1 {with_ci(rows['base'], 'pass@1')} -> {with_ci(rows['r1-zero'], 'pass@1')}; {_pts(d)}"
         c.verdict = _verdict(d)
     return c
 
@@ -116,8 +111,9 @@ def distillation(rows: dict) -> Claim:
     if "student-distilled" in rows and "student-rl" in rows:
         s, d, r = rows.get("student-base"), rows["student-distilled"], rows["student-rl"]
         diff = _paired(d, r)
-        base = f"base {_with_ci(s)}; " if s else ""
-        c.ours = f"student {base}+GRPO {_with_ci(r)}; distilled {_with_ci(d)}; distilled - RL {_pts(diff)}"
+        base = f"base {with_ci(s, 'pass@1')}; " if s else ""
+        c.ours = (f"student {base}+GRPO {with_ci(r, 'pass@1')}; distilled {with_ci(d, 'pass@1')}; "
+                  f"distilled - RL {_pts(diff)}")
         c.verdict = _verdict(diff)
     return c
 
@@ -126,8 +122,8 @@ def mla_cache(config: ModelConfig | None) -> Claim:
     c = Claim("MLA shrinks the KV cache", "DeepSeek-V2: KV cache -93.3% vs DeepSeek 67B (V2 abstract)",
               "", "not run")
     if config is not None and config.is_mla:
-        mla = config.kv_cache_values_per_token()
-        mha = config.num_attention_heads * (config.qk_head_dim + config.v_head_dim)
+        per_layer = {k: v // config.num_hidden_layers for k, v in kv_cache_bytes_per_token(config, 1).items()}
+        mla, mha = per_layer["mla"], per_layer["mha"]
         c.ours = (f"{mla} values per token per layer (latent {config.kv_lora_rank} + rope key "
                   f"{config.qk_rope_head_dim}) vs {mha} for MHA with the same heads: {1 - mla / mha:.1%} smaller")
         c.verdict = "yes" if mla < mha else "no"

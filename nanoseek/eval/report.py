@@ -35,6 +35,7 @@ from ..atomic import atomic_write
 from .. import jsonl
 from ..args import HelpFormatter
 from ..errors import NanoseekError
+from .stats import with_ci
 
 KNOWN = ("pretrain/metrics.jsonl", "grpo/metrics.jsonl", "distill/metrics.jsonl", "distill/dataset_stats.json",
          "eval.json", "cost.json", "chat.json", "summary.json")
@@ -153,14 +154,6 @@ def count(x) -> str:
 
 def pct(x) -> str:
     return f"{100 * x:.1f}%" if _num(x) else "–"
-
-
-def with_ci(row: dict, key: str) -> str:
-    """A rate with its 95% interval when the evaluation recorded one: 74.8% [70.1, 79.2]."""
-    ci = row.get(f"{key}_ci")
-    if not (_num(row.get(key)) and isinstance(ci, list) and len(ci) == 2 and all(map(_num, ci))):
-        return pct(row.get(key))
-    return f"{pct(row[key])} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
 
 
 def money(x) -> str:

@@ -4,6 +4,7 @@
     wilson(37, 50)                 # 95% Wilson score interval of a proportion -> (lo, hi)
     mean_ci(per_problem_accuracy)  # mean with a normal-approximation 95% interval -> (mean, lo, hi)
     paired_diff_ci(a, b)           # mean of a - b over the same problems, with its 95% interval
+    with_ci(row, "pass@1")         # "74.8% [70.1, 79.2]" from an evaluation row's rate and interval
 
 pass@1 averages k correlated samples per problem, so its interval is taken over problems (the
 per-problem mean accuracy), not over the n*k samples; a comparison of two models on the same
@@ -46,3 +47,17 @@ def paired_diff_ci(a: Sequence[float], b: Sequence[float], z: float = Z95) -> tu
     if len(a) != len(b):
         raise ValueError("paired samples need equal lengths")
     return mean_ci([x - y for x, y in zip(a, b)], z)
+
+
+def _is_rate(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def with_ci(row: dict, key: str) -> str:
+    """An evaluation row's rate with its 95% interval when the row recorded one: 74.8% [70.1, 79.2]."""
+    x, ci = row.get(key), row.get(f"{key}_ci")
+    if not _is_rate(x):
+        return "–"
+    if not (isinstance(ci, list) and len(ci) == 2 and all(map(_is_rate, ci))):
+        return f"{100 * x:.1f}%"
+    return f"{100 * x:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
