@@ -39,20 +39,23 @@ def fit_history(tok, history: list[dict], budget: int) -> tuple[str, list[int], 
 
 def _reply(engine, prompt: str, ids: list[int], params, dim: str, reset: str) -> str:
     """Stream one reply; Ctrl-C stops it (KeyboardInterrupt propagates after the stream is closed)."""
-    from .infer.reasoning import ReasoningSplitter
-    split = ReasoningSplitter(started_in_reasoning=prompt.rstrip().endswith("<think>"))
+    from .infer.reasoning import ReasoningSplitter, opens_reasoning
+    split = ReasoningSplitter(started_in_reasoning=opens_reasoning(prompt))
     out = []
+
+    def show(parts):
+        for kind, text in parts:
+            sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
+        sys.stdout.flush()
+
     stream = engine.stream([ids], params)
     try:
         for d in stream:
             out.append(d.text)
-            for kind, text in split.feed(d.text):
-                sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
-            sys.stdout.flush()
+            show(split.feed(d.text))
     finally:
         stream.close()                       # frees the request's cache row even when interrupted
-    for kind, text in split.flush():
-        sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
+    show(split.flush())
     return "".join(out)
 
 

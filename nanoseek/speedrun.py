@@ -85,7 +85,7 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
 
 # ------------------------------------------------------------------------------ the stages
 def _pretrain_stage(run: Stages, p: dict, seed: int) -> dict:
-    """1. Pretrain the DeepSeek-V3-architecture base model."""
+    """Pretrain the DeepSeek-V3-architecture base model."""
     from .train.pretrain import PretrainArgs, pretrain
     root = run.root
     d = root / "pretrain"
@@ -96,7 +96,7 @@ def _pretrain_stage(run: Stages, p: dict, seed: int) -> dict:
 
 
 def _student_stage(run: Stages, p: dict, seed: int) -> dict:
-    """2. A dense student base model (llama architecture, same tokenizer and corpus, a third of the budget)."""
+    """A dense student base model (llama architecture, same tokenizer, corpus and number of steps)."""
     from .train.pretrain import PretrainArgs, pretrain
     root = run.root
     d = root / "student"
@@ -107,11 +107,16 @@ def _student_stage(run: Stages, p: dict, seed: int) -> dict:
     return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
 
 
-def _grpo_stage(run: Stages, p: dict, seed: int) -> dict:
-    """R1-Zero: pure RL from the base model (accuracy + format rewards only)."""
-    return rl(run, "grpo", str(run.root / "pretrain" / "final"), p["grpo_steps"], seed,
+def _rl(run: Stages, p: dict, stage: str, start: Path, steps: int, seed: int, language_weight: float = 0.0) -> dict:
+    """A GRPO stage with the preset's rollout sizes (every RL stage of the speedrun shares them)."""
+    return rl(run, stage, str(start), steps, seed, language_weight=language_weight,
               prompts_per_step=p["grpo_prompts"], group_size=p["group_size"], max_tokens=p["max_tokens"],
               eval_n=min(p["eval_n"], 200))
+
+
+def _grpo_stage(run: Stages, p: dict, seed: int) -> dict:
+    """R1-Zero: pure RL from the base model (accuracy + format rewards only)."""
+    return _rl(run, p, "grpo", run.root / "pretrain" / "final", p["grpo_steps"], seed)
 
 
 def r1_final(run: Stages, p: dict) -> Path:
@@ -124,9 +129,7 @@ def _cold_start_stage(run: Stages, p: dict, seed: int) -> dict:
 
 
 def _reasoning_stage(run: Stages, p: dict, seed: int) -> dict:
-    return rl(run, "r1/reasoning", str(run.root / "r1" / "cold-start" / "final"), p["r1_rl_steps"], seed,
-              language_weight=0.5, prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
-              max_tokens=p["max_tokens"], eval_n=min(p["eval_n"], 200))
+    return _rl(run, p, "r1/reasoning", run.root / "r1" / "cold-start" / "final", p["r1_rl_steps"], seed, 0.5)
 
 
 def _rejection_stage(run: Stages, p: dict, seed: int) -> dict:
@@ -139,9 +142,7 @@ def _rejection_stage(run: Stages, p: dict, seed: int) -> dict:
 def _final_rl_stage(run: Stages, p: dict, seed: int) -> dict:
     if not p["rejection_prompts"]:
         return {"skipped": "left out by the preset: R1 is the reasoning model"}
-    return rl(run, "r1/final-rl", str(run.root / "r1" / "rejection" / "final"), p["final_rl_steps"], seed,
-              language_weight=0.5, prompts_per_step=p["grpo_prompts"], group_size=p["group_size"],
-              max_tokens=p["max_tokens"], eval_n=min(p["eval_n"], 200))
+    return _rl(run, p, "r1/final-rl", run.root / "r1" / "rejection" / "final", p["final_rl_steps"], seed, 0.5)
 
 
 def _distill_stage(run: Stages, p: dict, seed: int) -> dict:
@@ -153,9 +154,7 @@ def _distill_stage(run: Stages, p: dict, seed: int) -> dict:
 
 def _student_rl_stage(run: Stages, p: dict, seed: int) -> dict:
     """The same student trained by GRPO directly (R1 §4.1's comparison)."""
-    return rl(run, "student-rl", str(run.root / "student" / "final"), p["student_rl_steps"], seed,
-              prompts_per_step=p["grpo_prompts"], group_size=p["group_size"], max_tokens=p["max_tokens"],
-              eval_n=min(p["eval_n"], 200))
+    return _rl(run, p, "student-rl", run.root / "student" / "final", p["student_rl_steps"], seed)
 
 
 def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
@@ -173,7 +172,7 @@ def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
 
 
 def _export_stage(run: Stages, p: dict, seed: int) -> dict:
-    """7. Export open weights; a sample chat; the cost of the real thing."""
+    """Export open weights; a sample chat; the cost of the real thing."""
     import contextlib
     import io
 
@@ -181,7 +180,7 @@ def _export_stage(run: Stages, p: dict, seed: int) -> dict:
     from .args import Parser
     from .config import load_config
     from .infer import Engine, SamplingParams
-    from .infer.reasoning import split_reasoning
+    from .infer.reasoning import opens_reasoning, split_reasoning
     from .weights import load
     root = run.root
     cli = Parser(prog="nanoseek")   # the same code paths as `nanoseek export` and `nanoseek cost`
@@ -203,7 +202,7 @@ def _export_stage(run: Stages, p: dict, seed: int) -> dict:
     prompt, ids = tok.encode_chat([{"role": "user", "content": question}])
     text = Engine(model, tok, max_batch_size=1).generate(
         [ids], SamplingParams(max_tokens=p["max_tokens"], temperature=0))[0].text
-    reasoning, answer = split_reasoning(text, started_in_reasoning=prompt.rstrip().endswith("<think>"))
+    reasoning, answer = split_reasoning(text, started_in_reasoning=opens_reasoning(prompt))
     write_json(root / "chat.json", {"model": "R1", "prompt": question, "reasoning": reasoning, "answer": answer})
     args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
     (root / "cost.json").write_text(json.dumps(cost.build_report(args, load_config(args.model)), indent=2) + "\n")
@@ -213,7 +212,7 @@ def _export_stage(run: Stages, p: dict, seed: int) -> dict:
 
 
 def _report_stage(run: Stages, p: dict, seed: int) -> dict:
-    """8. The report card: report.md with the plots, the eval table, the cost and a sample chat."""
+    """The report card: report.md with the plots, the eval table, the cost and a sample chat."""
     from .eval.report import write_report
     root = run.root
     path = write_report(root, title="nanoseek speedrun")

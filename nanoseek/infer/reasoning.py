@@ -3,7 +3,7 @@
 Works on arbitrary text deltas: a tag split across deltas ("</thi" + "nk>") is held back until it
 is complete, and a prompt that already opened <think> (the R1 template does) starts in reasoning.
 
-    split = ReasoningSplitter(started_in_reasoning=prompt.rstrip().endswith("<think>"))
+    split = ReasoningSplitter(started_in_reasoning=opens_reasoning(prompt))
     for delta in stream:
         for kind, text in split.feed(delta):   # kind: "reasoning" | "content"
             ...
@@ -13,6 +13,12 @@ is complete, and a prompt that already opened <think> (the R1 template does) sta
 from __future__ import annotations
 
 from ..tokenizer import END_THINK, THINK
+
+
+def opens_reasoning(prompt: str) -> bool:
+    """Whether the prompt already opened <think> (the R1 and dialogue templates do): the completion
+    then starts inside the chain of thought."""
+    return prompt.rstrip().endswith(THINK)
 
 
 class ReasoningSplitter:

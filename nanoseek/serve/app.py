@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..infer import QueueFull, SamplingParams
+from ..infer.reasoning import opens_reasoning
 from .guard import Guard, HostCheck
 from .protocol import ApiError, GenRequest, bad, parse_chat, parse_completion
 from .worker import Event, Job, Unavailable, Worker
@@ -178,7 +179,7 @@ def create_app(worker: Worker, model_name: str, api_key: str | None = None,
         ready()
         req = parse_chat(body, model_name, reasoning_budget, max_tokens)
         prompt, ids = await _render_chat(worker.tok, req.messages, templates, template_seconds)
-        started_in_reasoning = prompt.rstrip().endswith("<think>")
+        started_in_reasoning = opens_reasoning(prompt)
         jobs = _jobs(req, [ids], worker, reasoning=True, started_in_reasoning=started_in_reasoning,
                      cap=max_tokens)
         ctx = _Ctx("chatcmpl", "chat", model_name, t0, prompt, [ids], jobs, log_prompts)
