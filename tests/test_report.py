@@ -14,7 +14,7 @@ from nanoseek import cost
 from nanoseek.config import load_config
 from nanoseek.cli import build_parser, main
 from nanoseek.errors import NanoseekError
-from nanoseek.eval.report import ema, read_jsonl, smoothing, write_report
+from nanoseek.eval.report import centered_mean, read_jsonl, write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -92,12 +92,12 @@ def image_links(md: str) -> list[str]:
     return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
 
 
-def test_ema_bias_corrected_by_hand():
-    # beta 0.5: s = 0.5, 1.25, 2.125 before correction; divided by 1 - 0.5^t = 0.5, 0.75, 0.875
-    assert ema([1.0, 2.0, 3.0], 0.5) == pytest.approx([1.0, 1.25 / 0.75, 2.125 / 0.875])
-    assert ema([4.0, 4.0, 4.0], 0.9) == pytest.approx([4.0, 4.0, 4.0])  # no pull towards 0 at the start
-    assert ema([1.0, 5.0], 0.0) == [1.0, 5.0]
-    assert smoothing(5) == 0.0 and 0.0 < smoothing(100) <= 0.95 and smoothing(10**6) == 0.95
+def test_centered_mean_by_hand():
+    # half 1: each point with its neighbours; the ends average the two values they have
+    assert centered_mean([1.0, 2.0, 6.0, 3.0], 1) == pytest.approx([1.5, 3.0, 11 / 3, 4.5])
+    assert centered_mean([0.0, 0.0, 9.0, 0.0, 0.0], 0) == [0.0, 0.0, 9.0, 0.0, 0.0]
+    drop = [10.0] * 5 + [1.0] * 5                # a step: drawn at the step, not after it (no lag)
+    assert centered_mean(drop, 2)[4] == pytest.approx((3 * 10 + 2 * 1) / 5)
 
 
 def test_full_report(full_run):

@@ -97,16 +97,6 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def ema(values: list[float], beta: float) -> list[float]:
-    """Exponential moving average s_t = beta*s_{t-1} + (1-beta)*x_t from s_0 = 0, divided by
-    (1 - beta^t) so the start is not pulled towards 0 (Adam's / TensorBoard's bias correction)."""
-    out, s = [], 0.0
-    for t, x in enumerate(values, 1):
-        s = beta * s + (1 - beta) * x
-        out.append(s / (1 - beta ** t) if beta > 0 else x)
-    return out
-
-
 def centered_mean(values: list[float], half: int) -> list[float]:
     """Mean of the 2*half+1 values around each point (fewer at the ends): a smooth curve with no lag,
     so a fast early drop is drawn where it happens (an EMA trails it)."""
@@ -116,11 +106,6 @@ def centered_mean(values: list[float], half: int) -> list[float]:
     i = np.arange(len(v))
     lo, hi = np.maximum(i - half, 0), np.minimum(i + half + 1, len(v))
     return ((c[hi] - c[lo]) / (hi - lo)).tolist()
-
-
-def smoothing(n: int) -> float:
-    """EMA beta for a curve of n points: none below 20 points, then about n/20 points of memory, at most 0.95."""
-    return max(0.0, min(0.95, 1 - 20 / n)) if n else 0.0
 
 
 # ------------------------------------------------------------------------------ formatting
