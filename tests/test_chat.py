@@ -150,3 +150,12 @@ def test_info_prints_where_the_example_model_is(gguf_path):
     assert r.returncode == 0 and r.stdout.strip() == str(gguf_path)
     r = subprocess.run([sys.executable, "-m", "nanoseek", "info"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--example-model" in r.stderr
+
+
+def test_output_piped_into_head_is_no_traceback():
+    """`nanoseek cost | head`: the reader is gone before the first line (closed at once, while the
+    command still imports torch); that is one quiet exit, not a BrokenPipeError traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "nanoseek", "cost"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and err == ""
