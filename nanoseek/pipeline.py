@@ -22,7 +22,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +41,10 @@ class Stages:
     """A run directory of named stages: each finished stage leaves a `.NAME.done` marker (atomic) and
     its timing in summary.json, so a resumed run skips it. Shared by `speedrun` and `pipeline`."""
 
-    def __init__(self, out: str | Path, resume: bool, label: str, only: list[str] | None = None):
-        self.root, self.label, self.only = Path(out), label, only
+    def __init__(self, out: str | Path, resume: bool, label: str, only: list[str] | None = None,
+                 child: bool = False):
+        # child: one stage of a parallel run; its marker carries the results, the parent writes summary.json
+        self.root, self.label, self.only, self.child = Path(out), label, only, child
         if self.root.exists() and not self.root.is_dir():
             raise NanoseekError(f"{self.root} is a file, not a run directory")
         if self.root.is_dir() and any(self.root.iterdir()) and not resume:
@@ -55,7 +60,16 @@ class Stages:
         self.summary.setdefault("stage_s", {})
 
     def save_summary(self) -> None:
-        write_json(self.root / "summary.json", self.summary)
+        if not self.child:
+            write_json(self.root / "summary.json", self.summary)
+
+    def merge(self, name: str) -> None:
+        """Fold a finished stage's marker (written by another process) into summary.json."""
+        info = json.loads((self.root / f".{name}.done").read_text())
+        self.summary["stage_s"][name] = info.pop("seconds", None)
+        info.pop("started_at", None)
+        self.summary.update({f"{name}.{k}": v for k, v in info.items()})
+        self.save_summary()
 
     def done(self, name: str) -> bool:
         return (self.root / f".{name}.done").is_file()
@@ -67,17 +81,87 @@ class Stages:
             print(f"[{self.label}] {name}: done already, skipped", file=sys.stderr)
             return
         print(f"\n[{self.label}] ===== {name} =====", file=sys.stderr)
-        t0 = time.perf_counter()
+        t0, started = time.perf_counter(), time.time()
         info = fn() or {}
         dt = round(time.perf_counter() - t0, 1)
         self.summary["stage_s"][name] = dt
         self.summary.update({f"{name}.{k}": v for k, v in info.items()})
         self.save_summary()
-        atomic_write(self.root / f".{name}.done", json.dumps({"seconds": dt, **info}, indent=2) + "\n")
+        atomic_write(self.root / f".{name}.done", json.dumps({"seconds": dt, **info, "started_at": started},
+                                                             indent=2) + "\n")
 
     def resuming(self, sub: str) -> bool:
         """Whether stage directory `sub` has checkpoints to resume from."""
         return (self.root / sub / "checkpoints").is_dir()
+
+
+def _die_with_parent() -> None:
+    """In a child process: be sent SIGTERM when the parent dies (Linux), so a killed run leaves no stage behind."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _last_line(path: Path, width: int = 110) -> str:
+    """The last progress line a stage's log shows (tqdm redraws with \r)."""
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 4096))
+        lines = [x.strip() for x in re.split(r"[\r\n]+", f.read().decode("utf-8", "replace")) if x.strip()]
+    return lines[-1][:width] if lines else ""
+
+
+def run_parallel(run: Stages, needs: dict[str, tuple[str, ...]], command, jobs: int, status_every: float = 30.0,
+                 on_done=None) -> None:
+    """Run the stages of `needs` as child processes, at most `jobs` at once, each as soon as the stages it
+    needs are done (ties go to the earlier stage in `needs`: list the critical path first). command(name)
+    is the argv of a process that runs that one stage and leaves its marker; its output goes to
+    OUT/logs/NAME.log. A failing stage stops the others; --resume continues all of them."""
+    logs = run.root / "logs"
+    logs.mkdir(exist_ok=True)
+    todo = [s for s in needs if not run.done(s) and (not run.only or s in run.only)]
+    running: dict[str, tuple[subprocess.Popen, object, float]] = {}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_MININTERVAL": "1"}
+    last_status = time.monotonic()
+    try:
+        while todo or running:
+            for name, (proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0 or not run.done(name):
+                    raise NanoseekError(f"stage {name} failed (exit code {proc.returncode}): "
+                                        f"{_last_line(logs / f'{name}.log', 300)} (whole log: {logs / name}.log)")
+                run.merge(name)
+                print(f"[{run.label}] {name}: done in {time.monotonic() - t0:.0f} s", file=sys.stderr)
+                if on_done:
+                    on_done(name)
+            ready = [s for s in todo if all(run.done(d) for d in needs[s])]
+            if not running and todo and not ready:
+                raise NanoseekError(f"stages {', '.join(todo)} need stages that are neither done nor to be run")
+            for name in ready[:max(0, jobs - len(running))]:
+                todo.remove(name)
+                log = open(logs / f"{name}.log", "ab")
+                running[name] = (subprocess.Popen(command(name), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                  preexec_fn=_die_with_parent if os.name == "posix" else None),
+                                 log, time.monotonic())
+                print(f"[{run.label}] ===== {name} ===== (log: {logs / name}.log)", file=sys.stderr)
+            if running and time.monotonic() - last_status >= status_every:
+                last_status = time.monotonic()
+                print(f"[{run.label}] " + " | ".join(f"{n}: {_last_line(logs / f'{n}.log')}" for n in running),
+                      file=sys.stderr)
+            time.sleep(0.5)
+    finally:
+        for proc, log, _ in running.values():   # stopped with the run; their checkpoints resume them
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
 
 
 def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0, tok=None, level: int = 2,
@@ -140,9 +224,11 @@ def sample_and_train(run: Stages, stage: str, teacher: str, student: str, prompt
 
 
 def evaluate_models(run: Stages, models: list[tuple[str, str, str]], n: int, k: int, max_tokens: int = 112,
-                    seed: int = 0) -> dict:
-    """(role, name, path) models on the held-out split -> run.root/eval.json (rows tagged by role, with
-    per-problem scores for the claims table's paired intervals)."""
+                    seed: int = 0, table: bool = True) -> dict:
+    """(role, name, path) models on the held-out split -> run.root/eval/ROLE.json each (a model already
+    evaluated with the same settings is read back, so stages can evaluate their own model as they end)
+    and, with `table`, run.root/eval.json (rows tagged by role, with per-problem scores for the claims
+    table's paired intervals)."""
     from .data.tasks import get_task
     from .eval import evaluate
     from .weights import load
@@ -151,13 +237,20 @@ def evaluate_models(run: Stages, models: list[tuple[str, str, str]], n: int, k: 
     for role, name, path in models:
         if not (Path(path) / "config.json").is_file():
             continue
-        m, tok = load(path)
-        res = evaluate(m, tok, task, n=n, k=k, template="r1-zero-short", max_tokens=max_tokens, seed=seed)
-        rows.append({"role": role, "model": name, **{k_: v for k_, v in res.items() if k_ != "samples"}})
-        print(f"[{run.label}] eval {name}: pass@1 {res['pass@1']:.1%}, maj@{k} {res['maj@k']:.1%}, greedy "
-              f"{res['greedy']:.1%}, format {res['format_rate']:.1%}, language {res['language_rate']:.1%}",
-              file=sys.stderr)
-    write_json(run.root / "eval.json", {"rows": rows})
+        key = {"path": str(path), "n": n, "k": k, "max_tokens": max_tokens, "seed": seed}
+        cached = run.root / "eval" / f"{role}.json"
+        row = json.loads(cached.read_text()) if cached.is_file() else {}
+        if row.pop("settings", None) != key:
+            m, tok = load(path)
+            res = evaluate(m, tok, task, n=n, k=k, template="r1-zero-short", max_tokens=max_tokens, seed=seed)
+            row = {"role": role, "model": name, **{k_: v for k_, v in res.items() if k_ != "samples"}}
+            write_json(cached, {**row, "settings": key})
+            print(f"[{run.label}] eval {name}: pass@1 {row['pass@1']:.1%}, maj@{k} {row['maj@k']:.1%}, greedy "
+                  f"{row['greedy']:.1%}, format {row['format_rate']:.1%}, language {row['language_rate']:.1%}",
+                  file=sys.stderr)
+        rows.append({**row, "model": name})
+    if table:
+        write_json(run.root / "eval.json", {"rows": rows})
     return {r["model"]: round(r["pass@1"], 3) for r in rows}
 
 

@@ -1,14 +1,19 @@
 """`nanoseek speedrun` (= `make speedrun`): the whole DeepSeek-V3 / R1 recipe in one command, on a laptop CPU.
 
-    nanoseek speedrun                          # runs/speedrun, ~13 min on 2 AVX-512 cores, ~30 on AVX2
+    nanoseek speedrun                          # runs/speedrun, two stages at a time on a 2-core CPU
     nanoseek speedrun --resume                 # continue an interrupted run where it stopped
+    nanoseek speedrun --jobs 1                 # one stage at a time, all cores each
     nanoseek speedrun --preset gpu-small       # the same pipeline, scaled up for a GPU
     nanoseek report runs/speedrun              # rebuild the report card from the logs
 
 Stages (each writes its own directory under OUT and a `.done` marker; `--resume` skips finished
-stages and resumes the unfinished one from its last checkpoint):
-  pretrain     BPE tokenizer + the tiny DeepSeek-V3 (MLA + MoE + MTP, aux-loss-free balancing) on the
-               synthetic worked-arithmetic corpus (held-out questions excluded)       -> pretrain/final
+stages and resumes the unfinished ones from their last checkpoints). With --jobs 2 (the default on a
+CPU) two lanes run side by side, each stage as soon as the stages it needs are done: the R1 chain
+in one, the student, its direct RL and R1-Zero in the other; each stage's log is OUT/logs/STAGE.log.
+Every stage that makes a model evaluates it on the held-out problems as it ends.
+  data         the synthetic worked-arithmetic corpus (held-out questions excluded), its BPE tokenizer
+  pretrain     the tiny DeepSeek-V3 (MLA + MoE + MTP, aux-loss-free balancing) on that corpus
+                                                                                       -> pretrain/final
   student      a dense llama-architecture student on the same corpus: the small base model that
                distillation and direct RL start from                                   -> student/final
   grpo         R1-Zero: pure GRPO from the base on rule-checked rewards (no language reward)
@@ -18,8 +23,8 @@ stages and resumes the unfinished one from its last checkpoint):
   final-rl     R1: a last GRPO stage with the language reward                          -> r1/final
   distill      R1's verified traces (deduplicated, language-consistent) -> SFT of the student
   student-rl   the same student trained by GRPO directly, with more compute than distillation used
-  eval         every model on the same held-out problems: pass@1, maj@k, greedy, format, language,
-               length, with 95% intervals and per-problem scores
+  eval         every model on the same held-out problems (pass@1, maj@k, greedy, format, language,
+               length, with 95% intervals and per-problem scores) in one table
   export       R1 as open weights (HF + deepseek2 GGUF), the distilled student (HF + GGUF); a sample
                chat through the model's own chat template; DeepSeek-V3's bill
   report       report.md: the seed-claims table first, then plots and tables of every stage
@@ -39,7 +44,7 @@ from pathlib import Path
 from .args import HelpFormatter
 from .atomic import atomic_write, write_json
 from .errors import NanoseekError
-from .pipeline import Stages, cold_start, evaluate_models, rl, sample_and_train
+from .pipeline import Stages, cold_start, evaluate_models, rl, run_parallel, sample_and_train
 
 # Budgets for 2 CPU cores. gpu-small scales the same pipeline (bigger model, more steps).
 # Budgets for 2 CPU cores (docs/experiments-seed-claims.md has the runs behind them: a 1000-step teacher
@@ -49,7 +54,7 @@ from .pipeline import Stages, cold_start, evaluate_models, rl, sample_and_train
 # rejection-sampling and final-RL stages.
 PRESETS = {
     "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, grpo_steps=40, grpo_prompts=16, group_size=8,
-                cold_start=1000, r1_rl_steps=20, rejection_prompts=2400, final_rl_steps=10, distill_prompts=2400,
+                cold_start=1000, r1_rl_steps=20, rejection_prompts=2400, final_rl_steps=10, distill_prompts=2800,
                 distill_k=1, student_rl_steps=50, eval_n=400, eval_k=4, batch_size=16, seq_len=128, docs=60000,
                 max_tokens=112),
     "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, grpo_steps=400, grpo_prompts=64,
@@ -61,49 +66,104 @@ PRESETS = {
                   cold_start=8, r1_rl_steps=1, rejection_prompts=4, final_rl_steps=1, distill_prompts=6, distill_k=2,
                   student_rl_steps=1, eval_n=4, eval_k=2, batch_size=4, seq_len=64, docs=400, max_tokens=24),
 }
-STAGES = ("pretrain", "student", "grpo", "cold-start", "reasoning", "rejection", "final-rl", "distill", "student-rl",
+STAGES = ("data", "pretrain", "student", "grpo", "cold-start", "reasoning", "rejection", "final-rl", "distill", "student-rl",
           "eval", "export", "report")
+# what each stage needs, in the order a parallel run prefers them when both lanes are free (the R1 chain is
+# the critical path: the student, its direct RL and R1-Zero fit beside it in the other lane)
+NEEDS = {"data": (), "pretrain": ("data",), "cold-start": ("pretrain",), "reasoning": ("cold-start",),
+         "rejection": ("reasoning",), "final-rl": ("rejection",), "distill": ("final-rl", "student"),
+         "student": ("data",), "student-rl": ("student",), "grpo": ("pretrain",),
+         "eval": ("pretrain", "grpo", "final-rl", "student", "distill", "student-rl"), "export": ("distill",)}
 
 
 def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = False, seed: int = 0,
-             threads: int | None = None, only: list[str] | None = None) -> dict:
+             threads: int | None = None, only: list[str] | None = None, jobs: int = 1, child: bool = False) -> dict:
+    """The stages in order, or with jobs > 1 as that many processes side by side (each stage as soon as
+    the stages it needs are done; `only` and `child` run stages in this process)."""
     if preset not in PRESETS:
         raise NanoseekError(f"unknown speedrun preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if jobs < 1:
+        raise NanoseekError(f"--jobs must be at least 1, got {jobs}")
     p = PRESETS[preset]
-    run = Stages(out, resume, "speedrun", only)
+    run = Stages(out, resume, "speedrun", only, child=child)
     if threads:
         import torch
         torch.set_num_threads(threads)
     run.summary.setdefault("preset", preset)
+    if jobs > 1 and not only and not child:
+        return _parallel(run, preset, seed, jobs, threads)
     for name, fn in STAGE_FUNCTIONS.items():
-        if name == "report":
+        if name == "report" and not child:
             run.summary["total_s"] = round(sum(run.summary["stage_s"].values()), 1)
             run.save_summary()
         run.run(name, lambda: fn(run, p, seed))
     return run.summary
 
 
+def default_jobs() -> int:
+    """2 lanes on a CPU with 2+ cores; 1 where a GPU runs the stages (they would share it)."""
+    import os
+
+    import torch
+    return 1 if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 else 2
+
+
+def _parallel(run: Stages, preset: str, seed: int, jobs: int, threads: int | None) -> dict:
+    """`jobs` lanes, each a process with cores // jobs threads: small models scale poorly over threads, so
+    two one-thread stages side by side finish sooner than the same two one after the other on two."""
+    import os
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    run.summary["jobs"], run.summary["threads_per_job"] = jobs, threads
+    for name in NEEDS:   # finished by an earlier run whose parent was stopped before it took note
+        if run.done(name) and name not in run.summary["stage_s"]:
+            run.merge(name)
+    wall0, t0 = run.summary.get("total_s", 0.0), time.perf_counter()
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "nanoseek", "speedrun", "--out", str(run.root), "--preset", preset, "--seed",
+                str(seed), "--threads", str(threads), "--resume", "--only", name, "--child"]
+
+    def wall(_name=None) -> None:   # wall-clock time of the run, across resumes
+        run.summary["total_s"] = round(wall0 + time.perf_counter() - t0, 1)
+        run.save_summary()
+
+    run_parallel(run, NEEDS, command, jobs, on_done=wall)
+    wall()
+    run.run("report", lambda: _report_stage(run, PRESETS[preset], seed))
+    return run.summary
+
+
 # ------------------------------------------------------------------------------ the stages
+def _data_stage(run: Stages, p: dict, seed: int) -> dict:
+    """The synthetic corpus, its BPE tokenizer and token file (OUT/data), shared by the base and the student."""
+    from .train.dist import DistInfo
+    from .train.pretrain import prepare_data
+    tok, tokens, _, _ = prepare_data(_pretrain_args(run, p, seed, "pretrain"), DistInfo(), None)
+    return {"tokens": int(len(tokens)), "vocab": tok.vocab_size}
+
+
+def _pretrain_args(run: Stages, p: dict, seed: int, stage: str, **kw):
+    from .train.pretrain import PretrainArgs
+    d = run.root / stage
+    return PretrainArgs(out=str(d), preset=p["model"], steps=p["pretrain_steps"], batch_size=p["batch_size"],
+                        seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed, cache_dir=str(run.root / "data"),
+                        resume=run.resuming(d.name), save_every=250, final_eval=p["eval_n"], **kw)
+
+
 def _pretrain_stage(run: Stages, p: dict, seed: int) -> dict:
     """Pretrain the DeepSeek-V3-architecture base model."""
-    from .train.pretrain import PretrainArgs, pretrain
-    root = run.root
-    d = root / "pretrain"
-    r = pretrain(PretrainArgs(out=str(d), preset=p["model"], steps=p["pretrain_steps"], batch_size=p["batch_size"],
-                              seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed, resume=run.resuming(d.name),
-                              save_every=250, sample_every=500, final_eval=p["eval_n"]))
+    from .train.pretrain import pretrain
+    r = pretrain(_pretrain_args(run, p, seed, "pretrain", sample_every=500))
+    _evaluate(run, p, seed, "base")
     return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
 
 
 def _student_stage(run: Stages, p: dict, seed: int) -> dict:
     """A dense student base model (llama architecture, same tokenizer, corpus and number of steps)."""
-    from .train.pretrain import PretrainArgs, pretrain
-    root = run.root
-    d = root / "student"
-    r = pretrain(PretrainArgs(out=str(d), preset=p["model"], arch="llama", steps=p["student_steps"],
-                              batch_size=p["batch_size"], seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed,
-                              tokenizer=str(root / "pretrain" / "final"), cache_dir=str(root / "pretrain" / "cache"),
-                              resume=run.resuming(d.name), save_every=250, sample_every=10**9, final_eval=0))
+    from .train.pretrain import pretrain
+    r = pretrain(dataclasses.replace(_pretrain_args(run, p, seed, "student", arch="llama", sample_every=10**9),
+                                     steps=p["student_steps"]))
+    _evaluate(run, p, seed, "student-base")
     return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
 
 
@@ -116,7 +176,9 @@ def _rl(run: Stages, p: dict, stage: str, start: Path, steps: int, seed: int, la
 
 def _grpo_stage(run: Stages, p: dict, seed: int) -> dict:
     """R1-Zero: pure RL from the base model (accuracy + format rewards only)."""
-    return _rl(run, p, "grpo", run.root / "pretrain" / "final", p["grpo_steps"], seed)
+    r = _rl(run, p, "grpo", run.root / "pretrain" / "final", p["grpo_steps"], seed)
+    _evaluate(run, p, seed, "r1-zero")
+    return r
 
 
 def r1_final(run: Stages, p: dict) -> Path:
@@ -142,23 +204,32 @@ def _rejection_stage(run: Stages, p: dict, seed: int) -> dict:
 def _final_rl_stage(run: Stages, p: dict, seed: int) -> dict:
     if not p["rejection_prompts"]:
         return {"skipped": "left out by the preset: R1 is the reasoning model"}
-    return _rl(run, p, "r1/final-rl", run.root / "r1" / "rejection" / "final", p["final_rl_steps"], seed, 0.5)
+    start = run.root / "r1" / "rejection" / "final"
+    if not start.is_dir():   # rejection sampling kept no trace: the last RL continues from the reasoning model
+        start = run.root / "r1" / "reasoning" / "final"
+    r = _rl(run, p, "r1/final-rl", start, p["final_rl_steps"], seed, 0.5)
+    _evaluate(run, p, seed, "r1")
+    return r
 
 
 def _distill_stage(run: Stages, p: dict, seed: int) -> dict:
     """R1's verified reasoning, distilled into the dense student (k samples of each training question)."""
-    return sample_and_train(run, "distill", str(r1_final(run, p)), str(run.root / "student" / "final"),
-                            p["distill_prompts"], p["distill_k"], seed + 1, max_tokens=p["max_tokens"],
-                            seq_len=p["seq_len"] * 2)
+    r = sample_and_train(run, "distill", str(r1_final(run, p)), str(run.root / "student" / "final"),
+                         p["distill_prompts"], p["distill_k"], seed + 1, max_tokens=p["max_tokens"],
+                         seq_len=p["seq_len"] * 2)
+    _evaluate(run, p, seed, "student-distilled")
+    return r
 
 
 def _student_rl_stage(run: Stages, p: dict, seed: int) -> dict:
     """The same student trained by GRPO directly (R1 §4.1's comparison)."""
-    return _rl(run, p, "student-rl", run.root / "student" / "final", p["student_rl_steps"], seed)
+    r = _rl(run, p, "student-rl", run.root / "student" / "final", p["student_rl_steps"], seed)
+    _evaluate(run, p, seed, "student-rl")
+    return r
 
 
-def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
-    """Every model on the same held-out problems (roles feed the claims table)."""
+def _models(run: Stages, p: dict) -> list[tuple[str, str, str]]:
+    """(role, name, path) of every model the report compares (roles feed the claims table)."""
     root = run.root
     models = [("base", "base (pretrained V3-tiny)", root / "pretrain" / "final"),
               ("r1-zero", "R1-Zero (pure RL)", root / "grpo" / "final"),
@@ -167,8 +238,18 @@ def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
               ("student-base", "student base (dense)", root / "student" / "final"),
               ("student-distilled", "student distilled from R1", root / "distill" / "final"),
               ("student-rl", "student + GRPO directly", root / "student-rl" / "final")]
-    return evaluate_models(run, [(r, n, str(path)) for r, n, path in models], p["eval_n"], p["eval_k"],
-                           p["max_tokens"], seed)
+    return [(r, n, str(path)) for r, n, path in models]
+
+
+def _evaluate(run: Stages, p: dict, seed: int, role: str) -> None:
+    """A stage's model on the held-out problems as the stage ends (so parallel lanes share the eval work)."""
+    evaluate_models(run, [m for m in _models(run, p) if m[0] == role], p["eval_n"], p["eval_k"], p["max_tokens"],
+                    seed, table=False)
+
+
+def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
+    """Every model on the same held-out problems (the ones the stages evaluated already are read back)."""
+    return evaluate_models(run, _models(run, p), p["eval_n"], p["eval_k"], p["max_tokens"], seed)
 
 
 def _export_stage(run: Stages, p: dict, seed: int) -> dict:
@@ -220,7 +301,7 @@ def _report_stage(run: Stages, p: dict, seed: int) -> dict:
     return {}
 
 
-STAGE_FUNCTIONS = {"pretrain": _pretrain_stage, "student": _student_stage, "grpo": _grpo_stage,
+STAGE_FUNCTIONS = {"data": _data_stage, "pretrain": _pretrain_stage, "student": _student_stage, "grpo": _grpo_stage,
                    "cold-start": _cold_start_stage, "reasoning": _reasoning_stage, "rejection": _rejection_stage,
                    "final-rl": _final_rl_stage, "distill": _distill_stage, "student-rl": _student_rl_stage,
                    "eval": _eval_stage, "export": _export_stage, "report": _report_stage}  # in STAGES order
@@ -238,6 +319,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     s.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run just these stages")
+    s.add_argument("--jobs", type=int, default=None,
+                   help="stages run side by side, each a process with cores/jobs threads (default: 2 on a CPU "
+                        "with 2+ cores, 1 on a GPU)")
+    s.add_argument("--child", action="store_true", help=argparse.SUPPRESS)   # one stage of a parallel run
     s.set_defaults(func=lambda args: speedrun(args.out, args.preset, args.resume, args.seed, args.threads,
-                                              args.only) and 0)
+                                              args.only, default_jobs() if args.jobs is None else args.jobs,
+                                              args.child) and 0)
     return s

@@ -100,3 +100,46 @@ def served_export_chats_in_its_training_format(path):
     body = r.json()
     assert body["usage"]["prompt_tokens"] == len(tok.encode(render("r1-zero-short", q)))
     assert "reasoning_content" in body["choices"][0]["message"]      # the reply starts inside <think>
+
+
+@pytest.mark.slow
+def test_parallel_speedrun_killed_and_resumed(tmp_path):
+    """`nanoseek speedrun --jobs 2`: stages run as two lanes of child processes. Killing the parent stops
+    its children (nothing keeps writing), and --resume finishes the run with every marker, the eval table
+    of the models that exist and a report; stages started only once their needs were done."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from nanoseek import speedrun as sr
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out), "--jobs", "2"]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / ".pretrain.done").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)                       # Ctrl-C: the parent stops its lanes
+    proc.wait(timeout=60)
+    time.sleep(1)
+    logs = {p: p.stat().st_size for p in (out / "logs").glob("*.log")}
+    markers = {p.name for p in out.glob(".*.done")}
+    time.sleep(3)                                          # no orphaned stage goes on writing
+    assert logs == {p: p.stat().st_size for p in (out / "logs").glob("*.log")}
+    assert {p.name for p in out.glob(".*.done")} == markers and ".report.done" not in markers
+    r = subprocess.run(cmd + ["--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for stage in sr.STAGES:
+        assert (out / f".{stage}.done").is_file(), stage
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["jobs"] == 2 and set(summary["stage_s"]) == set(sr.STAGES)
+    done_at = {s: (out / f".{s}.done").stat().st_mtime for s in sr.STAGES}
+    started = {s: json.loads((out / f".{s}.done").read_text())["started_at"] for s in sr.NEEDS}
+    for stage, needs in sr.NEEDS.items():              # a stage starts after its needs' markers are written
+        assert all(done_at[d] <= started[stage] for d in needs), stage
+    rows = json.loads((out / "eval.json").read_text())["rows"]
+    assert {"base", "r1-zero", "r1", "student-base", "student-rl"} <= {r["role"] for r in rows}
+    assert (out / "report.md").read_text().split("\n## ")[1].startswith("Seed claims")
