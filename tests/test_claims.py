@@ -88,3 +88,24 @@ def test_report_card_opens_with_the_claims_table(tmp_path):
     assert "| Pure RL on rule-checked rewards teaches reasoning (R1-Zero) |" in text
     assert "0.0% [0.0, 0.0]" in text and "100.0% [90.0, 100.0]" in text      # eval table with intervals
     assert (run / "plots" / "eval_pass1.png").stat().st_size > 1000
+
+
+def test_plain_form_accuracy_of_the_bases_is_in_the_rl_and_distillation_rows(tmp_path):
+    """The student base's (and the teacher base's) plain-form accuracy from pretrain's final eval, with a
+    Wilson interval computed by hand: 0.35 of 400 -> 140/400, centre (p + z²/2n)/(1 + z²/n)."""
+    import math
+    n = 400
+    good = [1.0 if i % 10 < 7 else 0.0 for i in range(n)]
+    rows = [row("base", [0.0] * n), row("r1-zero", good), row("student-distilled", good), row("student-rl", good)]
+    root = write_run(tmp_path / "run", rows)
+    (root / "student" / "final").mkdir(parents=True)
+    for stage, acc in (("pretrain", 0.8), ("student", 0.35)):
+        (root / stage / "final" / "training.json").write_text(json.dumps(
+            {"plain_form_eval": {"n": n, "answer_correct": acc, "steps_correct": 0.9, "well_formed": 1.0}}))
+    claims = seed_claims(root)
+    z, p = 1.959963984540054, 0.35
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert f"student base: plain-form greedy answers 35.0% [{100 * (centre - half):.1f}, " \
+           f"{100 * (centre + half):.1f}] (n = 400)" in claims[3].note
+    assert "base: plain-form greedy answers 80.0%" in claims[0].note

@@ -22,7 +22,7 @@ from pathlib import Path
 from ..config import ModelConfig
 from ..cost import kv_cache_bytes_per_token
 from ..jsonl import read_jsonl
-from .stats import mean_ci, paired_diff_ci, with_ci
+from .stats import mean_ci, paired_diff_ci, wilson, with_ci
 
 MOE_LINK = "../benchmarks.md#moe-vs-dense"   # from docs/speedrun/report.md, where the card is committed
 
@@ -105,6 +105,18 @@ def language(rows: dict) -> Claim:
     return c
 
 
+def plain_form(run: Path, stage: str) -> str:
+    """The stage's base model graded on worked solutions in the corpus's plain form (pretrain's final eval):
+    what it can do before any dialogue, RL or distillation."""
+    p = run / stage / "final" / "training.json"
+    ev = json.loads(p.read_text()).get("plain_form_eval") if p.is_file() else None
+    if not isinstance(ev, dict) or not ev.get("n"):
+        return ""
+    n, acc = ev["n"], ev["answer_correct"]
+    lo, hi = wilson(round(acc * n), n)
+    return f"plain-form greedy answers {100 * acc:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n = {n})"
+
+
 def distillation(rows: dict) -> Claim:
     c = Claim("Distilling a strong reasoner beats RL on the small model",
               "Qwen-32B-Base: RL 47.0 vs distilled 72.6 AIME 2024 pass@1 (R1 §4.1)", "", "not run")
@@ -158,8 +170,13 @@ def seed_claims(run: str | Path) -> list[Claim]:
     cfg_path = run / "pretrain" / "final" / "config.json"
     config = ModelConfig.from_hf_config(json.loads(cfg_path.read_text())) if cfg_path.is_file() else None
     cost_report = json.loads((run / "cost.json").read_text()) if (run / "cost.json").is_file() else None
-    return [pure_rl(rows), length_grows(_read_jsonl(run / "grpo" / "metrics.jsonl")), language(rows),
-            distillation(rows), moe(), mla_cache(config), cost(cost_report)]
+    claims = [pure_rl(rows), length_grows(_read_jsonl(run / "grpo" / "metrics.jsonl")), language(rows),
+              distillation(rows), moe(), mla_cache(config), cost(cost_report)]
+    for c, stage, who in ((claims[0], "pretrain", "base"), (claims[3], "student", "student base")):
+        plain = plain_form(run, stage)   # a base that cannot read the numbers in plain form is no base
+        if plain and c.verdict != "not run":
+            c.note = "; ".join(x for x in (c.note, f"{who}: {plain}") if x)
+    return claims
 
 
 def claims_markdown(claims: list[Claim]) -> str:

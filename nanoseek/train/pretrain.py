@@ -408,8 +408,8 @@ def _finish(r: _Run, a: PretrainArgs, info: dist.DistInfo, step: int, metrics: d
                "wall_clock_s": round(seconds, 1)}
     if not a.corpus and a.final_eval > 0:
         scores = arithmetic_eval(target, r.tok, n=a.final_eval)
-        summary["eval_100_new_problems"] = {k: round(v, 3) for k, v in scores.items()}
-        say("greedy on 100 new problems: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
+        summary["plain_form_eval"] = {"n": a.final_eval, **{k: round(v, 4) for k, v in scores.items()}}
+        say(f"greedy on {a.final_eval} new problems: " + ", ".join(f"{k} {v:.0%}" for k, v in scores.items()))
     save_final(r.out / "final", target, r.tok, summary)
     say(f"final model written to {r.out / 'final'}")
 
