@@ -24,7 +24,8 @@ What runs (every measurement is a subprocess of this script; rounds alternate th
   machine     CPU, torch's CPU capability, flags, memory read bandwidth (torch.sum over 537 MB,
               best of 5, 1 and 2 threads), fp32 / bf16 matmul GFLOP/s (2048^3, best of 5).
 
-Bound at batch 1: a decode step reads every weight once, so tok/s <= bandwidth / bytes per token.
+Bound at batch 1: a decode step reads every weight once, so tok/s <= bandwidth / bytes per token
+(bandwidth: the better of the 1- and 2-thread figures).
 Bytes per token = the weight bytes one step reads: for a GGUF, the sum of its tensors' bytes (the
 tied token_embd is read once, as the output head; an embedding row and the KV cache are
 negligible and not counted); for nanoseek, the tensors of every linear layer incl. lm_head in
@@ -81,11 +82,16 @@ def llama_bins() -> dict[str, Path] | None:
               ["cmake", "--build", str(build), "-j", str(os.cpu_count()), "--target", *names]]
     log(f"building llama.cpp {version} (once, ~10 min on 2 cores) into {build}; log: {CACHE / 'build.log'}")
     with open(CACHE / "build.log", "w") as out:
-        for i, cmd in enumerate(steps):
-            if cmd[0] == "cmake" and not src.exists():
-                with tarfile.open(sdist) as t:
-                    t.extractall(CACHE, filter="data")
-            if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode:
+        for cmd in steps:
+            try:
+                if cmd[0] == "cmake" and not src.exists():
+                    with tarfile.open(sdist) as t:
+                        t.extractall(CACHE, filter="data")
+                failed = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+            except (OSError, tarfile.TarError) as e:
+                print(f"{type(e).__name__}: {e}", file=out)
+                failed = True
+            if failed:
                 log(f"llama.cpp build failed at `{' '.join(cmd[:3])} ...`; see {CACHE / 'build.log'}. "
                     "The llama.cpp columns are left empty.")
                 return None
@@ -323,7 +329,7 @@ def probe_policy(n: int, nb: int, reps: int) -> tuple[bool, dict]:
     best = {}
     for name, passive in (("passive", True), ("default", False)):
         r = worker("nanoseek", {"mode": "fp16", "batches": [1, 32], "n": n, "nb": nb, "reps": reps}, passive)
-        best[name] = {b: r.get(b, 0) for b in ("b1", "b32")}
+        best[name] = {b: round(r.get(b, 0), 1) for b in ("b1", "b32")}
     score = {k: v["b1"] * v["b32"] for k, v in best.items()}  # both batch sizes count
     return score["passive"] > score["default"], best
 
@@ -348,7 +354,7 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
     log("nanoseek OpenMP probe (fp16 tok/s):", json.dumps(res["omp_probe"]), "->", res["nanoseek_omp_wait_policy"])
     modes, chat_len = nanoseek_modes(), len(nanoseek.load(example_model())[1].encode(CHAT))
     if files:  # llama.cpp's default (spinning) policy is its best on a quiet machine; check on this one
-        probe = {k: llama_b1(bins, files["Q8_0"], n, chat_len, reps, passive=p) for k, p in (("default", False), ("passive", True))}
+        probe = {k: round(llama_b1(bins, files["Q8_0"], n, chat_len, reps, passive=p), 1) for k, p in (("default", False), ("passive", True))}
         LLAMA_PASSIVE[0] = probe["passive"] > probe["default"]
         res["llama_omp_probe"] = probe
         res["llama_omp_wait_policy"] = "PASSIVE" if LLAMA_PASSIVE[0] else "default"
@@ -375,7 +381,7 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
 
 def report(res: dict) -> None:
     m = res["machine"]
-    bw = m["bandwidth_GBs_2t"] * 1e9
+    bw = max(m["bandwidth_GBs_1t"], m["bandwidth_GBs_2t"]) * 1e9  # on a shared machine 1 thread can read faster
     print(f"machine: {m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, flags {' '.join(m['flags'])}")
     print(f"memory read bandwidth (torch.sum over 537 MB, best of 5): {m['bandwidth_GBs_1t']} GB/s with 1 thread, "
           f"{m['bandwidth_GBs_2t']} GB/s with 2; matmul 2048^3: fp32 {m['matmul_GFLOPs_float32']} GFLOP/s, "
@@ -384,7 +390,7 @@ def report(res: dict) -> None:
           f"{res['tokens_batched']} steps after {NPP}-token prompts, one run; nanoseek OpenMP wait policy: "
           f"{res['nanoseek_omp_wait_policy']} (probe, fp16 tok/s: {json.dumps(res['omp_probe'])}); llama.cpp's: "
           f"{res.get('llama_omp_wait_policy')} (probe, Q8_0 batch-1 tok/s: {json.dumps(res.get('llama_omp_probe'))})")
-    print("\nbatch-1 bound = bandwidth (2 threads) / bytes per token")
+    print(f"\nbatch-1 bound = bandwidth (best of 1 and 2 threads, {bw / 1e9:.1f} GB/s) / bytes per token")
     print("| side | format | MB per token | bound tok/s | measured tok/s | % of bound |")
     print("| --- | --- | --- | --- | --- | --- |")
     for fmt, r in res["llama_cpp"].items():
