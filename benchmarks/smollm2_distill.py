@@ -153,7 +153,7 @@ def main():
 
     # the same held-out problems for every model
     t0 = time.perf_counter()
-    models = [("SmolLM2-135M-Instruct", example_model(), "chat"),
+    models = [("SmolLM2-135M-Instruct", example_model(), "chat"), ("+ cold start", cold["path"], "chat"),
               ("+ cold start + GRPO", os.path.join(args.out, "grpo", "final"), "chat"),
               ("+ cold start + distilled", os.path.join(d.out, "final"), "chat"),
               ("teacher (R1, its own format)", args.teacher, "r1-zero-short")]
