@@ -201,10 +201,113 @@ def test_distill_end_to_end_with_dense_tiny_student(tmp_path, teacher_dir, monke
 
 @pytest.mark.parametrize("extra,needle", [(["--student", "dense:huge"], "unknown student preset"),
                                           (["--student", "/nonexistent/model"], "no such student"),
+                                          (["--student", "NOT_A_GGUF"], "not a GGUF file"),
+                                          (["--student", "EMPTY_DIR"], "no config.json"),
+                                          (["--student", "NO_TOKENIZER"], "no tokenizer.json"),
                                           (["--task", "sudoku"], "unknown task"),
                                           (["--k", "0"], "--k")])
 def test_bad_distill_input(tmp_path, teacher_dir, capsys, extra, needle):
+    (tmp_path / "NOT_A_GGUF").write_text("not a model")  # a file that is not a GGUF
+    (tmp_path / "EMPTY_DIR").mkdir()
+    (tmp_path / "NO_TOKENIZER").mkdir()
+    (tmp_path / "NO_TOKENIZER" / "config.json").write_text((teacher_dir / "config.json").read_text())
+    extra = [str(tmp_path / x) if x.isupper() else x for x in extra]
     rc = cli_main(["distill", "--teacher", str(teacher_dir), "--out", str(tmp_path / "d"), "--no-progress", *extra])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and needle in err
     assert not (tmp_path / "d" / "data.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ a student with another tokenizer
+# SmolLM2's prompt format (ChatML), written out by hand: the reference the rendered prompt is checked against
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def foreign_student_dir(tmp_path_factory):
+    """A tiny llama whose BPE is trained on other text, with other special tokens and a ChatML template,
+    as SmolLM2's: the teacher's token ids mean nothing to it."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+    texts = [f"the sum of {a} and {b} is {a + b}; step by step, carry the one. Answer </think> <answer> "
+             for a in range(30) for b in range(30, 40)]
+    tk = HFTokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=420, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = Tokenizer(tk, CHATML, None, "<|im_end|>", "<|endoftext|>")
+    torch.manual_seed(1)
+    cfg = ModelConfig(model_type="llama", vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=256,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("student") / "s"
+    nanoseek.save(nanoseek.Transformer(cfg), tok, d)
+    return d
+
+
+def test_student_with_another_tokenizer_learns_the_traces_as_text(tmp_path, teacher_dir, foreign_student_dir,
+                                                                   monkeypatch):
+    """The teacher's traces reach the student as text: the question rendered in the student's own chat
+    template, prompt and completion encoded by the student's tokenizer (checked with the `tokenizers`
+    library on the student's tokenizer.json), the loss on exactly the completion + the student's eos."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from nanoseek.data.tasks import CHAT_INSTRUCTION
+    from nanoseek.train import sft as S
+
+    tok = Tokenizer.from_dir(teacher_dir)
+    task = get_task("arithmetic", level=1, langs=("en",))
+    by_prompt = {tuple(tok.encode(render("r1-zero-short", ex.question))): ex for ex in task.examples("train", 3, seed=0)}
+
+    def generate(self, prompts, params=None, progress=False):  # a teacher that is always right
+        outs = []
+        for n, p in enumerate(prompts):
+            ex = by_prompt[tuple(p)]
+            text = f" {ex.meta['expression']} = {ex.answer} </think> <answer> {ex.answer} </answer>"
+            outs.append(RequestOutput(f"r{n}", list(p), tok.encode(text, add_special_tokens=False), text, None, "stop"))
+        return outs
+    monkeypatch.setattr(Engine, "generate", generate)
+    seen = {}
+    real_train_sft = S.train_sft
+
+    def spy(model, stok, a, records=None, base=None):
+        seen.update(tok=stok, template=a.template, records=records)
+        return real_train_sft(model, stok, a, records=records, base=base)
+    monkeypatch.setattr(S, "train_sft", spy)
+
+    out = tmp_path / "d"
+    assert cli_main(["distill", "--teacher", str(teacher_dir), "--student", str(foreign_student_dir),
+                     "--task", "arithmetic", "--level", "1", "--langs", "en", "--prompts", "3", "--k", "1",
+                     "--out", str(out), "--steps", "1", "--seq-len", "128", "--batch-size", "2",
+                     "--no-progress"]) == 0
+    trace = json.loads((out / "data.jsonl").read_text().splitlines()[0])  # as the teacher wrote it
+    assert trace["prompt"] == f"User: {trace['question']}\nAssistant: <think>"
+    assert seen["template"] == "none" and len(seen["records"]) == 3
+    rec = seen["records"][0]
+    want_prompt = (f"<|im_start|>user\n{trace['question']}{CHAT_INSTRUCTION}<|im_end|>\n"
+                   f"<|im_start|>assistant\n<think>")
+    assert rec == {"prompt": want_prompt, "completion": trace["completion"]}
+
+    ref = HFTokenizer.from_file(str(foreign_student_dir / "tokenizer.json"))
+    ids, mask = S.encode_record(rec, seen["tok"], "none")
+    prompt_ids = ref.encode(want_prompt, add_special_tokens=False).ids
+    target_ids = ref.encode(trace["completion"], add_special_tokens=False).ids + [ref.token_to_id("<|im_end|>")]
+    assert ids == prompt_ids + target_ids
+    assert [i for i, m in zip(ids, mask) if m] == target_ids and mask == [False] * len(prompt_ids) + [True] * len(target_ids)
+    assert ref.decode(target_ids[:-1]) == trace["completion"]
+    assert prompt_ids[0] == ref.token_to_id("<|im_start|>")  # the special token, not its characters
+    assert target_ids[:-1] != tok.encode(trace["completion"], add_special_tokens=False)  # not the teacher's ids
+    model, stok = nanoseek.load(out / "final")
+    assert model.config.vocab_size == stok.vocab_size == ref.get_vocab_size() != tok.vocab_size
+
+
+def test_student_template_defaults_and_override(teacher_dir, foreign_student_dir):
+    tok, stok = Tokenizer.from_dir(teacher_dir), Tokenizer.from_dir(foreign_student_dir)
+    assert D.student_template(DistillArgs(), tok, Tokenizer.from_dir(teacher_dir)) == "r1-zero-short"  # same vocab
+    assert D.student_template(DistillArgs(template="r1-zero"), tok, tok) == "r1-zero"
+    assert D.student_template(DistillArgs(), tok, stok) == "chat"
+    assert D.student_template(DistillArgs(student_template="r1-zero-short"), tok, stok) == "r1-zero-short"
+    recs = D.student_records([{"prompt": "x", "completion": " 2 </think> 2", "question": "Question: 1 + 1 = ?"}],
+                             "r1-zero-short", stok)
+    assert recs == [{"prompt": "User: Question: 1 + 1 = ?\nAssistant: <think>", "completion": " 2 </think> 2"}]

@@ -20,6 +20,12 @@ DeepSeek-R1 §2.3.3 / §2.4: rejection sampling on the RL checkpoint, then SFT o
    languages out of its SFT data). Kept traces are deduplicated by (prompt, completion).
 3. The student trains on the kept traces with sft.py, --template none: the prompt already holds
    the reasoning template, the completion is `reasoning </think> <answer> X </answer>` + eos.
+   Traces are text, so a student with another tokenizer learns them too (R1 distilled into Qwen and
+   Llama): each kept trace's question is rendered again in the student's prompt format
+   (--student-template; default: the teacher's --template when the student has the teacher's
+   vocabulary, else "chat", the student's own chat template, as `nanoseek eval --template chat` and
+   the GRPO preset `smollm2` prompt it) and prompt and completion are encoded by the student's
+   tokenizer (`student_records`).
 
 Files in OUT:
   data.jsonl          {"prompt", "completion", "question", "answer"} per kept trace, appended one
@@ -69,6 +75,7 @@ class DistillArgs:
     k: int = 4
     out: str = "runs/distill"
     template: str = "r1-zero-short"
+    student_template: str | None = None  # None: --template if the student has the teacher's vocabulary, else chat
     max_tokens: int = 160
     temperature: float = 0.6
     top_p: float = 0.95
@@ -266,13 +273,38 @@ def student_model(spec: str, teacher_tok, seed: int = 0):
     return model, tok, False
 
 
+def same_vocabulary(a, b) -> bool:
+    """True when two tokenizers map the same strings to the same ids (the student can read the teacher's ids)."""
+    return a is b or (a.vocab_size == b.vocab_size and a.tk.get_vocab(with_added_tokens=True)
+                      == b.tk.get_vocab(with_added_tokens=True))
+
+
+def student_template(a: DistillArgs, teacher_tok, student_tok) -> str:
+    """The prompt format the student learns in: --student-template, else the teacher's --template for a
+    student with the teacher's vocabulary, else "chat" (the student's own chat template)."""
+    if a.student_template:
+        return a.student_template
+    return a.template if same_vocabulary(teacher_tok, student_tok) else "chat"
+
+
+def student_records(records: list[dict], template: str, student_tok) -> list[dict]:
+    """The teacher's kept traces as the student's SFT records: the question rendered in the student's
+    prompt format (data/tasks `render`, with the student's tokenizer for "chat"), the teacher's
+    completion text unchanged; sft.py --template none then encodes both with the student's tokenizer."""
+    from ..data.tasks import render
+    return [{"prompt": render(template, r["question"], student_tok), "completion": r["completion"]}
+            for r in records]
+
+
 # ------------------------------------------------------------------------------ the run
 def _check_args(a: DistillArgs, need_teacher: bool = True) -> None:
     from ..data.tasks import TEMPLATES
     if need_teacher and not a.teacher:
         raise NanoseekError("--teacher is required")
-    if a.template not in TEMPLATES:
-        raise NanoseekError(f"--template must be one of {', '.join(TEMPLATES)}")
+    for name in ("template", "student_template"):
+        value = getattr(a, name)
+        if value is not None and value not in TEMPLATES:
+            raise NanoseekError(f"--{name.replace('_', '-')} must be one of {', '.join(TEMPLATES)}")
     for name in ("prompts", "k", "max_tokens", "gen_batch", "engine_batch", "seq_len", "batch_size"):
         if getattr(a, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be at least 1")
@@ -284,8 +316,26 @@ def _check_args(a: DistillArgs, need_teacher: bool = True) -> None:
         from ..config import PRESETS
         if a.student[len("dense:"):] not in PRESETS:
             raise NanoseekError(f"unknown student preset {a.student!r}; use dense:{' | dense:'.join(PRESETS)}")
-    elif not Path(a.student).exists():
-        raise NanoseekError(f"{a.student}: no such student model (a path, or dense:tiny)")
+    else:
+        check_student_path(a.student)
+
+
+def check_student_path(path: str) -> None:
+    """A student path must be a .gguf file or an HF directory with config.json and tokenizer.json; checked
+    before the teacher samples anything (the student is loaded only after the dataset is built)."""
+    from ..weights import GGUF_MAGIC
+    p = Path(path)
+    if not p.exists():
+        raise NanoseekError(f"{path}: no such student model (a path, or dense:tiny)")
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise NanoseekError(f"{path}: the student is not a GGUF file and not a model directory")
+    elif not (p / "config.json").is_file():
+        raise NanoseekError(f"{path}: the student directory has no config.json (an HF model directory or a .gguf)")
+    elif not (p / "tokenizer.json").is_file():
+        raise NanoseekError(f"{path}: the student has no tokenizer.json (it learns the traces as text, "
+                            f"with its own tokenizer)")
 
 
 def make_task(a: DistillArgs):
@@ -340,6 +390,10 @@ def distill_from(teacher, tok, a: DistillArgs) -> dict:
                             f"nothing to distill (try a stronger teacher, more --prompts or --k)")
 
     student, stok, scratch = student_model(a.student, tok, a.seed)
+    template = student_template(a, tok, stok)
+    records = student_records(store.records, template, stok)
+    print(f"nanoseek distill: the student learns the traces in the {template!r} prompt format with its own "
+          f"tokenizer ({stok.vocab_size:,} tokens; the teacher's has {tok.vocab_size:,})", file=sys.stderr)
     sft_args = SFTArgs(out=str(out), template="none", steps=a.steps,
                        epochs=a.epochs if a.steps is None else None, seq_len=a.seq_len,
                        batch_size=a.batch_size, lr=a.lr or (1e-3 if scratch else 5e-5), warmup=a.warmup,
@@ -347,8 +401,8 @@ def distill_from(teacher, tok, a: DistillArgs) -> dict:
                        device=a.device, progress=a.progress)
     if sft_args.steps is None and sft_args.epochs is None:
         sft_args.epochs = 3.0
-    summary = train_sft(student, stok, sft_args, records=store.records, base=a.student)
-    return {**summary, "dataset": stats}
+    summary = train_sft(student, stok, sft_args, records=records, base=a.student)
+    return {**summary, "dataset": stats, "student_template": template}
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -360,11 +414,14 @@ examples:
   nanoseek distill --teacher runs/grpo/final --student dense:tiny --task arithmetic --level 2 \\
       --prompts 500 --k 4 --out runs/distill
   nanoseek distill --teacher runs/grpo/final --student SmolLM2-135M-Instruct.Q4_1.gguf --out runs/distill-smol
+      (the traces as text, in SmolLM2's own chat template and tokenizer; --student-template to choose)
   nanoseek distill --teacher runs/grpo/final --out runs/distill --resume"""
 
 HELP = {
     "teacher": "the reasoning model that writes the traces (HF dir or .gguf)",
-    "student": "HF dir / .gguf to fine-tune, or dense:tiny (from scratch, the teacher's tokenizer)",
+    "student": "HF dir / .gguf to fine-tune (its own tokenizer), or dense:tiny (from scratch, the teacher's tokenizer)",
+    "student_template": "the student's prompt format for the traces (default: --template if the student has the "
+                        "teacher's vocabulary, else chat: its own chat template)",
     "task": "arithmetic | countdown | jsonl:PATH",
     "level": "task difficulty (default: the task's own)",
     "langs": "comma-separated question languages, e.g. en,zh",
@@ -385,7 +442,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..data.tasks import TEMPLATES
     s = subparsers.add_parser("distill", help="distill a reasoning teacher into a student (rejection sampling + SFT)",
                               formatter_class=HelpFormatter, description=DESCRIPTION)
-    add_fields(s, DistillArgs, HELP, {"template": sorted(TEMPLATES)}, required={"teacher"})
+    add_fields(s, DistillArgs, HELP, {"template": sorted(TEMPLATES), "student_template": sorted(TEMPLATES)},
+               required={"teacher"})
     s.set_defaults(func=run)
     return s
 
