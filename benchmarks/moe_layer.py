@@ -94,9 +94,8 @@ def hf_moe(cfg, ours: MoE, implementation: str):
     with torch.no_grad():
         m.gate.weight.copy_(ours.gate.weight)
         m.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
-        m.experts.gate_up_proj.copy_(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
-                                                  for e in ours.experts]))
-        m.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        m.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)  # the same stacked layout
+        m.experts.down_proj.copy_(ours.experts.down_proj)
         for n in ("gate_proj", "up_proj", "down_proj"):
             getattr(m.shared_experts, n).weight.copy_(getattr(ours.shared_experts, n).weight)
     return m

@@ -189,6 +189,9 @@ def load_optimizer_state(model, optimizer, state: dict, info: DistInfo) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     if info.fsdp:
         _reshard(model)
+    if info.expert_parallel:  # this rank's rows of the stacked experts' state
+        from .expert_parallel import local_optimizer_state
+        state = local_optimizer_state(unwrap(model), state, info)
     set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 
