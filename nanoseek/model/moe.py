@@ -76,6 +76,15 @@ class Gate(nn.Module):
         """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():  # the choice of experts carries no gradient: no autograd graph for it
+            indices = self.choose(scores)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The top-k experts per row of scores [N, E] (biased, group-limited): indices [N, k]."""
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy"):
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -86,11 +95,7 @@ class Gate(nn.Module):
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, indices, scores
+        return choice.topk(self.top_k, dim=-1).indices
 
 
 class Gather(torch.autograd.Function):
