@@ -131,6 +131,19 @@ def test_moe_dispatch_equals_per_token_loop(path, monkeypatch):
                                rtol=0, atol=0)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_moe_inference_paths_equal_per_token_loop(tokens):
+    """Without gradients: one token (decode at batch 1: its k experts in place, no sort) and a few
+    tokens (the sorted rows without the autograd Functions) against the per-token loop."""
+    moe = tiny_v3().model.layers[1].mlp
+    x = torch.randn(tokens, 1, 32, generator=torch.Generator().manual_seed(tokens))
+    got, routing = moe(x)
+    ref, idx = per_token_moe(moe, x.reshape(-1, 32))
+    assert_close_scaled(got.reshape(-1, 32), ref, 1e-5)
+    assert routing.load.tolist() == torch.bincount(idx.flatten(), minlength=moe.n_experts).tolist()
+
+
 def test_moe_grouped_path_falls_back_where_grouped_mm_does_not_apply(monkeypatch):
     """Hidden sizes whose rows are not 16-byte multiples: the loop runs, same numbers."""
     monkeypatch.setattr(MoE, "GROUPED", True)

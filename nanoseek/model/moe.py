@@ -198,6 +198,16 @@ class Experts(nn.Module):
         ys = torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1])
         return ys if rw is None else ys * rw
 
+    def one_token(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_j weights[j] · expert_{indices[j]}(x) for one token x [1, H] (decode at batch 1): the k
+        chosen experts' weights used in place, no sort, gather or grouped GEMM over empty groups."""
+        y = None
+        for e, w in zip(indices.tolist(), weights.tolist()):
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out = F.linear(F.silu(gate) * up * w, self.down_proj[e])
+            y = out if y is None else y.add_(out)
+        return y
+
 
 class LoopExperts(nn.ModuleList):
     """The routed experts as one MLP each (what infer/quantize.py turns into quantized linears):
@@ -253,11 +263,17 @@ class MoE(nn.Module):
     def dispatch(self, x, weights, indices, base=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(base + Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
         flat = indices.flatten()
-        order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
+        grad = torch.is_grad_enabled()
+        if len(x) == 1 and not grad and isinstance(self.experts, Experts):  # decode at batch 1
+            y = self.experts.one_token(x, weights[0], indices[0])
+            return (y if base is None else base + y), counts
+        order = flat.argsort(stable=True)
         token = order // self.top_k
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        xs, rw = Gather.apply(x, token, inv, self.top_k), weights.flatten()[order, None]
-        ys = self.experts(xs, counts, rw, self.use_grouped(x))
+        rw = weights.flatten()[order, None]
+        xs = Gather.apply(x, token, inv, self.top_k) if grad else x.index_select(0, token)
+        ys = self.experts(xs, counts, rw, self.use_grouped(x)).to(x.dtype)
         base = torch.zeros_like(x) if base is None else base
-        return Combine.apply(ys.to(x.dtype), base, inv, token, self.top_k), counts.detach()
+        y = Combine.apply(ys, base, inv, token, self.top_k) if grad else sum_k(ys.index_select(0, inv), self.top_k, base)
+        return y, counts.detach()
