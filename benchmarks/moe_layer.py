@@ -1,6 +1,6 @@
 """The MoE layer's cost against a dense SwiGLU of the same active size, and against transformers.
 
-    .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~3 minutes on 1 thread
+    .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~4 minutes on 1 thread
     .venv/bin/python benchmarks/moe_layer.py --quick         # tiny only, fewer repeats
 
 Layer (forward + backward of one block on the same tokens, batch x seq = --tokens rows):

@@ -235,7 +235,7 @@ class LoopExperts(nn.ModuleList):
 
 
 class MoE(nn.Module):
-    GROUPED: bool | None = None  # None: grouped GEMMs where they pay (see the docstring); True / False: forced
+    GROUPED: bool | None = None  # None: grouped GEMMs wherever F.grouped_mm applies; False: the loop forced
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -253,12 +253,11 @@ class MoE(nn.Module):
         y, load = self.dispatch(x, weights, indices, base)
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
-    def use_grouped(self, x: torch.Tensor, experts=None) -> bool:
-        """Grouped GEMMs for x's rows over `experts` (default: all of them)? Wherever
-        F.grouped_mm applies: with the experts stored stacked it beats the per-expert loop at every
-        size measured, decode included (docs/benchmarks.md#moe-vs-dense)."""
-        experts = self.experts if experts is None else experts
-        return self.GROUPED is not False and experts.grouped_mm_applies(x)
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        """Grouped GEMMs for x's rows? Wherever F.grouped_mm applies: with the experts stored stacked
+        it beats the per-expert loop at every size measured, decode included (one token aside, see
+        dispatch; docs/benchmarks.md#moe-vs-dense)."""
+        return self.GROUPED is not False and self.experts.grouped_mm_applies(x)
 
     def dispatch(self, x, weights, indices, base=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(base + Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
