@@ -1,28 +1,31 @@
 """The MoE layer's cost against a dense SwiGLU of the same active size, and against transformers.
 
-    .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~3 minutes on 1 thread
+    .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~4 minutes on 1 thread
     .venv/bin/python benchmarks/moe_layer.py --quick         # tiny only, fewer repeats
 
 Layer (forward + backward of one block on the same tokens, batch x seq = --tokens rows):
-  ours         nanoseek.model.moe.MoE as it runs: gate, grouped-GEMM dispatch, shared expert
-  ours_loop    the same module with the per-expert loop forced (what it was before grouped GEMMs)
+  ours         nanoseek.model.moe.MoE as it runs: gate, grouped GEMMs on the stacked experts, shared expert
+  ours_loop    the same module with the per-expert loop forced (MoE.GROUPED = False)
   dense        nanoseek's SwiGLU MLP with intermediate (top_k + shared) x moe_intermediate_size:
                the MoE's active FFN parameters (the gate's E x H aside)
   hf_eager / hf_grouped_mm   transformers' DeepseekV3MoE on the same config and weights, with its
                per-expert loop and with its grouped_mm experts implementation
 in fp32, and in bf16 when the CPU has native bf16 (AVX512_BF16 or AMX, read from /proc/cpuinfo).
 The systems run in interleaved rounds in one process (the machine is shared and noisy, so each
-round sees the same load); a figure is the best round's median.
+round sees the same load); a figure is the best round's median. With 1 thread the clock is the
+thread's CPU time (time.thread_time: all the work runs on the calling thread, and time spent
+descheduled by other jobs on a shared machine is left out); with more threads, wall time.
 
 Decode: one step of the tiny DeepSeek-V3 preset (MLA + MoE, no MTP) at batch 1 and 32 with a
 latent cache of --context tokens, against the same model with dense FFNs of its active size, with
-the MoE's dispatch as it runs (MoE.use_grouped's rule) and with each path forced.
+the MoE's dispatch as it runs (grouped GEMMs) and with the per-expert loop forced.
 
 Balance: the tiny preset's gate on a skewed input distribution, the auxiliary-loss-free bias
 update (γ = 1e-3, DeepSeek-V3 §2.1.2) run for --balance-steps steps on the measured load; the
 expert load max/mean before and after.
 
-Prints the CPU capability, its measured bounds (matmul GFLOP/s, copy GB/s), a table, one JSON line.
+Prints the CPU capability, its native bf16 flags, its measured bounds (matmul GFLOP/s, copy GB/s), the
+layer's expert load max/mean on the benchmark tokens, a table, one JSON line.
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ def forced_path(path: str | None):
 
 def rounds(fns: dict, repeats: int, n_rounds: int) -> dict[str, float]:
     """Best over interleaved rounds of the median of `repeats` timed calls, seconds."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     best = {n: float("inf") for n in fns}
     for f in fns.values():
         f()  # warm up
@@ -77,9 +81,9 @@ def rounds(fns: dict, repeats: int, n_rounds: int) -> dict[str, float]:
         for n, f in fns.items():
             ts = []
             for _ in range(repeats):
-                t0 = time.perf_counter()
+                t0 = clock()
                 f()
-                ts.append(time.perf_counter() - t0)
+                ts.append(clock() - t0)
             best[n] = min(best[n], statistics.median(ts))
     return best
 
@@ -94,9 +98,8 @@ def hf_moe(cfg, ours: MoE, implementation: str):
     with torch.no_grad():
         m.gate.weight.copy_(ours.gate.weight)
         m.gate.e_score_correction_bias.copy_(ours.gate.e_score_correction_bias)
-        m.experts.gate_up_proj.copy_(torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight])
-                                                  for e in ours.experts]))
-        m.experts.down_proj.copy_(torch.stack([e.down_proj.weight for e in ours.experts]))
+        m.experts.gate_up_proj.copy_(ours.experts.gate_up_proj)  # the same stacked layout
+        m.experts.down_proj.copy_(ours.experts.down_proj)
         for n in ("gate_proj", "up_proj", "down_proj"):
             getattr(m.shared_experts, n).weight.copy_(getattr(ours.shared_experts, n).weight)
     return m
@@ -139,13 +142,14 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
                 print(f"  transformers {n}: {str(e)[:100]}", file=sys.stderr)
     with torch.no_grad():  # the systems compute the same function
         ref = models["hf_eager"](x) if "hf_eager" in models else None
-        got = ours(x)[0]
+        got, routing = ours(x)
+    load = routing.load.double()
     err = None if ref is None else float((got - ref).abs().max() / ref.abs().max().clamp_min(1.0))
     t = rounds(fns, repeats, n_rounds)
     res = {"preset": name, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
            "ms": {n: round(v * 1e3, 2) for n, v in t.items()},
            "ratio_vs_dense": {n: round(v / t["dense"], 3) for n, v in t.items()},
-           "max_rel_diff_vs_hf_eager": err}
+           "max_rel_diff_vs_hf_eager": err, "load_max_mean": round(float(load.max() / load.mean()), 3)}
     print(f"  {name} {res['dtype']}: {res['ms']}", file=sys.stderr, flush=True)
     return res
 
@@ -180,8 +184,7 @@ def decode(batch: int, context: int, repeats: int, n_rounds: int) -> dict:
                 models[n](ids[:, context:], positions=last, cache=caches[n])
         return f
 
-    fns = {"moe": step("moe"), "moe_loop": step("moe", "loop"), "moe_grouped": step("moe", "grouped"),
-           "dense": step("dense")}
+    fns = {"moe": step("moe"), "moe_loop": step("moe", "loop"), "dense": step("dense")}
     t = rounds(fns, repeats, n_rounds)
     res = {"batch": batch, "context": context, "ms": {n: round(v * 1e3, 3) for n, v in t.items()},
            "ratio_vs_dense": {n: round(v / t["dense"], 3) for n, v in t.items()}}
@@ -232,7 +235,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     cap, bf16_flags = cpu_bf16()
     bounds = measure_cpu()
-    print(f"CPU capability {cap}; native bf16: {', '.join(bf16_flags) or 'no'}; {a.threads} thread(s); "
+    print(f"CPU capability {cap}; native bf16: {', '.join(bf16_flags) or 'no'}; {a.threads} thread(s) "
+          f"({'thread CPU time' if a.threads == 1 else 'wall time'}); "
           f"matmul fp32 {bounds['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {bounds['bf16_flops'] / 1e9:.0f} GFLOP/s; "
           f"copy {bounds['bandwidth_gbs']:.1f} GB/s", file=sys.stderr)
     dtypes = [torch.float32] + ([torch.bfloat16] if bf16_flags else [])
@@ -243,23 +247,24 @@ def main() -> None:
     print(f"\nMoE layer, forward + backward on {a.tokens} tokens, ms (ratio to the dense SwiGLU of the same "
           f"active size); CPU {cap}, native bf16 {'/'.join(bf16_flags) or 'no'}, {a.threads} thread(s)\n")
     cols = ["ours", "ours_loop", "dense", "hf_eager", "hf_grouped_mm"]
-    print("| preset | dtype | " + " | ".join(cols) + " |")
-    print("|---|---|" + "---:|" * len(cols))
+    print("| preset | dtype | " + " | ".join(cols) + " | expert load max/mean |")
+    print("|---|---|" + "---:|" * (len(cols) + 1))
     for r in layers:
         cells = [f"{r['ms'][c]:.1f} ({r['ratio_vs_dense'][c]:.2f}x)" if c in r["ms"] else "-" for c in cols]
-        print(f"| {r['preset']} | {r['dtype']} | " + " | ".join(cells) + " |")
+        print(f"| {r['preset']} | {r['dtype']} | " + " | ".join(cells) + f" | {r['load_max_mean']} |")
     print(f"\nDecode step, tiny V3 vs dense of equal active size, context {a.context}, fp32, ms (ratio to dense)\n")
-    print("| batch | MoE | MoE, loop forced | MoE, grouped forced | dense |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| batch | MoE (grouped GEMMs) | MoE, loop forced | dense |")
+    print("|---:|---:|---:|---:|")
     for r in decodes:
         print(f"| {r['batch']} | " + " | ".join(f"{r['ms'][c]:.2f} ({r['ratio_vs_dense'][c]:.2f}x)"
-                                               for c in ("moe", "moe_loop", "moe_grouped", "dense")) + " |")
+                                               for c in ("moe", "moe_loop", "dense")) + " |")
     print(f"\nExpert load max/mean, tiny gate, skewed inputs: {bal['load_max_mean_first']} at the start, "
           f"{bal['load_max_mean_last_10pct']} over the last 10% of {bal['steps']} bias updates\n")
     print(json.dumps({"benchmark": "moe_layer", "cpu_capability": cap, "native_bf16": bf16_flags,
-                      "threads": a.threads, "matmul_gflops_fp32": round(bounds["fp32_flops"] / 1e9, 1),
+                      "threads": a.threads, "clock": "thread_time" if a.threads == 1 else "perf_counter",
+                      "matmul_gflops_fp32": round(bounds["fp32_flops"] / 1e9, 1),
                       "matmul_gflops_bf16": round(bounds["bf16_flops"] / 1e9, 1),
-                      "copy_gbs": round(bounds["bandwidth_gbs"], 1), 
+                      "copy_gbs": round(bounds["bandwidth_gbs"], 1),
                       "layer": layers, "decode": decodes, "balance": bal}))
 
 

@@ -31,9 +31,19 @@ def gguf_path():
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3):
     """Weights large enough that routing and attention patterns are far from uniform."""
     g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
+        for name, p in params.items():
+            if name.endswith("experts.down_proj"):
+                continue  # drawn with gate_up_proj
+            if name.endswith("experts.gate_up_proj"):
+                # stacked routed experts, drawn expert by expert in Hugging Face order (gate, up, down),
+                # so every test model has the weights it had when the experts were one MLP each
+                down, I = params[name.replace("gate_up_proj", "down_proj")], p.shape[1] // 2
+                for e in range(p.shape[0]):
+                    for w in (p[e, :I], p[e, I:], down[e]):
+                        w.copy_(torch.randn(w.shape, generator=g) * std)
+            elif "norm" in name:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)

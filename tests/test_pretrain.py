@@ -133,7 +133,8 @@ def test_optimizer_groups_and_schedules():
     model = nanoseek.Transformer(tiny_config())
     decay, no_decay = param_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.dim() == 2 and "embed_tokens" not in names[id(p)] for p in decay["params"])
+    assert all(p.dim() >= 2 and "embed_tokens" not in names[id(p)] for p in decay["params"])
+    assert any(names[id(p)].endswith("experts.gate_up_proj") for p in decay["params"])  # [E, 2I, H]: matrices
     assert any("embed_tokens" in names[id(p)] for p in no_decay["params"])
     assert any("norm" in names[id(p)] for p in no_decay["params"])
     assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1) and lr_at(9, 100, 1.0, 10) == 1.0

@@ -65,3 +65,31 @@ def test_quantized_model_runs_in_the_engine(mode):
     assert kl < {"fp16": 1e-4, "int8": 0.02, "int4": 0.5, "w8a8": 0.02}[mode]
     out = Engine(model, max_seq_len=64).generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 5
+
+
+@pytest.mark.parametrize("mode", ["fp16", "int8", "int4"])
+def test_quantized_moe_runs_each_expert_on_its_own_quantized_weights(mode):
+    """The stacked routed experts become one quantized SwiGLU each; the quantized MoE layer equals
+    the float layer whose stacked experts hold the dequantized weights (prefill rows: dequantized GEMMs)."""
+    from nanoseek.model.moe import LoopExperts
+    from test_model import tiny_v3
+    model = tiny_v3(hidden_size=64, moe_intermediate_size=32, intermediate_size=64)
+    moe = model.model.layers[1].mlp
+    ref, orig = copy.deepcopy(moe), copy.deepcopy(moe)
+    quantize(model, mode)
+    assert isinstance(moe.experts, LoopExperts) and len(moe.experts) == moe.n_experts
+    with torch.no_grad():
+        for e, mlp in enumerate(moe.experts):
+            ref.experts.gate_up_proj[e] = mlp.gate_proj.shared.linear.dequantize()  # packed [gate; up]
+            ref.experts.down_proj[e] = mlp.down_proj.dequantize()
+        ref.shared_experts.gate_proj.weight.copy_(moe.shared_experts.gate_proj.shared.linear.dequantize()[:32])
+        ref.shared_experts.up_proj.weight.copy_(moe.shared_experts.gate_proj.shared.linear.dequantize()[32:])
+        ref.shared_experts.down_proj.weight.copy_(moe.shared_experts.down_proj.dequantize())
+        x = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(0))
+        got, want = moe(x)[0], ref(x)[0]
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # and they are the float experts' weights, each within its mode's rounding
+    tol = {"fp16": 1e-3, "int8": 0.01, "int4": 0.15}[mode]
+    for name in ("gate_up_proj", "down_proj"):
+        w, q = getattr(orig.experts, name), getattr(ref.experts, name)
+        assert 0 < (q - w).abs().max() <= tol * w.abs().max(), name

@@ -62,7 +62,8 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path):
     got = to_disk_names(loaded.state_dict(), loaded.config)
     for k, v in expected.items():
         assert torch.equal(got[k], v.float()), k
-    w = model.model.layers[1].mlp.experts[0].up_proj.weight
+    I = model.config.moe_intermediate_size
+    w = model.model.layers[1].mlp.experts.gate_up_proj[0, I:]  # expert 0's up_proj
     err = (got["model.layers.1.mlp.experts.0.up_proj.weight"] - w).norm() / w.norm()
     assert 0 < err < 0.05  # e4m3 keeps 3 mantissa bits: a few percent of error, not zero
 
@@ -180,3 +181,27 @@ def test_fp8_scale_of_the_wrong_shape_is_refused():
     w = torch.zeros(300, 200).to(torch.float8_e4m3fn)
     with pytest.raises(NanoseekError, match="does not match a 300x200 weight"):
         dequant_fp8_block(w, torch.ones(2, 2))
+
+
+def test_experts_stack_from_per_expert_and_from_gguf_names_and_back():
+    """Disk: one tensor per expert and projection (HF, DeepSeek) or one per projection (GGUF's
+    ffn_*_exps); model: gate_up_proj [E, 2I, H] = [gate; up] per expert, down_proj [E, H, I]."""
+    from nanoseek.weights.hf import stack_experts, unstack_experts
+    g = torch.Generator().manual_seed(0)
+    E, I, H, p = 3, 4, 8, "model.layers.1.mlp.experts"
+    gate, up, down = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g), torch.randn(E, H, I, generator=g)
+    per_expert = {f"{p}.{e}.{n}.weight": w[e] for e in range(E) for n, w in
+                  (("gate_proj", gate), ("up_proj", up), ("down_proj", down))}
+    stacked = {f"{p}.gate_proj.weight": gate, f"{p}.up_proj.weight": up, f"{p}.down_proj.weight": down}
+    for disk in (per_expert, stacked):
+        got = stack_experts({**disk, "other": torch.ones(1)})
+        assert set(got) == {f"{p}.gate_up_proj", f"{p}.down_proj", "other"}
+        assert torch.equal(got[f"{p}.gate_up_proj"][1], torch.cat([gate[1], up[1]]))
+        assert torch.equal(got[f"{p}.down_proj"], down)
+    back = unstack_experts(stack_experts(per_expert))
+    assert set(back) == set(per_expert) and all(torch.equal(back[k], v) for k, v in per_expert.items())
+    del per_expert[f"{p}.1.up_proj.weight"]
+    with pytest.raises(NanoseekError, match="up_proj of expert 1 is missing"):
+        stack_experts(per_expert)
+    with pytest.raises(NanoseekError, match="do not fit together"):
+        stack_experts({**stacked, f"{p}.down_proj.weight": down[:2]})

@@ -13,7 +13,9 @@ the CPU: on an AVX2-only machine fp16 is the fast lossless one (benchmarks/decod
 
 Linears that read the same input (q/k/v, gate/up, MLA's two down-projections) are packed into one
 matrix, so a decode step makes one call per group instead of two or three: the first sibling
-computes the packed product, the others slice it (see `Packed`).
+computes the packed product, the others slice it (see `Packed`). The MoE's stacked routed experts
+become one MLP per expert first (`LoopExperts`), each quantized like any other SwiGLU; the MoE then
+runs them with its per-expert loop.
 
     quantize(model, "w8a8")      # in place; returns the model
 """
@@ -25,6 +27,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..model.moe import Experts, LoopExperts
 
 # fbgemm's fp16 and int8 kernels are deprecated in favour of torchao; torch is pinned, so stay quiet
 warnings.filterwarnings("ignore", message=".*(fbgemm|quantize_per|quantized tensor).*deprecated", category=UserWarning)
@@ -205,6 +209,9 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 32, pack: b
     reading the same input share one packed matrix."""
     if mode not in MODES:
         raise ValueError(f"unknown quantization {mode!r}; use one of {', '.join(MODES)}")
+    for module in list(model.modules()):  # stacked routed experts -> one MLP each, quantized below
+        if isinstance(getattr(module, "experts", None), Experts):
+            module.experts = LoopExperts.unstacked(module.experts)
     for module in list(model.modules()):
         children = dict(module.named_children())
         for group in PACK if pack else ():

@@ -11,17 +11,18 @@ Gate, DeepSeek-V2 (`softmax`): s = softmax(W_g h); `greedy` top-k, or `group_lim
 (groups ranked by their max score). transformers masks dropped groups with 0.0 there; with
 softmax scores > 0 that picks the same experts as -inf, which is what we use everywhere.
 
-Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice.
-Two ways to run the experts on their slices, both a loop over experts at most, never over tokens:
-  grouped  two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then down) over all the
-           slices, the experts' weights stacked on the fly; the gate weight multiplies the
-           intermediate activation (I wide) rather than the output (H wide): same product, less traffic
-  loop     each expert that got rows, once, on its slice (also what quantized experts run)
-Stacking copies all E·3·H·I expert weights per call, so the grouped GEMMs pay only when there are
-enough rows per copied weight: in training from rows ≥ E·H·I / 1024, in inference (no gradient)
-from rows ≥ E·H·I / 64; below that (decode, small batches, prefill of larger models) the loop.
-Both thresholds are the crossovers measured on the tiny and small presets
-(docs/benchmarks.md#moe-vs-dense); `MoE.GROUPED = True / False` forces a path.
+Routed experts are stored stacked, as transformers 5 stores them (`Experts`: gate_up_proj [E, 2I, H],
+down_proj [E, H, I]); checkpoints keep the Hugging Face per-expert names (nanoseek/weights/hf.py).
+Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice:
+  gather   rows = x[token] (`Gather`; its backward gathers each token's k rows back and adds them)
+  experts  two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then down) over all the
+           slices, straight from the stacked weights; the gate weight multiplies the intermediate
+           activation (I wide) rather than the output (H wide): same product, less traffic
+  combine  shared experts' output + each token's k rows (`Combine`: a gather by the inverse order and
+           k - 1 adds; its backward is a gather by token): no scatter-add either way
+Where `F.grouped_mm` does not apply (rows not 16-byte multiples, CUDA in fp32, other devices) or
+`MoE.GROUPED = False`, a loop runs each expert that got rows once, on its slice (never a loop over
+tokens); quantized experts (infer/quantize.py) are one MLP each (`LoopExperts`) and take the loop.
 
 `MoE(x)` returns `(y, Routing(scores, load))`, as DeepSeek's Gate returns (weights, indices): the
 module keeps no training state. Training reads the routing for the sequence-wise balance loss and
@@ -75,6 +76,15 @@ class Gate(nn.Module):
         """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
         logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        with torch.no_grad():  # the choice of experts carries no gradient: no autograd graph for it
+            indices = self.choose(scores)
+        weights = scores.gather(1, indices)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.routed_scaling_factor, indices, scores
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """The top-k experts per row of scores [N, E] (biased, group-limited): indices [N, k]."""
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.n_group > 1 and self.topk_method in ("noaux_tc", "group_limited_greedy"):
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
@@ -85,50 +95,153 @@ class Gate(nn.Module):
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
             choice = grouped.masked_fill(dropped[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.routed_scaling_factor, indices, scores
+        return choice.topk(self.top_k, dim=-1).indices
 
 
-def grouped_mm_applies(x: torch.Tensor, experts: nn.ModuleList) -> bool:
-    """F.grouped_mm's conditions: plain bias-free Linear experts (not quantized), 16-byte row
-    strides, and a device where it has a kernel for the dtype (CPU: any float; CUDA: bf16)."""
-    if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
+class Gather(torch.autograd.Function):
+    """rows = x[token] (token = order // k: the (token, expert) pairs sorted by expert). The backward
+    sums each token's k rows by gathering them back through `inv` (order's inverse): gathers only,
+    no scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x, token, inv, k: int):
+        ctx.save_for_backward(inv)
+        ctx.k = k
+        return x.index_select(0, token)
+
+    @staticmethod
+    def backward(ctx, g):
+        inv, = ctx.saved_tensors
+        return sum_k(g.index_select(0, inv), ctx.k), None, None, None
+
+
+class Combine(torch.autograd.Function):
+    """base + Σ_j ys[inv[n·k + j]] per token n: each token's k expert rows (sorted by expert) added
+    onto `base` (the shared experts' output). The backward is a gather by token."""
+
+    @staticmethod
+    def forward(ctx, ys, base, inv, token, k: int):
+        ctx.save_for_backward(token)
+        return sum_k(ys.index_select(0, inv), k, base)
+
+    @staticmethod
+    def backward(ctx, g):
+        token, = ctx.saved_tensors
+        return g.index_select(0, token), g, None, None, None
+
+
+def sum_k(rows: torch.Tensor, k: int, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_j rows[n·k + j] (+ base[n]): k - 1 adds of [N, H] slices (a loop over the top-k slots,
+    not tokens); 3-10x faster on CPU than .view(N, k, H).sum(1), whose reduction is strided."""
+    r = rows.view(-1, k, rows.shape[-1])
+    y = r[:, 0] + base if base is not None else r[:, 0].clone()
+    for j in range(1, k):
+        y += r[:, j]
+    return y
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked as transformers 5 stores them: gate_up_proj [E, 2I, H] (expert e's
+    gate_proj rows, then its up_proj rows), down_proj [E, H, I]. On disk they keep the Hugging Face
+    names (`mlp.experts.{e}.gate_proj.weight`, ...): nanoseek/weights/hf.py converts."""
+
+    def __init__(self, n: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(n, hidden, intermediate))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, expert by expert in Hugging Face order (gate, up, down): the
+        same numbers, from the same random stream, as one MLP per expert."""
+        if self.gate_up_proj.device.type == "meta":
+            return
+        I = self.down_proj.shape[2]
+        for e in range(len(self)):
+            for w in (self.gate_up_proj[e, :I], self.gate_up_proj[e, I:], self.down_proj[e]):
+                nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+
+    def __len__(self) -> int:
+        return self.gate_up_proj.shape[0]
+
+    def grouped_mm_applies(self, x: torch.Tensor) -> bool:
+        """F.grouped_mm's conditions: a device where it has a kernel for the dtype (CPU: any float;
+        CUDA: bf16) and 16-byte row strides."""
+        if not hasattr(F, "grouped_mm") or x.device.type not in ("cpu", "cuda"):
+            return False
+        if x.device.type == "cuda" and x.dtype != torch.bfloat16:
+            return False
+        align = 16 // x.element_size()
+        _, two_i, h = self.gate_up_proj.shape
+        return h % align == 0 and (two_i // 2) % align == 0
+
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor, rw: torch.Tensor | None = None,
+                grouped: bool = True) -> torch.Tensor:
+        """expert_e(xs) (times rw [rows, 1], if given) for rows sorted by expert, counts[e] rows each;
+        the gate weight multiplies the intermediate activation (I wide) rather than the output (H wide):
+        the same product, less traffic."""
+        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        w1, w2, xs = self.gate_up_proj.to(dtype), self.down_proj.to(dtype), xs.to(dtype)
+        rw = None if rw is None else rw.to(dtype)
+        if grouped:  # two grouped GEMMs over all the slices
+            offs = counts.cumsum(0).to(torch.int32)
+            gate, up = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            return F.grouped_mm(h if rw is None else h * rw, w2.transpose(1, 2), offs=offs)
+        # each expert that got rows, once, on its slice; unbind: one stacked gradient, not E
+        outs = []
+        for w_gu, w_d, xe, n in zip(w1.unbind(0), w2.unbind(0), xs.split(counts.tolist()), counts.tolist()):
+            if n:
+                gate, up = F.linear(xe, w_gu).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, w_d))
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1])
+        return ys if rw is None else ys * rw
+
+    def one_token(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Σ_j weights[j] · expert_{indices[j]}(x) for one token x [1, H] (decode at batch 1): the k
+        chosen experts' weights used in place, no sort, gather or grouped GEMM over empty groups."""
+        y = None
+        for e, w in zip(indices.tolist(), weights.tolist()):
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            out = F.linear(F.silu(gate) * up * w, self.down_proj[e])
+            y = out if y is None else y.add_(out)
+        return y
+
+
+class LoopExperts(nn.ModuleList):
+    """The routed experts as one MLP each (what infer/quantize.py turns into quantized linears):
+    run by the per-expert loop."""
+
+    @classmethod
+    def unstacked(cls, experts: Experts) -> "LoopExperts":
+        _, two_i, h = experts.gate_up_proj.shape
+        out = cls()
+        for w_gu, w_d in zip(experts.gate_up_proj.detach(), experts.down_proj.detach()):
+            m = MLP(h, two_i // 2).to(device=w_gu.device, dtype=w_gu.dtype)
+            m.gate_proj.weight.data.copy_(w_gu[:two_i // 2])
+            m.up_proj.weight.data.copy_(w_gu[two_i // 2:])
+            m.down_proj.weight.data.copy_(w_d)
+            out.append(m)
+        return out
+
+    def grouped_mm_applies(self, x) -> bool:
         return False
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
-        return False
-    e = experts[0]
-    if not (isinstance(e, MLP) and all(type(m) is nn.Linear and m.bias is None
-                                       for m in (e.gate_proj, e.up_proj, e.down_proj))):
-        return False
-    align = 16 // x.element_size()
-    return e.gate_proj.in_features % align == 0 and e.gate_proj.out_features % align == 0
 
-
-def grouped_swiglu(xs: torch.Tensor, counts: torch.Tensor, experts, rw: torch.Tensor | None = None) -> torch.Tensor:
-    """expert_e(xs) (times rw [rows, 1], if given) for rows sorted by expert (counts[e] rows each),
-    as two grouped GEMMs; `experts` holds the E experts the counts refer to."""
-    dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
-    w1 = torch.cat([torch.stack([e.gate_proj.weight for e in experts]),
-                    torch.stack([e.up_proj.weight for e in experts])], dim=1).to(dtype)   # [E, 2I, H]
-    w2 = torch.stack([e.down_proj.weight for e in experts]).to(dtype)                     # [E, H, I]
-    offs = counts.cumsum(0).to(torch.int32)
-    gate, up = F.grouped_mm(xs.to(dtype), w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-    h = F.silu(gate) * up
-    return F.grouped_mm(h if rw is None else h * rw.to(dtype), w2.transpose(1, 2), offs=offs)
+    def forward(self, xs, counts, rw=None, grouped: bool = False):
+        outs = [self[e](xe) for e, (xe, n) in enumerate(zip(xs.split(counts.tolist()), counts.tolist())) if n]
+        ys = torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
+        return ys if rw is None else ys * rw.to(ys.dtype)
 
 
 class MoE(nn.Module):
-    GROUPED: bool | None = None  # None: grouped GEMMs where they pay (see the docstring); True / False: forced
+    GROUPED: bool | None = None  # None: grouped GEMMs wherever F.grouped_mm applies; False: the loop forced
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
         self.gate = Gate(cfg)
-        self.experts = nn.ModuleList(MLP(cfg.hidden_size, cfg.moe_intermediate_size)
-                                     for _ in range(self.n_experts))
+        self.experts = Experts(self.n_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
                                if cfg.n_shared_experts else None)
 
@@ -136,34 +249,30 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
-        y, load = self.dispatch(x, weights, indices)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
+        base = self.shared_experts(x) if self.shared_experts is not None else None
+        y, load = self.dispatch(x, weights, indices, base)
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
-    def use_grouped(self, rows: int, x: torch.Tensor, experts=None) -> bool:
-        """Grouped GEMMs for `rows` (token, expert) rows over `experts` (default: all of them)?"""
-        experts = self.experts if experts is None else experts
-        if self.GROUPED is False or not grouped_mm_applies(x, experts):
-            return False
-        e = experts[0].gate_proj
-        return bool(self.GROUPED) or rows * (1024 if torch.is_grad_enabled() else 64) >= \
-            len(experts) * e.in_features * e.out_features
+    def use_grouped(self, x: torch.Tensor) -> bool:
+        """Grouped GEMMs for x's rows? Wherever F.grouped_mm applies: with the experts stored stacked
+        it beats the per-expert loop at every size measured, decode included (one token aside, see
+        dispatch; docs/benchmarks.md#moe-vs-dense)."""
+        return self.GROUPED is not False and self.experts.grouped_mm_applies(x)
 
-    def dispatch(self, x, weights, indices) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
+    def dispatch(self, x, weights, indices, base=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base + Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
         flat = indices.flatten()
-        order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts)
+        grad = torch.is_grad_enabled()
+        if len(x) == 1 and not grad and isinstance(self.experts, Experts):  # decode at batch 1
+            y = self.experts.one_token(x, weights[0], indices[0])
+            return (y if base is None else base + y), counts
+        order = flat.argsort(stable=True)
         token = order // self.top_k
-        xs, rw = x[token], weights.flatten()[order, None]
-        if self.use_grouped(flat.numel(), x):
-            ys = grouped_swiglu(xs, counts, self.experts, rw)
-        else:
-            outs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    outs.append(self.experts[e](xs[start:start + n]))
-                    start += n
-            ys = torch.cat(outs) * rw.to(outs[0].dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys.to(x.dtype)), counts.detach()
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+        rw = weights.flatten()[order, None]
+        xs = Gather.apply(x, token, inv, self.top_k) if grad else x.index_select(0, token)
+        ys = self.experts(xs, counts, rw, self.use_grouped(x)).to(x.dtype)
+        base = torch.zeros_like(x) if base is None else base
+        y = Combine.apply(ys, base, inv, token, self.top_k) if grad else sum_k(ys.index_select(0, inv), self.top_k, base)
+        return y, counts.detach()

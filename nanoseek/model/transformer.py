@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import GQA, MLA, RMSNorm, RotaryEmbedding
-from .moe import MLP, MoE
+from .moe import MLP, Experts, MoE
 
 
 class Block(nn.Module):
@@ -93,6 +93,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(m.weight, std=std)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
+        elif isinstance(m, Experts):
+            for w in (m.gate_up_proj, m.down_proj):
+                if w.device.type != "meta":
+                    nn.init.normal_(w, std=std)
         elif hasattr(m, "weight") and isinstance(m.weight, nn.Parameter) and m.weight.device.type != "meta":
             if isinstance(m, RMSNorm):
                 nn.init.ones_(m.weight)

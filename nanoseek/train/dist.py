@@ -6,8 +6,9 @@
 Without torchrun (no WORLD_SIZE in the environment) everything here is a no-op on one process.
 NCCL when CUDA is present (one GPU per local rank), gloo on CPU.
 
-DDP: gradients are averaged across ranks; MoE experts that receive no token on a rank get no
-gradient there, hence find_unused_parameters for MoE models. Buffers (the gate's
+DDP: gradients are averaged across ranks; find_unused_parameters stays on for MoE models (the
+routed experts are stacked tensors, so an expert no token picked gets a zero gradient, not none;
+the flag is kept for safety and costs one extra pass over the autograd graph). Buffers (the gate's
 e_score_correction_bias) are not broadcast: every rank applies the same update from the
 all-reduced expert load, so they stay identical.
 
@@ -189,6 +190,9 @@ def load_optimizer_state(model, optimizer, state: dict, info: DistInfo) -> None:
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     if info.fsdp:
         _reshard(model)
+    if info.expert_parallel:  # this rank's rows of the stacked experts' state
+        from .expert_parallel import local_optimizer_state
+        state = local_optimizer_state(unwrap(model), state, info)
     set_optimizer_state_dict(model, optimizer, state, options=_options())
 
 

@@ -10,8 +10,8 @@
 Layout (DeepSeek-V3 §3.2 trains with expert parallelism across nodes; GShard's all-to-all): every
 rank is a data-parallel rank with its own micro-batch, and an expert-parallel rank owning E / world
 routed experts. The gate, attention, shared experts and embeddings are replicated (DDP averages
-their gradients); each routed expert lives on one rank only. Parameter names stay global
-(`...mlp.experts.5.up_proj.weight`): the other ranks' experts are `None` in the ModuleList.
+their gradients); each routed expert lives on one rank only: rank r's `mlp.experts.gate_up_proj` /
+`down_proj` hold rows [r·L, (r+1)·L) of the stacked experts, under the same names as in one process.
 
 One MoE layer on one rank, with its own N tokens (ExpertParallelMoE.dispatch):
   1. the (replicated) gate picks top-k experts per token; the (token, expert) pairs are sorted by
@@ -28,8 +28,9 @@ every gradient is that of the mean of the ranks' losses, as in plain DDP.
 Every rank must run every forward and backward (the exchanges are collectives), also for
 evaluation and generation. gloo implements all_to_all_single with uneven splits on CPU (checked
 with torch 2.13), NCCL on GPUs, so there is no fallback exchange. Checkpoints gather the experts
-onto rank 0 (full_state_dict, full_optimizer_state): a checkpoint is the full model, which resumes
-with or without expert parallelism and any world size that divides E.
+onto rank 0 (full_state_dict, full_optimizer_state: the ranks' slices concatenated in rank order):
+a checkpoint is the full model, which resumes with or without expert parallelism and any world size
+that divides E (local_optimizer_state takes this rank's slice of a full optimizer state).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import NanoseekError
-from ..model.moe import MoE, grouped_swiglu
+from ..model.moe import MoE
 
 if TYPE_CHECKING:  # dist.py imports this module for the expert-parallel paths
     from .dist import DistInfo
@@ -80,12 +81,13 @@ class ExpertParallelMoE(MoE):
         self.rank, self.world, self.group = rank, world, group
         self.n_local = self.n_experts // world
         self.first = rank * self.n_local
-        for e in range(self.n_experts):
-            if not self.first <= e < self.first + self.n_local:
-                self.experts[e] = None
+        mine = slice(self.first, self.first + self.n_local)
+        for name in ("gate_up_proj", "down_proj"):
+            w = getattr(self.experts, name)
+            setattr(self.experts, name, torch.nn.Parameter(w.data[mine].clone(), requires_grad=w.requires_grad))
         self.last_received: torch.Tensor | None = None  # rows received from each rank in the last call
 
-    def dispatch(self, x, weights, indices):
+    def dispatch(self, x, weights, indices, base=None):
         W, L = self.world, self.n_local
         flat = indices.flatten()
         order = flat.argsort(stable=True)
@@ -103,23 +105,14 @@ class ExpertParallelMoE(MoE):
         local = torch.arange(L, device=x.device).repeat(W).repeat_interleave(recv_counts.flatten())
         by_expert = local.argsort(stable=True)
         rows = rows[by_expert]
-        local_counts = recv_counts.sum(0)
-        local_experts = [self.experts[self.first + j] for j in range(L)]
-        if self.use_grouped(len(rows), rows, local_experts):  # the same kernels as one process
-            out = grouped_swiglu(rows, local_counts, local_experts)
-        else:
-            outs, start = [], 0
-            for j, n in enumerate(local_counts.tolist()):
-                if n:
-                    outs.append(local_experts[j](rows[start:start + n]))
-                    start += n
-            # with no rows at all, keep the (empty) graph: the backward exchange is a collective that
-            # every rank must join
-            out = torch.cat(outs) if outs else rows
+        # the same kernels as one process; with no rows at all the (empty) graph stays: the backward
+        # exchange is a collective that every rank must join
+        out = self.experts(rows, recv_counts.sum(0), None, self.use_grouped(rows)) if len(rows) else rows
         out = out[torch.argsort(by_expert)]                      # back to (source rank, expert) order
         ys = all_to_all(out, send_splits, recv_splits, self.group)
         ys = ys * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token, ys), counts.detach()
+        y = torch.zeros_like(x) if base is None else base
+        return y.index_add(0, token, ys), counts.detach()
 
 
 def shard_experts(model: torch.nn.Module, info: DistInfo, group=None) -> list[ExpertParallelMoE]:
@@ -161,6 +154,10 @@ def _gather_to_main(obj, info: DistInfo) -> list:
     return out
 
 
+def _concat_ranks(parts: list) -> torch.Tensor:
+    return torch.cat(parts) if torch.is_tensor(parts[0]) and parts[0].dim() else parts[0]
+
+
 def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """The full model state dict (every expert) on rank 0, {} elsewhere; every rank must call it."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -168,27 +165,35 @@ def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.T
     gathered = _gather_to_main({k: state[k] for k in names}, info)
     if not info.main:
         return {}
-    for part in gathered:
-        state.update(part)
+    for k in names:  # each rank's slice of the stacked experts, in rank order
+        state[k] = torch.cat([part[k] for part in gathered])
     return state
 
 
 def full_optimizer_state(model: torch.nn.Module, state: dict, info: DistInfo) -> dict:
-    """Merge the other ranks' expert entries into a name-keyed optimizer state (from
-    get_optimizer_state_dict with full_state_dict=True) on rank 0, {} elsewhere."""
+    """Concatenate the ranks' slices of the experts' optimizer state (exp_avg, exp_avg_sq) in a
+    name-keyed optimizer state (from get_optimizer_state_dict with full_state_dict=True) on rank 0,
+    {} elsewhere."""
     names = expert_names(model)
     cpu = lambda v: v.detach().cpu() if torch.is_tensor(v) else v  # noqa: E731
     mine = {k: {s: cpu(v) for s, v in st.items()} for k, st in state["state"].items() if k in names}
-    groups = [[n for n in g["params"] if n in names] for g in state["param_groups"]]
-    gathered = _gather_to_main((mine, groups), info)
+    gathered = _gather_to_main(mine, info)
     if not info.main:
         return {}
     merged = {"state": {k: {s: cpu(v) for s, v in st.items()} for k, st in state["state"].items()},
               "param_groups": [dict(g, params=list(g["params"])) for g in state["param_groups"]]}
-    for r, (entries, group_names) in enumerate(gathered):
-        if r == info.rank:
-            continue
-        merged["state"].update(entries)
-        for g, extra in zip(merged["param_groups"], group_names):
-            g["params"].extend(extra)
+    for k in mine:
+        merged["state"][k] = {s: _concat_ranks([part[k][s] for part in gathered]) for s in mine[k]}
     return merged
+
+
+def local_optimizer_state(model: torch.nn.Module, state: dict, info: DistInfo) -> dict:
+    """This rank's slice of the experts' entries of a full name-keyed optimizer state (to resume)."""
+    names = expert_names(model)
+    params = dict(model.named_parameters())
+    out = {"state": dict(state["state"]), "param_groups": state["param_groups"]}
+    for k in names & set(state["state"]):
+        L = params[k].shape[0]
+        out["state"][k] = {s: v[info.rank * L:(info.rank + 1) * L] if torch.is_tensor(v) and v.dim() else v
+                           for s, v in state["state"][k].items()}
+    return out

@@ -48,7 +48,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from ..config import ModelConfig
 from ..errors import NanoseekError
-from .gguf_names import hf_name, merge_kv_b, unpermute_rope, unstack_experts
+from .gguf_names import hf_name, merge_kv_b, unpermute_rope
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "deepseek2": "DeepseekV3ForCausalLM"}
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
@@ -122,8 +122,8 @@ def read_gguf(path) -> GGUFContents:
         elif name.endswith((".k_b_proj.weight", ".v_b_proj.weight")):
             mla_halves[name] = w
             continue
-        for k, v in unstack_experts(name, w).items():
-            tensors[k] = torch.from_numpy(np.require(v, np.float32, ["C", "W"]))
+        # routed experts stay stacked (`mlp.experts.gate_proj.weight` [E, I, H]): the model stores them so
+        tensors[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"]))
     for k in sorted(mla_halves):  # deepseek2: attn_k_b + attn_v_b -> kv_b_proj
         if k.endswith(".k_b_proj.weight"):
             v = k.replace("k_b_proj", "v_b_proj")

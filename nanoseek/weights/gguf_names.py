@@ -16,7 +16,8 @@ llama.cpp's converter (`convert_hf_to_gguf.py`) reshapes three things, done and 
   query and the output and caches only the latent. Older files hold the unsplit `attn_kv_b`;
   the reader takes either (`merge_kv_b`).
 - deepseek2 MoE: the routed experts' weights are stacked [experts, out, in] into one
-  `ffn_{gate,up,down}_exps` tensor per layer (`stack_experts` / `unstack_experts`).
+  `ffn_{gate,up,down}_exps` tensor per layer (`stack_experts`; the reader keeps them stacked and
+  weights/hf.py's `stack_experts` fuses gate and up into the model's `gate_up_proj`).
 """
 
 from __future__ import annotations
@@ -121,13 +122,3 @@ def stack_experts(state: dict[str, np.ndarray], n_experts: int) -> dict[str, np.
             raise NanoseekError(f"layer {layer}: {proj} of {len(experts)} experts, expected {n_experts}")
         out[f"model.layers.{layer}.mlp.experts.{proj}.weight"] = np.stack([experts[e] for e in range(n_experts)])
     return out
-
-
-def unstack_experts(name: str, w: np.ndarray) -> dict[str, np.ndarray]:
-    """The inverse of `stack_experts` for one tensor (other tensors come back unchanged)."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_proj|up_proj|down_proj)\.weight", name)
-    if not m:
-        return {name: w}
-    if w.ndim != 3:
-        raise NanoseekError(f"stacked expert tensor {name} has shape {list(w.shape)}; expected 3 dimensions")
-    return {f"model.layers.{m[1]}.mlp.experts.{e}.{m[2]}.weight": w[e] for e in range(w.shape[0])}

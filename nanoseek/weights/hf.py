@@ -6,7 +6,10 @@
 Handled on load: `model.safetensors` or shards listed in `model.safetensors.index.json`;
 DeepSeek's FP8 checkpoints (e4m3 weights with a `weight_scale_inv` per 128×128 block) are
 dequantized; MTP layers stored as `model.layers.{num_hidden_layers + k}.*` are mapped to our
-`mtp.k.*`. Writes are atomic: everything goes to a temp directory that is renamed into place.
+`mtp.k.*`. Routed experts are stored per expert on disk (`mlp.experts.{e}.gate_proj.weight`, as
+DeepSeek and transformers write them) and stacked in the model (`mlp.experts.gate_up_proj` [E, 2I, H],
+`mlp.experts.down_proj` [E, H, I]): `from_disk_names` stacks them (also GGUF's already stacked
+`mlp.experts.gate_proj.weight` [E, I, H]), `to_disk_names` splits them. Writes are atomic: everything goes to a temp directory that is renamed into place.
 """
 
 from __future__ import annotations
@@ -106,6 +109,66 @@ def dequant_fp8(tensors: dict[str, torch.Tensor], block: int = 128) -> dict[str,
     return out
 
 
+_PER_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_STACKED = re.compile(r"(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def stack_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert (HF) or per-projection stacked (GGUF) routed-expert weights -> the model's
+    `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]; other tensors unchanged."""
+    out, groups = {}, {}
+    for k, v in tensors.items():
+        m = _PER_EXPERT.fullmatch(k)
+        if m:
+            groups.setdefault(m[1], {}).setdefault(m[3], {})[int(m[2])] = v
+            continue
+        m = _STACKED.fullmatch(k)
+        if m:
+            groups.setdefault(m[1], {})[m[2]] = v
+            continue
+        out[k] = v
+    for prefix, projs in groups.items():
+        if set(projs) != {"gate_proj", "up_proj", "down_proj"}:
+            raise NanoseekError(f"{prefix}: routed experts need gate_proj, up_proj and down_proj, "
+                                f"found {', '.join(sorted(projs))}")
+        stacked = {}
+        for proj, w in projs.items():
+            dims = {t.dim() for t in w.values()} if isinstance(w, dict) else {w.dim() - 1}
+            if dims != {2}:
+                raise NanoseekError(f"{prefix}: {proj} expert weights must be matrices, got {sorted(dims)[0]} dims")
+            if isinstance(w, dict):
+                if sorted(w) != list(range(len(w))):
+                    missing = sorted(set(range(max(w) + 1)) - set(w))
+                    raise NanoseekError(f"{prefix}: {proj} of expert {missing[0]} is missing")
+                if len({tuple(t.shape) for t in w.values()}) > 1:
+                    raise NanoseekError(f"{prefix}: {proj} has experts of different shapes")
+                w = torch.stack([w[e] for e in range(len(w))])
+            stacked[proj] = w
+        g, u, d = stacked["gate_proj"].shape, stacked["up_proj"].shape, stacked["down_proj"].shape
+        if not (g == u and g[0] == d[0] and (g[1], g[2]) == (d[2], d[1])):
+            raise NanoseekError(f"{prefix}: expert shapes gate {list(g)}, up {list(u)}, down {list(d)} "
+                                f"do not fit together")
+        out[f"{prefix}.gate_up_proj"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]], dim=1)
+        out[f"{prefix}.down_proj"] = stacked["down_proj"]
+    return out
+
+
+def unstack_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of stack_experts: the model's stacked experts -> per-expert HF names (views)."""
+    out = {}
+    for k, v in state.items():
+        m = re.fullmatch(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)", k)
+        if not m:
+            out[k] = v
+        elif m[2] == "down_proj":
+            out.update({f"{m[1]}.{e}.down_proj.weight": w for e, w in enumerate(v.unbind(0))})
+        else:
+            gate, up = v.chunk(2, dim=1)
+            for e in range(v.shape[0]):
+                out[f"{m[1]}.{e}.gate_proj.weight"], out[f"{m[1]}.{e}.up_proj.weight"] = gate[e], up[e]
+    return out
+
+
 def from_disk_names(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """On-disk (HF/DeepSeek) names -> our state-dict names."""
     L, out = cfg.num_hidden_layers, {}
@@ -119,12 +182,12 @@ def from_disk_names(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
         if k.endswith("rotary_emb.inv_freq"):
             continue
         out[k] = v
-    return out
+    return stack_experts(out)
 
 
 def to_disk_names(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     L, out = cfg.num_hidden_layers, {}
-    for k, v in state.items():
+    for k, v in unstack_experts(state).items():
         m = re.match(r"mtp\.(\d+)\.(block\.)?(.*)", k)
         if m:
             k = f"model.layers.{L + int(m.group(1))}.{m.group(3)}"
@@ -151,10 +214,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_byt
         total += n
     meta = {"format": "pt", **(metadata or {})}
     seen: dict[int, str] = {}
-    def materialize(k):  # safetensors refuses shared storage: copy tensors seen before
-        t = tensors[k].detach().cpu().contiguous()
+    def materialize(k):  # safetensors refuses shared storage: copy tensors seen before, and views
+        t = tensors[k].detach().cpu().contiguous()  # of a larger tensor (one expert of a stack)
         ptr = t.data_ptr()
-        if ptr in seen:
+        if ptr in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             t = t.clone()
         seen[ptr] = k
         return t
