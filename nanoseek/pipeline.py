@@ -58,13 +58,16 @@ class Stages:
         self.summary.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version(),
                                             "processor": platform.processor() or platform.machine()})
         self.summary.setdefault("stage_s", {})
+        for marker in sorted(self.root.glob(".*.done")):   # finished, but stopped before summary.json took note
+            if marker.name[1:-len(".done")] not in self.summary["stage_s"]:
+                self.merge(marker.name[1:-len(".done")])
 
     def save_summary(self) -> None:
         if not self.child:
             write_json(self.root / "summary.json", self.summary)
 
     def merge(self, name: str) -> None:
-        """Fold a finished stage's marker (written by another process) into summary.json."""
+        """Fold a finished stage's marker (written by this or another process) into summary.json."""
         info = json.loads((self.root / f".{name}.done").read_text())
         self.summary["stage_s"][name] = info.pop("seconds", None)
         info.pop("started_at", None)
@@ -84,11 +87,9 @@ class Stages:
         t0, started = time.perf_counter(), time.time()
         info = fn() or {}
         dt = round(time.perf_counter() - t0, 1)
-        self.summary["stage_s"][name] = dt
-        self.summary.update({f"{name}.{k}": v for k, v in info.items()})
-        self.save_summary()
         atomic_write(self.root / f".{name}.done", json.dumps({"seconds": dt, **info, "started_at": started},
                                                              indent=2) + "\n")
+        self.merge(name)
 
     def resuming(self, sub: str) -> bool:
         """Whether stage directory `sub` has checkpoints to resume from."""

@@ -34,8 +34,8 @@ A preset may leave out rejection / final-rl (R1 is then the reasoning model); th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
 import platform
 import sys
 import time
@@ -95,14 +95,25 @@ def speedrun(out: str = "runs/speedrun", preset: str = "cpu", resume: bool = Fal
         if name == "report" and not child:
             run.summary["total_s"] = round(sum(run.summary["stage_s"].values()), 1)
             run.save_summary()
-        run.run(name, lambda: fn(run, p, seed))
+        run.run(name, lambda: _and_evaluate(run, p, seed, name, fn))
     return run.summary
+
+
+# the model each stage makes, evaluated as the stage ends (so parallel lanes share the eval work)
+EVALUATES = {"pretrain": "base", "student": "student-base", "grpo": "r1-zero", "final-rl": "r1",
+             "distill": "student-distilled", "student-rl": "student-rl"}
+
+
+def _and_evaluate(run: Stages, p: dict, seed: int, name: str, fn) -> dict:
+    info = fn(run, p, seed)
+    if name in EVALUATES:
+        evaluate_models(run, [m for m in _models(run, p) if m[0] == EVALUATES[name]], p["eval_n"], p["eval_k"],
+                        p["max_tokens"], seed, table=False)
+    return info
 
 
 def default_jobs() -> int:
     """2 lanes on a CPU with 2+ cores; 1 where a GPU runs the stages (they would share it)."""
-    import os
-
     import torch
     return 1 if torch.cuda.is_available() or (os.cpu_count() or 1) < 2 else 2
 
@@ -110,12 +121,8 @@ def default_jobs() -> int:
 def _parallel(run: Stages, preset: str, seed: int, jobs: int, threads: int | None) -> dict:
     """`jobs` lanes, each a process with cores // jobs threads: small models scale poorly over threads, so
     two one-thread stages side by side finish sooner than the same two one after the other on two."""
-    import os
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     run.summary["jobs"], run.summary["threads_per_job"] = jobs, threads
-    for name in NEEDS:   # finished by an earlier run whose parent was stopped before it took note
-        if run.done(name) and name not in run.summary["stage_s"]:
-            run.merge(name)
     wall0, t0 = run.summary.get("total_s", 0.0), time.perf_counter()
 
     def command(name: str) -> list[str]:
@@ -137,14 +144,15 @@ def _data_stage(run: Stages, p: dict, seed: int) -> dict:
     """The synthetic corpus, its BPE tokenizer and token file (OUT/data), shared by the base and the student."""
     from .train.dist import DistInfo
     from .train.pretrain import prepare_data
-    tok, tokens, _, _ = prepare_data(_pretrain_args(run, p, seed, "pretrain"), DistInfo(), None)
+    tok, tokens, _, _ = prepare_data(_pretrain_args(run, p, seed, "pretrain", p["pretrain_steps"]), DistInfo(), None)
     return {"tokens": int(len(tokens)), "vocab": tok.vocab_size}
 
 
-def _pretrain_args(run: Stages, p: dict, seed: int, stage: str, **kw):
+def _pretrain_args(run: Stages, p: dict, seed: int, stage: str, steps: int, **kw):
+    """What the base and the student share: corpus, its cache (OUT/data), batch, checkpoints, final eval."""
     from .train.pretrain import PretrainArgs
     d = run.root / stage
-    return PretrainArgs(out=str(d), preset=p["model"], steps=p["pretrain_steps"], batch_size=p["batch_size"],
+    return PretrainArgs(out=str(d), preset=p["model"], steps=steps, batch_size=p["batch_size"],
                         seq_len=p["seq_len"], synthetic_docs=p["docs"], seed=seed, cache_dir=str(run.root / "data"),
                         resume=run.resuming(d.name), save_every=250, final_eval=p["eval_n"], **kw)
 
@@ -152,17 +160,14 @@ def _pretrain_args(run: Stages, p: dict, seed: int, stage: str, **kw):
 def _pretrain_stage(run: Stages, p: dict, seed: int) -> dict:
     """Pretrain the DeepSeek-V3-architecture base model."""
     from .train.pretrain import pretrain
-    r = pretrain(_pretrain_args(run, p, seed, "pretrain", sample_every=500))
-    _evaluate(run, p, seed, "base")
+    r = pretrain(_pretrain_args(run, p, seed, "pretrain", p["pretrain_steps"], sample_every=500))
     return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
 
 
 def _student_stage(run: Stages, p: dict, seed: int) -> dict:
     """A dense student base model (llama architecture, same tokenizer, corpus and number of steps)."""
     from .train.pretrain import pretrain
-    r = pretrain(dataclasses.replace(_pretrain_args(run, p, seed, "student", arch="llama", sample_every=10**9),
-                                     steps=p["student_steps"]))
-    _evaluate(run, p, seed, "student-base")
+    r = pretrain(_pretrain_args(run, p, seed, "student", p["student_steps"], arch="llama", sample_every=10**9))
     return {"final_loss": r["last"].get("loss"), "steps": r["step"]}
 
 
@@ -175,9 +180,7 @@ def _rl(run: Stages, p: dict, stage: str, start: Path, steps: int, seed: int, la
 
 def _grpo_stage(run: Stages, p: dict, seed: int) -> dict:
     """R1-Zero: pure RL from the base model (accuracy + format rewards only)."""
-    r = _rl(run, p, "grpo", run.root / "pretrain" / "final", p["grpo_steps"], seed)
-    _evaluate(run, p, seed, "r1-zero")
-    return r
+    return _rl(run, p, "grpo", run.root / "pretrain" / "final", p["grpo_steps"], seed)
 
 
 def r1_final(run: Stages, p: dict) -> Path:
@@ -206,25 +209,19 @@ def _final_rl_stage(run: Stages, p: dict, seed: int) -> dict:
     start = run.root / "r1" / "rejection" / "final"
     if not start.is_dir():   # rejection sampling kept no trace: the last RL continues from the reasoning model
         start = run.root / "r1" / "reasoning" / "final"
-    r = _rl(run, p, "r1/final-rl", start, p["final_rl_steps"], seed, 0.5)
-    _evaluate(run, p, seed, "r1")
-    return r
+    return _rl(run, p, "r1/final-rl", start, p["final_rl_steps"], seed, 0.5)
 
 
 def _distill_stage(run: Stages, p: dict, seed: int) -> dict:
     """R1's verified reasoning, distilled into the dense student (k samples of each training question)."""
-    r = sample_and_train(run, "distill", str(r1_final(run, p)), str(run.root / "student" / "final"),
-                         p["distill_prompts"], p["distill_k"], seed + 1, max_tokens=p["max_tokens"],
-                         seq_len=p["seq_len"] * 2)
-    _evaluate(run, p, seed, "student-distilled")
-    return r
+    return sample_and_train(run, "distill", str(r1_final(run, p)), str(run.root / "student" / "final"),
+                            p["distill_prompts"], p["distill_k"], seed + 1, max_tokens=p["max_tokens"],
+                            seq_len=p["seq_len"] * 2)
 
 
 def _student_rl_stage(run: Stages, p: dict, seed: int) -> dict:
     """The same student trained by GRPO directly (R1 §4.1's comparison)."""
-    r = _rl(run, p, "student-rl", run.root / "student" / "final", p["student_rl_steps"], seed)
-    _evaluate(run, p, seed, "student-rl")
-    return r
+    return _rl(run, p, "student-rl", run.root / "student" / "final", p["student_rl_steps"], seed)
 
 
 def _models(run: Stages, p: dict) -> list[tuple[str, str, str]]:
@@ -238,12 +235,6 @@ def _models(run: Stages, p: dict) -> list[tuple[str, str, str]]:
               ("student-distilled", "student distilled from R1", root / "distill" / "final"),
               ("student-rl", "student + GRPO directly", root / "student-rl" / "final")]
     return [(r, n, str(path)) for r, n, path in models]
-
-
-def _evaluate(run: Stages, p: dict, seed: int, role: str) -> None:
-    """A stage's model on the held-out problems as the stage ends (so parallel lanes share the eval work)."""
-    evaluate_models(run, [m for m in _models(run, p) if m[0] == role], p["eval_n"], p["eval_k"], p["max_tokens"],
-                    seed, table=False)
 
 
 def _eval_stage(run: Stages, p: dict, seed: int) -> dict:
