@@ -31,6 +31,7 @@ the auxiliary-loss-free bias update (nanoseek/train/objective.py); inference dro
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -138,6 +139,33 @@ def gather_sum(rows: torch.Tensor, inv: torch.Tensor, k: int, base: torch.Tensor
     return y if base is None else y.add_(base)
 
 
+def swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up (* rw) for gu = [gate | up] along the last dim."""
+    gate, up = gu.chunk(2, dim=-1)
+    h = F.silu(gate) * up
+    return h if rw is None else h * rw
+
+
+_COMPILED: dict = {}
+
+
+def compiled_swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.Tensor:
+    """`swiglu` through torch.compile (inductor's C++ on CPU): one kernel forward and one backward
+    instead of eager's passes over the strided gate and up halves (bf16 silu on a strided half is
+    4x its cost on a contiguous one here). Compiled once per process and shape class (a few seconds,
+    docs/benchmarks.md#moe-vs-dense); where compiling fails (no C++ compiler), eager, with a warning."""
+    f = _COMPILED.get("swiglu")
+    if f is None:
+        f = _COMPILED["swiglu"] = torch.compile(swiglu)
+    if f is not swiglu:
+        try:
+            return f(gu, rw)
+        except Exception as e:  # the compiler, not the math: eager computes the same function
+            warnings.warn(f"torch.compile of the MoE SwiGLU failed, running it eagerly: {str(e)[:200]}")
+            _COMPILED["swiglu"] = swiglu
+    return swiglu(gu, rw)
+
+
 class Experts(nn.Module):
     """The routed experts, stacked as transformers 5 stores them: gate_up_proj [E, 2I, H] (expert e's
     gate_proj rows, then its up_proj rows), down_proj [E, H, I]. On disk they keep the Hugging Face
@@ -175,18 +203,19 @@ class Experts(nn.Module):
         return h % align == 0 and (two_i // 2) % align == 0
 
     def forward(self, xs: torch.Tensor, counts: torch.Tensor, rw: torch.Tensor | None = None,
-                grouped: bool = True) -> torch.Tensor:
+                grouped: bool = True, compiled: bool = False) -> torch.Tensor:
         """expert_e(xs) (times rw [rows, 1], if given) for rows sorted by expert, counts[e] rows each;
         the gate weight multiplies the intermediate activation (I wide) rather than the output (H wide):
-        the same product, less traffic."""
+        the same product, less traffic. `compiled`: the SwiGLU between the grouped GEMMs through
+        torch.compile (`compiled_swiglu`)."""
         dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
         w1, w2, xs = self.gate_up_proj.to(dtype), self.down_proj.to(dtype), xs.to(dtype)
         rw = None if rw is None else rw.to(dtype)
         if grouped:  # two grouped GEMMs over all the slices
             offs = counts.cumsum(0).to(torch.int32)
-            gate, up = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs).chunk(2, dim=-1)
-            h = F.silu(gate) * up
-            return F.grouped_mm(h if rw is None else h * rw, w2.transpose(1, 2), offs=offs)
+            gu = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)
+            h = compiled_swiglu(gu, rw) if compiled else swiglu(gu, rw)
+            return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
         # each expert that got rows, once, on its slice; unbind: one stacked gradient, not E
         outs = []
         for w_gu, w_d, xe, n in zip(w1.unbind(0), w2.unbind(0), xs.split(counts.tolist()), counts.tolist()):
@@ -226,7 +255,7 @@ class LoopExperts(nn.ModuleList):
     def grouped_mm_applies(self, x) -> bool:
         return False
 
-    def forward(self, xs, counts, rw=None, grouped: bool = False):
+    def forward(self, xs, counts, rw=None, grouped: bool = False, compiled: bool = False):
         outs = [self[e](xe) for e, (xe, n) in enumerate(zip(xs.split(counts.tolist()), counts.tolist())) if n]
         ys = torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[-1])
         return ys if rw is None else ys * rw.to(ys.dtype)
@@ -234,6 +263,7 @@ class LoopExperts(nn.ModuleList):
 
 class MoE(nn.Module):
     GROUPED: bool | None = None  # None: grouped GEMMs wherever F.grouped_mm applies; False: the loop forced
+    COMPILE: bool = False  # True: the grouped path's SwiGLU through torch.compile (opt-in: a first-call cost)
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -270,6 +300,6 @@ class MoE(nn.Module):
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
         rw = weights.flatten()[order, None]
         xs = Gather.apply(x, token, inv, self.top_k) if grad else x.index_select(0, token)
-        ys = self.experts(xs, counts, rw, self.use_grouped(x)).to(x.dtype)
+        ys = self.experts(xs, counts, rw, self.use_grouped(x), self.COMPILE).to(x.dtype)
         y = Combine.apply(ys, base, inv, token, self.top_k) if grad else gather_sum(ys, inv, self.top_k, base)
         return y, counts.detach()
