@@ -5,6 +5,8 @@
 
 Layer (forward + backward of one block on the same tokens, batch x seq = --tokens rows):
   ours         nanoseek.model.moe.MoE as it runs: gate, grouped GEMMs on the stacked experts, shared expert
+  ours_compiled  the same module with MoE.COMPILE = True (the SwiGLU between the grouped GEMMs through
+               torch.compile; the first call's time, compiling included, is reported apart)
   ours_loop    the same module with the per-expert loop forced (MoE.GROUPED = False)
   dense        nanoseek's SwiGLU MLP with intermediate (top_k + shared) x moe_intermediate_size:
                the MoE's active FFN parameters (the gate's E x H aside)
@@ -63,12 +65,14 @@ def cpu_bf16() -> tuple[str, list[str]]:
 
 @contextmanager
 def forced_path(path: str | None):
-    old = MoE.GROUPED
-    MoE.GROUPED = {"grouped": True, "loop": False, None: old}[path]
+    """None: the dispatch as it runs; "loop": the per-expert loop forced; "compiled": MoE.COMPILE on."""
+    old = MoE.GROUPED, MoE.COMPILE
+    MoE.GROUPED = {"grouped": True, "loop": False, "compiled": old[0], None: old[0]}[path]
+    MoE.COMPILE = path == "compiled" or old[1]
     try:
         yield
     finally:
-        MoE.GROUPED = old
+        MoE.GROUPED, MoE.COMPILE = old
 
 
 def rounds(fns: dict, repeats: int, n_rounds: int) -> dict[str, float]:
@@ -132,7 +136,11 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
             (out[0] if isinstance(out, tuple) else out).backward(dy)
         return f
 
-    fns = {"ours": step(ours), "ours_loop": step(ours, "loop"), "dense": step(dense)}
+    t0 = time.perf_counter()
+    step(ours, "compiled")()  # the first call compiles (or finds inductor's on-disk cache)
+    compile_s = time.perf_counter() - t0
+    fns = {"ours": step(ours), "ours_compiled": step(ours, "compiled"), "ours_loop": step(ours, "loop"),
+           "dense": step(dense)}
     for n in ("hf_eager", "hf_grouped_mm"):
         if n in models:
             try:
@@ -143,13 +151,17 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
     with torch.no_grad():  # the systems compute the same function
         ref = models["hf_eager"](x) if "hf_eager" in models else None
         got, routing = ours(x)
+        with forced_path("compiled"):
+            got_c, _ = ours(x)
     load = routing.load.double()
     err = None if ref is None else float((got - ref).abs().max() / ref.abs().max().clamp_min(1.0))
+    err_c = None if ref is None else float((got_c - ref).abs().max() / ref.abs().max().clamp_min(1.0))
     t = rounds(fns, repeats, n_rounds)
     res = {"preset": name, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
            "ms": {n: round(v * 1e3, 2) for n, v in t.items()},
            "ratio_vs_dense": {n: round(v / t["dense"], 3) for n, v in t.items()},
-           "max_rel_diff_vs_hf_eager": err, "load_max_mean": round(float(load.max() / load.mean()), 3)}
+           "max_rel_diff_vs_hf_eager": err, "max_rel_diff_compiled_vs_hf_eager": err_c,
+           "first_compiled_call_s": round(compile_s, 2), "load_max_mean": round(float(load.max() / load.mean()), 3)}
     print(f"  {name} {res['dtype']}: {res['ms']}", file=sys.stderr, flush=True)
     return res
 
@@ -246,7 +258,7 @@ def main() -> None:
 
     print(f"\nMoE layer, forward + backward on {a.tokens} tokens, ms (ratio to the dense SwiGLU of the same "
           f"active size); CPU {cap}, native bf16 {'/'.join(bf16_flags) or 'no'}, {a.threads} thread(s)\n")
-    cols = ["ours", "ours_loop", "dense", "hf_eager", "hf_grouped_mm"]
+    cols = ["ours", "ours_compiled", "ours_loop", "dense", "hf_eager", "hf_grouped_mm"]
     print("| preset | dtype | " + " | ".join(cols) + " | expert load max/mean |")
     print("|---|---|" + "---:|" * (len(cols) + 1))
     for r in layers:

@@ -122,14 +122,16 @@ def test_v3_with_mtp_saves_layer_after_last_and_transformers_still_loads(tmp_pat
         assert_close_scaled(la, ref(x).logits, 1e-4)
 
 
-@pytest.mark.parametrize("path", ["grouped", "loop"])
+@pytest.mark.parametrize("path", ["grouped", "compiled", "loop"])
 def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
     """One MoE block, same weights, against transformers' DeepseekV3MoE (its eager per-expert loop):
-    outputs and the gradients of the input, the router and the experts, fp32."""
+    outputs and the gradients of the input, the router and the experts, fp32. "compiled": the grouped
+    path with its SwiGLU through torch.compile (MoE.COMPILE)."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     from nanoseek.model.moe import MoE
-    monkeypatch.setattr(MoE, "GROUPED", path == "grouped")
+    monkeypatch.setattr(MoE, "GROUPED", path != "loop")
+    monkeypatch.setattr(MoE, "COMPILE", path == "compiled")
     cls, kw = CASES["v3_qlora_groups"]
     hf_cfg = getattr(transformers, cls)(**dict(kw, routed_scaling_factor=2.5, norm_topk_prob=True))
     hf_cfg._experts_implementation = "eager"
