@@ -1,6 +1,6 @@
 """The MoE layer's cost against a dense SwiGLU of the same active size, and against transformers.
 
-    .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~4 minutes on 1 thread
+    .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~5 minutes on 1 thread
     .venv/bin/python benchmarks/moe_layer.py --quick         # tiny only, fewer repeats
 
 Layer (forward + backward of one block on the same tokens, batch x seq = --tokens rows):
@@ -49,6 +49,7 @@ warnings.filterwarnings("ignore")
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.cost import measure_cpu  # noqa: E402
 from nanoseek.model.cache import KVCache  # noqa: E402
+from nanoseek.model import moe as moe_module  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.train.objective import load_stats, update_bias  # noqa: E402
@@ -139,6 +140,8 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
     t0 = time.perf_counter()
     step(ours, "compiled")()  # the first call compiles (or finds inductor's on-disk cache)
     compile_s = time.perf_counter() - t0
+    if moe_module._COMPILED.get("swiglu") is moe_module.swiglu:
+        print("  torch.compile failed: ours_compiled ran eagerly", file=sys.stderr)
     fns = {"ours": step(ours), "ours_compiled": step(ours, "compiled"), "ours_loop": step(ours, "loop"),
            "dense": step(dense)}
     for n in ("hf_eager", "hf_grouped_mm"):
