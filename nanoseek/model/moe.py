@@ -14,12 +14,14 @@ softmax scores > 0 that picks the same experts as -inf, which is what we use eve
 Routed experts are stored stacked, as transformers 5 stores them (`Experts`: gate_up_proj [E, 2I, H],
 down_proj [E, H, I]); checkpoints keep the Hugging Face per-expert names (nanoseek/weights/hf.py).
 Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice:
-  gather   rows = x[token] (`Gather`; its backward gathers each token's k rows back and adds them)
+  gather   rows = x[token] (`Gather`; its backward sums each token's k rows back: `gather_sum`)
   experts  two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then down) over all the
            slices, straight from the stacked weights; the gate weight multiplies the intermediate
-           activation (I wide) rather than the output (H wide): same product, less traffic
-  combine  shared experts' output + each token's k rows (`Combine`: a gather by the inverse order and
-           k - 1 adds; its backward is a gather by token): no scatter-add either way
+           activation (I wide) rather than the output (H wide): same product, less traffic.
+           `MoE.COMPILE = True` runs the SwiGLU between them through torch.compile (opt-in)
+  combine  shared experts' output + each token's k rows (`Combine`: `gather_sum`, an
+           `F.embedding_bag` sum over the inverse order; its backward is a gather by token): no
+           scatter-add either way
 Where `F.grouped_mm` does not apply (rows not 16-byte multiples, CUDA in fp32, other devices) or
 `MoE.GROUPED = False`, a loop runs each expert that got rows once, on its slice (never a loop over
 tokens); quantized experts (infer/quantize.py) are one MLP each (`LoopExperts`) and take the loop.
@@ -133,7 +135,7 @@ class Combine(torch.autograd.Function):
 
 def gather_sum(rows: torch.Tensor, inv: torch.Tensor, k: int, base: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_j rows[inv[n·k + j]] (+ base[n]) per token n, without materialising the gathered rows:
-    `F.embedding_bag` in sum mode, each bag a token's k rows (on CPU 1.7-5x faster than
+    `F.embedding_bag` in sum mode, each bag a token's k rows (on CPU 1.7-5.5x faster than
     index_select and k - 1 adds, docs/benchmarks.md#moe-vs-dense)."""
     y = F.embedding_bag(inv.view(-1, k), rows, mode="sum")
     return y if base is None else y.add_(base)
