@@ -9,19 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.quantize import FP16Linear, Int4Linear, Int8Linear, Packed, W8A8Linear, quantize
+from nanoseek.infer import kernels
+from nanoseek.infer.quantize import BF16Linear, FP16Linear, Int4Linear, Int8Linear, Packed, W8A8Linear, quantize
 
 from test_model import tiny_llama
 
 
-@pytest.mark.parametrize("cls,tol", [(FP16Linear, 1e-3), (Int8Linear, 0.01), (Int4Linear, 0.15)])
+@pytest.mark.parametrize("cls,tol", [(FP16Linear, 1e-3), (BF16Linear, 4e-3), (Int8Linear, 0.01), (Int4Linear, 0.15)])
 def test_packed_kernel_equals_dequantized_weights(cls, tol):
     torch.manual_seed(0)
     lin = nn.Linear(256, 96)
     q = cls(lin)
-    for rows in (3, 7):  # decode rows take the packed kernel, prefill rows the dequantized GEMM
+    for rows in (1, 3, 7, 32):  # decode rows take the C++ / packed kernel, prefill rows maybe another
         x = torch.randn(rows, 256)
-        assert torch.allclose(q(x), F.linear(x, q.dequantize(), lin.bias), atol=1e-5)
+        ref = F.linear(x.double(), q.dequantize().double(), lin.bias.double()).float()
+        assert torch.allclose(q(x), ref, atol=2e-5 * ref.abs().max().item())
     # and the quantization error itself is bounded: int8 ~ 1/254 of the row range, int4 ~ 1/30 of a group's
     w = lin.weight.detach()
     assert (q.dequantize() - w).abs().max() <= tol * w.abs().max()
@@ -39,7 +41,7 @@ def test_w8a8_is_the_int8_weights_times_8bit_activations():
     assert (q.dequantize() - w).abs().max() <= 0.01 * w.abs().max()
 
 
-@pytest.mark.parametrize("mode", ["fp16", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8", "int4", "w8a8"])
 def test_packing_siblings_changes_nothing(mode):
     model = tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -51,7 +53,7 @@ def test_packing_siblings_changes_nothing(mode):
     assert all(m.shared._last[0] is None for m in packed.modules() if isinstance(m, Packed))
 
 
-@pytest.mark.parametrize("mode", ["fp16", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("mode", ["fp16", "bf16", "int8", "int4", "w8a8"])
 def test_quantized_model_runs_in_the_engine(mode):
     model = tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
     x = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -59,9 +61,35 @@ def test_quantized_model_runs_in_the_engine(mode):
         ref = model(x).log_softmax(-1)
         quantize(model, mode)
         got = model(x).log_softmax(-1)
-    assert sum(isinstance(m, (FP16Linear, Int8Linear, Int4Linear, W8A8Linear)) for m in model.modules()) > 0
+    assert sum(isinstance(m, (FP16Linear, BF16Linear, Int8Linear, Int4Linear, W8A8Linear)) for m in model.modules()) > 0
     # KL(float || quantized) per token stays small
     kl = (ref.exp() * (ref - got)).sum(-1).mean()
-    assert kl < {"fp16": 1e-4, "int8": 0.02, "int4": 0.5, "w8a8": 0.02}[mode]
+    assert kl < {"fp16": 1e-4, "bf16": 1e-3, "int8": 0.02, "int4": 0.5, "w8a8": 0.02}[mode]
     out = Engine(model, max_seq_len=64).generate([[1, 2, 3]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 5
+
+
+def test_int4_storage_is_q4_1_groups_of_32():
+    """The layout the C++ kernel reads: 16 bytes per group of 32, element i in byte i's low
+    nibble, element i + 16 in its high nibble; each group's fp16 minimum and scale (w = q*s + min)."""
+    w = torch.zeros(1, 64)
+    w[0, :32] = torch.arange(32) / 31       # group 0: 0 .. 1 in 32 steps
+    w[0, 32:] = -2.0                        # group 1: constant
+    q = Int4Linear(type("L", (), {"weight": w, "bias": None, "in_features": 64, "out_features": 1})())
+    scale, lo = q.scale_min.float()
+    assert lo[0, 0] == 0 and abs(scale[0, 0] - 1 / 15) < 1e-4 and lo[0, 1] == -2
+    codes = torch.round(w[0, :32] * 15)     # hand-computed: round(v / (1/15))
+    assert q.q4[0, :16].tolist() == (codes[:16] + 16 * codes[16:]).int().tolist()
+    assert torch.allclose(q.dequantize()[0, 32:], torch.full((32,), -2.0))
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("kind,dtype", [(kernels.F16, torch.float16), (kernels.BF16, torch.bfloat16),
+                                        (kernels.F32, torch.float32)])
+def test_kernel_equals_float64_matmul_of_the_same_weights(kind, dtype):
+    torch.manual_seed(0)
+    for M, N, K in ((1, 5, 32), (4, 9, 64), (6, 33, 96)):  # tails: M % 4, N % 4 nonzero
+        x, w, b = torch.randn(M, K), torch.randn(N, K).to(dtype), torch.randn(N)
+        ref = (x.double() @ w.double().T + b.double()).float()
+        y = torch.ops.nanoseek.wmm(x, w, torch.empty(0), b, kind)
+        assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max().item())
