@@ -34,6 +34,17 @@ typedef _Float16 vh __attribute__((vector_size(W * 2)));
 
 enum Kind { F16 = 0, BF16 = 1, I8 = 2, I4 = 3, F32 = 4 };
 
+// int8 weights run as integer dot products against the activations rounded to int16 (one scale per
+// row: error <= 2^-16 of the row's largest value, below fp16's rounding). vpdpwssd (AVX512-VNNI) or
+// vpmaddwd do 32 (16 on AVX2) multiply-adds per instruction where the float path converts every
+// weight to fp32 first. int32 lanes add 2 * 127 * 32767 per step: exact up to K = 8192.
+#if defined(__AVX512BW__) || defined(__AVX2__)
+#define HAVE_I16_DOT 1
+constexpr int64_t I16_DOT_MAX_K = 8192;
+#else
+#define HAVE_I16_DOT 0
+#endif
+
 template <typename V>
 static inline V load(const void* p) {
   V v;
@@ -53,6 +64,9 @@ static inline float hsum(vf v) {
   return v[0];
 #endif
 }
+
+constexpr int PF = 2;  // prefetch distance, in blocks of NB rows
+static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 static inline float half_to_float(at::Half h) {
 #if defined(__F16C__)
@@ -135,6 +149,10 @@ static inline void decode_q4(const uint8_t* g, int half_w, vf& lo, vf& hi) {
   hi = u8_to_f32(b >> 4);
 }
 
+struct Args;
+template <int NB, int MB>
+static void block_i8_i16(const Args& a, int64_t n0, int64_t m0);
+
 struct Args {
   const float* x;  // [M, K]
   const uint8_t* w;
@@ -144,12 +162,19 @@ struct Args {
   const at::Half* qmin;
   const float* xsum;           // I4: [M, K/32] sums of x over each group
   const float* bias;           // [N] or null
+  const int16_t* xq;           // I8: x rounded to int16 [M, K] (null: the float path)
+  const float* xq_scale;       // [M]
   float* y;                    // [M, N]
   int64_t M, N, K;
 };
 
 template <int KIND, int NB, int MB>
 static void block(const Args& a, int64_t n0, int64_t m0) {
+#if HAVE_I16_DOT
+  if constexpr (KIND == I8) {
+    if (a.xq) return block_i8_i16<NB, MB>(a, n0, m0);
+  }
+#endif
   vf acc[NB][MB] = {};
   const uint8_t* rows[NB];
   for (int i = 0; i < NB; ++i) rows[i] = a.w + (n0 + i) * a.row_bytes;
@@ -165,6 +190,8 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
         const float mn = half_to_float(a.qmin[(n0 + i) * G + g]);
         for (int j = 0; j < MB; ++j) extra[i][j] += mn * a.xsum[(m0 + j) * G + g];
       }
+      if (g % 4 == 0)
+        for (int i = 0; i < NB; ++i) prefetch(rows[i] + PF * NB * a.row_bytes + 16 * g);
       for (int h = 0; h < 16; h += W) {  // W = 16: one pass; W = 8: two
         vf wl[NB], wh[NB];
         for (int i = 0; i < NB; ++i) {
@@ -179,9 +206,14 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
       }
     }
   } else {
+    constexpr int64_t bytes_per_k = KIND == I8 ? 1 : KIND == F32 ? 4 : 2;
     for (int64_t k = 0; k < a.K; k += W) {
       vf wv[NB];
-      for (int i = 0; i < NB; ++i) wv[i] = decode<KIND>(rows[i], k);
+      for (int i = 0; i < NB; ++i) {
+        // the same columns of the next block of rows: DRAM latency hides behind this block's work
+        if ((k * bytes_per_k) % 64 == 0) prefetch(rows[i] + PF * NB * a.row_bytes + k * bytes_per_k);
+        wv[i] = decode<KIND>(rows[i], k);
+      }
       for (int j = 0; j < MB; ++j) {
         const vf xv = load<vf>(xs[j] + k);
         for (int i = 0; i < NB; ++i) acc[i][j] += wv[i] * xv;
@@ -195,6 +227,58 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
     for (int j = 0; j < MB; ++j) a.y[(m0 + j) * a.N + n] = hsum(acc[i][j]) * sc + extra[i][j] + b;
   }
 }
+
+#if HAVE_I16_DOT
+#if defined(__AVX512BW__)
+typedef __m512i vacc;
+constexpr int KSTEP = 32;
+static inline vacc i16_dot(vacc acc, const int8_t* w, const int16_t* x) {
+  const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  const __m512i xv = _mm512_loadu_si512(x);
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, wv, xv);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(wv, xv));
+#endif
+}
+static inline int64_t hsum_i32(vacc v) { return _mm512_reduce_add_epi32(v); }
+#else
+typedef __m256i vacc;
+constexpr int KSTEP = 16;
+static inline vacc i16_dot(vacc acc, const int8_t* w, const int16_t* x) {
+  const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
+}
+static inline int64_t hsum_i32(vacc v) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  int64_t s = 0;
+  for (int i = 0; i < 8; ++i) s += t[i];
+  return s;
+}
+#endif
+
+template <int NB, int MB>
+static void block_i8_i16(const Args& a, int64_t n0, int64_t m0) {
+  vacc acc[NB][MB];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) std::memset(&acc[i][j], 0, sizeof(vacc));
+  for (int64_t k = 0; k < a.K; k += KSTEP) {
+    for (int i = 0; i < NB; ++i) {
+      const int8_t* w = reinterpret_cast<const int8_t*>(a.w + (n0 + i) * a.row_bytes) + k;
+      if (k % 64 == 0) prefetch(w + PF * NB * a.row_bytes);
+      for (int j = 0; j < MB; ++j) acc[i][j] = i16_dot(acc[i][j], w, a.xq + (m0 + j) * a.K + k);
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = n0 + i;
+    const float b = a.bias ? a.bias[n] : 0.f;
+    for (int j = 0; j < MB; ++j)
+      a.y[(m0 + j) * a.N + n] = static_cast<float>(hsum_i32(acc[i][j])) * a.xq_scale[m0 + j] * a.scale[n] + b;
+  }
+}
+#endif
 
 template <int KIND, int NB>
 static void rows_block(const Args& a, int64_t n0) {
@@ -246,10 +330,20 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
     case F16: run<F16>(a); break;
     case BF16: run<BF16>(a); break;
     case F32: run<F32>(a); break;
-    case I8:
+    case I8: {
       a.scale = scales.data_ptr<float>();
+      at::Tensor xq, xs;
+#if HAVE_I16_DOT
+      if (K <= I16_DOT_MAX_K && K % KSTEP == 0) {
+        xs = x.abs().amax(1).clamp_min(1e-30f).div_(32767.f);
+        xq = x.div(xs.unsqueeze(1)).round_().to(at::kShort).contiguous();
+        a.xq = xq.data_ptr<int16_t>();
+        a.xq_scale = xs.data_ptr<float>();
+      }
+#endif
       run<I8>(a);
       break;
+    }
     case I4:
       xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();
       a.xsum = xsum.data_ptr<float>();
