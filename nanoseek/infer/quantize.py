@@ -34,8 +34,6 @@ warnings.filterwarnings("ignore", message=".*(fbgemm|quantize_per|quantized tens
 # the packed int8/int4 CPU kernels are GEMV-speed only: above this many rows (prefill, big batches)
 # dequantizing and running the float GEMM is many times faster (benchmarks/decode.py)
 PACKED_MAX_ROWS = 4
-# fp16: up to this many rows nanoseek's kernel beats fbgemm's packed GEMM (benchmarks/decode.py)
-KERNEL_MAX_ROWS = 4
 _EMPTY = torch.empty(0)
 
 # kv_b_proj is read as a matrix by the absorbed MLA decode; the gate stays exact for routing
@@ -53,8 +51,9 @@ def _linear_out(y: torch.Tensor, shape, out_features: int, dtype) -> torch.Tenso
 
 
 class FP16Linear(nn.Module):
-    """Weights rounded to fp16 (fp32 activations): nanoseek's C++ kernel for decode rows, fbgemm's
-    fp16 GEMM (packed) for bigger batches, where its blocked GEMM is faster."""
+    """Weights rounded to fp16 (fp32 activations), run by fbgemm's packed fp16 GEMM where PyTorch
+    has fbgemm (x86), else nanoseek's C++ kernel. End to end on the AVX-512 box fbgemm decoded
+    43-45 tok/s at batch 1 against the kernel's 39 (2026-12-04, docs/benchmarks.md), so it stays."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -71,7 +70,7 @@ class FP16Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if len(x2) <= KERNEL_MAX_ROWS and _kernel_ok(x):
+        if self.packed is None and _kernel_ok(x):
             return _linear_out(torch.ops.nanoseek.wmm(x2, self.weight_fp16, _EMPTY, self.bias, kernels.F16),
                                shape, self.out_features, x.dtype)
         if self.packed is not None and x.device.type == "cpu":
@@ -296,7 +295,9 @@ def describe(model: nn.Module) -> str:
     dev = next(model.parameters()).device
     if not kinds:
         return f"{model.dtype if hasattr(model, 'dtype') else 'float'} weights, PyTorch kernels on {dev.type}"
-    if dev.type == "cpu" and kernels.available():
+    if kinds == ["FP16Linear"] and dev.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+        kernel = "fbgemm fp16 GEMM"
+    elif dev.type == "cpu" and kernels.available():
         kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes)"
     else:
         kernel = "PyTorch kernels (no C++ kernel)"
