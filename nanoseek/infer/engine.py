@@ -20,6 +20,7 @@ MLA models cache latents and decode with the weight-absorbed attention (model/at
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,7 +29,11 @@ from typing import Iterator
 import torch
 
 from ..model.cache import KVCache
+from .quantize import describe
 from .sampling import SamplingParams, apply_penalties, sample
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()  # each decode path is logged once per process
 
 
 class QueueFull(RuntimeError):
@@ -108,6 +113,10 @@ class Engine:
         """Decode with another copy of the same model from now on (GRPO's refreshed fp16 rollout
         copy); the cache, queue and running requests stay."""
         self.model = model.eval()
+        self.path = describe(model) + (", torch.compile" if self._compile else ", eager")
+        if self.path not in _said:
+            _said.add(self.path)
+            log.info("decode path: %s", self.path)
         # torch.compile is optional: the decode step (the hot loop) is compiled with dynamic shapes
         self._decode_forward = torch.compile(model.forward, dynamic=True) if self._compile else model.forward
 
