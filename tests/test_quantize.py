@@ -2,6 +2,9 @@
 changes nothing, and a quantized model stays close to the float model."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -127,3 +130,22 @@ def test_kernel_equals_float64_matmul_of_the_same_weights(kind, dtype):
         ref = (x.double() @ w.double().T + b.double()).float()
         y = torch.ops.nanoseek.wmm(x, w, torch.empty(0), b, kind)
         assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max().item())
+
+
+def test_without_a_compiler_the_engine_falls_back_and_says_so(tmp_path):
+    """No C++ compiler (CXX names none, empty kernel cache): int8 still decodes, with PyTorch's
+    kernels, and Engine.path says which."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from test_model import tiny_llama\n"
+            "from nanoseek.infer import Engine, SamplingParams, kernels\n"
+            "from nanoseek.infer.quantize import quantize\n"
+            "m = quantize(tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2), 'int8')\n"
+            "e = Engine(m, max_seq_len=32)\n"
+            "out = e.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))\n"
+            "print(kernels.available(), len(out[0].token_ids), e.path)\n")
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-c++"), NANOSEEK_KERNEL_CACHE=str(tmp_path / "cache"))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[:2] == ["False", "4"]
+    assert "Int8Linear" in r.stdout and "no C++ kernel" in r.stdout

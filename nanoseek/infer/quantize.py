@@ -1,21 +1,21 @@
-"""Quantization of linear layers for inference: fp16 (packed), int8 per output channel, int4 per
-group (weight-only), and w8a8 (int8 weights, activations quantized to int8 on the fly).
+"""Quantization of linear layers for inference: fp16 and bf16 weights, int8 per output channel,
+int4 per group of 32 (weight-only), and w8a8 (int8 weights, activations quantized to int8 on the fly).
 
 Decode at small batch is bound by reading weights, so storing them in fewer bits is what makes it
-fast. The weight-only modes keep activations in float; on CPU their matmuls run in PyTorch's packed
-kernels (fbgemm's fp16 GEMM, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), elsewhere a
-dequantize-then-matmul fallback keeps the same numbers. w8a8 is what llama.cpp does on CPU (its
-Q4/Q8 dot products read 8-bit activations): fbgemm's dynamic int8 GEMM quantizes each call's input
-with one scale for the whole call, so a row's numbers can depend on what shares its batch, and
-models with outlier activation channels lose accuracy: SmolLM2-135M's perplexity goes 108 -> 285
-(benchmarks/quantize.py), so w8a8 is a speed experiment, not a default. Which mode pays depends on
-the CPU: on an AVX2-only machine fp16 is the fast lossless one (benchmarks/decode.py).
+fast. The weight-only modes keep activations in float; on CPU they run in nanoseek's C++ GEMV
+(kernels.py, built at first use; fp16 stays on fbgemm's packed fp16 GEMM where PyTorch has it),
+elsewhere a dequantize-then-matmul fallback keeps the same numbers. w8a8 is what llama.cpp does on
+CPU (its Q4/Q8 dot products read 8-bit activations): fbgemm's dynamic int8 GEMM quantizes each
+call's input with one scale for the whole call, so a row's numbers can depend on what shares its
+batch, and models with outlier activation channels lose accuracy: SmolLM2-135M's perplexity goes
+131 -> 296 (benchmarks/quantize.py), so w8a8 is a speed experiment, not a default.
 
 Linears that read the same input (q/k/v, gate/up, MLA's two down-projections) are packed into one
 matrix, so a decode step makes one call per group instead of two or three: the first sibling
 computes the packed product, the others slice it (see `Packed`). The MoE's stacked routed experts
 become one MLP per expert first (`LoopExperts`), each quantized like any other SwiGLU; the MoE then
-runs them with its per-expert loop.
+runs them with its per-expert loop. Keeping the stacked experts in float instead was slower
+(small preset, int8, batch 8: 311 against 523-537 tok/s; batch 1 within the machine's noise).
 
     quantize(model, "w8a8")      # in place; returns the model
 """
