@@ -13,8 +13,11 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__)
 constexpr int W = 16;
@@ -280,6 +283,20 @@ static void block_i8_i16(const Args& a, int64_t n0, int64_t m0) {
 }
 #endif
 
+#if HAVE_I16_DOT
+// each row of x [M, K] as int16 times one scale per row: scale = max|x_row| / 32767, rounded to nearest
+static void round_rows_to_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* scale) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
+    const float s = std::max(mx, 1e-30f) / 32767.f, inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::nearbyint(r[k] * inv));
+    scale[m] = s;
+  }
+}
+#endif
+
 template <int KIND, int NB>
 static void rows_block(const Args& a, int64_t n0) {
   int64_t m = 0;
@@ -332,13 +349,15 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
     case F32: run<F32>(a); break;
     case I8: {
       a.scale = scales.data_ptr<float>();
-      at::Tensor xq, xs;
 #if HAVE_I16_DOT
-      if (K <= I16_DOT_MAX_K && K % KSTEP == 0) {
-        xs = x.abs().amax(1).clamp_min(1e-30f).div_(32767.f);
-        xq = x.div(xs.unsqueeze(1)).round_().to(at::kShort).contiguous();
-        a.xq = xq.data_ptr<int16_t>();
-        a.xq_scale = xs.data_ptr<float>();
+      std::vector<int16_t> xq;
+      std::vector<float> xs;
+      if (K <= I16_DOT_MAX_K && K % KSTEP == 0) {  // here, not as ATen ops: ~8 fewer op calls per matrix
+        xq.resize(M * K);
+        xs.resize(M);
+        round_rows_to_i16(a.x, M, K, xq.data(), xs.data());
+        a.xq = xq.data();
+        a.xq_scale = xs.data();
       }
 #endif
       run<I8>(a);
