@@ -73,7 +73,8 @@ class FP16Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.packed is None and _kernel_ok(x):
+        if (self.packed is None or torch.compiler.is_compiling()) and _kernel_ok(x):  # fbgemm's packed
+            # matrix is opaque to torch.compile: a compiled step reads the fp16 weights with the C++ kernel
             return _linear_out(torch.ops.nanoseek.wmm(x2, self.weight_fp16, _EMPTY, self.bias, kernels.F16),
                                shape, self.out_features, x.dtype)
         if self.packed is not None and x.device.type == "cpu":
