@@ -42,9 +42,10 @@ def _compiled(forward):
     fused calls per step). Dynamic shapes: one graph serves every batch size and cache length
     (static shapes per batch and length bucket measured no faster). No guards on the modules'
     attributes: checking them took ~1.5 ms per step; an engine's model does not change its structure
-    while it decodes (use_model compiles the new one afresh)."""
+    while it decodes (use_model compiles the new one afresh, in its own cache of graphs)."""
     kernels.available()  # load (or build) the C++ kernel now: doing it inside the trace breaks the graph
-    return torch.compile(forward, dynamic=True,
+    # isolated: without module guards, another engine's graphs (another model) must never be reused here
+    return torch.compile(forward, dynamic=True, isolate_recompiles=True,
                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
