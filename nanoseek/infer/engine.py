@@ -30,7 +30,7 @@ import torch
 
 from ..model.cache import KVCache
 from . import kernels
-from .quantize import describe
+from .quantize import compiles, describe
 from .sampling import SamplingParams, apply_penalties, sample
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,10 @@ class Engine:
         """Decode with another copy of the same model from now on (GRPO's refreshed fp16 rollout
         copy); the cache, queue and running requests stay."""
         self.model = model.eval()
-        self.path = describe(model) + (", torch.compile" if self._compile else ", eager")
+        if self._compile and not compiles(model):
+            log.warning("torch.compile cannot trace w8a8 (fbgemm) layers: decoding eager")
+            self._compile = False
+        self.path = describe(model, self._compile) + (", torch.compile" if self._compile else ", eager")
         if self.path not in _said:
             _said.add(self.path)
             log.info("decode path: %s", self.path)

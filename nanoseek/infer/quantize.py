@@ -295,14 +295,22 @@ def best_lossless_mode(device: str = "cpu") -> str | None:
     return None
 
 
-def describe(model: nn.Module) -> str:
-    """One line on how this model decodes: weight formats and the kernel that reads them."""
+def compiles(model: nn.Module) -> bool:
+    """Can torch.compile trace this model's decode step? Not with w8a8: fbgemm's dynamic int8 linear
+    has no correct fake (shape) kernel, so tracing it fails."""
+    return not any(isinstance(m, W8A8Linear) for m in model.modules())
+
+
+def describe(model: nn.Module, compiled: bool = False) -> str:
+    """One line on how this model decodes: weight formats and the kernel that reads them (a compiled
+    step reads fp16 weights with the C++ kernel, not fbgemm)."""
     kinds = sorted({type(m).__name__ for m in model.modules()
                     if isinstance(m, (FP16Linear, BF16Linear, Int8Linear, Int4Linear, W8A8Linear))})
     dev = next(model.parameters()).device
     if not kinds:
         return f"{model.dtype if hasattr(model, 'dtype') else 'float'} weights, PyTorch kernels on {dev.type}"
-    if kinds == ["FP16Linear"] and dev.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+    if (kinds == ["FP16Linear"] and dev.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+            and not (compiled and kernels.available())):
         kernel = "fbgemm fp16 GEMM"
     elif dev.type == "cpu" and kernels.available():
         kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes)"
