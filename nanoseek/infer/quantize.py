@@ -312,6 +312,8 @@ def describe(model: nn.Module, compiled: bool = False) -> str:
     if (kinds == ["FP16Linear"] and dev.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
             and not (compiled and kernels.available())):
         kernel = "fbgemm fp16 GEMM"
+    elif kinds == ["W8A8Linear"] and dev.type == "cpu":
+        kernel = "fbgemm dynamic int8 GEMM"
     elif dev.type == "cpu" and kernels.available():
         kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes)"
     else:
