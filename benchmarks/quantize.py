@@ -30,7 +30,7 @@ from nanoseek.infer.quantize import quantize  # noqa: E402
 
 from decode import CHAT, smollm2_path  # noqa: E402
 
-MODES = ("fp32", "fp16", "int8", "int4", "w8a8")
+MODES = ("fp32", "fp16", "bf16", "int8", "int4", "w8a8")
 
 
 @torch.inference_mode()

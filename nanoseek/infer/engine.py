@@ -20,6 +20,7 @@ MLA models cache latents and decode with the weight-absorbed attention (model/at
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,7 +29,24 @@ from typing import Iterator
 import torch
 
 from ..model.cache import KVCache
+from . import kernels
+from .quantize import compiles, describe
 from .sampling import SamplingParams, apply_penalties, sample
+
+log = logging.getLogger(__name__)
+_said: set[str] = set()  # each decode path is logged once per process
+
+
+def _compiled(forward):
+    """torch.compile of the decode step (optional: minutes of compiling on first use, then fewer,
+    fused calls per step). Dynamic shapes: one graph serves every batch size and cache length
+    (static shapes per batch and length bucket measured no faster). No guards on the modules'
+    attributes: checking them took ~1.5 ms per step; an engine's model does not change its structure
+    while it decodes (use_model compiles the new one afresh, in its own cache of graphs)."""
+    kernels.available()  # load (or build) the C++ kernel now: doing it inside the trace breaks the graph
+    # isolated: without module guards, another engine's graphs (another model) must never be reused here
+    return torch.compile(forward, dynamic=True, isolate_recompiles=True,
+                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
 
 class QueueFull(RuntimeError):
@@ -108,8 +126,14 @@ class Engine:
         """Decode with another copy of the same model from now on (GRPO's refreshed fp16 rollout
         copy); the cache, queue and running requests stay."""
         self.model = model.eval()
-        # torch.compile is optional: the decode step (the hot loop) is compiled with dynamic shapes
-        self._decode_forward = torch.compile(model.forward, dynamic=True) if self._compile else model.forward
+        if self._compile and not compiles(model):
+            log.warning("torch.compile cannot trace w8a8 (fbgemm) layers: decoding eager")
+            self._compile = False
+        self.path = describe(model, self._compile) + (", torch.compile" if self._compile else ", eager")
+        if self.path not in _said:
+            _said.add(self.path)
+            log.info("decode path: %s", self.path)
+        self._decode_forward = _compiled(model.forward) if self._compile else model.forward
 
     def _eos_ids(self) -> set[int]:
         eos = self.model.config.eos_token_id

@@ -1,21 +1,21 @@
-"""Quantization of linear layers for inference: fp16 (packed), int8 per output channel, int4 per
-group (weight-only), and w8a8 (int8 weights, activations quantized to int8 on the fly).
+"""Quantization of linear layers for inference: fp16 and bf16 weights, int8 per output channel,
+int4 per group of 32 (weight-only), and w8a8 (int8 weights, activations quantized to int8 on the fly).
 
 Decode at small batch is bound by reading weights, so storing them in fewer bits is what makes it
-fast. The weight-only modes keep activations in float; on CPU their matmuls run in PyTorch's packed
-kernels (fbgemm's fp16 GEMM, `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), elsewhere a
-dequantize-then-matmul fallback keeps the same numbers. w8a8 is what llama.cpp does on CPU (its
-Q4/Q8 dot products read 8-bit activations): fbgemm's dynamic int8 GEMM quantizes each call's input
-with one scale for the whole call, so a row's numbers can depend on what shares its batch, and
-models with outlier activation channels lose accuracy: SmolLM2-135M's perplexity goes 108 -> 285
-(benchmarks/quantize.py), so w8a8 is a speed experiment, not a default. Which mode pays depends on
-the CPU: on an AVX2-only machine fp16 is the fast lossless one (benchmarks/decode.py).
+fast. The weight-only modes keep activations in float; on CPU they run in nanoseek's C++ GEMV
+(kernels.py, built at first use; fp16 stays on fbgemm's packed fp16 GEMM where PyTorch has it),
+elsewhere a dequantize-then-matmul fallback keeps the same numbers. w8a8 is what llama.cpp does on
+CPU (its Q4/Q8 dot products read 8-bit activations): fbgemm's dynamic int8 GEMM quantizes each
+call's input with one scale for the whole call, so a row's numbers can depend on what shares its
+batch, and models with outlier activation channels lose accuracy: SmolLM2-135M's perplexity goes
+131 -> 296 (benchmarks/quantize.py), so w8a8 is a speed experiment, not a default.
 
 Linears that read the same input (q/k/v, gate/up, MLA's two down-projections) are packed into one
 matrix, so a decode step makes one call per group instead of two or three: the first sibling
 computes the packed product, the others slice it (see `Packed`). The MoE's stacked routed experts
 become one MLP per expert first (`LoopExperts`), each quantized like any other SwiGLU; the MoE then
-runs them with its per-expert loop.
+runs them with its per-expert loop. Keeping the stacked experts in float instead was slower
+(small preset, int8, batch 8: 311 against 523-537 tok/s; batch 1 within the machine's noise).
 
     quantize(model, "w8a8")      # in place; returns the model
 """
@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts, LoopExperts
+from . import kernels
 
 # fbgemm's fp16 and int8 kernels are deprecated in favour of torchao; torch is pinned, so stay quiet
 warnings.filterwarnings("ignore", message=".*(fbgemm|quantize_per|quantized tensor).*deprecated", category=UserWarning)
@@ -36,13 +37,26 @@ warnings.filterwarnings("ignore", message=".*(fbgemm|quantize_per|quantized tens
 # the packed int8/int4 CPU kernels are GEMV-speed only: above this many rows (prefill, big batches)
 # dequantizing and running the float GEMM is many times faster (benchmarks/decode.py)
 PACKED_MAX_ROWS = 4
+_EMPTY = torch.empty(0)
 
 # kv_b_proj is read as a matrix by the absorbed MLA decode; the gate stays exact for routing
 SKIP = ("kv_b_proj",)
 
 
+def _kernel_ok(x: torch.Tensor) -> bool:
+    """The C++ kernel takes fp32 activations on CPU (kernels.py builds it at first use)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[-1] % 16 == 0
+            and kernels.available())
+
+
+def _linear_out(y: torch.Tensor, shape, out_features: int, dtype) -> torch.Tensor:
+    return y.to(dtype).view(*shape[:-1], out_features)
+
+
 class FP16Linear(nn.Module):
-    """Weights rounded to fp16 and packed for fbgemm's fp16 GEMM (fp32 activations)."""
+    """Weights rounded to fp16 (fp32 activations), run by fbgemm's packed fp16 GEMM where PyTorch
+    has fbgemm (x86), else nanoseek's C++ kernel. End to end on the AVX-512 box fbgemm decoded
+    43-45 tok/s at batch 1 against the kernel's 39 (2026-12-04, docs/benchmarks.md), so it stays."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -50,6 +64,7 @@ class FP16Linear(nn.Module):
         self.register_buffer("weight_fp16", w.half())
         self.packed = torch.fbgemm_pack_gemm_matrix_fp16(w) if w.device.type == "cpu" else None
         self.bias = linear.bias
+        self._zero_bias = torch.zeros(w.shape[0], device=w.device) if linear.bias is None else None
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def dequantize(self) -> torch.Tensor:
@@ -58,15 +73,44 @@ class FP16Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if (self.packed is None or torch.compiler.is_compiling()) and _kernel_ok(x):  # fbgemm's packed
+            # matrix is opaque to torch.compile: a compiled step reads the fp16 weights with the C++ kernel
+            return _linear_out(torch.ops.nanoseek.wmm(x2, self.weight_fp16, _EMPTY, self.bias, kernels.F16),
+                               shape, self.out_features, x.dtype)
         if self.packed is not None and x.device.type == "cpu":
-            bias = self.bias if self.bias is not None else torch.zeros(self.out_features)
-            y = torch.fbgemm_linear_fp16_weight(x2.float(), self.packed, bias.float()).to(x.dtype)
+            bias = self.bias.float() if self.bias is not None else self._zero_bias
+            y = torch.fbgemm_linear_fp16_weight(x2.float(), self.packed, bias)
         else:
             y = F.linear(x2, self.weight_fp16.to(x.dtype), self.bias)
-        return y.view(*shape[:-1], self.out_features)
+        return _linear_out(y, shape, self.out_features, x.dtype)
+
+
+class BF16Linear(nn.Module):
+    """Weights rounded to bf16, fp32 activations (more exact than a bf16 model, whose activations
+    are bf16 too); the C++ kernel, else a dequantize-then-matmul fallback."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight_bf16", linear.weight.detach().to(torch.bfloat16))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight_bf16.float()
+
+    def forward(self, x):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if _kernel_ok(x):
+            y = torch.ops.nanoseek.wmm(x2, self.weight_bf16, _EMPTY, self.bias, kernels.BF16)
+        else:
+            y = F.linear(x2, self.weight_bf16.to(x.dtype), self.bias)
+        return _linear_out(y, shape, self.out_features, x.dtype)
 
 
 class Int8Linear(nn.Module):
+    """Symmetric int8, one scale per output channel, float activations."""
+
     def __init__(self, linear: nn.Linear, scale_dtype: torch.dtype | None = None):
         super().__init__()
         w = linear.weight.detach().float()
@@ -82,6 +126,9 @@ class Int8Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if _kernel_ok(x):
+            return _linear_out(torch.ops.nanoseek.wmm(x2, self.weight_int8, self.scales.float(), self.bias, kernels.I8),
+                               shape, self.out_features, x.dtype)
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and len(x2) <= PACKED_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scales.to(x.dtype))
         else:
@@ -92,40 +139,41 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Asymmetric 4-bit groups along the input dimension (as torchao / gpt-fast store them)."""
+    """Asymmetric 4-bit groups along the input dimension with an fp16 scale and minimum per group
+    (llama.cpp's Q4_1: 5 bits per weight). A group's 32 codes sit in 16 bytes, byte i holding
+    element i in its low nibble and element i + 16 in its high one (the C++ kernel's layout)."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = 32, inner_k_tiles: int = 8):
+    def __init__(self, linear: nn.Linear, group_size: int = 32):
         super().__init__()
+        if group_size != 32:
+            raise ValueError("int4 uses groups of 32")
         w = linear.weight.detach().float()
         N, K = w.shape
-        g = w.view(N, K // group_size, group_size)
+        g = w.view(N, K // 32, 32)
         lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo).clamp(min=1e-6) / 15.0)
-        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).view(N, K)
-        # kernel convention: w = (q - 8) * scale + zero  =>  zero = lo + 8 * scale
-        zero = lo + 8 * scale
-        self.register_buffer("scales_and_zeros", torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous())
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, inner_k_tiles))
-        self.register_buffer("q", q.to(torch.uint8))
-        self.group_size, self.bias = group_size, linear.bias
+        scale = ((hi - lo) / 15.0).half().float().clamp(min=1e-8)  # rounded as stored
+        lo = lo.half().float()
+        q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)  # [N, K/32, 32]
+        self.register_buffer("q4", (q[..., :16] | (q[..., 16:] << 4)).reshape(N, K // 2).contiguous())
+        self.register_buffer("scale_min", torch.stack([scale, lo]).half())  # [2, N, K/32]
+        self.group_size, self.bias = 32, linear.bias
         self.in_features, self.out_features = K, N
 
     def dequantize(self) -> torch.Tensor:
-        scale, zero = self.scales_and_zeros.transpose(0, 1).unbind(-1)  # [N, K/g]
-        q = self.q.float().view(self.out_features, -1, self.group_size)
-        return ((q - 8) * scale[..., None] + zero[..., None]).view(self.out_features, self.in_features)
+        N, K = self.out_features, self.in_features
+        b = self.q4.view(N, K // 32, 16)
+        q = torch.cat([b & 15, b >> 4], dim=-1).float()
+        scale, lo = self.scale_min.float()
+        return (q * scale[..., None] + lo[..., None]).view(N, K)
 
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and len(x2) <= PACKED_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2, self.packed, self.group_size, self.scales_and_zeros.to(x.dtype))
-        else:
-            y = F.linear(x2, self.dequantize().to(x.dtype))
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
+        if _kernel_ok(x):
+            y = torch.ops.nanoseek.wmm(x2, self.q4, self.scale_min, self.bias, kernels.I4)
+        else:  # no compiler: dequantize per call (slow, same numbers)
+            y = F.linear(x2, self.dequantize().to(x.dtype), self.bias)
+        return _linear_out(y, shape, self.out_features, x.dtype)
 
 
 class W8A8Linear(Int8Linear):
@@ -189,8 +237,8 @@ PACK = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("q_a_proj", "
 
 def _quantized(linear: nn.Linear, mode: str, group_size: int) -> nn.Module | None:
     if mode == "int4":
-        if linear.in_features % group_size or linear.out_features % 16:
-            return None  # the packed int4 kernel needs whole groups and N % 16 == 0; keep these in float
+        if linear.in_features % 32 or group_size != 32:
+            return None  # whole groups of 32 only; keep these in float
         return Int4Linear(linear, group_size)
     return MODES[mode](linear)
 
@@ -235,4 +283,42 @@ def quantize(model: nn.Module, mode: str = "int8", group_size: int = 32, pack: b
     return model
 
 
-MODES = {"fp16": FP16Linear, "int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}
+def best_lossless_mode(device: str = "cpu") -> str | None:
+    """The weight format a lossless-enough fast path uses on this machine: fp16 weights (+0.01%
+    perplexity on SmolLM2; fp16 keeps 3 more mantissa bits than bf16 for the same bytes) read by
+    nanoseek's C++ kernel (any x86 with a compiler) or fbgemm's fp16 GEMM; None elsewhere (CUDA,
+    ARM without fbgemm: keep the model's own dtype)."""
+    if device != "cpu":
+        return None
+    if kernels.available() or "fbgemm" in torch.backends.quantized.supported_engines:
+        return "fp16"
+    return None
+
+
+def compiles(model: nn.Module) -> bool:
+    """Can torch.compile trace this model's decode step? Not with w8a8: fbgemm's dynamic int8 linear
+    has no correct fake (shape) kernel, so tracing it fails."""
+    return not any(isinstance(m, W8A8Linear) for m in model.modules())
+
+
+def describe(model: nn.Module, compiled: bool = False) -> str:
+    """One line on how this model decodes: weight formats and the kernel that reads them (a compiled
+    step reads fp16 weights with the C++ kernel, not fbgemm)."""
+    kinds = sorted({type(m).__name__ for m in model.modules()
+                    if isinstance(m, (FP16Linear, BF16Linear, Int8Linear, Int4Linear, W8A8Linear))})
+    dev = next(model.parameters()).device
+    if not kinds:
+        return f"{model.dtype if hasattr(model, 'dtype') else 'float'} weights, PyTorch kernels on {dev.type}"
+    if (kinds == ["FP16Linear"] and dev.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+            and not (compiled and kernels.available())):
+        kernel = "fbgemm fp16 GEMM"
+    elif kinds == ["W8A8Linear"] and dev.type == "cpu":
+        kernel = "fbgemm dynamic int8 GEMM"
+    elif dev.type == "cpu" and kernels.available():
+        kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes)"
+    else:
+        kernel = "PyTorch kernels (no C++ kernel)"
+    return f"{'+'.join(kinds)} on {dev.type}, {kernel}"
+
+
+MODES = {"fp16": FP16Linear, "bf16": BF16Linear, "int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear}

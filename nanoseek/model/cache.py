@@ -62,8 +62,11 @@ class KVCache:
             self.prepare(positions)
         _, rows, mask = self._step
         B, kv_len = positions.shape[0], mask.shape[-1]
-        self.a[layer].index_put_((rows, positions), a.to(self.a.dtype))
-        self.b[layer].index_put_((rows, positions), b.to(self.b.dtype))
+        # one index_put_ on the whole cache tensor, not on its layer's view: torch.compile then writes in
+        # place (mutating a view of a graph input made it copy each layer's whole cache rows every step)
+        layers = torch.full_like(rows, layer)
+        self.a.index_put_((layers, rows, positions), a.to(self.a.dtype))
+        self.b.index_put_((layers, rows, positions), b.to(self.b.dtype))
         return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], mask
 
     def rows(self, start: int, stop: int) -> "KVCache":

@@ -1,0 +1,391 @@
+// Weight-only GEMV/GEMM for decode on CPU: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), x in fp32,
+// W stored as fp16, bf16, int8 (one scale per output row) or int4 (groups of 32, fp16 scale and
+// minimum per group, as llama.cpp's Q4_1). Built by nanoseek/infer/kernels.py at first use with
+// -O3 -march=native, so the vector width is the machine's own (16 floats on AVX-512, 8 on AVX2).
+//
+// Decode reads every weight once per step and does almost nothing else, so the kernel is written
+// for that: each weight vector is decoded to fp32 once and multiplied into up to MB rows of x,
+// NB output rows at a time (NB * MB independent accumulators hide the FMA latency), and the output
+// rows are split across threads with at::parallel_for. Registered as torch.ops.nanoseek.wmm.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi32 __attribute__((vector_size(W * 4)));
+typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
+typedef int8_t vi8 __attribute__((vector_size(W)));
+typedef uint8_t vu8 __attribute__((vector_size(W)));
+typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
+typedef _Float16 vh __attribute__((vector_size(W * 2)));
+
+enum Kind { F16 = 0, BF16 = 1, I8 = 2, I4 = 3, F32 = 4 };
+
+// int8 weights run as integer dot products against the activations rounded to int16 (one scale per
+// row: error <= 2^-16 of the row's largest value, below fp16's rounding). vpdpwssd (AVX512-VNNI) or
+// vpmaddwd do 32 (16 on AVX2) multiply-adds per instruction where the float path converts every
+// weight to fp32 first. int32 lanes add 2 * 127 * 32767 per step: exact up to K = 8192.
+#if defined(__AVX512BW__) || defined(__AVX2__)
+#define HAVE_I16_DOT 1
+constexpr int64_t I16_DOT_MAX_K = 8192;
+#else
+#define HAVE_I16_DOT 0
+#endif
+
+template <typename V>
+static inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#else
+  for (int w = W / 2; w >= 1; w /= 2) {  // a tree: log2(W) dependent adds, not W
+    vf t = v;
+    for (int i = 0; i < w; ++i) t[i] = v[i + w];
+    v += t;
+  }
+  return v[0];
+#endif
+}
+
+constexpr int PF = 2;  // prefetch distance, in blocks of NB rows
+static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+static inline float half_to_float(at::Half h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h.x);
+#else
+  return static_cast<float>(h);
+#endif
+}
+
+template <typename T, typename S>
+static inline T bit_cast(const S& s) {
+  T t;
+  std::memcpy(&t, &s, sizeof(T));
+  return t;
+}
+
+// the conversions in intrinsics where GCC's generic vector code would go element by element
+static inline vf f16_to_f32(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return bit_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+#elif defined(__AVX2__) && defined(__F16C__)
+  return bit_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#else
+  return __builtin_convertvector(load<vh>(p), vf);
+#endif
+}
+
+static inline vf i8_to_f32(const uint8_t* p) {
+#if defined(__AVX512F__)
+  return bit_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  return bit_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  return __builtin_convertvector(load<vi8>(p), vf);
+#endif
+}
+
+static inline vf u8_to_f32(vu8 b) {
+#if defined(__AVX512F__)
+  return bit_cast<vf>(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bit_cast<__m128i>(b))));
+#elif defined(__AVX2__)
+  __m128i v = _mm_setzero_si128();
+  std::memcpy(&v, &b, sizeof(b));
+  return bit_cast<vf>(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)));
+#else
+  return __builtin_convertvector(b, vf);
+#endif
+}
+
+static inline vf bf16_to_f32(const uint8_t* p) {
+#if defined(__AVX512F__)
+  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return bit_cast<vf>(_mm512_slli_epi32(u, 16));
+#elif defined(__AVX2__)
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return bit_cast<vf>(_mm256_slli_epi32(u, 16));
+#else
+  return bit_cast<vf>(__builtin_convertvector(load<vu16>(p), vu32) << 16);
+#endif
+}
+
+// W consecutive weights of row `row` starting at column k, as fp32
+template <int KIND>
+static inline vf decode(const uint8_t* row, int64_t k) {
+  if constexpr (KIND == F16) {
+    return f16_to_f32(row + 2 * k);
+  } else if constexpr (KIND == BF16) {
+    return bf16_to_f32(row + 2 * k);
+  } else if constexpr (KIND == I8) {
+    return i8_to_f32(row + k);
+  } else {
+    return load<vf>(row + 4 * k);
+  }
+}
+
+// int4, one group of 32 stored in 16 bytes: byte i holds element i (low nibble) and i + 16 (high)
+static inline void decode_q4(const uint8_t* g, int half_w, vf& lo, vf& hi) {
+  vu8 b = load<vu8>(g + half_w);
+  lo = u8_to_f32(b & 15);
+  hi = u8_to_f32(b >> 4);
+}
+
+struct Args;
+template <int NB, int MB>
+static void block_i8_i16(const Args& a, int64_t n0, int64_t m0);
+
+struct Args {
+  const float* x;  // [M, K]
+  const uint8_t* w;
+  int64_t row_bytes;           // bytes per weight row
+  const float* scale;          // I8: [N]
+  const at::Half* qscale;      // I4: [N, K/32] scale and minimum
+  const at::Half* qmin;
+  const float* xsum;           // I4: [M, K/32] sums of x over each group
+  const float* bias;           // [N] or null
+  const int16_t* xq;           // I8: x rounded to int16 [M, K] (null: the float path)
+  const float* xq_scale;       // [M]
+  float* y;                    // [M, N]
+  int64_t M, N, K;
+};
+
+template <int KIND, int NB, int MB>
+static void block(const Args& a, int64_t n0, int64_t m0) {
+#if HAVE_I16_DOT
+  if constexpr (KIND == I8) {
+    if (a.xq) return block_i8_i16<NB, MB>(a, n0, m0);
+  }
+#endif
+  vf acc[NB][MB] = {};
+  const uint8_t* rows[NB];
+  for (int i = 0; i < NB; ++i) rows[i] = a.w + (n0 + i) * a.row_bytes;
+  const float* xs[MB];
+  for (int j = 0; j < MB; ++j) xs[j] = a.x + (m0 + j) * a.K;
+  float extra[NB][MB] = {};
+  if constexpr (KIND == I4) {
+    const int64_t G = a.K / 32;
+    for (int64_t g = 0; g < G; ++g) {
+      float s[NB];
+      for (int i = 0; i < NB; ++i) {
+        s[i] = half_to_float(a.qscale[(n0 + i) * G + g]);
+        const float mn = half_to_float(a.qmin[(n0 + i) * G + g]);
+        for (int j = 0; j < MB; ++j) extra[i][j] += mn * a.xsum[(m0 + j) * G + g];
+      }
+      if (g % 4 == 0)
+        for (int i = 0; i < NB; ++i) prefetch(rows[i] + PF * NB * a.row_bytes + 16 * g);
+      for (int h = 0; h < 16; h += W) {  // W = 16: one pass; W = 8: two
+        vf wl[NB], wh[NB];
+        for (int i = 0; i < NB; ++i) {
+          decode_q4(rows[i] + 16 * g, h, wl[i], wh[i]);
+          wl[i] *= s[i];
+          wh[i] *= s[i];
+        }
+        for (int j = 0; j < MB; ++j) {
+          const vf xl = load<vf>(xs[j] + 32 * g + h), xh = load<vf>(xs[j] + 32 * g + 16 + h);
+          for (int i = 0; i < NB; ++i) acc[i][j] += wl[i] * xl + wh[i] * xh;
+        }
+      }
+    }
+  } else {
+    constexpr int64_t bytes_per_k = KIND == I8 ? 1 : KIND == F32 ? 4 : 2;
+    for (int64_t k = 0; k < a.K; k += W) {
+      vf wv[NB];
+      for (int i = 0; i < NB; ++i) {
+        // the same columns of the next block of rows: DRAM latency hides behind this block's work
+        if ((k * bytes_per_k) % 64 == 0) prefetch(rows[i] + PF * NB * a.row_bytes + k * bytes_per_k);
+        wv[i] = decode<KIND>(rows[i], k);
+      }
+      for (int j = 0; j < MB; ++j) {
+        const vf xv = load<vf>(xs[j] + k);
+        for (int i = 0; i < NB; ++i) acc[i][j] += wv[i] * xv;
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = n0 + i;
+    const float sc = KIND == I8 ? a.scale[n] : 1.f;
+    const float b = a.bias ? a.bias[n] : 0.f;
+    for (int j = 0; j < MB; ++j) a.y[(m0 + j) * a.N + n] = hsum(acc[i][j]) * sc + extra[i][j] + b;
+  }
+}
+
+#if HAVE_I16_DOT
+#if defined(__AVX512BW__)
+typedef __m512i vacc;
+constexpr int KSTEP = 32;
+static inline vacc i16_dot(vacc acc, const int8_t* w, const int16_t* x) {
+  const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+  const __m512i xv = _mm512_loadu_si512(x);
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, wv, xv);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(wv, xv));
+#endif
+}
+static inline int64_t hsum_i32(vacc v) { return _mm512_reduce_add_epi32(v); }
+#else
+typedef __m256i vacc;
+constexpr int KSTEP = 16;
+static inline vacc i16_dot(vacc acc, const int8_t* w, const int16_t* x) {
+  const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
+}
+static inline int64_t hsum_i32(vacc v) {
+  alignas(32) int32_t t[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(t), v);
+  int64_t s = 0;
+  for (int i = 0; i < 8; ++i) s += t[i];
+  return s;
+}
+#endif
+
+template <int NB, int MB>
+static void block_i8_i16(const Args& a, int64_t n0, int64_t m0) {
+  vacc acc[NB][MB];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) std::memset(&acc[i][j], 0, sizeof(vacc));
+  for (int64_t k = 0; k < a.K; k += KSTEP) {
+    for (int i = 0; i < NB; ++i) {
+      const int8_t* w = reinterpret_cast<const int8_t*>(a.w + (n0 + i) * a.row_bytes) + k;
+      if (k % 64 == 0) prefetch(w + PF * NB * a.row_bytes);
+      for (int j = 0; j < MB; ++j) acc[i][j] = i16_dot(acc[i][j], w, a.xq + (m0 + j) * a.K + k);
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = n0 + i;
+    const float b = a.bias ? a.bias[n] : 0.f;
+    for (int j = 0; j < MB; ++j)
+      a.y[(m0 + j) * a.N + n] = static_cast<float>(hsum_i32(acc[i][j])) * a.xq_scale[m0 + j] * a.scale[n] + b;
+  }
+}
+#endif
+
+#if HAVE_I16_DOT
+// each row of x [M, K] as int16 times one scale per row: scale = max|x_row| / 32767, rounded to nearest
+static void round_rows_to_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* scale) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
+    const float s = std::max(mx, 1e-30f) / 32767.f, inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::nearbyint(r[k] * inv));
+    scale[m] = s;
+  }
+}
+#endif
+
+template <int KIND, int NB>
+static void rows_block(const Args& a, int64_t n0) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) block<KIND, NB, 4>(a, n0, m);
+  for (; m < a.M; ++m) block<KIND, NB, 1>(a, n0, m);
+}
+
+template <int KIND>
+static void run(const Args& a) {
+  constexpr int NB = 4;
+  const int64_t nblocks = (a.N + NB - 1) / NB;
+  // at least ~64 KB of weights per task, so small matrices do not pay for waking threads
+  const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NB * a.row_bytes));
+  at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * NB;
+      if (n0 + NB <= a.N) {
+        rows_block<KIND, NB>(a, n0);
+      } else {
+        for (int64_t n = n0; n < a.N; ++n) rows_block<KIND, 1>(a, n);
+      }
+    }
+  });
+}
+
+// x [M, K] fp32; w: F16/BF16 [N, K] 16-bit, I8 [N, K] int8, I4 [N, K/2] uint8, F32 [N, K];
+// scales: I8 fp32 [N]; I4 fp16 [2, N, K/32] (scale, minimum); else an empty tensor
+at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales,
+               const c10::optional<at::Tensor>& bias, int64_t kind) {
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat, "wmm: x must be fp32 on CPU");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % (kind == I4 ? 32 : W) == 0, "wmm: K must be a multiple of the vector width");
+  TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "wmm: weight must be contiguous 2-d");
+  at::Tensor y = at::empty({M, N}, x.options());
+  at::Tensor bias_c, xsum;
+  Args a{};
+  a.x = x.data_ptr<float>();
+  a.w = static_cast<const uint8_t*>(w.data_ptr());
+  a.row_bytes = w.size(1) * w.element_size();
+  a.M = M, a.N = N, a.K = K;
+  a.y = y.data_ptr<float>();
+  if (bias.has_value() && bias->defined()) {
+    bias_c = bias->to(at::kFloat).contiguous();
+    a.bias = bias_c.data_ptr<float>();
+  }
+  switch (kind) {
+    case F16: run<F16>(a); break;
+    case BF16: run<BF16>(a); break;
+    case F32: run<F32>(a); break;
+    case I8: {
+      a.scale = scales.data_ptr<float>();
+#if HAVE_I16_DOT
+      std::vector<int16_t> xq;
+      std::vector<float> xs;
+      if (K <= I16_DOT_MAX_K && K % KSTEP == 0) {  // here, not as ATen ops: ~8 fewer op calls per matrix
+        xq.resize(M * K);
+        xs.resize(M);
+        round_rows_to_i16(a.x, M, K, xq.data(), xs.data());
+        a.xq = xq.data();
+        a.xq_scale = xs.data();
+      }
+#endif
+      run<I8>(a);
+      break;
+    }
+    case I4:
+      xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();
+      a.xsum = xsum.data_ptr<float>();
+      a.qscale = scales.data_ptr<at::Half>();
+      a.qmin = a.qscale + N * (K / 32);
+      run<I4>(a);
+      break;
+    default: TORCH_CHECK(false, "wmm: unknown kind ", kind);
+  }
+  return y;
+}
+
+int64_t vector_width() { return W; }
+
+TORCH_LIBRARY(nanoseek, m) {
+  m.def("wmm(Tensor x, Tensor w, Tensor scales, Tensor? bias, int kind) -> Tensor");
+  m.def("vector_width() -> int");
+}
+
+TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
+  m.impl("wmm", &wmm);
+}
+
+TORCH_LIBRARY_IMPL(nanoseek, CompositeExplicitAutograd, m) {
+  m.impl("vector_width", &vector_width);
+}
