@@ -117,13 +117,18 @@ def test_parallel_speedrun_killed_and_resumed(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "nanoseek", "speedrun", "--preset", "smoke", "--out", str(out), "--jobs", "2"]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    err = open(tmp_path / "stderr.txt", "w")  # a file, not a pipe nobody drains
+    # SIGINT as a terminal delivers it: a test run started in the background (`make test &`) inherits
+    # SIGINT ignored, and Python then installs no KeyboardInterrupt handler, so the run would go on
+    proc = subprocess.Popen(cmd, env=env, stderr=err, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     deadline = time.monotonic() + 300
     while not (out / ".pretrain.done").is_file() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    assert proc.poll() is None, proc.stderr.read()
+    assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
     proc.send_signal(signal.SIGINT)                       # Ctrl-C: the parent stops its lanes
     proc.wait(timeout=60)
+    err.close()
     time.sleep(1)
     logs = {p: p.stat().st_size for p in (out / "logs").glob("*.log")}
     markers = {p.name for p in out.glob(".*.done")}
