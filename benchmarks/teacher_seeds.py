@@ -4,7 +4,7 @@ grade each final model's plain-form accuracy by operation and number of digits.
 The speedrun's R1-Zero and distillation claims need a teacher base that works problems out in the
 plain form (docs/experiments-seed-claims.md, section 6). This trains the `cpu` preset's teacher
 (V3-tiny, batch 16 x 128, 60k synthetic docs) once per seed, in its own process, two at a time with one
-thread each, then grades every model on the same 400 new problems (pretrain's `arithmetic_eval`:
+thread each, then grades every model on the same 400 new problems (pretrain's `arithmetic_grades`:
 greedy worked solutions, answer correct) with a Wilson interval.
 
     .venv/bin/python benchmarks/teacher_seeds.py --seeds 0 1 2            # ~12 min on 2 cores
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import random
 import re
 import subprocess
 import sys
@@ -26,9 +25,8 @@ from pathlib import Path
 
 import torch
 
-from nanoseek.data.synthetic import grade, problem
 from nanoseek.eval.stats import wilson
-from nanoseek.train.pretrain import samples
+from nanoseek.train.pretrain import arithmetic_grades
 from nanoseek.weights import load
 
 OPS = "+-×"
@@ -48,14 +46,10 @@ def train(out: Path, seed: int, steps: int, lr: float, cache: Path) -> Path:
 def plain_form(model_dir: Path, n: int = 400) -> dict:
     """Greedy plain-form accuracy on n new problems, overall and by (operation, digits of the larger number)."""
     model, tok = load(model_dir)
-    model.eval()
-    rng = random.Random(10**6)                   # the same problems as pretrain's final eval
-    problems = [problem(rng) for _ in range(n)]
-    texts = samples(model, tok, [p.prompt for p in problems], 160)
     by = collections.defaultdict(list)
     right = 0
-    for p, t in zip(problems, texts):
-        ok = bool(grade(p, t[len(p.prompt):])["answer_correct"])
+    for p, g in arithmetic_grades(model, tok, n):   # the same problems as pretrain's final eval
+        ok = bool(g["answer_correct"])
         right += ok
         op = next(o for o in OPS if f" {o} " in p.prompt)
         by[f"{op}{len(max(re.findall(r'[0-9]+', p.prompt), key=len))}"].append(ok)

@@ -184,15 +184,22 @@ def samples(model: Transformer, tok, prompts: list[str], max_new_tokens: int) ->
     return [p + tok.decode(ids, skip_special_tokens=True) for p, ids in zip(prompts, out)]
 
 
-def arithmetic_eval(model: Transformer, tok, n: int = 100, seed: int = 10**6, max_new_tokens: int = 160) -> dict:
-    """Greedy completions of n new synthetic problems, graded step by step (data/synthetic.grade)."""
+def arithmetic_grades(model: Transformer, tok, n: int = 100, seed: int = 10**6,
+                      max_new_tokens: int = 160) -> list[tuple]:
+    """(problem, grade) for greedy completions of n new synthetic problems, graded step by step
+    (data/synthetic.grade); the same problems for the same seed."""
     import random
 
     from ..data.synthetic import grade, problem
     rng = random.Random(seed)
     problems = [problem(rng) for _ in range(n)]
     texts = samples(model, tok, [p.prompt for p in problems], max_new_tokens)
-    grades = [grade(p, t[len(p.prompt):]) for p, t in zip(problems, texts)]
+    return [(p, grade(p, t[len(p.prompt):])) for p, t in zip(problems, texts)]
+
+
+def arithmetic_eval(model: Transformer, tok, n: int = 100, seed: int = 10**6, max_new_tokens: int = 160) -> dict:
+    """The shares of arithmetic_grades: well-formed, steps correct, answer correct."""
+    grades = [g for _, g in arithmetic_grades(model, tok, n, seed, max_new_tokens)]
     return {k: sum(float(g[k]) for g in grades) / n for k in ("well_formed", "steps_correct", "answer_correct")}
 
 
