@@ -141,7 +141,7 @@ def gather_sum(rows: torch.Tensor, inv: torch.Tensor, k: int, base: torch.Tensor
     return y if base is None else y.add_(base)
 
 
-def swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu(gu: torch.Tensor, rw: torch.Tensor | float | None = None) -> torch.Tensor:
     """silu(gate) * up (* rw) for gu = [gate | up] along the last dim."""
     gate, up = gu.chunk(2, dim=-1)
     h = F.silu(gate) * up
@@ -222,8 +222,7 @@ class Experts(nn.Module):
         outs = []
         for w_gu, w_d, xe, n in zip(w1.unbind(0), w2.unbind(0), xs.split(counts.tolist()), counts.tolist()):
             if n:
-                gate, up = F.linear(xe, w_gu).chunk(2, dim=-1)
-                outs.append(F.linear(F.silu(gate) * up, w_d))
+                outs.append(F.linear(swiglu(F.linear(xe, w_gu)), w_d))
         ys = torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1])
         return ys if rw is None else ys * rw
 
@@ -232,8 +231,7 @@ class Experts(nn.Module):
         chosen experts' weights used in place, no sort, gather or grouped GEMM over empty groups."""
         y = None
         for e, w in zip(indices.tolist(), weights.tolist()):
-            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-            out = F.linear(F.silu(gate) * up * w, self.down_proj[e])
+            out = F.linear(swiglu(F.linear(x, self.gate_up_proj[e]), w), self.down_proj[e])
             y = out if y is None else y.add_(out)
         return y
 
