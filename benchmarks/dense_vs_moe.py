@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nanoseek.atomic import atomic_write  # noqa: E402
 from nanoseek.config import ModelConfig  # noqa: E402
 from nanoseek.cost import flops_per_token  # noqa: E402
 from nanoseek.data.sampler import WindowSampler  # noqa: E402
@@ -203,6 +204,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache", default="runs/dense_vs_moe-cache", help="tokenizer and token-file cache")
     p.add_argument("--plot", default="docs/dense_vs_moe.png")
+    p.add_argument("--json", default="docs/dense_vs_moe.json",
+                   help="results (the speedrun report's MoE claim reads docs/dense_vs_moe.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 1 seed, 2M characters")
     a = p.parse_args()
     if a.quick:
@@ -253,12 +256,13 @@ def main() -> None:
     for seed in range(a.seeds):
         for name in names[seed % 3:] + names[:seed % 3]:  # rotate the order: machine noise spreads
             results.append(train_one(name, configs[name], train_tokens, heldout, steps[name], seed, a))
-    report(results, configs, steps, a, tok.vocab_size, len(train_tokens), len(heldout) * a.seq_len, docs)
+    summary = report(results, configs, steps, a, tok.vocab_size, len(train_tokens), len(heldout) * a.seq_len, docs)
+    atomic_write(a.json, json.dumps(summary, indent=1) + "\n")
     plot(results, Path(a.plot))
-    print(f"plot: {a.plot}", file=sys.stderr)
+    print(f"plot: {a.plot}; results: {a.json}", file=sys.stderr)
 
 
-def report(results, configs, steps, a, vocab, n_train, n_held, docs) -> None:
+def report(results, configs, steps, a, vocab, n_train, n_held, docs) -> dict:
     by = {n: [r for r in results if r["model"] == n] for n in configs}
     moe_flops = statistics.fmean(r["flops"] for r in by["moe"])
     wall_common = min(r["wall_s"] for r in results)
@@ -292,11 +296,12 @@ def report(results, configs, steps, a, vocab, n_train, n_held, docs) -> None:
                       "load_max_mean_per_layer": [r.get("load_max_mean") for r in rs] if "load_max_mean" in r0 else None,
                       "curves": [[{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items()}
                                   for c in r["curve"]] for r in rs]}
+    out = {"benchmark": "dense_vs_moe", "date": time.strftime("%Y-%m-%d"), "corpus_files": len(docs), "vocab": vocab,
+           "seeds": a.seeds, "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "threads": a.threads,
+           "experts": a.experts, "top_k": a.top_k, "common_wall_s": round(wall_common, 1), "runs": summary}
     print()
-    print(json.dumps({"benchmark": "dense_vs_moe", "corpus_files": len(docs), "vocab": vocab, "seeds": a.seeds,
-                      "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "threads": a.threads,
-                      "experts": a.experts, "top_k": a.top_k, "common_wall_s": round(wall_common, 1),
-                      "runs": summary}))
+    print(json.dumps(out))
+    return out
 
 
 if __name__ == "__main__":

@@ -33,6 +33,26 @@ def write_run(root, rows, lengths=None, cfg=True, cost=True):
     return root
 
 
+def moe_result(path, moe, active, total):
+    runs = {k: {"heldout_loss_at_moe_flops": v, "tokens": 1_310_720, "total_params": 2_410_000, "active_params": 1_030_000}
+            for k, v in (("moe", moe), ("dense_active", active), ("dense_total", total))}
+    path.write_text(json.dumps({"benchmark": "dense_vs_moe", "runs": runs}))
+    return path
+
+
+def test_moe_row_from_the_benchmark_uses_students_t_over_seeds(tmp_path):
+    # per-seed MoE - dense_active: -0.10, -0.09, -0.14: mean -0.11, s 0.02646, t(2) 4.303 -> half 0.0657
+    win = moe_result(tmp_path / "win.json", [4.10, 4.12, 4.11], [4.20, 4.21, 4.25], [4.6, 4.6, 4.7])
+    c = seed_claims(write_run(tmp_path / "run", []), moe_result=win)[4]
+    assert c.verdict == "yes" and "-0.110 nats [-0.176, -0.044]" in c.ours, c.ours
+    # +0.02, -0.03, +0.01 against the active-parameter model: a tie; only the total-parameter one loses
+    tie = moe_result(tmp_path / "tie.json", [4.10, 4.12, 4.11], [4.08, 4.15, 4.10], [4.6, 4.6, 4.7])
+    assert seed_claims(tmp_path / "run", moe_result=tie)[4].verdict == "partly"
+    lose = moe_result(tmp_path / "lose.json", [4.10, 4.12, 4.11], [4.00, 4.01, 4.02], [4.0, 4.0, 4.0])
+    assert seed_claims(tmp_path / "run", moe_result=lose)[4].verdict == "no"
+    assert seed_claims(tmp_path / "run", moe_result=tmp_path / "absent.json")[4].verdict == "not run"
+
+
 def test_verdicts_follow_the_paired_intervals(tmp_path):
     n = 400
     base = [0.0] * n
@@ -40,7 +60,8 @@ def test_verdicts_follow_the_paired_intervals(tmp_path):
     drift = [0.5] * n
     rows = [row("base", base), row("r1-zero", good, drift), row("r1", good),
             row("student-base", base), row("student-distilled", good), row("student-rl", [0.0] * n)]
-    claims = seed_claims(write_run(tmp_path / "run", rows, lengths=[30 + i for i in range(40)]))
+    claims = seed_claims(write_run(tmp_path / "run", rows, lengths=[30 + i for i in range(40)]),
+                         moe_result=tmp_path / "absent.json")
     v = {c.claim: c.verdict for c in claims}
     assert list(v.values()) == ["yes", "yes", "yes", "yes", "not run", "yes", "yes"], v
     md = claims_markdown(claims)
@@ -61,7 +82,7 @@ def test_a_claim_that_does_not_reproduce_says_no_or_partly(tmp_path):
 
 
 def test_missing_logs_say_not_run(tmp_path):
-    claims = seed_claims(write_run(tmp_path / "run", [], cfg=False, cost=False))
+    claims = seed_claims(write_run(tmp_path / "run", [], cfg=False, cost=False), moe_result=tmp_path / "absent.json")
     assert {c.verdict for c in claims} == {"not run"}
 
 

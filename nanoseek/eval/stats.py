@@ -4,6 +4,7 @@
     wilson(37, 50)                 # 95% Wilson score interval of a proportion -> (lo, hi)
     mean_ci(per_problem_accuracy)  # mean with a normal-approximation 95% interval -> (mean, lo, hi)
     paired_diff_ci(a, b)           # mean of a - b over the same problems, with its 95% interval
+    mean_ci(per_seed, t95(3))      # a mean over a few seeds: Student's t instead of the normal's 1.96
     with_ci(row, "pass@1")         # "74.8% [70.1, 79.2]" from an evaluation row's rate and interval
 
 pass@1 averages k correlated samples per problem, so its interval is taken over problems (the
@@ -40,6 +41,18 @@ def mean_ci(xs: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
     half = z * s / math.sqrt(n)
     return m, m - half, m + half
+
+
+# two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (beyond, the normal's 1.96 is close)
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t95(n: int) -> float:
+    """The 95% multiplier for a mean of n values: Student's t with n - 1 degrees of freedom (few seeds)."""
+    if n < 2:
+        raise ValueError("an interval needs at least 2 values")
+    return T95[n - 2] if n - 1 <= len(T95) else Z95
 
 
 def paired_diff_ci(a: Sequence[float], b: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
