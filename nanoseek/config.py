@@ -417,7 +417,7 @@ def _deepseek_v3_small(vocab_size: int, hidden: int, layers: int, heads: int, ex
 
 
 PRESETS = {
-    "tiny": lambda: _deepseek_v3_small(4096, 128, 4, 4, 8, 2, 2, 1),
+    "tiny": lambda: _deepseek_v3_small(4096, 128, 4, 8, 8, 2, 2, 1),
     "small": lambda: _deepseek_v3_small(16384, 512, 8, 8, 16, 4, 4, 2),
     "deepseek-v3": _deepseek_v3_real,
 }
