@@ -32,12 +32,12 @@ from nanoseek.weights import load
 OPS = "+-×"
 
 
-def train(out: Path, seed: int, steps: int, lr: float, cache: Path) -> Path:
+def train(out: Path, seed: int, steps: int, lr: float, cache: Path, model: str = "tiny", extra=()) -> Path:
     """One teacher base, in a child process with one thread (as a speedrun lane runs it)."""
-    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--preset", "tiny", "--steps", str(steps),
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--config" if Path(model).exists() else "--preset", model, "--steps", str(steps),
            "--batch-size", "16", "--seq-len", "128", "--synthetic-docs", "60000", "--lr", str(lr),
            "--seed", str(seed), "--threads", "1", "--final-eval", "0", "--no-progress", "--resume",
-           "--cache-dir", str(cache), "--out", str(out)]
+           "--cache-dir", str(cache), "--out", str(out), *extra]
     with open(out.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
     return out / "final"
@@ -65,6 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--model", default="tiny", help="a preset or a config.json (e.g. more heads)")
+    ap.add_argument("--pretrain-args", nargs="*", default=[], metavar="ARG",
+                    help="more `nanoseek pretrain` arguments, e.g. --pretrain-args=--mtp-weight=0")
     ap.add_argument("--jobs", type=int, default=2, help="teachers trained at once, one thread each")
     ap.add_argument("--out", default="runs/teacher-seeds")
     ap.add_argument("--grade", nargs="+", metavar="MODEL_DIR", help="only grade these model directories")
@@ -76,7 +79,7 @@ def main(argv=None) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(a.jobs) as pool:
-            finals = list(pool.map(lambda s: train(out / f"seed-{s}", s, a.steps, a.lr, out / "cache"), a.seeds))
+            finals = list(pool.map(lambda s: train(out / f"seed-{s}", s, a.steps, a.lr, out / "cache", a.model, a.pretrain_args), a.seeds))
     rows = [plain_form(d) for d in finals]
     for r in rows:
         lo, hi = r["ci95"]

@@ -311,3 +311,30 @@ def test_two_process_gloo_matches_one_process_and_resumes_in_one(tmp_path, confi
     resumed = pretrain(args(one, config_file, steps=4, save_every=100, resume=True))
     assert resumed["start_step"] == 2
     assert resumed["losses"] == pytest.approx(single["losses"][2:], abs=1e-4)
+
+
+def test_document_mask_makes_each_packed_document_see_only_itself():
+    # a packed window of three documents (ending at EOS = 1) must give every token the logits (and MTP
+    # logits) of its document run alone: RoPE is relative, so only the other documents' tokens can differ
+    from nanoseek.config import preset
+    from nanoseek.model.transformer import Transformer
+    from nanoseek.train.pretrain import document_mask
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2)
+    model = Transformer(cfg).eval()
+    docs = [torch.randint(2, 64, (n,)).tolist() + [1] for n in (5, 9, 6)]
+    x = torch.tensor([sum(docs, [])])
+    mask = document_mask(x, eos=1)
+    assert mask.shape == (1, 1, x.shape[1], x.shape[1])
+    with torch.no_grad():
+        logits, mtp = model(x, return_mtp=True, mask=mask)
+        start = 0
+        for d in docs:
+            alone, alone_mtp = model(torch.tensor([d]), return_mtp=True)
+            part = logits[:, start:start + len(d)]
+            assert torch.allclose(part, alone, atol=1e-4 * alone.abs().max()), (part - alone).abs().max()
+            n = len(d) - 1   # the MTP positions of this document that stay inside it
+            assert torch.allclose(mtp[0][:, start:start + n - 1], alone_mtp[0][:, :n - 1], atol=1e-4 * alone.abs().max())
+            start += len(d)
+        unmasked = model(x)
+    assert not torch.allclose(unmasked[:, len(docs[0]):], logits[:, len(docs[0]):], atol=1e-3)

@@ -68,10 +68,10 @@ class MTPModule(nn.Module):
         self.block = Block(cfg, layer_idx, cfg.is_moe_layer(layer_idx))
         self.shared_head = SharedHead(cfg)
 
-    def forward(self, h, emb, cos, sin, positions, cache=None):
+    def forward(self, h, emb, cos, sin, positions, cache=None, mask=None):
         """-> (h, Routing or None), as Block."""
         x = self.eh_proj(torch.cat((self.enorm(emb), self.hnorm(h)), dim=-1))
-        return self.block(x, cos, sin, positions, cache)
+        return self.block(x, cos, sin, positions, cache, mask)
 
 
 class Transformer(nn.Module):
@@ -124,19 +124,19 @@ class Transformer(nn.Module):
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache=None, return_mtp: bool = False, return_routing: bool = False):
+                cache=None, return_mtp: bool = False, return_routing: bool = False, mask=None):
         """logits [B, T, V]; with return_mtp also the MTP logits of each depth; with return_routing
         also every MoE layer's Routing (main layers, then the MTP blocks'), for the training objective."""
         routing = [] if return_routing else None
-        h = self.hidden_states(input_ids, positions, cache, routing=routing)
+        h = self.hidden_states(input_ids, positions, cache, mask, routing=routing)
         out = (self.lm_head(h),)
         if return_mtp:
-            out += (self.mtp_logits(input_ids, h, self._positions(input_ids, positions), routing),)
+            out += (self.mtp_logits(input_ids, h, self._positions(input_ids, positions), routing, mask),)
         if return_routing:
             out += (routing,)
         return out[0] if len(out) == 1 else out
 
-    def mtp_logits(self, input_ids, h, positions, routing: list | None = None):
+    def mtp_logits(self, input_ids, h, positions, routing: list | None = None, mask=None):
         """Logits of each MTP depth k (0-based): position i predicts token i + k + 2."""
         out = []
         for k, module in enumerate(self.mtp):
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
             emb = self.model.embed_tokens(input_ids[:, k + 1: k + 1 + T])
             pos = positions[:, :T]
             cos, sin = self.rotary(pos, h.dtype)
-            h, r = module(h[:, :T], emb, cos, sin, pos)
+            h, r = module(h[:, :T], emb, cos, sin, pos, mask=None if mask is None else mask[..., :T, :T])
             if routing is not None and r is not None:
                 routing.append(r)
             out.append(self.lm_head(module.shared_head.norm(h)))

@@ -76,6 +76,7 @@ class PretrainArgs:
     no_balance: bool = False
     dtype: str = "auto"                # auto: bf16 autocast on CUDA with bf16, else fp32
     seed: int = 0
+    document_mask: bool = False        # attend only within each document of a packed window
     save_every: int = 250
     keep: int = 3
     log_every: int = 25
@@ -279,6 +280,14 @@ def _setup(a: PretrainArgs, info: dist.DistInfo) -> _Run:
                 cfg.is_moe and not a.no_balance)
 
 
+def document_mask(x: torch.Tensor, eos: int) -> torch.Tensor:
+    """[B, 1, T, T]: causal, and each token attends only within its own document (documents end at EOS)."""
+    doc = torch.cumsum(x == eos, dim=1) - (x == eos).long()       # the EOS belongs to the document it ends
+    T = x.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
 def _step(r: _Run, a: PretrainArgs, info: dist.DistInfo, step: int) -> dict:
     """One optimizer step over the global batch (micro-batches accumulated); its metrics, all ranks averaged."""
     t0 = time.perf_counter()
@@ -290,7 +299,9 @@ def _step(r: _Run, a: PretrainArgs, info: dist.DistInfo, step: int) -> dict:
     for i, window in enumerate(batch.split(r.micro)):
         with dist.grad_sync(r.wrapped, info, sync=i == r.accum - 1):
             with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=r.amp):
-                logits, mtp_logits, routing = r.wrapped(window[:, :-1], return_mtp=True, return_routing=True)
+                x = window[:, :-1]
+                mask = document_mask(x, r.cfg.eos_token_id) if a.document_mask else None
+                logits, mtp_logits, routing = r.wrapped(x, return_mtp=True, return_routing=True, mask=mask)
             main = next_token_loss(logits, window)
             l_mtp = mtp_loss(mtp_logits, window)
             l_bal = (balance_loss(routing, r.cfg.num_experts_per_tok, a.balance_alpha)
@@ -434,6 +445,7 @@ HELP = {
     "cache_dir": "token files and tokenizers (default: OUT/cache)",
     "micro_batch": "sequences per forward per process (gradient accumulation when smaller)",
     "batch_size": "sequences per optimizer step over all processes",
+    "document_mask": "attend only within each document of a packed training window (documents end at EOS)",
     "no_balance": "turn off both balancing mechanisms (bias update and sequence-wise loss), to compare",
     "chat_share": "synthetic corpus: share of documents in the R1-Zero dialogue format (<think>, <answer>)",
     "unclosed_share": "synthetic corpus: share of the dialogues whose reasoning is never closed (no </think>, "
