@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--model", default="tiny", help="a preset or a config.json (e.g. more heads)")
     ap.add_argument("--pretrain-args", nargs="*", default=[], metavar="ARG",
-                    help="more `nanoseek pretrain` arguments, e.g. --pretrain-args=--mtp-weight=0")
+                    help="more `nanoseek pretrain` arguments, e.g. --pretrain-args=--no-document-mask")
     ap.add_argument("--jobs", type=int, default=2, help="teachers trained at once, one thread each")
     ap.add_argument("--out", default="runs/teacher-seeds")
     ap.add_argument("--grade", nargs="+", metavar="MODEL_DIR", help="only grade these model directories")

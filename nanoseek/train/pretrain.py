@@ -11,6 +11,9 @@
     summary = pretrain(PretrainArgs(out="runs/t", steps=20))           # {"losses": [...], ...}
 
 One optimizer step (DeepSeek-V3 §2.1.2, §2.2, §4.2; see objective.py for the formulas):
+  documents are packed into fixed windows; each token attends only within its own document
+  (--no-document-mask: across them, as V3 does); with the mask, a tiny model learns to copy the
+  numbers of its question far more reliably (docs/experiments-seed-claims.md section 7)
   for each micro-batch: L = CE(next token) + λ·L_MTP + L_Bal (sequence-wise, α), backward
   clip the gradient norm to 1.0, AdamW (β 0.9/0.95, wd 0.1 on matrices), lr warmup + cosine | wsd
   auxiliary-loss-free balancing: b_i += γ·sign(mean load − load_i) from the step's expert load
@@ -76,7 +79,7 @@ class PretrainArgs:
     no_balance: bool = False
     dtype: str = "auto"                # auto: bf16 autocast on CUDA with bf16, else fp32
     seed: int = 0
-    document_mask: bool = False        # attend only within each document of a packed window
+    document_mask: bool = True         # attend only within each document of a packed window
     save_every: int = 250
     keep: int = 3
     log_every: int = 25
@@ -445,7 +448,8 @@ HELP = {
     "cache_dir": "token files and tokenizers (default: OUT/cache)",
     "micro_batch": "sequences per forward per process (gradient accumulation when smaller)",
     "batch_size": "sequences per optimizer step over all processes",
-    "document_mask": "attend only within each document of a packed training window (documents end at EOS)",
+    "document_mask": "attend only within each document of a packed training window (documents end at EOS); "
+                     "--no-document-mask lets documents see the ones before them",
     "no_balance": "turn off both balancing mechanisms (bias update and sequence-wise loss), to compare",
     "chat_share": "synthetic corpus: share of documents in the R1-Zero dialogue format (<think>, <answer>)",
     "unclosed_share": "synthetic corpus: share of the dialogues whose reasoning is never closed (no </think>, "
