@@ -112,8 +112,11 @@ def test_packing_keeps_every_example_and_its_mask():
     for _ in range(40):
         n = rng.randint(1, 17)
         examples.append(([rng.randint(1, 99) for _ in range(n)], [rng.random() < 0.5 for _ in range(n)]))
-    ids, mask, spans = pack(examples, 17, pad_id=0)
+    ids, mask, spans, doc = pack(examples, 17, pad_id=0)
     assert len(spans) == len(examples)
+    for j, (e_ids, _) in enumerate(examples):                # each example's tokens carry its number
+        r, s = spans[j]
+        assert (doc[r, s:s + len(e_ids)] == j).all()
     used = torch.zeros_like(mask, dtype=torch.int)
     for (e_ids, e_mask), (r, s) in zip(examples, spans):
         n = len(e_ids)
@@ -139,8 +142,24 @@ def test_packed_stream_epochs_are_permutations_and_batches_cross_them():
     for e in (e0, e1):
         assert sorted(int(t) for t in e.flatten() if t) == sorted(t for ids, _ in examples for t in ids)
     n0 = len(e0)
-    rows, _ = stream.batch(1, n0 - 1)  # rows n0-1 .. 2n0-3: the last of epoch 0, then epoch 1
+    rows, _, _ = stream.batch(1, n0 - 1)  # rows n0-1 .. 2n0-3: the last of epoch 0, then epoch 1
     assert torch.equal(rows[0], e0[-1]) and torch.equal(rows[1:], e1[:n0 - 2])
+
+
+def test_a_packed_example_sees_only_itself():
+    # the loss of three examples packed in one row equals the sum of their losses run one by one
+    torch.manual_seed(0)
+    cfg = nanoseek.preset("tiny").replace(vocab_size=50, num_hidden_layers=2)
+    model = nanoseek.Transformer(cfg).eval()
+    examples = [(torch.randint(2, 50, (n,)).tolist(), [False] * 2 + [True] * (n - 2)) for n in (6, 9, 5)]
+    ids, mask, _, doc = pack(examples, 24, pad_id=0)
+    assert ids.shape[0] == 1
+    with torch.no_grad():
+        alone = sum(masked_loss_sum(model, torch.tensor([i]), torch.tensor([m])) for i, m in examples)
+        packed = masked_loss_sum(model, ids, mask, doc)
+        crossing = masked_loss_sum(model, ids, mask)          # plain causal: later examples see earlier ones
+    assert torch.allclose(packed, alone, rtol=1e-5), (packed, alone)
+    assert not torch.allclose(crossing, alone, rtol=1e-3)
 
 
 # ------------------------------------------------------------------------------ training

@@ -100,3 +100,12 @@ def load_stats(loads: torch.Tensor) -> list[float]:
     """max/mean load per MoE layer (1.0 = perfectly balanced)."""
     loads = loads.float()
     return (loads.amax(dim=-1) / loads.mean(dim=-1).clamp_min(1e-9)).tolist()
+
+
+def document_attention_mask(doc: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] attention mask (True = may attend) for rows of packed documents: causal, and a token
+    sees only the tokens of its own document. `doc` [B, T]: each token's document number in its row."""
+    T = doc.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+

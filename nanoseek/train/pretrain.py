@@ -39,8 +39,8 @@ from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
 from ..model.transformer import Transformer
 from . import checkpoint, dist, expert_parallel
-from .objective import (balance_loss, expert_loads, load_stats, moe_layers, mtp_loss, mtp_weight,
-                        next_token_loss, update_bias)
+from .objective import (balance_loss, document_attention_mask, expert_loads, load_stats, moe_layers, mtp_loss,
+                        mtp_weight, next_token_loss, update_bias)
 from .optim import SCHEDULES, adamw, lr_at
 from .run import MetricsLog, Progress, check_same, resume_point, run_dir, save_final, set_lr, use_amp
 
@@ -285,10 +285,7 @@ def _setup(a: PretrainArgs, info: dist.DistInfo) -> _Run:
 
 def document_mask(x: torch.Tensor, eos: int) -> torch.Tensor:
     """[B, 1, T, T]: causal, and each token attends only within its own document (documents end at EOS)."""
-    doc = torch.cumsum(x == eos, dim=1) - (x == eos).long()       # the EOS belongs to the document it ends
-    T = x.shape[1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+    return document_attention_mask(torch.cumsum(x == eos, dim=1) - (x == eos).long())  # EOS ends its document
 
 
 def _step(r: _Run, a: PretrainArgs, info: dist.DistInfo, step: int) -> dict:
