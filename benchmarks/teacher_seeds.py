@@ -34,7 +34,8 @@ OPS = "+-×"
 
 def train(out: Path, seed: int, steps: int, lr: float, cache: Path, model: str = "tiny", extra=()) -> Path:
     """One teacher base, in a child process with one thread (as a speedrun lane runs it)."""
-    cmd = [sys.executable, "-m", "nanoseek", "pretrain", "--config" if Path(model).exists() else "--preset", model, "--steps", str(steps),
+    source = "--config" if Path(model).exists() else "--preset"
+    cmd = [sys.executable, "-m", "nanoseek", "pretrain", source, model, "--steps", str(steps),
            "--batch-size", "16", "--seq-len", "128", "--synthetic-docs", "60000", "--lr", str(lr),
            "--seed", str(seed), "--threads", "1", "--final-eval", "0", "--no-progress", "--resume",
            "--cache-dir", str(cache), "--out", str(out), *extra]
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(a.jobs) as pool:
-            finals = list(pool.map(lambda s: train(out / f"seed-{s}", s, a.steps, a.lr, out / "cache", a.model, a.pretrain_args), a.seeds))
+            finals = list(pool.map(lambda s: train(out / f"seed-{s}", s, a.steps, a.lr, out / "cache", a.model,
+                                                   a.pretrain_args), a.seeds))
     rows = [plain_form(d) for d in finals]
     for r in rows:
         lo, hi = r["ci95"]

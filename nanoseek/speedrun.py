@@ -52,16 +52,19 @@ from .pipeline import Stages, cold_start, evaluate_models, rl, run_parallel, sam
 # direct RL gets about as many FLOPs as its distillation). gpu-small scales the same pipeline (bigger
 # model, more steps). rejection_prompts 0 leaves out R1's rejection-sampling and final-RL stages.
 PRESETS = {
-    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, student_layers=2, grpo_steps=60, grpo_prompts=16, group_size=8,
+    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, student_layers=2, grpo_steps=60, grpo_prompts=16,
+                group_size=8,
                 cold_start=1000, r1_rl_steps=20, rejection_prompts=2400, final_rl_steps=10, distill_prompts=2800,
                 distill_k=1, student_rl_steps=50, eval_n=400, eval_k=4, batch_size=16, seq_len=128, docs=60000,
                 max_tokens=112),
-    "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, student_layers=4, grpo_steps=400, grpo_prompts=64,
+    "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, student_layers=4, grpo_steps=400,
+                      grpo_prompts=64,
                       group_size=16, cold_start=4000, r1_rl_steps=300, rejection_prompts=8000, final_rl_steps=200,
                       distill_prompts=8000, distill_k=1, student_rl_steps=300, eval_n=1000, eval_k=16,
                       batch_size=64, seq_len=256, docs=1_000_000, max_tokens=200),
     # wiring check for tests: every stage, a few steps each
-    "smoke": dict(model="tiny", pretrain_steps=6, student_steps=4, student_layers=2, grpo_steps=2, grpo_prompts=2, group_size=4,
+    "smoke": dict(model="tiny", pretrain_steps=6, student_steps=4, student_layers=2, grpo_steps=2, grpo_prompts=2,
+                  group_size=4,
                   cold_start=8, r1_rl_steps=1, rejection_prompts=4, final_rl_steps=1, distill_prompts=6, distill_k=2,
                   student_rl_steps=1, eval_n=4, eval_k=2, batch_size=4, seq_len=64, docs=400, max_tokens=24),
 }

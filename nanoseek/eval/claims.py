@@ -169,10 +169,9 @@ def moe(result: dict | None = None, link: str = MOE_LINK) -> Claim:
         return c
     loss = {k: runs[k]["heldout_loss_at_moe_flops"] for k in ("moe", "dense_active", "dense_total")}
     n = len(loss["moe"])
-    diff = {k: mean_ci([m - d for m, d in zip(loss["moe"], loss[k])], t95(n)) if n > 1 else None
-            for k in ("dense_active", "dense_total")}
-    if diff["dense_active"] is None:
+    if n < 2:   # one seed: no interval
         return c
+    diff = {k: mean_ci([m - d for m, d in zip(loss["moe"], loss[k])], t95(n)) for k in ("dense_active", "dense_total")}
     mean = {k: sum(v) / len(v) for k, v in loss.items()}
     c.ours = (f"held-out loss at equal training FLOPs, {n} seeds: MoE {mean['moe']:.3f} vs dense with its active "
               f"params {mean['dense_active']:.3f} ({_nats(diff['dense_active'])}) and vs dense with its "
