@@ -403,7 +403,8 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
     progress.close()
     if log is not None:
         log.close()
-    if info.main and step > r.start:
+    # a run killed after its last checkpoint but before final/ resumes with nothing to train: write final/ then
+    if info.main and (step > r.start or not (r.out / "final").is_dir()):
         _finish(r, a, info, step, metrics, time.perf_counter() - t_start, say)
     # leave together: a rank that tears gloo down while rank 0 still writes final/ was seen to abort
     # ("terminate called without an active exception") on a loaded machine
