@@ -190,6 +190,20 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(full_run, tmp_path, con
         assert torch.equal(v, w), k
 
 
+def test_killed_after_the_last_checkpoint_resume_writes_final(full_run, tmp_path, config_file):
+    # killed between the step-8 checkpoint and final/: nothing is left to train, but final/ is owed
+    out, _ = full_run
+    crashed = tmp_path / "crashed"
+    shutil.copytree(out, crashed)
+    shutil.rmtree(crashed / "final")
+    pretrain(args(crashed, config_file, resume=True))
+    a, _ = nanoseek.load(out / "final")
+    b, _ = nanoseek.load(crashed / "final")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert json.loads((crashed / "final" / "training.json").read_text())["steps"] == 8
+
+
 def test_bad_inputs(tmp_path, config_file, full_run, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
