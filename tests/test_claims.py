@@ -86,6 +86,14 @@ def test_missing_logs_say_not_run(tmp_path):
     assert {c.verdict for c in claims} == {"not run"}
 
 
+def test_torn_logs_of_a_killed_run_say_not_run(tmp_path):
+    run = write_run(tmp_path / "run", [], cfg=False, cost=False)
+    (run / "eval.json").write_text('{"rows": [{"role": "ba')           # killed mid-write
+    (run / "cost.json").write_text("[1, 2]")                            # valid JSON, not a report
+    claims = seed_claims(run, moe_result=tmp_path / "absent.json")
+    assert {c.verdict for c in claims} == {"not run"}
+
+
 def test_mla_row_is_the_cache_the_engine_allocates(tmp_path):
     cfg = preset("tiny")
     claims = seed_claims(write_run(tmp_path / "run", []))

@@ -69,9 +69,10 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _read_json(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return d if isinstance(d, dict) else None
 
 
 def pure_rl(rows: dict) -> Claim:
@@ -121,8 +122,7 @@ def language(rows: dict) -> Claim:
 def plain_form(run: Path, stage: str) -> str:
     """The stage's base model graded on worked solutions in the corpus's plain form (pretrain's final eval):
     what it can do before any dialogue, RL or distillation."""
-    p = run / stage / "final" / "training.json"
-    ev = json.loads(p.read_text()).get("plain_form_eval") if p.is_file() else None
+    ev = (_read_json(run / stage / "final" / "training.json") or {}).get("plain_form_eval")
     if not isinstance(ev, dict) or not ev.get("n"):
         return ""
     n, acc = ev["n"], ev["answer_correct"]
@@ -202,11 +202,11 @@ MOE_RESULT = Path(__file__).resolve().parents[2] / "docs" / "dense_vs_moe.json" 
 
 def seed_claims(run: str | Path, moe_result: str | Path = MOE_RESULT) -> list[Claim]:
     run = Path(run)
-    ev = json.loads((run / "eval.json").read_text()) if (run / "eval.json").is_file() else {}
+    ev = _read_json(run / "eval.json") or {}    # a missing or torn file (a killed run) leaves its rows "not run"
     rows = {r["role"]: r for r in ev.get("rows", []) if "role" in r and "per_problem" in r}
-    cfg_path = run / "pretrain" / "final" / "config.json"
-    config = ModelConfig.from_hf_config(json.loads(cfg_path.read_text())) if cfg_path.is_file() else None
-    cost_report = json.loads((run / "cost.json").read_text()) if (run / "cost.json").is_file() else None
+    hf_config = _read_json(run / "pretrain" / "final" / "config.json")
+    config = ModelConfig.from_hf_config(hf_config) if hf_config else None
+    cost_report = _read_json(run / "cost.json")
     claims = [pure_rl(rows), length_grows(_read_jsonl(run / "grpo" / "metrics.jsonl")), language(rows),
               distillation(rows), moe(_read_json(Path(moe_result))), mla_cache(config), cost(cost_report)]
     for c, stage, who in ((claims[0], "pretrain", "base"), (claims[3], "student", "student base")):
