@@ -115,11 +115,13 @@ def _last_line(path: Path, width: int = 110) -> str:
 
 
 def run_parallel(run: Stages, needs: dict[str, tuple[str, ...]], command, jobs: int, status_every: float = 30.0,
-                 on_done=None) -> None:
+                 on_done=None, solo: tuple[str, ...] = ()) -> None:
     """Run the stages of `needs` as child processes, at most `jobs` at once, each as soon as the stages it
-    needs are done (ties go to the earlier stage in `needs`: list the critical path first). command(name)
-    is the argv of a process that runs that one stage and leaves its marker; its output goes to
-    OUT/logs/NAME.log. A failing stage stops the others; --resume continues all of them."""
+    needs are done (ties go to the earlier stage in `needs`: list the critical path first). A stage in
+    `solo` runs alone (command(name) should give it every core): when it is the first ready stage, the
+    lanes drain and nothing starts beside it. command(name) is the argv of a process that runs that one
+    stage and leaves its marker; its output goes to OUT/logs/NAME.log. A failing stage stops the others;
+    --resume continues all of them."""
     logs = run.root / "logs"
     logs.mkdir(exist_ok=True)
     todo = [s for s in needs if not run.done(s) and (not run.only or s in run.only)]
@@ -143,7 +145,7 @@ def run_parallel(run: Stages, needs: dict[str, tuple[str, ...]], command, jobs: 
             ready = [s for s in todo if all(run.done(d) for d in needs[s])]
             if not running and todo and not ready:
                 raise NanoseekError(f"stages {', '.join(todo)} need stages that are neither done nor to be run")
-            for name in ready[:max(0, jobs - len(running))]:
+            for name in _startable(ready, list(running), jobs, solo):
                 todo.remove(name)
                 log = open(logs / f"{name}.log", "ab")
                 running[name] = (subprocess.Popen(command(name), stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -163,6 +165,21 @@ def run_parallel(run: Stages, needs: dict[str, tuple[str, ...]], command, jobs: 
             except subprocess.TimeoutExpired:
                 proc.kill()
             log.close()
+
+
+def _startable(ready: list[str], running: list[str], jobs: int, solo: tuple[str, ...]) -> list[str]:
+    """The ready stages to start now, in order of preference: none beside a solo stage, and a solo stage
+    first in line waits (blocking the ones behind it) until nothing runs."""
+    if any(r in solo for r in running):
+        return []
+    start = []
+    for name in ready:
+        if len(running) + len(start) >= jobs:
+            break
+        if name in solo:
+            return start if (running or start) else [name]
+        start.append(name)
+    return start
 
 
 def cold_start_records(n: int, template: str = "r1-zero-short", seed: int = 0, tok=None, level: int = 2,

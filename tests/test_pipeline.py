@@ -6,7 +6,7 @@ import json
 import pytest
 
 from nanoseek.errors import NanoseekError
-from nanoseek.pipeline import Stages
+from nanoseek.pipeline import Stages, _startable
 
 
 def test_stages_skip_finished_and_rerun_interrupted(tmp_path):
@@ -24,6 +24,17 @@ def test_stages_skip_finished_and_rerun_interrupted(tmp_path):
     assert calls == ["a", "b"]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["a.x"] == 1 and summary["b.y"] == 2 and set(summary["stage_s"]) == {"a", "b"}
+
+
+def test_a_solo_stage_runs_alone_and_is_not_starved():
+    solo = ("b",)
+    assert _startable(["a", "c"], [], 2, solo) == ["a", "c"]
+    assert _startable(["a", "c"], ["x"], 2, solo) == ["a"]          # one free lane
+    assert _startable(["b", "c"], [], 2, solo) == ["b"]             # alone, though a lane is free
+    assert _startable(["b", "c"], ["x"], 2, solo) == []             # waits for the lanes to drain; c waits too
+    assert _startable(["a", "b"], [], 2, solo) == ["a"]             # what comes before it may start
+    assert _startable(["c"], ["b"], 2, solo) == []                  # nothing beside it
+    assert _startable(["a", "c"], [], 2, ()) == ["a", "c"]
 
 
 def test_cold_start_examples_are_verified_readable_r1_format():
@@ -145,6 +156,8 @@ def test_parallel_speedrun_killed_and_resumed(tmp_path):
     started = {s: json.loads((out / f".{s}.done").read_text())["started_at"] for s in sr.NEEDS}
     for stage, needs in sr.NEEDS.items():              # a stage starts after its needs' markers are written
         assert all(done_at[d] <= started[stage] for d in needs), stage
+    for stage in set(sr.NEEDS) - {"data", "pretrain"}:  # the base model trained alone (sr.SOLO)
+        assert started[stage] >= done_at["pretrain"], stage
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert {"base", "r1-zero", "r1", "student-base", "student-rl"} <= {r["role"] for r in rows}
     assert (out / "report.md").read_text().split("\n## ")[1].startswith("Seed claims")
