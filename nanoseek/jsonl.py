@@ -5,6 +5,7 @@
     rows = read_jsonl(log, errors="stop")                # a log: the first bad line ends it
     rows = read_jsonl(log, errors="skip")                # a report: bad lines (and bad bytes) are passed over
     for n, row in iter_jsonl(path): ...                  # with line numbers, for per-line checks
+    value = read_json("eval.json")                       # one JSON file; None if missing or torn
     write_jsonl(path, rows)                              # atomic, fsynced
     append_jsonl(path, rows, fsync=True)                 # appended, durable before the next step
     log = JsonlLog(path); log.write(row); log.close()    # an open log, flushed per line
@@ -63,6 +64,16 @@ def iter_jsonl(path: str | os.PathLike, errors: str = "strict") -> Iterator[tupl
 def read_jsonl(path: str | os.PathLike, errors: str = "strict") -> list:
     """Every line's value (see iter_jsonl)."""
     return [row for _, row in iter_jsonl(path, errors)]
+
+
+def read_json(path: str | os.PathLike):
+    """One JSON file's value, or None if it is missing, unreadable or torn (a report never fails on one
+    bad part of a killed run)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable) -> None:

@@ -165,6 +165,14 @@ def test_loss_decreases_and_everything_is_logged(full_run):
     assert [p.name for _, p in checkpoint.step_dirs(out / "checkpoints")] == ["step-00000004", "step-00000008"]
 
 
+def assert_same_weights(a_dir, b_dir):
+    a, _ = nanoseek.load(a_dir)
+    b, _ = nanoseek.load(b_dir)
+    assert a.state_dict().keys() == b.state_dict().keys()
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(v, w), k
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly(full_run, tmp_path, config_file):
     out, summary = full_run
     crashed = tmp_path / "crashed"
@@ -184,10 +192,7 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(full_run, tmp_path, con
     recs = [json.loads(line) for line in (crashed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(1, 9))
     assert not half.exists()
-    a, _ = nanoseek.load(out / "final")
-    b, _ = nanoseek.load(crashed / "final")
-    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(v, w), k
+    assert_same_weights(out / "final", crashed / "final")
 
 
 def test_killed_after_the_last_checkpoint_resume_writes_final(full_run, tmp_path, config_file):
@@ -197,10 +202,7 @@ def test_killed_after_the_last_checkpoint_resume_writes_final(full_run, tmp_path
     shutil.copytree(out, crashed)
     shutil.rmtree(crashed / "final")
     pretrain(args(crashed, config_file, resume=True))
-    a, _ = nanoseek.load(out / "final")
-    b, _ = nanoseek.load(crashed / "final")
-    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
-        assert torch.equal(v, w), k
+    assert_same_weights(out / "final", crashed / "final")
     assert json.loads((crashed / "final" / "training.json").read_text())["steps"] == 8
 
 

@@ -16,13 +16,12 @@ the interval includes zero (or only half of a two-part claim holds), "no" otherw
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ModelConfig
 from ..cost import kv_cache_bytes_per_token
-from ..jsonl import read_jsonl
+from ..jsonl import read_json, read_jsonl
 from .stats import mean_ci, paired_diff_ci, t95, wilson, with_ci
 
 MOE_LINK = "../benchmarks.md#moe-vs-dense"   # from docs/speedrun/report.md, where the card is committed
@@ -68,10 +67,8 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
+    """The file's object; None if it is missing, torn or not an object."""
+    d = read_json(path)
     return d if isinstance(d, dict) else None
 
 

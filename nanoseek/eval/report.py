@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from .. import jsonl
+from ..jsonl import read_json
 from ..args import HelpFormatter
 from ..errors import NanoseekError
 from .stats import with_ci
@@ -58,14 +58,6 @@ def read_jsonl(path: Path) -> list[dict]:
     if rows and all(_num(r.get("step")) for r in rows):
         rows = sorted({r["step"]: r for r in rows}.values(), key=lambda r: r["step"])
     return rows
-
-
-def read_json(path: Path):
-    """The parsed file, or None if it is missing or unreadable (a report never fails on one bad part)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 # keys that tell which stage wrote a metrics.jsonl, for a run directory that is a single stage's --out
