@@ -3,6 +3,7 @@ in its own process with its own best settings, against this machine's memory-ban
 
     .venv/bin/python benchmarks/decode.py                  # full run (~25 min on 2 shared cores)
     .venv/bin/python benchmarks/decode.py --quick          # smoke run (fewer tokens, one round)
+    .venv/bin/python benchmarks/decode.py --modes int8,int4  # those modes and their llama.cpp twins only
     .venv/bin/python benchmarks/decode.py --profile int8   # top ops of one batch-1 decode step
     .venv/bin/python benchmarks/decode.py --profile int8 --compile on   # ... of a compiled step
 
@@ -350,7 +351,9 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
     passive, res["omp_probe"] = probe_policy(n, nb, reps)
     res["nanoseek_omp_wait_policy"] = "PASSIVE" if passive else "default"
     log("nanoseek OpenMP probe (fp16 tok/s):", json.dumps(res["omp_probe"]), "->", res["nanoseek_omp_wait_policy"])
-    modes, chat_len = nanoseek_modes(), len(nanoseek.load(example_model())[1].encode(CHAT))
+    modes, chat_len = args.modes or nanoseek_modes(), len(nanoseek.load(example_model())[1].encode(CHAT))
+    wanted = {twin(m) or "F32" for m in modes} | ({"Q4_1"} if "Q4_0" in {twin(m) for m in modes} else set())
+    files = {f: p for f, p in files.items() if f in wanted}  # llama.cpp runs the twins of the modes asked for
     variants = [(m, c) for m in modes for c in ((False, True) if args.compile == "both" else (args.compile == "on",))
                 if not (c and m == "w8a8")]  # w8a8's fbgemm call runs eager inside a compiled step: no gain
     label = lambda m, c: f"{m} compiled" if c else m  # noqa: E731
@@ -437,8 +440,14 @@ def main():
                     help="nanoseek's Engine(compile=...): both (default: each mode eager and compiled), on, off")
     ap.add_argument("--profile", metavar="MODE", help="print the top ops of one nanoseek batch-1 decode step "
                     "in MODE (fp32, bf16 or a quantize.MODES key) and exit")
+    ap.add_argument("--modes", type=lambda v: v.split(","), metavar="M1,M2",
+                    help="only these nanoseek modes and their llama.cpp twins (default: every mode), e.g. int8,int4")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    unknown = set(args.modes or ()) - set(nanoseek_modes())
+    if unknown:
+        print(f"decode.py: unknown mode {sorted(unknown)[0]!r}; use one of {', '.join(nanoseek_modes())}", file=sys.stderr)
+        sys.exit(2)
     if args.worker:
         print(json.dumps(WORKERS[args.worker[0]](json.loads(args.worker[1]))))
         return

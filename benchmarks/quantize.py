@@ -28,7 +28,8 @@ import nanoseek  # noqa: E402
 from nanoseek.infer import Engine, SamplingParams  # noqa: E402
 from nanoseek.infer.quantize import quantize  # noqa: E402
 
-from decode import CHAT, smollm2_path  # noqa: E402
+from decode import CHAT  # noqa: E402
+from nanoseek.cli import example_model  # noqa: E402
 
 MODES = ("fp32", "fp16", "bf16", "int8", "int4", "w8a8")
 
@@ -52,7 +53,7 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=4096, help="score at most this many tokens")
     args = ap.parse_args()
     torch.set_num_threads(os.cpu_count())
-    path = smollm2_path()
+    path = example_model()
     _, tok = nanoseek.load(path)
     ids = tok.encode(open(args.text, encoding="utf-8").read())[: args.max_tokens]
     chat = tok.encode(CHAT)

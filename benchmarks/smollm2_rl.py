@@ -27,7 +27,7 @@ from nanoseek.train.grpo import GRPOArgs, grpo, resolve  # noqa: E402
 from nanoseek.pipeline import cold_start_records  # noqa: E402
 from nanoseek.train.sft import SFTArgs, train_sft  # noqa: E402
 
-from decode import smollm2_path  # noqa: E402
+from nanoseek.cli import example_model  # noqa: E402
 
 
 def main():
@@ -41,10 +41,10 @@ def main():
     torch.set_num_threads(args.threads)
     cold = os.path.join(args.out, "cold-start")
     if not os.path.exists(os.path.join(cold, "final")):
-        model, tok = nanoseek.load(smollm2_path())
+        model, tok = nanoseek.load(example_model())
         recs = cold_start_records(args.cold_start, template="chat", tok=tok, level=args.level, langs=("en",))
         train_sft(model, tok, SFTArgs(out=cold, template="none", epochs=1, seq_len=256, batch_size=8, lr=3e-5,
-                                      log_every=4), records=recs, base=smollm2_path())
+                                      log_every=4), records=recs, base=example_model())
     a = resolve(GRPOArgs(preset="smollm2", model=os.path.join(cold, "final"), out=os.path.join(args.out, "grpo"),
                          level=args.level, prompts_per_step=4, group_size=4, max_tokens=96, lr=1e-5,
                          steps=args.steps, eval_every=10, eval_n=150, threads=args.threads),

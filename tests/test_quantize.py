@@ -30,6 +30,8 @@ def test_packed_kernel_equals_dequantized_weights(cls, tol):
         atol = 2e-5 * ref.abs().max().item()
         if cls is Int8Linear:  # the int8 kernel rounds each activation row to int16: half a step of max|x| / 32767
             atol += (w.abs().sum(1).max() * x.abs().max() / 65534).item()
+        if cls is Int4Linear:  # the int4 kernel rounds each group of 32 activations to 15 bits: max|x| / 32639
+            atol += (w.abs().sum(1).max() * x.abs().max() / 65278).item()
         assert torch.allclose(q(x), ref, atol=atol)
     # and the quantization error itself is bounded: int8 ~ 1/254 of the row range, int4 ~ 1/30 of a group's
     w = lin.weight.detach()
@@ -98,7 +100,8 @@ def test_quantized_moe_runs_each_expert_on_its_own_quantized_weights(mode):
         got, want = moe(x)[0], ref(x)[0]
     # int8: the kernel rounds activations to int16 (2^-16 of a row's max, times up to K=64 terms) in
     # two chained layers, so it may differ from the float layer by up to ~1e-3 of the output's range
-    assert (got - want).abs().max() <= (1e-3 if mode == "int8" else 1e-5) * want.abs().max()
+    # (int4: to 15 bits per group of 32)
+    assert (got - want).abs().max() <= (1e-3 if mode in ("int8", "int4") else 1e-5) * want.abs().max()
     # and they are the float experts' weights, each within its mode's rounding
     tol = {"fp16": 1e-3, "int8": 0.01, "int4": 0.15}[mode]
     for name in ("gate_up_proj", "down_proj"):
@@ -130,6 +133,35 @@ def test_kernel_equals_float64_matmul_of_the_same_weights(kind, dtype):
         ref = (x.double() @ w.double().T + b.double()).float()
         y = torch.ops.nanoseek.wmm(x, w, torch.empty(0), b, kind)
         assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max().item())
+
+
+def q4_1_times_x15(x, q):
+    """The int4 kernel's product by hand, in float64: each group of 32 activations rounded to
+    integers |q| <= 32639 with scale max|x| / 32639, times the 4-bit codes, times both scales, plus
+    the group's minimum times the sum of its (float) activations."""
+    N, K = q.out_features, q.in_features
+    b = q.q4.view(N, K // 32, 16).long()
+    codes = torch.cat([b & 15, b >> 4], dim=-1).double()             # [N, G, 32]
+    scale, lo = q.scale_min.double()                                  # [N, G]
+    xg = x.double().view(len(x), K // 32, 32)
+    d = xg.abs().amax(-1) / 32639                                      # [M, G]
+    xq = torch.round(xg / d.clamp(min=1e-30)[..., None])
+    dots = torch.einsum("mgt,ngt->mng", xq, codes)                    # integer dot per group
+    return (dots * d[:, None] * scale[None]).sum(-1) + xg.sum(-1) @ lo.T
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+def test_int4_kernel_is_q4_1_times_15_bit_activations():
+    torch.manual_seed(0)
+    for M, N, K in ((1, 5, 64), (4, 9, 128), (6, 33, 576), (3, 7, 96)):  # tails; K = 96: 3 groups
+        lin = nn.Linear(K, N, bias=False)
+        q = Int4Linear(lin)
+        x = torch.randn(M, K) * torch.rand(K) * 3                      # groups of unequal range
+        ref = q4_1_times_x15(x, q)
+        width = kernels.vector_width()  # AVX-512 packs 2 groups per vector: odd counts run in float, as do
+        if width < 8 or (width == 16 and K % 64):  # CPUs without AVX2
+            ref = x.double() @ q.dequantize().double().T
+        assert torch.allclose(q(x).double(), ref, atol=1e-5 * ref.abs().max().item()), (M, N, K)
 
 
 def test_without_a_compiler_the_engine_falls_back_and_says_so(tmp_path):

@@ -152,9 +152,29 @@ static inline void decode_q4(const uint8_t* g, int half_w, vf& lo, vf& hi) {
   hi = u8_to_f32(b >> 4);
 }
 
+// int4 weights run as integer dot products too: vpdpbusd (AVX512-VNNI) or vpmaddubsw + vpmaddwd
+// multiply 4-bit codes by 8-bit numbers, 64 (32 on AVX2) per instruction, where the float path
+// converted every code to fp32 and scaled it. The activations are rounded per group of 32 to 15 bits
+// (scale max|x| / 32639) and split into two signed 8-bit digits, q = 256 hi + lo, each multiplied
+// in one instruction: rounding them to 8 bits instead, as llama.cpp's Q4_1 x Q8_1 does, cost SmolLM2
+// 1.3 points of perplexity (+5.3% against fp32 where this path measures +4.0%, as float activations
+// do). On AVX-512 one vector holds two groups (QG), so K must be a multiple of 64.
+#if (defined(__AVX512BW__) || (defined(__AVX2__) && !defined(__AVX512F__))) && defined(__F16C__)
+#define HAVE_Q4_DOT 1
+#else
+#define HAVE_Q4_DOT 0
+#endif
+#if defined(__AVX512BW__)
+constexpr int QG = 2;
+#else
+constexpr int QG = 1;
+#endif
+
 struct Args;
 template <int NB, int MB>
 static void block_i8_i16(const Args& a, int64_t n0, int64_t m0);
+template <int NB, int MB>
+static void block_q4_x15(const Args& a, int64_t n0, int64_t m0);
 
 struct Args {
   const float* x;  // [M, K]
@@ -167,6 +187,9 @@ struct Args {
   const float* bias;           // [N] or null
   const int16_t* xq;           // I8: x rounded to int16 [M, K] (null: the float path)
   const float* xq_scale;       // [M]
+  const int8_t* x15_hi;           // I4: x rounded to 15 bits per group of 32, high digits [M, K] (null: float path)
+  const int8_t* x15_lo;        // I4: and the low digits [M, K]
+  const float* x15_scale;      // [M, K/32/QG, W]: each group's scale, laid out as the dot's lanes
   float* y;                    // [M, N]
   int64_t M, N, K;
 };
@@ -176,6 +199,11 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
 #if HAVE_I16_DOT
   if constexpr (KIND == I8) {
     if (a.xq) return block_i8_i16<NB, MB>(a, n0, m0);
+  }
+#endif
+#if HAVE_Q4_DOT
+  if constexpr (KIND == I4) {
+    if (a.x15_hi) return block_q4_x15<NB, MB>(a, n0, m0);
   }
 #endif
   vf acc[NB][MB] = {};
@@ -297,6 +325,125 @@ static void round_rows_to_i16(const float* x, int64_t M, int64_t K, int16_t* xq,
 }
 #endif
 
+#if HAVE_Q4_DOT
+#if defined(__AVX512BW__)
+typedef __m512i vq;
+// two groups' 16 code bytes -> 64 codes, as 128-bit lanes [g 0:16, g+1 0:16, g 16:32, g+1 16:32]
+static inline vq unpack_q4(const uint8_t* p) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), m = _mm256_set1_epi8(15);
+  const __m256i lo = _mm256_and_si256(b, m), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+static inline __m512i dot_u8s8(vq w, const int8_t* x) {
+  const __m512i xv = _mm512_loadu_si512(x);
+#if defined(__AVX512VNNI__)
+  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, xv);
+#else
+  return _mm512_madd_epi16(_mm512_maddubs_epi16(w, xv), _mm512_set1_epi16(1));
+#endif
+}
+// codes times the 15-bit activations (256 hi + lo), as fp32; int32 lane l sums 4 products: lanes
+// 0-3 and 8-11 are group g, 4-7 and 12-15 group g + 1
+static inline vf dot_q4_x15(vq w, const int8_t* hi, const int8_t* lo) {
+  const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(dot_u8s8(w, hi), 8), dot_u8s8(w, lo));
+  return bit_cast<vf>(_mm512_cvtepi32_ps(d));
+}
+// the two groups' weight scales, spread as dot_u8s8's lanes
+static inline vf q4_scales(const at::Half* s) {
+  uint32_t bits;
+  std::memcpy(&bits, s, 4);
+  const __m128 f = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(bits)));
+  const __m512i idx = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1);
+  return bit_cast<vf>(_mm512_permutexvar_ps(idx, _mm512_castps128_ps512(f)));
+}
+// where element t of group g goes in the rounded activations (the lanes unpack_q4 makes)
+static inline int64_t x15_pos(int64_t g, int t) { return (g / 2) * 64 + (t / 16) * 32 + (g % 2) * 16 + t % 16; }
+static inline int x15_lane_group(int lane) { return (lane / 4) % 2; }
+#else
+typedef __m256i vq;
+static inline vq unpack_q4(const uint8_t* p) {  // one group: codes 0..31 in order
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), m = _mm_set1_epi8(15);
+  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+}
+static inline __m256i dot_u8s8(vq w, const int8_t* x) {  // pairs: 2 * 15 * 128 fits int16
+  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, xv), _mm256_set1_epi16(1));
+}
+static inline vf dot_q4_x15(vq w, const int8_t* hi, const int8_t* lo) {
+  const __m256i d = _mm256_add_epi32(_mm256_slli_epi32(dot_u8s8(w, hi), 8), dot_u8s8(w, lo));
+  return bit_cast<vf>(_mm256_cvtepi32_ps(d));
+}
+static inline vf q4_scales(const at::Half* s) { return bit_cast<vf>(_mm256_set1_ps(half_to_float(*s))); }
+static inline int64_t x15_pos(int64_t g, int t) { return g * 32 + t; }
+static inline int x15_lane_group(int) { return 0; }
+#endif
+
+// sum over i < n of a[i] * b[i], a in fp16
+static inline float dot_f16_f32(const at::Half* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
+                          _mm256_loadu_ps(b + i), acc);
+  alignas(32) float t[8];
+  _mm256_store_ps(t, acc);
+  float s = t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7];
+  for (; i < n; ++i) s += half_to_float(a[i]) * b[i];
+  return s;
+}
+
+template <int NB, int MB>
+static void block_q4_x15(const Args& a, int64_t n0, int64_t m0) {
+  const int64_t G = a.K / 32;
+  vf acc[NB][MB] = {};
+  for (int64_t g = 0; g < G; g += QG) {
+    for (int i = 0; i < NB; ++i) {
+      const uint8_t* row = a.w + (n0 + i) * a.row_bytes + 16 * g;
+      if (g % 4 == 0) prefetch(row + PF * NB * a.row_bytes);
+      const vq wq = unpack_q4(row);
+      const vf ws = q4_scales(a.qscale + (n0 + i) * G + g);
+      for (int j = 0; j < MB; ++j) {
+        const int64_t m = m0 + j;
+        const vf xd = load<vf>(a.x15_scale + (m * (G / QG) + g / QG) * W);
+        acc[i][j] += dot_q4_x15(wq, a.x15_hi + m * a.K + g * 32, a.x15_lo + m * a.K + g * 32) * (ws * xd);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = n0 + i;
+    const float b = a.bias ? a.bias[n] : 0.f;
+    for (int j = 0; j < MB; ++j)  // + each group's minimum times the sum of its activations
+      a.y[(m0 + j) * a.N + n] = hsum(acc[i][j]) + dot_f16_f32(a.qmin + n * G, a.xsum + (m0 + j) * G, G) + b;
+  }
+}
+
+// each group of 32 of x's rows as q * scale, q = 256 hi + lo with |q| <= 32639 = 127 * 257 (so both
+// digits fit int8; rounded to nearest), at the positions unpack_q4's lanes want; its scale spread the
+// same way; and the sum of its float values
+static void round_groups_to_x15(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* scale,
+                                float* sum) {
+  const int64_t G = K / 32;
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < G; ++g) {
+      const float* r = x + m * K + g * 32;
+      float mx = 0.f, s = 0.f;
+      for (int t = 0; t < 32; ++t) mx = std::max(mx, std::fabs(r[t])), s += r[t];
+      const float d = mx / 32639.f, inv = mx > 0.f ? 32639.f / mx : 0.f;
+      for (int t = 0; t < 32; ++t) {
+        const int q = std::clamp(static_cast<int>(std::nearbyint(r[t] * inv)), -32639, 32639);
+        const int h = (q + 128) >> 8;  // floor: lo = q - 256 h in [-128, 127]
+        hi[m * K + x15_pos(g, t)] = static_cast<int8_t>(h);
+        lo[m * K + x15_pos(g, t)] = static_cast<int8_t>(q - 256 * h);
+      }
+      sum[m * G + g] = s;
+      float* lanes = scale + (m * (G / QG) + g / QG) * W;
+      for (int l = 0; l < W; ++l)
+        if (x15_lane_group(l) == g % QG) lanes[l] = d;
+    }
+  }
+}
+#endif
+
 template <int KIND, int NB>
 static void rows_block(const Args& a, int64_t n0) {
   int64_t m = 0;
@@ -363,13 +510,27 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
       run<I8>(a);
       break;
     }
-    case I4:
-      xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();
-      a.xsum = xsum.data_ptr<float>();
+    case I4: {
       a.qscale = scales.data_ptr<at::Half>();
       a.qmin = a.qscale + N * (K / 32);
+#if HAVE_Q4_DOT
+      std::vector<int8_t> xq;
+      std::vector<float> xd, xs;
+      if (K % (32 * QG) == 0) {
+        xq.resize(2 * M * K);
+        xd.resize(M * (K / 32 / QG) * W);
+        xs.resize(M * (K / 32));
+        round_groups_to_x15(a.x, M, K, xq.data(), xq.data() + M * K, xd.data(), xs.data());
+        a.x15_hi = xq.data(), a.x15_lo = xq.data() + M * K, a.x15_scale = xd.data(), a.xsum = xs.data();
+        run<I4>(a);
+        break;
+      }
+#endif
+      xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();
+      a.xsum = xsum.data_ptr<float>();
       run<I4>(a);
       break;
+    }
     default: TORCH_CHECK(false, "wmm: unknown kind ", kind);
   }
   return y;

@@ -36,13 +36,26 @@ _state: dict[str, object] = {}
 def _cache_dir() -> Path:
     base = os.environ.get("NANOSEEK_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanoseek", "kernels")
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode())
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode()
+                         + " ".join(_cflags()).encode())
     # -march=native: a cache shared between machines (NFS home) must not mix CPUs; the CPU's model
     # and flags say which one (not the whole record: its "cpu MHz" changes from run to run)
     if os.path.exists("/proc/cpuinfo"):
         first = open("/proc/cpuinfo", "rb").read().split(b"\n\n")[0].splitlines()
         key.update(b"\n".join(line for line in first if line.split(b":")[0].strip() in (b"model name", b"flags")))
     return Path(base) / key.hexdigest()[:16]
+
+
+def _march() -> str:
+    """-march for the build: the machine's own, or $NANOSEEK_KERNEL_MARCH (e.g. haswell, to run the
+    AVX2 code paths on an AVX-512 machine)."""
+    return os.environ.get("NANOSEEK_KERNEL_MARCH") or "native"
+
+
+def _cflags() -> list[str]:
+    # -fopenmp: at::parallel_for is a header template around `#pragma omp parallel`; without the flag
+    # it runs on one thread (the OpenMP runtime is torch's own, already loaded)
+    return ["-O3", f"-march={_march()}", "-ffast-math", "-fopenmp"]
 
 
 def _build() -> bool:
@@ -100,7 +113,7 @@ def _compile_into(lib: Path) -> None:
     tmp = tempfile.mkdtemp(prefix="build-", dir=lib.parent)
     try:
         built = cpp_extension.load("nanoseek_kernels", [str(SOURCE)], build_directory=tmp, is_python_module=False,
-                                   extra_cflags=["-O3", "-march=native", "-ffast-math"], verbose=False)
+                                   extra_cflags=_cflags(), verbose=False)
         os.replace(built, lib)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
