@@ -164,6 +164,15 @@ def test_int4_kernel_is_q4_1_times_15_bit_activations():
         assert torch.allclose(q(x).double(), ref, atol=1e-5 * ref.abs().max().item()), (M, N, K)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+def test_kernel_library_is_built_with_openmp():
+    """at::parallel_for is a header template around `#pragma omp parallel`: built without -fopenmp
+    the kernel silently ran on one thread (4x slower on 2 cores); with it, the library calls the
+    OpenMP runtime."""
+    lib = kernels._cache_dir() / "nanoseek_kernels.so"
+    assert b"GOMP_parallel" in lib.read_bytes()
+
+
 def test_without_a_compiler_the_engine_falls_back_and_says_so(tmp_path):
     """No C++ compiler (CXX names none, empty kernel cache): int8 still decodes, with PyTorch's
     kernels, and Engine.path says which."""
