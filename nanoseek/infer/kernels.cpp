@@ -6,7 +6,9 @@
 // Decode reads every weight once per step and does almost nothing else, so the kernel is written
 // for that: each weight vector is decoded to fp32 once and multiplied into up to MB rows of x,
 // NB output rows at a time (NB * MB independent accumulators hide the FMA latency), and the output
-// rows are split across threads with at::parallel_for. Registered as torch.ops.nanoseek.wmm.
+// rows are split across threads with at::parallel_for (needs -fopenmp: it is a header template).
+// int8 and int4 skip the conversion: integer dot products against activations rounded to 16 / 15 bits
+// (below). Registered as torch.ops.nanoseek.wmm.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -141,7 +141,9 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Asymmetric 4-bit groups along the input dimension with an fp16 scale and minimum per group
     (llama.cpp's Q4_1: 5 bits per weight). A group's 32 codes sit in 16 bytes, byte i holding
-    element i in its low nibble and element i + 16 in its high one (the C++ kernel's layout)."""
+    element i in its low nibble and element i + 16 in its high one (the C++ kernel's layout). The
+    kernel multiplies the codes as integers by the activations rounded to 15 bits per group (within
+    2^-16 of the group's largest value: SmolLM2's perplexity is that of float activations)."""
 
     def __init__(self, linear: nn.Linear, group_size: int = 32):
         super().__init__()
