@@ -21,7 +21,7 @@ from test_model import tiny_llama
 @pytest.mark.parametrize("cls,tol", [(FP16Linear, 1e-3), (BF16Linear, 4e-3), (Int8Linear, 0.01), (Int4Linear, 0.15)])
 def test_packed_kernel_equals_dequantized_weights(cls, tol):
     torch.manual_seed(0)
-    lin = nn.Linear(256, 96)
+    lin = nn.Linear(256, 99)  # 99 = 4 * 24 + 3: decode reads 4 quarters of the rows, then the 3 left
     q = cls(lin)
     for rows in (1, 3, 7, 32):  # decode rows take the C++ / packed kernel, prefill rows maybe another
         x = torch.randn(rows, 256)
@@ -128,7 +128,7 @@ def test_int4_storage_is_q4_1_groups_of_32():
                                         (kernels.F32, torch.float32)])
 def test_kernel_equals_float64_matmul_of_the_same_weights(kind, dtype):
     torch.manual_seed(0)
-    for M, N, K in ((1, 5, 32), (4, 9, 64), (6, 33, 96)):  # tails: M % 4, N % 4 nonzero
+    for M, N, K in ((1, 5, 32), (4, 9, 64), (6, 33, 96), (2, 37, 64)):  # tails: M % 4, N % 4 nonzero
         x, w, b = torch.randn(M, K), torch.randn(N, K).to(dtype), torch.randn(N)
         ref = (x.double() @ w.double().T + b.double()).float()
         y = torch.ops.nanoseek.wmm(x, w, torch.empty(0), b, kind)
@@ -153,7 +153,7 @@ def q4_1_times_x15(x, q):
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
 def test_int4_kernel_is_q4_1_times_15_bit_activations():
     torch.manual_seed(0)
-    for M, N, K in ((1, 5, 64), (4, 9, 128), (6, 33, 576), (3, 7, 96)):  # tails; K = 96: 3 groups
+    for M, N, K in ((1, 5, 64), (4, 9, 128), (6, 33, 576), (3, 7, 96), (1, 45, 128)):  # tails; K = 96: 3 groups
         lin = nn.Linear(K, N, bias=False)
         q = Int4Linear(lin)
         x = torch.randn(M, K) * torch.rand(K) * 3                      # groups of unequal range

@@ -194,6 +194,8 @@ struct Args {
   const float* x15_scale;      // [M, K/32/QG, W]: each group's scale, laid out as the dot's lanes
   float* y;                    // [M, N]
   int64_t M, N, K;
+  int64_t rs;                  // a block's NB rows are n0, n0 + rs, ... (see run)
+  int64_t pf_bytes;            // prefetch this far ahead of the row being read
 };
 
 template <int KIND, int NB, int MB>
@@ -210,7 +212,7 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
 #endif
   vf acc[NB][MB] = {};
   const uint8_t* rows[NB];
-  for (int i = 0; i < NB; ++i) rows[i] = a.w + (n0 + i) * a.row_bytes;
+  for (int i = 0; i < NB; ++i) rows[i] = a.w + (n0 + i * a.rs) * a.row_bytes;
   const float* xs[MB];
   for (int j = 0; j < MB; ++j) xs[j] = a.x + (m0 + j) * a.K;
   float extra[NB][MB] = {};
@@ -219,12 +221,12 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
     for (int64_t g = 0; g < G; ++g) {
       float s[NB];
       for (int i = 0; i < NB; ++i) {
-        s[i] = half_to_float(a.qscale[(n0 + i) * G + g]);
-        const float mn = half_to_float(a.qmin[(n0 + i) * G + g]);
+        s[i] = half_to_float(a.qscale[(n0 + i * a.rs) * G + g]);
+        const float mn = half_to_float(a.qmin[(n0 + i * a.rs) * G + g]);
         for (int j = 0; j < MB; ++j) extra[i][j] += mn * a.xsum[(m0 + j) * G + g];
       }
       if (g % 4 == 0)
-        for (int i = 0; i < NB; ++i) prefetch(rows[i] + PF * NB * a.row_bytes + 16 * g);
+        for (int i = 0; i < NB; ++i) prefetch(rows[i] + a.pf_bytes + 16 * g);
       for (int h = 0; h < 16; h += W) {  // W = 16: one pass; W = 8: two
         vf wl[NB], wh[NB];
         for (int i = 0; i < NB; ++i) {
@@ -244,7 +246,7 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
       vf wv[NB];
       for (int i = 0; i < NB; ++i) {
         // the same columns of the next block of rows: DRAM latency hides behind this block's work
-        if ((k * bytes_per_k) % 64 == 0) prefetch(rows[i] + PF * NB * a.row_bytes + k * bytes_per_k);
+        if ((k * bytes_per_k) % 64 == 0) prefetch(rows[i] + a.pf_bytes + k * bytes_per_k);
         wv[i] = decode<KIND>(rows[i], k);
       }
       for (int j = 0; j < MB; ++j) {
@@ -254,7 +256,7 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
     }
   }
   for (int i = 0; i < NB; ++i) {
-    const int64_t n = n0 + i;
+    const int64_t n = n0 + i * a.rs;
     const float sc = KIND == I8 ? a.scale[n] : 1.f;
     const float b = a.bias ? a.bias[n] : 0.f;
     for (int j = 0; j < MB; ++j) a.y[(m0 + j) * a.N + n] = hsum(acc[i][j]) * sc + extra[i][j] + b;
@@ -299,13 +301,13 @@ static void block_i8_i16(const Args& a, int64_t n0, int64_t m0) {
     for (int j = 0; j < MB; ++j) std::memset(&acc[i][j], 0, sizeof(vacc));
   for (int64_t k = 0; k < a.K; k += KSTEP) {
     for (int i = 0; i < NB; ++i) {
-      const int8_t* w = reinterpret_cast<const int8_t*>(a.w + (n0 + i) * a.row_bytes) + k;
-      if (k % 64 == 0) prefetch(w + PF * NB * a.row_bytes);
+      const int8_t* w = reinterpret_cast<const int8_t*>(a.w + (n0 + i * a.rs) * a.row_bytes) + k;
+      if (k % 64 == 0) prefetch(w + a.pf_bytes);
       for (int j = 0; j < MB; ++j) acc[i][j] = i16_dot(acc[i][j], w, a.xq + (m0 + j) * a.K + k);
     }
   }
   for (int i = 0; i < NB; ++i) {
-    const int64_t n = n0 + i;
+    const int64_t n = n0 + i * a.rs;
     const float b = a.bias ? a.bias[n] : 0.f;
     for (int j = 0; j < MB; ++j)
       a.y[(m0 + j) * a.N + n] = static_cast<float>(hsum_i32(acc[i][j])) * a.xq_scale[m0 + j] * a.scale[n] + b;
@@ -400,10 +402,10 @@ static void block_q4_x15(const Args& a, int64_t n0, int64_t m0) {
   vf acc[NB][MB] = {};
   for (int64_t g = 0; g < G; g += QG) {
     for (int i = 0; i < NB; ++i) {
-      const uint8_t* row = a.w + (n0 + i) * a.row_bytes + 16 * g;
-      if (g % 4 == 0) prefetch(row + PF * NB * a.row_bytes);
+      const uint8_t* row = a.w + (n0 + i * a.rs) * a.row_bytes + 16 * g;
+      if (g % 4 == 0) prefetch(row + a.pf_bytes);
       const vq wq = unpack_q4(row);
-      const vf ws = q4_scales(a.qscale + (n0 + i) * G + g);
+      const vf ws = q4_scales(a.qscale + (n0 + i * a.rs) * G + g);
       for (int j = 0; j < MB; ++j) {
         const int64_t m = m0 + j;
         const vf xd = load<vf>(a.x15_scale + (m * (G / QG) + g / QG) * W);
@@ -412,7 +414,7 @@ static void block_q4_x15(const Args& a, int64_t n0, int64_t m0) {
     }
   }
   for (int i = 0; i < NB; ++i) {
-    const int64_t n = n0 + i;
+    const int64_t n = n0 + i * a.rs;
     const float b = a.bias ? a.bias[n] : 0.f;
     for (int j = 0; j < MB; ++j)  // + each group's minimum times the sum of its activations
       a.y[(m0 + j) * a.N + n] = hsum(acc[i][j]) + dot_f16_f32(a.qmin + n * G, a.xsum + (m0 + j) * G, G) + b;
@@ -454,21 +456,30 @@ static void rows_block(const Args& a, int64_t n0) {
 }
 
 template <int KIND>
-static void run(const Args& a) {
+static void run(Args a) {
   constexpr int NB = 4;
-  const int64_t nblocks = (a.N + NB - 1) / NB;
+  // Few rows of x (decode): a block's NB rows come from NB far-apart quarters of the matrix, so each
+  // thread reads NB purely sequential streams, which the hardware prefetchers follow; adjacent rows
+  // read side by side jump 4 rows of addresses at each step and streamed at half the rate. Many rows
+  // of x: adjacent rows, whose weights are reused from L1 across all of x.
+  const bool streams = a.M < 4;
+  const int64_t nblocks = streams ? a.N / NB : (a.N + NB - 1) / NB;
+  a.rs = streams ? nblocks : 1;
+  a.pf_bytes = PF * (streams ? 1 : NB) * a.row_bytes;
   // at least ~64 KB of weights per task, so small matrices do not pay for waking threads
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, NB * a.row_bytes));
   at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * NB;
-      if (n0 + NB <= a.N) {
+      const int64_t n0 = streams ? b : b * NB;
+      if (n0 + (NB - 1) * a.rs < a.N) {
         rows_block<KIND, NB>(a, n0);
       } else {
         for (int64_t n = n0; n < a.N; ++n) rows_block<KIND, 1>(a, n);
       }
     }
   });
+  if (streams)  // the N % NB rows past the last quarter
+    for (int64_t n = NB * nblocks; n < a.N; ++n) rows_block<KIND, 1>(a, n);
 }
 
 // x [M, K] fp32; w: F16/BF16 [N, K] 16-bit, I8 [N, K] int8, I4 [N, K/2] uint8, F32 [N, K];
