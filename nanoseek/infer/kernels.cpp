@@ -70,7 +70,7 @@ static inline float hsum(vf v) {
 #endif
 }
 
-constexpr int PF = 2;  // prefetch distance, in blocks of NB rows
+constexpr int PF = 2;  // prefetch distance: blocks of NB rows, or rows of one stream (run sets Args::pf_bytes)
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 static inline float half_to_float(at::Half h) {
@@ -198,6 +198,9 @@ struct Args {
   int64_t pf_bytes;            // prefetch this far ahead of the row being read
 };
 
+// the i-th weight row of the block starting at n0
+static inline int64_t row_of(const Args& a, int64_t n0, int i) { return n0 + i * a.rs; }
+
 template <int KIND, int NB, int MB>
 static void block(const Args& a, int64_t n0, int64_t m0) {
 #if HAVE_I16_DOT
@@ -212,7 +215,7 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
 #endif
   vf acc[NB][MB] = {};
   const uint8_t* rows[NB];
-  for (int i = 0; i < NB; ++i) rows[i] = a.w + (n0 + i * a.rs) * a.row_bytes;
+  for (int i = 0; i < NB; ++i) rows[i] = a.w + row_of(a, n0, i) * a.row_bytes;
   const float* xs[MB];
   for (int j = 0; j < MB; ++j) xs[j] = a.x + (m0 + j) * a.K;
   float extra[NB][MB] = {};
@@ -221,8 +224,8 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
     for (int64_t g = 0; g < G; ++g) {
       float s[NB];
       for (int i = 0; i < NB; ++i) {
-        s[i] = half_to_float(a.qscale[(n0 + i * a.rs) * G + g]);
-        const float mn = half_to_float(a.qmin[(n0 + i * a.rs) * G + g]);
+        s[i] = half_to_float(a.qscale[row_of(a, n0, i) * G + g]);
+        const float mn = half_to_float(a.qmin[row_of(a, n0, i) * G + g]);
         for (int j = 0; j < MB; ++j) extra[i][j] += mn * a.xsum[(m0 + j) * G + g];
       }
       if (g % 4 == 0)
@@ -256,7 +259,7 @@ static void block(const Args& a, int64_t n0, int64_t m0) {
     }
   }
   for (int i = 0; i < NB; ++i) {
-    const int64_t n = n0 + i * a.rs;
+    const int64_t n = row_of(a, n0, i);
     const float sc = KIND == I8 ? a.scale[n] : 1.f;
     const float b = a.bias ? a.bias[n] : 0.f;
     for (int j = 0; j < MB; ++j) a.y[(m0 + j) * a.N + n] = hsum(acc[i][j]) * sc + extra[i][j] + b;
@@ -301,13 +304,13 @@ static void block_i8_i16(const Args& a, int64_t n0, int64_t m0) {
     for (int j = 0; j < MB; ++j) std::memset(&acc[i][j], 0, sizeof(vacc));
   for (int64_t k = 0; k < a.K; k += KSTEP) {
     for (int i = 0; i < NB; ++i) {
-      const int8_t* w = reinterpret_cast<const int8_t*>(a.w + (n0 + i * a.rs) * a.row_bytes) + k;
+      const int8_t* w = reinterpret_cast<const int8_t*>(a.w + row_of(a, n0, i) * a.row_bytes) + k;
       if (k % 64 == 0) prefetch(w + a.pf_bytes);
       for (int j = 0; j < MB; ++j) acc[i][j] = i16_dot(acc[i][j], w, a.xq + (m0 + j) * a.K + k);
     }
   }
   for (int i = 0; i < NB; ++i) {
-    const int64_t n = n0 + i * a.rs;
+    const int64_t n = row_of(a, n0, i);
     const float b = a.bias ? a.bias[n] : 0.f;
     for (int j = 0; j < MB; ++j)
       a.y[(m0 + j) * a.N + n] = static_cast<float>(hsum_i32(acc[i][j])) * a.xq_scale[m0 + j] * a.scale[n] + b;
@@ -402,10 +405,10 @@ static void block_q4_x15(const Args& a, int64_t n0, int64_t m0) {
   vf acc[NB][MB] = {};
   for (int64_t g = 0; g < G; g += QG) {
     for (int i = 0; i < NB; ++i) {
-      const uint8_t* row = a.w + (n0 + i * a.rs) * a.row_bytes + 16 * g;
+      const uint8_t* row = a.w + row_of(a, n0, i) * a.row_bytes + 16 * g;
       if (g % 4 == 0) prefetch(row + a.pf_bytes);
       const vq wq = unpack_q4(row);
-      const vf ws = q4_scales(a.qscale + (n0 + i * a.rs) * G + g);
+      const vf ws = q4_scales(a.qscale + row_of(a, n0, i) * G + g);
       for (int j = 0; j < MB; ++j) {
         const int64_t m = m0 + j;
         const vf xd = load<vf>(a.x15_scale + (m * (G / QG) + g / QG) * W);
@@ -414,7 +417,7 @@ static void block_q4_x15(const Args& a, int64_t n0, int64_t m0) {
     }
   }
   for (int i = 0; i < NB; ++i) {
-    const int64_t n = n0 + i * a.rs;
+    const int64_t n = row_of(a, n0, i);
     const float b = a.bias ? a.bias[n] : 0.f;
     for (int j = 0; j < MB; ++j)  // + each group's minimum times the sum of its activations
       a.y[(m0 + j) * a.N + n] = hsum(acc[i][j]) + dot_f16_f32(a.qmin + n * G, a.xsum + (m0 + j) * G, G) + b;
