@@ -299,3 +299,29 @@ def test_shared_prompt_packing_gives_each_rows_logprobs_and_gradients(arch):
     assert len(grads[0]) == len(grads[1])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+
+
+def test_sharing_saves_compares_the_forward_flops_of_both_packings():
+    """pack_shared only where it costs fewer FLOPs: counted here from the module's own linear layers
+    (2 per weight per token) and attention (2 x heads x (q·k + p·v) per attended pair): a shared row
+    attends over all L^2 pairs of its block mask, a separate causal row over T(T+1)/2."""
+    from nanoseek import Transformer, preset
+    from nanoseek.train.grpo import sharing_saves
+    cfg = preset("tiny").replace(model_type="llama", vocab_size=64, num_hidden_layers=2, n_routed_experts=0,
+                                 q_lora_rank=None, kv_lora_rank=None, num_nextn_predict_layers=0)
+    model = Transformer(cfg)
+    layers = model.model.layers
+    per_token = 2 * sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear))
+    hd = layers[0].self_attn.q_proj.out_features // cfg.num_attention_heads
+    per_pair = cfg.num_hidden_layers * 2 * cfg.num_attention_heads * 2 * hd
+    g = torch.Generator().manual_seed(0)
+    for P, C, G in ((30, 2, 4), (2, 60, 4), (20, 62, 8), (60, 20, 8), (10, 10, 2), (40, 120, 4)):
+        prompts = [[5] * P] * (2 * G)
+        comps = [[6] * int(torch.randint(C // 2 + 1, C + 1, (1,), generator=g)) for _ in range(2 * G)]
+        L = max(P + sum(map(len, comps[i:i + G])) for i in (0, G))
+        T = P + max(map(len, comps))
+        shared = 2 * (L * per_token + L * L * per_pair)
+        rows = 2 * G * (T * per_token + T * (T + 1) / 2 * per_pair)
+        assert sharing_saves(cfg, prompts, comps, G) == (shared < rows), (P, C, G)
+    assert sharing_saves(cfg, [[5] * 30] * 4, [[6] * 2] * 4, 4)          # long prompt, short answers: share
+    assert not sharing_saves(cfg, [[5] * 2] * 4, [[6] * 60] * 4, 4)      # short prompt, long answers: rows

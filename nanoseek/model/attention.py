@@ -169,10 +169,13 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
+        pad = q.shape[-1] - self.d_v
+        if pad > 0:  # v padded to q's head size: SDPA's fused (flash) kernels need equal sizes, else the
+            v = F.pad(v, (0, pad))  # math path: [B, nh, T, S] scores in memory, 2x slower fwd+bwd on CPU
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return out.transpose(1, 2)  # [B, T, nh, d_v]
+        return out.transpose(1, 2)[..., :self.d_v]  # [B, T, nh, d_v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)

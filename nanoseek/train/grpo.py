@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from .. import cost
 from ..args import HelpFormatter, add_fields
 from ..data.sampler import sub_seed
 from ..errors import NanoseekError
@@ -328,9 +329,26 @@ def score(r: Rollouts, a: GRPOArgs, step: int, zero_adv: float) -> dict:
     return metrics
 
 
-def micro_batches(r: Rollouts, a: GRPOArgs, pad_id: int) -> list[tuple]:
+def sharing_saves(cfg, prompts: list[list[int]], completions: list[list[int]], G: int) -> bool:
+    """Whether `pack_shared` rows cost fewer forward FLOPs than a row per sequence: the prompt goes
+    through once per group, but each packed row attends over all its L x L pairs (the block mask is
+    explicit, so no kernel skips the masked ones) where separate causal rows attend over T(T+1)/2.
+    Long prompts and few, short completions favour sharing (SmolLM2's chat prompt); short prompts
+    and long rows do not (the speedrun's: 20-token prompts, 8 x 60-token completions, 1.35x slower
+    shared)."""
+    per_token = 2 * sum(v for k, v in cost.active_matmul_weights(cfg).items() if k != "lm_head")
+    per_pair = cfg.num_hidden_layers * cost.attention_flops(cfg, 1)  # the LM head: completions only, either way
+    T = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    L = max(len(prompts[g]) + sum(map(len, completions[g:g + G])) for g in range(0, len(prompts), G))
+    rows, groups = len(prompts), -(-len(prompts) // G)
+    return groups * (L * per_token + L * L * per_pair) < rows * (T * per_token + T * (T + 1) / 2 * per_pair)
+
+
+def micro_batches(r: Rollouts, a: GRPOArgs, pad_id: int, cfg=None) -> list[tuple]:
     """The update's micro-batches of whole groups, each cut to its own length: (ids, mask, token weights,
-    advantages, SharedPrompt or None), built once for the reference and all μ updates."""
+    advantages, SharedPrompt or None), built once for the reference and all μ updates. With
+    a.shared_prompt, a micro-batch is packed by `pack_shared` where that saves FLOPs (`sharing_saves`,
+    given the model's `cfg`; without it, always)."""
     rewards = torch.tensor(r.rewards["total"], dtype=torch.float32)
     adv = group_advantages(rewards.view(-1, a.group_size), a.variant).flatten()
     ids, mask = pack(r, pad_id)
@@ -339,8 +357,9 @@ def micro_batches(r: Rollouts, a: GRPOArgs, pad_id: int) -> list[tuple]:
     micro = []
     for k, (mb, mm, mw, madv) in enumerate(zip(ids.split(per), mask.split(per), w.split(per), adv.split(per))):
         mb, mm = trimmed(mb, mm)
-        sp = (pack_shared(r.prompt_ids[k * per:(k + 1) * per], r.completion_ids[k * per:(k + 1) * per],
-                          a.group_size, pad_id) if a.shared_prompt else None)
+        ps, cs = r.prompt_ids[k * per:(k + 1) * per], r.completion_ids[k * per:(k + 1) * per]
+        share = a.shared_prompt and (cfg is None or sharing_saves(cfg, ps, cs, a.group_size))
+        sp = pack_shared(ps, cs, a.group_size, pad_id) if share else None
         micro.append((mb, mm, mw[:, :mm.shape[1]], madv, sp))
     return micro
 
@@ -450,7 +469,7 @@ def grpo(a: GRPOArgs) -> dict:
         metrics = score(r, a, step, zero_adv)
         if len(r.completions):
             lr = set_lr(optimizer, lr_at(step, a.steps, a.lr, a.warmup, "constant"))  # RL: constant after warmup
-            metrics.update(update(model, ref, optimizer, micro_batches(r, a, pad_id), a, clip), lr=lr)
+            metrics.update(update(model, ref, optimizer, micro_batches(r, a, pad_id, model.config), a, clip), lr=lr)
             if engine.model is not model:
                 engine.use_model(rollout_copy(model, a.rollout_dtype))
         step += 1
@@ -507,7 +526,8 @@ HELP = {
                        "(default max_tokens // 4)",
     "threads": "CPU threads (default: torch's choice)",
     "shared_prompt": "the update runs each prompt once per group, its G completions packed after it under a "
-                     "block attention mask (same log-probs, fewer FLOPs); --no-shared-prompt: a row per sequence",
+                     "block attention mask (same log-probs), where that costs fewer FLOPs than a row per "
+                     "sequence (long prompts); --no-shared-prompt: always a row per sequence",
     "rollout_dtype": "fp16: sample rollouts from an fp16-weight copy of the policy, refreshed after every "
                      "update (faster decoding on CPU; the update stays fp32)",
     "beta": "KL coefficient to the frozen initial model (k3 estimator); 0 skips the reference",
