@@ -73,10 +73,11 @@ PRESETS = {
 STAGES = ("data", "pretrain", "student", "grpo", "cold-start", "reasoning", "rejection", "final-rl", "distill", "student-rl",
           "eval", "export", "report")
 # what each stage needs, in the order a parallel run prefers them when both lanes are free (the R1 chain is
-# the critical path: the student, its direct RL and R1-Zero fit beside it in the other lane)
+# the critical path: the student, R1-Zero and the student's direct RL fit beside it in the other lane;
+# R1-Zero, the longest, before the short student RL, so no lane idles at the end)
 NEEDS = {"data": (), "pretrain": ("data",), "cold-start": ("pretrain",), "reasoning": ("cold-start",),
          "rejection": ("reasoning",), "final-rl": ("rejection",), "distill": ("final-rl", "student"),
-         "student": ("data",), "student-rl": ("student",), "grpo": ("pretrain",),
+         "student": ("data",), "grpo": ("pretrain",), "student-rl": ("student",),
          "eval": ("pretrain", "grpo", "final-rl", "student", "distill", "student-rl"), "export": ("distill",)}
 
 # the base model runs alone on every core: everything after it waits for it, and it scales to 2 threads
