@@ -171,6 +171,22 @@ def test_uniforms_never_reach_one_on_a_large_vocabulary():
     assert 0 < u.min() and u.max() < 1
 
 
+def test_penalized_request_in_a_reused_row_and_a_mixed_batch_matches_it_alone(model):
+    """The engine skips the penalty bookkeeping for batches without penalties: a penalized request
+    admitted into a row an unpenalized one used, or decoding beside unpenalized ones, must see only
+    its own prompt and outputs: greedy with a repetition penalty equals the same request alone."""
+    pen = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, repetition_penalty=3.0,
+                         frequency_penalty=0.5)
+    alone = Engine(model, max_batch_size=1, max_seq_len=64).generate([PROMPTS[3]], pen)[0].token_ids
+    plain = Engine(model, max_batch_size=1, max_seq_len=64).generate([PROMPTS[3]], GREEDY)[0].token_ids[:10]
+    assert alone != plain                                      # the penalty changes this continuation
+    reused = Engine(model, max_batch_size=1, max_seq_len=64).generate([PROMPTS[0], PROMPTS[3]], [GREEDY, pen])
+    assert reused[1].token_ids == alone
+    mixed = Engine(model, max_batch_size=3, max_seq_len=64).generate([PROMPTS[0], PROMPTS[3], PROMPTS[2]],
+                                                                      [GREEDY, pen, GREEDY])
+    assert mixed[1].token_ids == alone
+
+
 def test_penalties_follow_their_formulas():
     logits = torch.tensor([[2.0, -1.0, 0.5, 1.0]])
     counts = torch.tensor([[3.0, 1.0, 0.0, 0.0]])

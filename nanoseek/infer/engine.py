@@ -241,18 +241,27 @@ class Engine:
         rows = slice(start, start + n)
         P = [r.params for r in reqs]
         f = lambda vals: torch.tensor(vals, device=dev, dtype=torch.float32)  # noqa: E731
-        logits = apply_penalties(logits, self.out_counts[rows], self.seen[rows],
-                                 f([p.repetition_penalty for p in P]), f([p.presence_penalty for p in P]),
-                                 f([p.frequency_penalty for p in P]))
-        nxt = sample(logits, f([p.temperature for p in P]), torch.tensor([p.top_k for p in P], device=dev),
-                     f([p.top_p for p in P]), f([p.min_p for p in P]),
-                     torch.tensor([r.seed for r in reqs], device=dev),
-                     torch.tensor([len(r.out) for r in reqs], device=dev))
+        # a row's counts are reset when its request is admitted and read only by its own penalties, so a
+        # batch without penalties skips them, and an all-greedy one the sampler's parameter tensors:
+        # ~0.1 ms of a step's host time (a quarter of it at batch 1)
+        penalized = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in P)
+        if penalized:
+            logits = apply_penalties(logits, self.out_counts[rows], self.seen[rows],
+                                     f([p.repetition_penalty for p in P]), f([p.presence_penalty for p in P]),
+                                     f([p.frequency_penalty for p in P]))
+        if all(p.greedy for p in P):
+            nxt = logits.argmax(dim=-1)
+        else:
+            nxt = sample(logits, f([p.temperature for p in P]), torch.tensor([p.top_k for p in P], device=dev),
+                         f([p.top_p for p in P]), f([p.min_p for p in P]),
+                         torch.tensor([r.seed for r in reqs], device=dev),
+                         torch.tensor([len(r.out) for r in reqs], device=dev))
         lp = None
         if any(p.logprobs for p in P):
             lp = logits.log_softmax(dim=-1).gather(1, nxt[:, None])[:, 0].tolist()
-        self.out_counts[rows].scatter_add_(1, nxt[:, None], torch.ones(n, 1, device=dev))
-        self.seen[rows].scatter_(1, nxt[:, None], True)
+        if penalized:
+            self.out_counts[rows].scatter_add_(1, nxt[:, None], torch.ones(n, 1, device=dev))
+            self.seen[rows].scatter_(1, nxt[:, None], True)
         self._emit(reqs, [[t] for t in nxt.tolist()], [[x] for x in lp] if lp else None, deltas)
 
     # -- speculative decoding (greedy rows only) ----------------------------------------------------
