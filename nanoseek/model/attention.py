@@ -122,6 +122,9 @@ class MLA(nn.Module):
 
     # below this many new tokens per step, attend in latent space (decode); above, expand (prefill)
     absorb_max_tokens = 16
+    # pad v to q's head size for SDPA's fused kernels (see _naive); False computes the exact FLOPs of the
+    # math (tests/test_cost.py counts them), at the math path's speed
+    pad_v = True
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -170,7 +173,7 @@ class MLA(nn.Module):
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         pad = q.shape[-1] - self.d_v
-        if pad > 0:  # v padded to q's head size: SDPA's fused (flash) kernels need equal sizes, else the
+        if pad > 0 and self.pad_v:  # v padded to q's head size: SDPA's fused (flash) kernels need equal sizes, else the
             v = F.pad(v, (0, pad))  # math path: [B, nh, T, S] scores in memory, 2x slower fwd+bwd on CPU
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
