@@ -51,7 +51,7 @@ from .pipeline import Stages, cold_start, evaluate_models, rl, run_parallel, sam
 # base or student breaks a claim; R1-Zero's jump comes between steps 30 and 40, so it gets 60, which fit
 # beside the R1 chain in the second lane; R1 keeps 42-47% of its samples (by run), so 5000
 # distillation questions keep >= 2000 traces (4400 kept 2,061 and, on 2026-12-06, 1,866); the student's
-# direct RL gets more compute than its distillation: 50 GRPO steps of 128 rollouts against ~90 SFT steps).
+# direct RL gets more compute than its distillation: 50 GRPO steps of 128 rollouts against ~85 SFT steps).
 # gpu-small scales the same pipeline (bigger model, more steps).
 # rejection_prompts 0 leaves out R1's rejection-sampling and final-RL stages.
 PRESETS = {
