@@ -186,8 +186,7 @@ class Engine:
         deltas: list[Delta] = []
         decoding = list(self.running)
         if decoding:
-            plain_greedy = all(r.params.greedy and r.params.repetition_penalty == 1 and not r.params.presence_penalty
-                               and not r.params.frequency_penalty for r in decoding)
+            plain_greedy = all(r.params.greedy and not r.params.penalized for r in decoding)
             if self.speculative == "mtp" and plain_greedy:
                 self._mtp_step(decoding, deltas)
             elif self.speculative and plain_greedy:
@@ -244,7 +243,7 @@ class Engine:
         # a row's counts are reset when its request is admitted and read only by its own penalties, so a
         # batch without penalties skips them, and an all-greedy one the sampler's parameter tensors:
         # ~0.1 ms of a step's host time (a quarter of it at batch 1)
-        penalized = any(p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in P)
+        penalized = any(p.penalized for p in P)
         if penalized:
             logits = apply_penalties(logits, self.out_counts[rows], self.seen[rows],
                                      f([p.repetition_penalty for p in P]), f([p.presence_penalty for p in P]),
@@ -296,9 +295,7 @@ class Engine:
         self.stats["drafted"] += n * k
         self.stats["accepted"] += sum(accepted)
         self.stats["decode_tokens"] += n * (k + 1)
-        for i, t in enumerate(new):
-            self.out_counts[i].index_add_(0, torch.tensor(t, device=dev), torch.ones(len(t), device=dev))
-        self._emit(reqs, new, lps, deltas)
+        self._emit(reqs, new, lps, deltas)  # plain greedy rows: no penalty counts to keep
 
     def _mtp_draft(self, h, next_ids, positions, cache, pick):
         """Greedy MTP proposal for the token after next, read at index `pick` of each row."""
