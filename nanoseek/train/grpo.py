@@ -344,11 +344,11 @@ def sharing_saves(cfg, prompts: list[list[int]], completions: list[list[int]], G
     return groups * (L * per_token + L * L * per_pair) < rows * (T * per_token + T * (T + 1) / 2 * per_pair)
 
 
-def micro_batches(r: Rollouts, a: GRPOArgs, pad_id: int, cfg=None) -> list[tuple]:
+def micro_batches(r: Rollouts, a: GRPOArgs, pad_id: int, cfg) -> list[tuple]:
     """The update's micro-batches of whole groups, each cut to its own length: (ids, mask, token weights,
     advantages, SharedPrompt or None), built once for the reference and all μ updates. With
-    a.shared_prompt, a micro-batch is packed by `pack_shared` where that saves FLOPs (`sharing_saves`,
-    given the model's `cfg`; without it, always)."""
+    a.shared_prompt, a micro-batch is packed by `pack_shared` where that saves FLOPs for the model of
+    config `cfg` (`sharing_saves`)."""
     rewards = torch.tensor(r.rewards["total"], dtype=torch.float32)
     adv = group_advantages(rewards.view(-1, a.group_size), a.variant).flatten()
     ids, mask = pack(r, pad_id)
@@ -358,7 +358,7 @@ def micro_batches(r: Rollouts, a: GRPOArgs, pad_id: int, cfg=None) -> list[tuple
     for k, (mb, mm, mw, madv) in enumerate(zip(ids.split(per), mask.split(per), w.split(per), adv.split(per))):
         mb, mm = trimmed(mb, mm)
         ps, cs = r.prompt_ids[k * per:(k + 1) * per], r.completion_ids[k * per:(k + 1) * per]
-        share = a.shared_prompt and (cfg is None or sharing_saves(cfg, ps, cs, a.group_size))
+        share = a.shared_prompt and sharing_saves(cfg, ps, cs, a.group_size)
         sp = pack_shared(ps, cs, a.group_size, pad_id) if share else None
         micro.append((mb, mm, mw[:, :mm.shape[1]], madv, sp))
     return micro
