@@ -3,6 +3,12 @@
     .venv/bin/python benchmarks/dense_vs_moe.py                      # 3 seeds x 3 models, ~25 min on 1 thread
     .venv/bin/python benchmarks/dense_vs_moe.py --quick              # a 2-minute smoke run
     .venv/bin/python benchmarks/dense_vs_moe.py --corpus my.txt --steps 2000 --threads 2
+    .venv/bin/python benchmarks/dense_vs_moe.py --sweep-experts 4,8,16,32,64   # ~45 min on 1 thread
+
+--sweep-experts trains, instead of the three models below, the MoE at each routed-expert count with
+the same active parameters (top-k experts of width 64 + 1 shared), and dense_active beside them:
+the trend with expert count at a fixed budget (DeepSeekMoE §3: finer / more experts at the same
+active size). It resumes: each finished run is kept in --cache and skipped when rerun.
 
 Corpus: the Python standard library's own source (`Path(os.__file__).parent`, every *.py file,
 sorted, up to --max-chars), which every machine that runs this has; or --corpus files. Every 20th
@@ -31,6 +37,7 @@ panels (--plot, default docs/dense_vs_moe.png).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -50,6 +57,7 @@ from nanoseek.cost import flops_per_token  # noqa: E402
 from nanoseek.data.sampler import WindowSampler  # noqa: E402
 from nanoseek.data.tokens import cached_tokenizer, documents_hash, read_documents, token_file  # noqa: E402
 from nanoseek.errors import NanoseekError  # noqa: E402
+from nanoseek.eval.stats import mean_ci, t95  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.train.objective import balance_loss, expert_loads, load_stats, moe_layers, next_token_loss, \
     update_bias  # noqa: E402
@@ -207,6 +215,9 @@ def main() -> None:
     p.add_argument("--json", default="docs/dense_vs_moe.json",
                    help="results (the speedrun report's MoE claim reads docs/dense_vs_moe.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 1 seed, 2M characters")
+    p.add_argument("--sweep-experts", default=None, metavar="E,E,...",
+                   help="the MoE at each routed-expert count against dense_active (e.g. 4,8,16,32,64)")
+    p.add_argument("--sweep-out", default="docs/moe_experts", help="the sweep's .json and .png (without suffix)")
     a = p.parse_args()
     if a.quick:
         a.steps, a.seeds, a.max_chars, a.evals = 40 if a.steps is None else a.steps, 1, min(a.max_chars, 2_000_000), 4
@@ -216,6 +227,14 @@ def main() -> None:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if a.seq_len < 2 or a.top_k > a.experts or a.lr <= 0:
         p.error("need --seq-len >= 2, --top-k <= --experts and --lr > 0")
+    counts = []
+    if a.sweep_experts:
+        try:
+            counts = sorted({int(x) for x in a.sweep_experts.split(",")})
+        except ValueError:
+            p.error(f"--sweep-experts takes comma-separated integers, got {a.sweep_experts!r}")
+        if counts[0] < a.top_k:
+            p.error(f"--sweep-experts: every count must be at least --top-k ({a.top_k})")
     torch.set_num_threads(a.threads)
 
     try:
@@ -241,6 +260,9 @@ def main() -> None:
           f"held out {len(held_tokens):,} tokens ({len(held)} documents), eval on {len(heldout)} windows; "
           f"BPE {tok.vocab_size} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
+    if counts:
+        sweep_report(sweep(counts, a, tok.vocab_size, train_tokens, heldout), counts, a)
+        return
     configs = model_configs(tok.vocab_size, a.experts, a.top_k, 64)
     fpt = {n: flops_per_token(c, a.seq_len)["train"] for n, c in configs.items()}
     steps = {"moe": a.steps, "dense_active": a.steps,
@@ -302,6 +324,98 @@ def report(results, configs, steps, a, vocab, n_train, n_held, docs) -> dict:
     print()
     print(json.dumps(out))
     return out
+
+
+def sweep(counts: list[int], a, vocab: int, train_tokens, heldout) -> dict[str, list[dict]]:
+    """dense_active and the MoE at each expert count, every seed, the order rotated per seed. Each
+    finished run is appended to a JSONL in --cache (keyed by the settings) and skipped when rerun."""
+    key = json.dumps([vocab, len(train_tokens), a.steps, a.batch_size, a.seq_len, a.lr, a.top_k, a.evals,
+                      a.heldout_windows, a.max_chars, a.corpus])
+    done_path = Path(a.cache) / f"sweep-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
+    done = {}
+    if done_path.exists():
+        for line in done_path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["model"], r["seed"])] = r
+    names = ["dense_active"] + [f"moe_{e}" for e in counts]
+    cfgs = {"dense_active": model_configs(vocab, counts[0], a.top_k, 64)["dense_active"],
+            **{f"moe_{e}": model_configs(vocab, e, a.top_k, 64)["moe"] for e in counts}}
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for seed in range(a.seeds):
+        for name in names[seed % len(names):] + names[:seed % len(names)]:
+            r = done.get((name, seed))
+            if r is None:
+                r = train_one(name, cfgs[name], train_tokens, heldout, a.steps, seed, a)
+                done_path.parent.mkdir(parents=True, exist_ok=True)
+                with open(done_path, "a") as f:  # one line per run: a killed sweep loses at most the run under way
+                    f.write(json.dumps(r) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+            results[name].append(r)
+    return results
+
+
+def sweep_report(results: dict[str, list[dict]], counts: list[int], a) -> None:
+    """Table (mean ± std over seeds, MoE - dense_active per seed with its 95% interval), JSON and plot."""
+    dense = [r["heldout_loss"] for r in results["dense_active"]]
+    n = len(dense)
+    print(f"\nMoE by routed-expert count (top-{a.top_k} of width 64 + 1 shared: the same active params), "
+          f"{results['dense_active'][0]['tokens'] / 1e6:.2f}M tokens, {n} seeds, {a.threads} thread(s)\n")
+    print("| model | total params | active params | held-out loss | MoE - dense_active (95% CI) | tokens/s "
+          "| expert load max/mean |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    out = {"benchmark": "dense_vs_moe --sweep-experts", "date": time.strftime("%Y-%m-%d"), "seeds": n,
+           "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "top_k": a.top_k,
+           "threads": a.threads, "runs": {}}
+    for name, rs in results.items():
+        loss = [r["heldout_loss"] for r in rs]
+        diff = "-"
+        if name != "dense_active" and n > 1:
+            m, lo, hi = mean_ci([x - d for x, d in zip(loss, dense)], t95(n))
+            diff = f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+        load = [x for r in rs for x in (r.get("load_max_mean") or [])]
+        tps = statistics.fmean(r["tokens"] / r["wall_s"] for r in rs)
+        load_s = f"{statistics.fmean(load):.2f}" if load else "-"
+        print(f"| {name} | {rs[0]['total_params'] / 1e6:.2f}M | {rs[0]['active_params'] / 1e6:.2f}M "
+              f"| {mean_std(loss)} | {diff} | {tps:,.0f} | {load_s} |")
+        out["runs"][name] = {"total_params": rs[0]["total_params"], "active_params": rs[0]["active_params"],
+                             "tokens": rs[0]["tokens"], "heldout_loss": [round(x, 4) for x in loss],
+                             "tokens_per_s": round(tps), "load_max_mean": round(statistics.fmean(load), 3) if load else None,
+                             "curves": [[{"tokens": c["tokens"], "heldout_loss": round(c["heldout_loss"], 4)}
+                                         for c in r["curve"]] for r in rs]}
+    atomic_write(a.sweep_out + ".json", json.dumps(out, indent=1) + "\n")
+    sweep_plot(results, counts, Path(a.sweep_out + ".png"))
+    print(f"\nplot: {a.sweep_out}.png; results: {a.sweep_out}.json", file=sys.stderr)
+
+
+def sweep_plot(results: dict[str, list[dict]], counts: list[int], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    final = np.array([[r["heldout_loss"] for r in results[f"moe_{e}"]] for e in counts])
+    dense = np.array([r["heldout_loss"] for r in results["dense_active"]])
+    left.errorbar(counts, final.mean(1), yerr=final.std(1), color="C3", marker="o", capsize=3, label="MoE")
+    left.axhline(dense.mean(), color="C0", label="dense_active")
+    left.axhspan(dense.mean() - dense.std(), dense.mean() + dense.std(), color="C0", alpha=0.15)
+    left.set_xscale("log", base=2)
+    left.set_xticks(counts, [str(e) for e in counts])
+    left.set(xlabel="routed experts (same active parameters)", ylabel="final held-out loss (nats/token)")
+    for i, name in enumerate(results):
+        ys = np.array([[c["heldout_loss"] for c in r["curve"]] for r in results[name]]).mean(0)
+        xs = np.array([c["tokens"] for c in results[name][0]["curve"]]) / 1e6
+        right.plot(xs, ys, marker=".", color="C0" if name == "dense_active" else plt.cm.autumn(i / len(results)),
+                   label=name)
+    right.set(xlabel="training tokens (M)", ylabel="held-out loss, mean over seeds")
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"MoE by expert count vs dense, Python stdlib source, {len(dense)} seeds")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
