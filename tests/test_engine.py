@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nanoseek.infer import Engine, QueueFull, SamplingParams
+from nanoseek.infer import Engine, QueueFull, SamplingParams, kernels
 from nanoseek.infer.sampling import apply_penalties, sample
 from nanoseek.infer.simple import generate
 from nanoseek.tokenizer import Tokenizer
@@ -20,9 +20,13 @@ def model(request):
 
 
 def test_greedy_equals_simple_decoding_batched_and_one_by_one(model):
+    """The reference decodes with SDPA; the engine's llama decode steps use the C++ decode attention
+    where it is built (rows of different lengths in one batch)."""
     ref = generate(model, PROMPTS, max_new_tokens=12)
     for batch in (1, 2, 8):  # 2 < len(PROMPTS): requests queue, join and leave
-        outs = Engine(model, max_batch_size=batch, max_seq_len=64).generate(PROMPTS, GREEDY)
+        engine = Engine(model, max_batch_size=batch, max_seq_len=64)
+        assert (engine.cache.decode_attention is not None) == kernels.available()
+        outs = engine.generate(PROMPTS, GREEDY)
         assert [o.token_ids for o in outs] == ref
         assert all(o.finish_reason == "length" for o in outs)
 

@@ -165,6 +165,31 @@ def test_int4_kernel_is_q4_1_times_15_bit_activations():
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+def test_decode_attention_is_softmax_qk_v_over_the_unmasked_keys():
+    """The decode attention kernel against the formula in float64: per query head h (GQA: kv head
+    h // (H / G)), softmax over the keys the mask lets through of q.k * scale, times V. Rows read
+    from a larger cache (strided views), rows of different lengths, head sizes on each code path
+    (1, 2, 4, 8 vectors, and 24 / Dv != D on the plain loop)."""
+    torch.manual_seed(0)
+    width = kernels.vector_width()
+    for B, H, G, S, D, Dv in ((1, 9, 3, 150, 64, 64), (3, 8, 8, 37, 24, 24), (2, 4, 1, 5, width, width),
+                              (2, 4, 2, 70, 2 * width, 2 * width), (2, 2, 2, 9, 8 * width, 8 * width),
+                              (4, 6, 2, 33, 32, 16)):
+        k_cache, v_cache = torch.randn(B + 2, S + 7, G, D), torch.randn(B + 2, S + 7, G, Dv)
+        k, v, q = k_cache[1:B + 1, :S], v_cache[1:B + 1, :S], torch.randn(B, 1, H, D) * 3
+        pos = torch.randint(0, S, (B, 1))
+        pos[0] = S - 1
+        mask = (torch.arange(S)[None, None, :] <= pos[:, :, None])[:, None]     # [B, 1, 1, S]
+        out = kernels.decode_attention(q, k, v, mask, 0.3)
+        kv_head = torch.arange(H) // (H // G)
+        scores = torch.einsum("bhd,bshd->bhs", q[:, 0].double(), k[:, :, kv_head].double()) * 0.3
+        p = scores.masked_fill(~mask[:, 0], float("-inf")).softmax(-1)
+        ref = torch.einsum("bhs,bshd->bhd", p, v[:, :, kv_head].double())[:, None]
+        assert out.shape == (B, 1, H, Dv)
+        assert torch.allclose(out.double(), ref, atol=1e-5 * ref.abs().max().item()), (B, H, G, S, D, Dv)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
 def test_kernel_library_is_built_with_openmp():
     """at::parallel_for is a header template around `#pragma omp parallel`: built without -fopenmp
     the kernel silently ran on one thread (4x slower on 2 cores); with it, the library calls the

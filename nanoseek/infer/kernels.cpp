@@ -552,15 +552,137 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
   return y;
 }
 
+// Decode attention, one query per sequence: q [B, 1, H, D]; k [B, S, G, D], v [B, S, G, Dv] (any
+// strides but the last, e.g. rows of the KV cache); mask [B, 1, 1, S] bool, true = attend; GQA:
+// query head h reads kv head h / (H / G). One task per (row, kv head) serves the H / G query heads
+// that share its keys and values; they fit in L1/L2 at decode lengths, so each head makes its own
+// three passes (scores, softmax, weighted sum of V) with its query and output in registers. PyTorch's
+// flash kernel spent ~25 us per layer here on tiny blocks (SmolLM2, S = 150). Masked keys get weight
+// exactly 0 (no infinities: the library is built with -ffast-math).
+
+// e^x for x <= 0 in a loop the compiler vectorizes (the libm call does not): 2^(x log2 e) as
+// 2^n * 2^f, n = round(t), |f| <= 1/2, 2^f by Cephes' exp2f polynomial (relative error ~2e-7)
+static inline float exp_nonpositive(float x) {
+  const float t = std::max(x * 1.44269504f, -125.f);
+  const float n = std::floor(t + 0.5f);
+  const float f = t - n;
+  float p = 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+static inline void softmax_masked(float* pr, const bool* mask, int64_t ms, int64_t S) {
+  float mx = -3.4e38f, sum = 0.f;
+  for (int64_t s = 0; s < S; ++s)
+    if (mask[s * ms]) mx = std::max(mx, pr[s]);
+  for (int64_t s = 0; s < S; ++s) pr[s] = exp_nonpositive(std::min(pr[s] - mx, 0.f)) * (mask[s * ms] ? 1.f : 0.f);
+  for (int64_t s = 0; s < S; ++s) sum += pr[s];
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int64_t s = 0; s < S; ++s) pr[s] *= inv;
+}
+
+// C vectors per head (D = Dv = C * W): query and output accumulators stay in registers
+template <int C>
+static void attend_head(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t S,
+                        int64_t ks, int64_t vs, int64_t ms, float scale, float* p) {
+  vf qv[C], acc[C];
+  for (int c = 0; c < C; ++c) qv[c] = load<vf>(q + c * W), acc[c] = vf{};
+  for (int64_t s = 0; s < S; ++s) {
+    const float* kr = k + s * ks;
+    vf d = qv[0] * load<vf>(kr);
+    for (int c = 1; c < C; ++c) d += qv[c] * load<vf>(kr + c * W);
+    p[s] = hsum(d) * scale;
+  }
+  softmax_masked(p, mask, ms, S);
+  for (int64_t s = 0; s < S; ++s) {
+    const vf w = vf{} + p[s];
+    const float* vr = v + s * vs;
+    for (int c = 0; c < C; ++c) acc[c] += w * load<vf>(vr + c * W);
+  }
+  std::memcpy(out, acc, sizeof(acc));
+}
+
+static void attend_head_any(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t S,
+                            int64_t D, int64_t Dv, int64_t ks, int64_t vs, int64_t ms, float scale, float* p) {
+  for (int64_t s = 0; s < S; ++s) {
+    float dot = 0.f;
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * ks + d];
+    p[s] = dot * scale;
+  }
+  softmax_masked(p, mask, ms, S);
+  std::fill(out, out + Dv, 0.f);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t d = 0; d < Dv; ++d) out[d] += p[s] * v[s * vs + d];
+}
+
+static void attend_one(const float* q, const float* k, const float* v, const bool* mask, float* out,
+                       int64_t S, int64_t R, int64_t D, int64_t Dv, int64_t ks, int64_t vs, int64_t ms,
+                       float scale, float* p) {
+  for (int64_t r = 0; r < R; ++r) {
+    const float* qr = q + r * D;
+    float* o = out + r * Dv;
+    if (D == Dv && D == 4 * W) attend_head<4>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
+    else if (D == Dv && D == 2 * W) attend_head<2>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
+    else if (D == Dv && D == 8 * W) attend_head<8>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
+    else if (D == Dv && D == W) attend_head<1>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
+    else attend_head_any(qr, k, v, mask, o, S, D, Dv, ks, vs, ms, scale, p);
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& mask, double scale) {
+  TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4,
+              "decode_attention: q [B, 1, H, D], k/v [B, S, G, D], mask [B, 1, 1, S]");
+  for (const at::Tensor* t : {&q_in, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "decode_attention: fp32 CPU tensors");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "decode_attention: the mask must be bool");
+  const at::Tensor q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(2), D = q.size(3), S = k.size(1), G = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(q.size(1) == 1, "decode_attention: one query per row");
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B && v.size(1) == S && v.size(2) == G && k.size(3) == D &&
+              H % G == 0 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: k/v shapes or strides");
+  TORCH_CHECK(mask.size(0) == B && mask.size(3) == S && mask.size(1) == 1 && mask.size(2) == 1,
+              "decode_attention: mask must be [B, 1, 1, S]");
+  const int64_t R = H / G;
+  at::Tensor out = at::empty({B, 1, H, Dv}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = mask.data_ptr<bool>();
+  float* op = out.data_ptr<float>();
+  // ~256 KB of keys and values per task before threads share the work: waking them costs more
+  const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, S * (D + Dv) * 4));
+  at::parallel_for(0, B * G, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(S);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / G, g = i % G;
+      attend_one(qp + (b * H + g * R) * D, kp + b * k.stride(0) + g * k.stride(2),
+                 vp + b * v.stride(0) + g * v.stride(2), mp + b * mask.stride(0), op + (b * H + g * R) * Dv,
+                 S, R, D, Dv, k.stride(1), v.stride(1), mask.stride(3), static_cast<float>(scale), p.data());
+    }
+  });
+  return out;
+}
+
 int64_t vector_width() { return W; }
 
 TORCH_LIBRARY(nanoseek, m) {
   m.def("wmm(Tensor x, Tensor w, Tensor scales, Tensor? bias, int kind) -> Tensor");
   m.def("vector_width() -> int");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
   m.impl("wmm", &wmm);
+  m.impl("decode_attention", &decode_attention);
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CompositeExplicitAutograd, m) {

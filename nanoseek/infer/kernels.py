@@ -125,12 +125,24 @@ def _register_fake():
     def _(x, w, scales, bias, kind):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("nanoseek::decode_attention")
+    def _(q, k, v, mask, scale):
+        return q.new_empty(q.shape[0], 1, q.shape[2], v.shape[3])
+
 
 def available() -> bool:
     """True when torch.ops.nanoseek.wmm is loaded (built now on the first call if needed)."""
     if "ok" not in _state:
         _state["ok"] = _build()
     return bool(_state["ok"])
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Attention of one new token per row against its cached keys and values (kernels.cpp): q
+    [B, 1, H, D], k [B, S, G, D], v [B, S, G, Dv] (GQA: G divides H), mask [B, 1, 1, S] bool -> [B, 1, H, Dv].
+    The KVCache hook for fp32 caches on CPU (KVCache.decode_attention)."""
+    return torch.ops.nanoseek.decode_attention(q, k, v, mask, scale)
 
 
 def vector_width() -> int:

@@ -27,7 +27,13 @@ def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Keys (`a`) and values (`b`), [layers, rows, max_seq_len, kv_heads, head_dim] each."""
+    """Keys (`a`) and values (`b`), [layers, rows, max_seq_len, kv_heads, head_dim] each.
+
+    `decode_attention`, when set, is a fused attention for one new token per row that GQA uses in
+    place of SDPA: f(q [B, 1, H, D], k [B, S, G, D], v, mask [B, 1, 1, S], scale) -> [B, 1, H, Dv]
+    (the engine sets it to the C++ kernel, nanoseek.infer.kernels, where it has one)."""
+
+    decode_attention = None
 
     def __init__(self, shapes: tuple[tuple[int, ...], tuple[int, ...]], num_layers: int,
                  batch_size: int, max_seq_len: int, dtype=torch.float32, device=None):
@@ -74,7 +80,7 @@ class KVCache:
         view = object.__new__(type(self))
         view.batch_size, view.max_seq_len = stop - start, self.max_seq_len
         view.a, view.b = self.a[:, start:stop], self.b[:, start:stop]
-        view._step = None
+        view._step, view.decode_attention = None, self.decode_attention
         return view
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
