@@ -560,48 +560,117 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
 // flash kernel spent ~25 us per layer here on tiny blocks (SmolLM2, S = 150). Masked keys get weight
 // exactly 0 (no infinities: the library is built with -ffast-math).
 
-// e^x for x <= 0 in a loop the compiler vectorizes (the libm call does not): 2^(x log2 e) as
-// 2^n * 2^f, n = round(t), |f| <= 1/2, 2^f by Cephes' exp2f polynomial (relative error ~2e-7)
-static inline float exp_nonpositive(float x) {
-  const float t = std::max(x * 1.44269504f, -125.f);
-  const float n = std::floor(t + 0.5f);
-  const float f = t - n;
-  float p = 1.535336188319500e-4f;
+// e^x for x <= 0, W lanes at a time (libm's expf is a call per element): 2^(x log2 e) as 2^n * 2^f,
+// n = floor(t + 1/2), |f| <= 1/2, 2^f by Cephes' exp2f polynomial (relative error ~2e-7)
+static inline vf exp_nonpositive(vf x) {
+  vf t = x * 1.44269504f;
+  t = t < -125.f ? vf{} - 125.f : t;
+  const vf u = t + 0.5f;
+  vi32 n = __builtin_convertvector(u, vi32);         // truncates towards zero:
+  n += (__builtin_convertvector(n, vf) > u);          // one less where that rounded up (a true compare is -1)
+  const vf f = t - __builtin_convertvector(n, vf);
+  vf p = vf{} + 1.535336188319500e-4f;
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
   p = p * f + 2.402264791363012e-1f;
   p = p * f + 6.931472028550421e-1f;
   p = p * f + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
+  const vi32 bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(vf));
   return p * scale;
 }
 
-static inline void softmax_masked(float* pr, const bool* mask, int64_t ms, int64_t S) {
-  float mx = -3.4e38f, sum = 0.f;
-  for (int64_t s = 0; s < S; ++s)
-    if (mask[s * ms]) mx = std::max(mx, pr[s]);
-  for (int64_t s = 0; s < S; ++s) pr[s] = exp_nonpositive(std::min(pr[s] - mx, 0.f)) * (mask[s * ms] ? 1.f : 0.f);
-  for (int64_t s = 0; s < S; ++s) sum += pr[s];
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
-  for (int64_t s = 0; s < S; ++s) pr[s] *= inv;
+// softmax over the S' = S rounded up to W entries of p, where m (1 = attend, 0 = masked or past S) allows
+static inline void softmax_masked(float* p, const float* m, int64_t Sp) {
+  vf mx = vf{} - 3.4e38f;
+  for (int64_t s = 0; s < Sp; s += W) {
+    const vf x = load<vf>(p + s);
+    const vf y = load<vf>(m + s) > 0.f ? x : mx;
+    mx = mx > y ? mx : y;
+  }
+  float M = mx[0];
+  for (int l = 1; l < W; ++l) M = std::max(M, mx[l]);
+  vf sum{};
+  for (int64_t s = 0; s < Sp; s += W) {
+    vf d = load<vf>(p + s) - M;
+    d = d > 0.f ? vf{} : d;
+    const vf e = exp_nonpositive(d) * load<vf>(m + s);
+    std::memcpy(p + s, &e, sizeof(vf));
+    sum += e;
+  }
+  const float total = hsum(sum), inv = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t s = 0; s < Sp; s += W) {
+    const vf e = load<vf>(p + s) * inv;
+    std::memcpy(p + s, &e, sizeof(vf));
+  }
 }
+
+// W partial-sum vectors -> one vector whose lane j is the total of d[j]: each level adds the two
+// halves of two vectors' lanes (log2 W levels, W - 1 adds), where a horizontal sum per vector costs
+// about as much as the dot product it ends (4 vectors per key at head size 64)
+#if defined(__AVX512F__)
+#define HAVE_TRANSPOSED_SUM 1
+static inline vf transposed_sum(const vf* d) {
+  vf h[8], g[4], x[2];
+  for (int i = 0; i < 8; ++i)
+    h[i] = __builtin_shufflevector(d[2 * i], d[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(d[2 * i], d[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    g[i] = __builtin_shufflevector(h[2 * i], h[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(h[2 * i], h[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    x[i] = __builtin_shufflevector(g[2 * i], g[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(g[2 * i], g[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(x[0], x[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(x[0], x[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+#elif defined(__AVX__)
+#define HAVE_TRANSPOSED_SUM 1
+static inline vf transposed_sum(const vf* d) {
+  vf h[4], g[2];
+  for (int i = 0; i < 4; ++i)
+    h[i] = __builtin_shufflevector(d[2 * i], d[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(d[2 * i], d[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    g[i] = __builtin_shufflevector(h[2 * i], h[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(h[2 * i], h[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(g[0], g[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(g[0], g[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#else
+#define HAVE_TRANSPOSED_SUM 0
+#endif
 
 // C vectors per head (D = Dv = C * W): query and output accumulators stay in registers
 template <int C>
-static void attend_head(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t S,
-                        int64_t ks, int64_t vs, int64_t ms, float scale, float* p) {
+static void attend_head(const float* q, const float* k, const float* v, const float* m, float* out, int64_t S,
+                        int64_t ks, int64_t vs, float scale, float* p) {
   vf qv[C], acc[C];
   for (int c = 0; c < C; ++c) qv[c] = load<vf>(q + c * W), acc[c] = vf{};
-  for (int64_t s = 0; s < S; ++s) {
+  int64_t s = 0;
+#if HAVE_TRANSPOSED_SUM
+  for (; s + W <= S; s += W) {  // W keys at a time: their W dot products in one vector
+    vf d[W];
+    for (int j = 0; j < W; ++j) {
+      const float* kr = k + (s + j) * ks;
+      d[j] = qv[0] * load<vf>(kr);
+      for (int c = 1; c < C; ++c) d[j] += qv[c] * load<vf>(kr + c * W);
+    }
+    const vf sc = transposed_sum(d) * scale;
+    std::memcpy(p + s, &sc, sizeof(vf));
+  }
+#endif
+  for (; s < S; ++s) {
     const float* kr = k + s * ks;
     vf d = qv[0] * load<vf>(kr);
     for (int c = 1; c < C; ++c) d += qv[c] * load<vf>(kr + c * W);
     p[s] = hsum(d) * scale;
   }
-  softmax_masked(p, mask, ms, S);
+  const int64_t Sp = (S + W - 1) / W * W;
+  std::fill(p + S, p + Sp, 0.f);
+  softmax_masked(p, m, Sp);
   for (int64_t s = 0; s < S; ++s) {
     const vf w = vf{} + p[s];
     const float* vr = v + s * vs;
@@ -610,14 +679,16 @@ static void attend_head(const float* q, const float* k, const float* v, const bo
   std::memcpy(out, acc, sizeof(acc));
 }
 
-static void attend_head_any(const float* q, const float* k, const float* v, const bool* mask, float* out, int64_t S,
-                            int64_t D, int64_t Dv, int64_t ks, int64_t vs, int64_t ms, float scale, float* p) {
+static void attend_head_any(const float* q, const float* k, const float* v, const float* m, float* out, int64_t S,
+                            int64_t D, int64_t Dv, int64_t ks, int64_t vs, float scale, float* p) {
   for (int64_t s = 0; s < S; ++s) {
     float dot = 0.f;
     for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * ks + d];
     p[s] = dot * scale;
   }
-  softmax_masked(p, mask, ms, S);
+  const int64_t Sp = (S + W - 1) / W * W;
+  std::fill(p + S, p + Sp, 0.f);
+  softmax_masked(p, m, Sp);
   std::fill(out, out + Dv, 0.f);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t d = 0; d < Dv; ++d) out[d] += p[s] * v[s * vs + d];
@@ -626,14 +697,17 @@ static void attend_head_any(const float* q, const float* k, const float* v, cons
 static void attend_one(const float* q, const float* k, const float* v, const bool* mask, float* out,
                        int64_t S, int64_t R, int64_t D, int64_t Dv, int64_t ks, int64_t vs, int64_t ms,
                        float scale, float* p) {
+  const int64_t Sp = (S + W - 1) / W * W;
+  float* m = p + Sp;  // the mask as 1 / 0 multipliers, 0 past S
+  for (int64_t s = 0; s < Sp; ++s) m[s] = s < S && mask[s * ms] ? 1.f : 0.f;
   for (int64_t r = 0; r < R; ++r) {
     const float* qr = q + r * D;
     float* o = out + r * Dv;
-    if (D == Dv && D == 4 * W) attend_head<4>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
-    else if (D == Dv && D == 2 * W) attend_head<2>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
-    else if (D == Dv && D == 8 * W) attend_head<8>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
-    else if (D == Dv && D == W) attend_head<1>(qr, k, v, mask, o, S, ks, vs, ms, scale, p);
-    else attend_head_any(qr, k, v, mask, o, S, D, Dv, ks, vs, ms, scale, p);
+    if (D == Dv && D == 4 * W) attend_head<4>(qr, k, v, m, o, S, ks, vs, scale, p);
+    else if (D == Dv && D == 2 * W) attend_head<2>(qr, k, v, m, o, S, ks, vs, scale, p);
+    else if (D == Dv && D == 8 * W) attend_head<8>(qr, k, v, m, o, S, ks, vs, scale, p);
+    else if (D == Dv && D == W) attend_head<1>(qr, k, v, m, o, S, ks, vs, scale, p);
+    else attend_head_any(qr, k, v, m, o, S, D, Dv, ks, vs, scale, p);
   }
 }
 
@@ -661,7 +735,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   // ~256 KB of keys and values per task before threads share the work: waking them costs more
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, S * (D + Dv) * 4));
   at::parallel_for(0, B * G, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(S);
+    std::vector<float> p(2 * ((S + W - 1) / W * W));  // scores, then the mask's multipliers
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / G, g = i % G;
       attend_one(qp + (b * H + g * R) * D, kp + b * k.stride(0) + g * k.stride(2),
