@@ -168,6 +168,28 @@ def test_sampling_frequencies_follow_the_distribution():
     assert f[3:].sum() == 0 and torch.allclose(f[:3], p[:3] / p[:3].sum(), atol=0.01)
 
 
+def test_top_p_among_the_top_k_tokens_picks_what_the_full_sort_picks(monkeypatch):
+    """With top-p on every row the race runs among the NUCLEUS_K most likely tokens: the same tokens
+    as the full sort of the vocabulary, on rows with greedy, top-k and min-p mixed in; a batch with
+    a row whose nucleus is wider than K (flat logits) falls back to the full sort."""
+    from nanoseek.infer import sampling
+    torch.manual_seed(0)
+    B, V = 256, 4096
+    temp, top_k = torch.full((B,), 0.6), torch.zeros(B, dtype=torch.long)
+    top_p, min_p = torch.full((B,), 0.95), torch.zeros(B)
+    temp[::7], top_k[::5], top_p[::3], min_p[::11] = 0, 50, 0.5, 0.05
+    seeds, steps = torch.arange(B), torch.full((B,), 3)
+    for logits in (torch.randn(B, V) * 6, torch.randn(B, V) * 0.1):   # the nucleus inside K / wider
+        probs = (logits / torch.where(temp == 0, 1.0, temp)[:, None]).softmax(-1)
+        fast = sampling._nucleus_race(probs, torch.full((B,), 0.95), temp == 0, seeds, steps)
+        got = sample(logits, temp, top_k, top_p, min_p, seeds, steps)
+        monkeypatch.setattr(sampling, "NUCLEUS_K", V)                    # V: the full sort only
+        want = sample(logits, temp, top_k, top_p, min_p, seeds, steps)
+        monkeypatch.undo()
+        assert torch.equal(got, want)
+        assert (fast is not None) == (logits.std() > 1)                  # each case took the path it tests
+
+
 def test_uniforms_never_reach_one_on_a_large_vocabulary():
     # float32 rounding of the top hash value to 1.0 would make -log(-log(u)) infinite: a random token
     from nanoseek.infer.sampling import seeded_uniform

@@ -6,7 +6,10 @@ one call processes the whole batch with tensor ops, no loop over rows or tokens.
 Seeded sampling must give the same text whatever else shares the batch, so the randomness is not
 drawn from a shared generator: each row's uniforms come from a counter-based hash of
 (seed, step, token id), and the token is picked by the exponential race
-argmax(log p - log(-log u)), which samples exactly from p.
+argmax(log p - log(-log u)), which samples exactly from p. With top-p on every row, the race runs
+among the NUCLEUS_K most likely tokens only (the nucleus almost always lies within them; a batch
+where it does not takes the full sort): one top-k instead of a sort of the vocabulary, and uniforms
+for K columns instead of V, with the same uniforms per column, so the same tokens.
 
     params = SamplingParams(max_tokens=256, temperature=0.6, top_p=0.95, seed=0)   # one per request
 """
@@ -61,6 +64,7 @@ class SamplingParams:
 
 
 MASK32 = 0xFFFFFFFF
+NUCLEUS_K = 64  # top-p looks for its nucleus among this many most likely tokens first
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
@@ -75,11 +79,13 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Tensor:
-    """[B, n] uniforms in (0, 1), a pure function of (seed, step, column)."""
+def seeded_uniform(seeds: torch.Tensor, steps: torch.Tensor, cols: int | torch.Tensor) -> torch.Tensor:
+    """[B, n] uniforms in (0, 1), a pure function of (seed, step, column): columns 0..cols-1, or the
+    columns given ([n] or [B, n])."""
     h = _hash32(_hash32(seeds.clone()) ^ (steps & MASK32))
-    cols = torch.arange(n, device=seeds.device)
-    u = _hash32(h[:, None] ^ (cols[None, :] * 0x9E3779B1 & MASK32))
+    if isinstance(cols, int):
+        cols = torch.arange(cols, device=seeds.device)
+    u = _hash32(h[:, None] ^ (cols.expand(len(h), -1) * 0x9E3779B1 & MASK32))
     u >>= 8
     # (2^24 - 0.5) / 2^24 rounds to 1.0 in float32, and -log(-log(1)) = inf would win the race
     return u.float().add_(0.5).mul_(2.0 ** -24).clamp_(max=1 - 2**-24)  # * 2^-24 is exact
@@ -110,6 +116,10 @@ def sample(logits: torch.Tensor, temperature, top_k, top_p, min_p, seeds, steps)
     probs = logits.softmax(dim=-1)
     if bool((min_p > 0).any()):
         probs = probs.masked_fill(probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
+    if bool(((top_p < 1) | greedy).all()) and V > NUCLEUS_K:
+        pick = _nucleus_race(probs, top_p, greedy, seeds, steps)
+        if pick is not None:
+            return torch.where(greedy, logits.argmax(dim=-1), pick)
     if bool((top_p < 1).any()):
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         before = sorted_p.cumsum(dim=-1) - sorted_p        # mass strictly above each token
@@ -118,3 +128,17 @@ def sample(logits: torch.Tensor, temperature, top_k, top_p, min_p, seeds, steps)
     u = seeded_uniform(seeds, steps, V)
     race = probs.log() - u.log_().neg_().log_()   # in place: same values, fewer [B, V] passes
     return torch.where(greedy, logits.argmax(dim=-1), race.argmax(dim=-1))
+
+
+def _nucleus_race(probs, top_p, greedy, seeds, steps) -> torch.Tensor | None:
+    """The exponential race among each row's top-p nucleus, found among its NUCLEUS_K most likely
+    tokens; None when a sampled (not greedy) row's nucleus is wider (its top K hold less than top_p
+    of its mass)."""
+    top, idx = probs.topk(NUCLEUS_K, dim=-1)                # sorted, as a full sort's first K
+    before = top.cumsum(dim=-1) - top                       # mass strictly above each token
+    if not bool(((before[:, -1] + top[:, -1] >= top_p) | greedy).all()):
+        return None
+    drop = (before >= top_p[:, None]) & (torch.arange(NUCLEUS_K, device=probs.device) > 0)
+    u = seeded_uniform(seeds, steps, idx)                   # the same uniforms as the full race's columns
+    race = top.masked_fill(drop, 0.0).log_() - u.log_().neg_().log_()
+    return idx.gather(1, race.argmax(dim=-1, keepdim=True))[:, 0]
