@@ -28,8 +28,8 @@ def test_packed_kernel_equals_dequantized_weights(cls, tol):
         w = q.dequantize().double()
         ref = F.linear(x.double(), w, lin.bias.double()).float()
         atol = 2e-5 * ref.abs().max().item()
-        if cls is Int8Linear:  # the int8 kernel rounds each activation row to int16: half a step of max|x| / 32767
-            atol += (w.abs().sum(1).max() * x.abs().max() / 65534).item()
+        if cls is Int8Linear:  # the int8 kernel rounds each activation row to 16 bits: half a step of max|x| / 32639
+            atol += (w.abs().sum(1).max() * x.abs().max() / 65278).item()
         if cls is Int4Linear:  # the int4 kernel rounds each group of 32 activations to 15 bits: max|x| / 32639
             atol += (w.abs().sum(1).max() * x.abs().max() / 65278).item()
         assert torch.allclose(q(x), ref, atol=atol)
@@ -148,6 +148,27 @@ def q4_1_times_x15(x, q):
     xq = torch.round(xg / d.clamp(min=1e-30)[..., None])
     dots = torch.einsum("mgt,ngt->mng", xq, codes)                    # integer dot per group
     return (dots * d[:, None] * scale[None]).sum(-1) + xg.sum(-1) @ lo.T
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+def test_int8_kernel_is_int8_weights_times_16_bit_activations():
+    """By hand in float64: each activation row rounded to integers |q| <= L with scale max|x| / L,
+    times the int8 codes, times both scales. L = 32639 where the kernel splits q into two int8 digits
+    for vpdpbusd (AVX512-VNNI, K % 64 == 0), 32767 on the int16 path (AVX2, other K)."""
+    torch.manual_seed(0)
+    for M, N, K in ((1, 5, 64), (4, 9, 128), (6, 33, 576), (1, 7, 96), (3, 45, 1536)):
+        lin = nn.Linear(K, N, bias=False)
+        q = Int8Linear(lin)
+        x = torch.randn(M, K) * torch.rand(K) * 3
+        y = q(x).double()
+        refs, w = [], q.weight_int8.double()
+        for levels in (32639, 32767):
+            d = x.double().abs().amax(-1, keepdim=True) / levels
+            refs.append((torch.round(x.double() / d) @ w.T) * d * q.scales.double())
+        # the kernel's fp32 x * (1 / scale) (built with -ffast-math) may round a value or two the other way
+        step = (x.abs().max() / 32639 * (w.abs().amax(1) * q.scales.double()).max()).item()
+        err = min((y - r).abs().max().item() for r in refs)
+        assert err <= 1e-6 * refs[0].abs().max().item() + 2 * step, (M, N, K)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")

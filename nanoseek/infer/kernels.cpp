@@ -189,6 +189,9 @@ struct Args {
   const float* bias;           // [N] or null
   const int16_t* xq;           // I8: x rounded to int16 [M, K] (null: the float path)
   const float* xq_scale;       // [M]
+  const int8_t* x16_hi;        // I8 with VNNI: x rounded to 16 bits as two int8 digits [M, K] each (null: not used)
+  const int8_t* x16_lo;
+  const int64_t* x16_sum;      // [M]: the sum of each row's rounded values (undoes the weights' +128)
   const int8_t* x15_hi;           // I4: x rounded to 15 bits per group of 32, high digits [M, K] (null: float path)
   const int8_t* x15_lo;        // I4: and the low digits [M, K]
   const float* x15_scale;      // [M, K/32/QG, W]: each group's scale, laid out as the dot's lanes
@@ -201,10 +204,76 @@ struct Args {
 // the i-th weight row of the block starting at n0
 static inline int64_t row_of(const Args& a, int64_t n0, int i) { return n0 + i * a.rs; }
 
+// int8 weights on AVX512-VNNI: the activations rounded to 16 bits (as the int16 path below) and split
+// into two signed digits, q = 256 h + l, h and l in [-128, 127]; vpdpbusd multiplies 64 unsigned bytes
+// by 64 signed ones per instruction, so the weights go in as w + 128 (a xor of the sign bit) and
+// sum(w q) = 256 dot(w + 128, h) + dot(w + 128, l) - 128 sum(q). Two multiply-adds per 64 weights
+// where the int16 path sign-extends them first (two conversions and two vpdpwssd).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HAVE_I8_VNNI 1
+static void round_rows_to_digits(const float* x, int64_t M, int64_t K, int8_t* hi, int8_t* lo, float* scale,
+                                 int64_t* sum) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* r = x + m * K;
+    float mx = 0.f;
+    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
+    const float s = std::max(mx, 1e-30f) / 32639.f, inv = 1.f / s;
+    int64_t total = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int q = std::clamp(static_cast<int>(std::nearbyint(r[k] * inv)), -32639, 32639);
+      const int h = (q + 128) >> 8;  // floor: l = q - 256 h in [-128, 127]
+      hi[m * K + k] = static_cast<int8_t>(h);
+      lo[m * K + k] = static_cast<int8_t>(q - 256 * h);
+      total += q;
+    }
+    scale[m] = s;
+    sum[m] = total;
+  }
+}
+
+template <int NB, int MB>
+static void block_i8_vnni(const Args& a, int64_t n0, int64_t m0) {
+  __m512i ah[NB][MB], al[NB][MB];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) ah[i][j] = al[i][j] = _mm512_setzero_si512();
+  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < a.K; k += 64) {
+    __m512i w[NB];
+    for (int i = 0; i < NB; ++i) {
+      const int8_t* row = reinterpret_cast<const int8_t*>(a.w + row_of(a, n0, i) * a.row_bytes) + k;
+      prefetch(row + a.pf_bytes);
+      w[i] = _mm512_xor_si512(_mm512_loadu_si512(row), sign);  // w + 128, as unsigned bytes
+    }
+    for (int j = 0; j < MB; ++j) {
+      const __m512i h = _mm512_loadu_si512(a.x16_hi + (m0 + j) * a.K + k);
+      const __m512i l = _mm512_loadu_si512(a.x16_lo + (m0 + j) * a.K + k);
+      for (int i = 0; i < NB; ++i) {
+        ah[i][j] = _mm512_dpbusd_epi32(ah[i][j], w[i], h);
+        al[i][j] = _mm512_dpbusd_epi32(al[i][j], w[i], l);
+      }
+    }
+  }
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = row_of(a, n0, i);
+    const float b = a.bias ? a.bias[n] : 0.f;
+    for (int j = 0; j < MB; ++j) {
+      const int64_t dot = 256 * static_cast<int64_t>(_mm512_reduce_add_epi32(ah[i][j])) +
+                          _mm512_reduce_add_epi32(al[i][j]) - 128 * a.x16_sum[m0 + j];
+      a.y[(m0 + j) * a.N + n] = static_cast<float>(dot) * a.xq_scale[m0 + j] * a.scale[n] + b;
+    }
+  }
+}
+#else
+#define HAVE_I8_VNNI 0
+#endif
+
 template <int KIND, int NB, int MB>
 static void block(const Args& a, int64_t n0, int64_t m0) {
 #if HAVE_I16_DOT
   if constexpr (KIND == I8) {
+#if HAVE_I8_VNNI
+    if (a.x16_hi) return block_i8_vnni<NB, MB>(a, n0, m0);
+#endif
     if (a.xq) return block_i8_i16<NB, MB>(a, n0, m0);
   }
 #endif
@@ -515,6 +584,19 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
 #if HAVE_I16_DOT
       std::vector<int16_t> xq;
       std::vector<float> xs;
+#if HAVE_I8_VNNI
+      std::vector<int8_t> digits;
+      std::vector<int64_t> sums;
+      if (K <= I16_DOT_MAX_K && K % 64 == 0) {
+        digits.resize(2 * M * K);
+        xs.resize(M);
+        sums.resize(M);
+        round_rows_to_digits(a.x, M, K, digits.data(), digits.data() + M * K, xs.data(), sums.data());
+        a.x16_hi = digits.data(), a.x16_lo = digits.data() + M * K, a.x16_sum = sums.data(), a.xq_scale = xs.data();
+        run<I8>(a);
+        break;
+      }
+#endif
       if (K <= I16_DOT_MAX_K && K % KSTEP == 0) {  // here, not as ATen ops: ~8 fewer op calls per matrix
         xq.resize(M * K);
         xs.resize(M);
