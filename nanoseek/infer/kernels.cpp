@@ -233,6 +233,11 @@ static void round_rows_to_digits(const float* x, int64_t M, int64_t K, int8_t* h
 
 template <int NB, int MB>
 static void block_i8_vnni(const Args& a, int64_t n0, int64_t m0) {
+  if constexpr (MB > 2) {  // two sums per (row, x row): 4 x 4 pairs would spill out of the 32 registers
+    block_i8_vnni<NB, 2>(a, n0, m0);  // the block's weights are read again, from L1
+    block_i8_vnni<NB, MB - 2>(a, n0, m0 + 2);
+    return;
+  }
   __m512i ah[NB][MB], al[NB][MB];
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < MB; ++j) ah[i][j] = al[i][j] = _mm512_setzero_si512();
@@ -587,7 +592,7 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
 #if HAVE_I8_VNNI
       std::vector<int8_t> digits;
       std::vector<int64_t> sums;
-      if (K <= I16_DOT_MAX_K && K % 64 == 0) {
+      if (K <= I16_DOT_MAX_K && K % 64 == 0 && M < 4) {  // decode; at 32 rows the int16 path was as fast
         digits.resize(2 * M * K);
         xs.resize(M);
         sums.resize(M);
