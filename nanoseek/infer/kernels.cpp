@@ -669,8 +669,13 @@ static inline vf exp_nonpositive(vf x) {
   return p * scale;
 }
 
-// softmax over the S' = S rounded up to W entries of p, where m (1 = attend, 0 = masked or past S) allows
-static inline void softmax_masked(float* p, const float* m, int64_t Sp) {
+static inline int64_t round_up_to_w(int64_t S) { return (S + W - 1) / W * W; }
+
+// softmax over the S scores in p where m (1 = attend, 0 = masked) allows; p and m hold S rounded up to
+// W entries (m 0 past S), so every pass runs whole vectors
+static inline void softmax_masked(float* p, const float* m, int64_t S) {
+  const int64_t Sp = round_up_to_w(S);
+  std::fill(p + S, p + Sp, 0.f);
   vf mx = vf{} - 3.4e38f;
   for (int64_t s = 0; s < Sp; s += W) {
     const vf x = load<vf>(p + s);
@@ -755,9 +760,7 @@ static void attend_head(const float* q, const float* k, const float* v, const fl
     for (int c = 1; c < C; ++c) d += qv[c] * load<vf>(kr + c * W);
     p[s] = hsum(d) * scale;
   }
-  const int64_t Sp = (S + W - 1) / W * W;
-  std::fill(p + S, p + Sp, 0.f);
-  softmax_masked(p, m, Sp);
+  softmax_masked(p, m, S);
   for (int64_t s = 0; s < S; ++s) {
     const vf w = vf{} + p[s];
     const float* vr = v + s * vs;
@@ -773,9 +776,7 @@ static void attend_head_any(const float* q, const float* k, const float* v, cons
     for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * ks + d];
     p[s] = dot * scale;
   }
-  const int64_t Sp = (S + W - 1) / W * W;
-  std::fill(p + S, p + Sp, 0.f);
-  softmax_masked(p, m, Sp);
+  softmax_masked(p, m, S);
   std::fill(out, out + Dv, 0.f);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t d = 0; d < Dv; ++d) out[d] += p[s] * v[s * vs + d];
@@ -784,7 +785,7 @@ static void attend_head_any(const float* q, const float* k, const float* v, cons
 static void attend_one(const float* q, const float* k, const float* v, const bool* mask, float* out,
                        int64_t S, int64_t R, int64_t D, int64_t Dv, int64_t ks, int64_t vs, int64_t ms,
                        float scale, float* p) {
-  const int64_t Sp = (S + W - 1) / W * W;
+  const int64_t Sp = round_up_to_w(S);
   float* m = p + Sp;  // the mask as 1 / 0 multipliers, 0 past S
   for (int64_t s = 0; s < Sp; ++s) m[s] = s < S && mask[s * ms] ? 1.f : 0.f;
   for (int64_t r = 0; r < R; ++r) {
@@ -822,7 +823,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   // ~256 KB of keys and values per task before threads share the work: waking them costs more
   const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, S * (D + Dv) * 4));
   at::parallel_for(0, B * G, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(2 * ((S + W - 1) / W * W));  // scores, then the mask's multipliers
+    std::vector<float> p(2 * round_up_to_w(S));  // scores, then the mask's multipliers
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / G, g = i % G;
       attend_one(qp + (b * H + g * R) * D, kp + b * k.stride(0) + g * k.stride(2),

@@ -122,12 +122,22 @@ def sample(logits: torch.Tensor, temperature, top_k, top_p, min_p, seeds, steps)
             return torch.where(greedy, logits.argmax(dim=-1), pick)
     if bool((top_p < 1).any()):
         sorted_p, idx = probs.sort(dim=-1, descending=True)
-        before = sorted_p.cumsum(dim=-1) - sorted_p        # mass strictly above each token
-        drop = (before >= top_p[:, None]) & (torch.arange(V, device=logits.device) > 0)
-        probs = probs.scatter(1, idx, sorted_p.masked_fill(drop, 0.0))
-    u = seeded_uniform(seeds, steps, V)
-    race = probs.log() - u.log_().neg_().log_()   # in place: same values, fewer [B, V] passes
+        probs = probs.scatter(1, idx, sorted_p.masked_fill(_outside_nucleus(sorted_p, top_p), 0.0))
+    race = _race(probs, seeded_uniform(seeds, steps, V))
     return torch.where(greedy, logits.argmax(dim=-1), race.argmax(dim=-1))
+
+
+def _outside_nucleus(sorted_p: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Of probabilities sorted in descending order per row, those past the smallest prefix holding
+    top_p of the mass (the first always stays)."""
+    before = sorted_p.cumsum(dim=-1) - sorted_p        # mass strictly above each token
+    return (before >= top_p[:, None]) & (torch.arange(sorted_p.shape[-1], device=sorted_p.device) > 0)
+
+
+def _race(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The exponential race's keys, log p - log(-log u): their argmax is a sample of p. In place on u:
+    same values, fewer passes over [B, V]."""
+    return probs.log() - u.log_().neg_().log_()
 
 
 def _nucleus_race(probs, top_p, greedy, seeds, steps) -> torch.Tensor | None:
@@ -135,10 +145,8 @@ def _nucleus_race(probs, top_p, greedy, seeds, steps) -> torch.Tensor | None:
     tokens; None when a sampled (not greedy) row's nucleus is wider (its top K hold less than top_p
     of its mass)."""
     top, idx = probs.topk(NUCLEUS_K, dim=-1)                # sorted, as a full sort's first K
-    before = top.cumsum(dim=-1) - top                       # mass strictly above each token
-    if not bool(((before[:, -1] + top[:, -1] >= top_p) | greedy).all()):
+    if not bool(((top.cumsum(dim=-1)[:, -1] >= top_p) | greedy).all()):  # summed in the full sort's order
         return None
-    drop = (before >= top_p[:, None]) & (torch.arange(NUCLEUS_K, device=probs.device) > 0)
     u = seeded_uniform(seeds, steps, idx)                   # the same uniforms as the full race's columns
-    race = top.masked_fill(drop, 0.0).log_() - u.log_().neg_().log_()
+    race = _race(top.masked_fill(_outside_nucleus(top, top_p), 0.0), u)
     return idx.gather(1, race.argmax(dim=-1, keepdim=True))[:, 0]

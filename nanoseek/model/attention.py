@@ -219,10 +219,10 @@ class GQA(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, positions, k, v)
-            if T == 1 and cache.decode_attention is not None:
-                out = cache.decode_attention(q, k, v, mask, self.scale)
-                return self.o_proj(out.reshape(B, T, self.n_heads * self.hd))
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-            is_causal=mask is None, scale=self.scale, enable_gqa=self.n_kv != self.n_heads)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+        if cache is not None and T == 1 and cache.decode_attention is not None:
+            out = cache.decode_attention(q, k, v, mask, self.scale)                     # [B, 1, H, D]
+        else:
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                is_causal=mask is None, scale=self.scale, enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, self.n_heads * self.hd))
