@@ -248,6 +248,15 @@ def sample_and_train(run: Stages, stage: str, teacher: str, student: str, prompt
     return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate")}
 
 
+def first_model(*paths: str | Path) -> str:
+    """The first of `paths` that holds a model: the final RL continues from the reasoning model when
+    rejection sampling kept no trace (its stage is skipped and leaves no model)."""
+    for p in paths:
+        if Path(p).is_dir():
+            return str(p)
+    raise NanoseekError(f"none of {', '.join(map(str, paths))} holds a model")
+
+
 def evaluate_models(run: Stages, models: list[tuple[str, str, str]], n: int, k: int, max_tokens: int = 112,
                     seed: int = 0, table: bool = True) -> dict:
     """(role, name, path) models on the held-out split -> run.root/eval/ROLE.json each (a model already
@@ -291,7 +300,8 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
     run.run("cold-start", lambda: cold_start(run, "cold-start", model, cold_start_n, seed))
     run.run("reasoning", lambda: rl(run, "reasoning", final("cold-start"), rl_steps, seed, language_weight=0.5))
     run.run("rejection", lambda: sample_and_train(run, "rejection", final("reasoning"), model, prompts, k, seed))
-    run.run("final-rl", lambda: rl(run, "final-rl", final("rejection"), final_rl_steps, seed, language_weight=0.5))
+    run.run("final-rl", lambda: rl(run, "final-rl", first_model(final("rejection"), final("reasoning")), final_rl_steps,
+                                   seed, language_weight=0.5))
     run.run("distill", lambda: sample_and_train(run, "distill", final("final-rl"), student, prompts, k, seed + 1,
                                                 lr=None, epochs=3))
     models = [("base", "base", model), ("cold-start", "1 cold-start SFT", final("cold-start")),

@@ -45,7 +45,7 @@ from pathlib import Path
 from .args import HelpFormatter
 from .atomic import atomic_write, write_json
 from .errors import NanoseekError
-from .pipeline import Stages, cold_start, evaluate_models, rl, run_parallel, sample_and_train
+from .pipeline import Stages, cold_start, evaluate_models, first_model, rl, run_parallel, sample_and_train
 
 # Budgets for 2 CPU cores (docs/experiments-seed-claims.md has the runs behind them: a 1000-step teacher
 # base or student breaks a claim; R1-Zero's jump comes between steps 30 and 40, so it gets 60, which fit
@@ -224,9 +224,7 @@ def _rejection_stage(run: Stages, p: dict, seed: int) -> dict:
 def _final_rl_stage(run: Stages, p: dict, seed: int) -> dict:
     if not p["rejection_prompts"]:
         return {"skipped": "left out by the preset: R1 is the reasoning model"}
-    start = run.root / "r1" / "rejection" / "final"
-    if not start.is_dir():   # rejection sampling kept no trace: the last RL continues from the reasoning model
-        start = run.root / "r1" / "reasoning" / "final"
+    start = first_model(run.root / "r1" / "rejection" / "final", run.root / "r1" / "reasoning" / "final")
     return _rl(run, p, "r1/final-rl", start, p["final_rl_steps"], seed, 0.5)
 
 

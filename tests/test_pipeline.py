@@ -161,3 +161,28 @@ def test_parallel_speedrun_killed_and_resumed(tmp_path):
     rows = json.loads((out / "eval.json").read_text())["rows"]
     assert {"base", "r1-zero", "r1", "student-base", "student-rl"} <= {r["role"] for r in rows}
     assert (out / "report.md").read_text().split("\n## ")[1].startswith("Seed claims")
+
+
+def test_pipeline_r1_goes_on_when_rejection_sampling_keeps_no_trace(tmp_path, monkeypatch):
+    """A weak reasoning model yields no verified trace: rejection sampling is skipped and leaves no
+    model, so the final RL starts from the reasoning model (it used to fail on the missing directory)."""
+    from nanoseek import pipeline as pl
+    started = {}
+
+    def fake_train(run, stage, *a, **kw):            # cold start and RL: write the stage's model
+        started[stage] = a[0] if stage != "cold-start" else None
+        (run.root / stage / "final").mkdir(parents=True)
+        return {}
+
+    monkeypatch.setattr(pl, "cold_start", fake_train)
+    monkeypatch.setattr(pl, "rl", fake_train)
+    monkeypatch.setattr(pl, "sample_and_train", lambda run, stage, *a, **kw: {"kept": 0, "skipped": "no trace"})
+    monkeypatch.setattr(pl, "evaluate_models", lambda *a, **kw: {})
+    monkeypatch.setattr(pl, "_report", lambda *a, **kw: "report.md")
+    base = tmp_path / "base"
+    base.mkdir()
+    pl.r1(str(base), str(tmp_path / "r1"))
+    assert started["final-rl"] == str(tmp_path / "r1" / "reasoning" / "final")
+    assert started["reasoning"] == str(tmp_path / "r1" / "cold-start" / "final")
+    with pytest.raises(NanoseekError, match="holds a model"):
+        pl.first_model(tmp_path / "nothing", tmp_path / "neither")
