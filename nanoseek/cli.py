@@ -213,8 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# commands whose steps allocate and free the same large tensors over and over
+TRAINING = ("pretrain", "sft", "distill", "grpo", "pipeline", "speedrun", "eval")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in TRAINING:
+        from .train.run import keep_freed_memory
+        keep_freed_memory()
     try:
         return args.func(args)
     except NanoseekError as e:

@@ -9,6 +9,9 @@ checks, the metrics log, the progress bar, the lr schedule, the amp choice and t
     set_lr(optimizer, lr_at(step, total, a.lr, warmup, a.schedule))
     save_final(out / "final", model, tok, {"stage": "sft", ...})     # training.json inside, atomic
 
+keep_freed_memory() (the CLI calls it for training commands) stops glibc from handing large freed
+blocks back to the kernel, whose fresh pages then fault in on every step.
+
 OUT/ holds checkpoints/ (checkpoint.py), metrics.jsonl and final/ (an HF directory with training.json,
 written as one atomic, fsynced unit: a crash leaves the old final/ or the new one, never a model
 without its training record).
@@ -16,7 +19,10 @@ without its training record).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -77,6 +83,24 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
         g["lr"] = lr
     return lr
 
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc's malloc keep freed blocks up to 1 GiB for reuse (process-wide; True if it took).
+
+    By default a block over its mmap threshold (dynamic, at most 32 MiB) is mapped on allocation and
+    unmapped on free, so a training step's large tensors ([2048, 4096] logits: exactly 32 MiB) come
+    back as fresh pages that fault in, zeroed by the kernel, every step. Measured on the tiny V3's
+    pretraining step (2 cores, AVX-512): cross-entropy forward + backward 45 -> 10 ms, minor faults
+    per process 2.3M -> 0.2M, the step ~12% faster. A user's own MALLOC_MMAP_THRESHOLD_ wins."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 class MetricsLog(JsonlLog):
     """OUT/metrics.jsonl (or another JSONL log), one line per step; on resume, the lines past the
