@@ -16,6 +16,14 @@ import sys
 from .errors import NanoseekError
 
 QUIT = ("/exit", "/quit")
+# control characters other than newline and tab, shown as \xNN: model output must not drive the
+# terminal (an ESC starts an escape sequence that can move the cursor, retitle the window, ...)
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0))}
+
+
+def printable(text: str) -> str:
+    """`text` safe to write to a terminal: its control characters (but newline and tab) escaped."""
+    return text.translate(_CONTROL)
 HELP = "/exit or Ctrl-D quits, Ctrl-C stops a reply, /clear forgets the conversation"
 
 
@@ -45,6 +53,7 @@ def _reply(engine, prompt: str, ids: list[int], params, dim: str, reset: str) ->
 
     def show(parts):
         for kind, text in parts:
+            text = printable(text)
             sys.stdout.write(dim + text + reset if kind == "reasoning" else text)
         sys.stdout.flush()
 

@@ -117,9 +117,11 @@ def cmd_generate(args) -> int:
         raise NanoseekError("the prompt encodes to no tokens")
     engine = _engine(args, model, tok)
     t0, n = time.perf_counter(), 0
+    from .chat import printable
+    shown = printable if sys.stdout.isatty() else str   # piped: the model's text as it is
     try:
         for d in engine.stream([ids], params):
-            sys.stdout.write(d.text)
+            sys.stdout.write(shown(d.text))
             sys.stdout.flush()
             n += len(d.token_ids)
     except ValueError as e:

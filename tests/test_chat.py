@@ -159,3 +159,22 @@ def test_output_piped_into_head_is_no_traceback():
     p.stdout.close()
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "Traceback" not in err and err == ""
+
+
+def test_model_text_cannot_drive_the_terminal(tiny_dir, monkeypatch, capsys):
+    """Control characters in a reply (ESC starts a terminal escape sequence) are shown as \\xNN;
+    newline, tab and non-ASCII text pass unchanged."""
+    from types import SimpleNamespace
+    from nanoseek.chat import printable
+    assert printable("a\x1b[2Jb\tc\nd\re\x7f\x9bé中") == "a\\x1b[2Jb\tc\nd\\x0de\\x7f\\x9bé中"
+    model, tok = nanoseek.load(tiny_dir)
+    engine = Engine(model, tok, max_batch_size=1, max_seq_len=60)
+    def stream(prompts, params):             # a reply with an escape sequence that retitles the window
+        yield SimpleNamespace(text="2\x1b]0;pwned\x07 + 2", token_ids=[1])
+        yield SimpleNamespace(text=" = 4", token_ids=[2])
+    monkeypatch.setattr(engine, "stream", stream)
+    lines = iter(["what is 2+2?", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert chat(engine, tok, SamplingParams(max_tokens=8, temperature=0)) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out.replace("\x1b[2m", "").replace("\x1b[0m", "") and "2\\x1b]0;pwned\\x07 + 2 = 4" in out
