@@ -8,7 +8,8 @@
 --sweep-experts trains, instead of the three models below, the MoE at each routed-expert count with
 the same active parameters (top-k experts of width 64 + 1 shared), and dense_active beside them:
 the trend with expert count at a fixed budget (DeepSeekMoE §3: finer / more experts at the same
-active size). It resumes: each finished run is kept in --cache and skipped when rerun.
+active size). Both modes resume: each finished run is kept in --cache and skipped when rerun with
+the same settings (the wall-clock figures then mix the two sessions' machine speeds).
 
 Corpus: the Python standard library's own source (`Path(os.__file__).parent`, every *.py file,
 sorted, up to --max-chars), which every machine that runs this has; or --corpus files. Every 20th
@@ -275,9 +276,11 @@ def main() -> None:
 
     results = []
     names = list(configs)
+    done, keep = finished_runs(a, "main", tok.vocab_size, len(train_tokens))
     for seed in range(a.seeds):
         for name in names[seed % 3:] + names[:seed % 3]:  # rotate the order: machine noise spreads
-            results.append(train_one(name, configs[name], train_tokens, heldout, steps[name], seed, a))
+            results.append(done.get((name, seed))
+                           or keep(train_one(name, configs[name], train_tokens, heldout, steps[name], seed, a)))
     summary = report(results, configs, steps, a, tok.vocab_size, len(train_tokens), len(heldout) * a.seq_len, docs)
     atomic_write(a.json, json.dumps(summary, indent=1) + "\n")
     plot(results, Path(a.plot))
@@ -326,31 +329,43 @@ def report(results, configs, steps, a, vocab, n_train, n_held, docs) -> dict:
     return out
 
 
-def sweep(counts: list[int], a, vocab: int, train_tokens, heldout) -> dict[str, list[dict]]:
-    """dense_active and the MoE at each expert count, every seed, the order rotated per seed. Each
-    finished run is appended to a JSONL in --cache (keyed by the settings) and skipped when rerun."""
-    key = json.dumps([vocab, len(train_tokens), a.steps, a.batch_size, a.seq_len, a.lr, a.top_k, a.evals,
-                      a.heldout_windows, a.max_chars, a.corpus])
-    done_path = Path(a.cache) / f"sweep-{hashlib.sha256(key.encode()).hexdigest()[:12]}.jsonl"
+def finished_runs(a, kind: str, vocab: int, n_train: int):
+    """Runs already trained with these settings, by (model, seed), and a function that keeps one more:
+    each finished run is appended to a JSONL in --cache (fsynced), so a killed benchmark loses at
+    most the run under way and a rerun with the same settings goes on from there."""
+    settings = [vocab, n_train, a.steps, a.batch_size, a.seq_len, a.lr, a.top_k, a.evals, a.heldout_windows,
+                a.max_chars, a.corpus] + ([a.experts] if kind == "main" else [])
+    path = Path(a.cache) / f"{kind}-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}.jsonl"
     done = {}
-    if done_path.exists():
-        for line in done_path.read_text().splitlines():
-            r = json.loads(line)
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write: that run trains again
+                continue
             done[(r["model"], r["seed"])] = r
+
+    def keep(r: dict) -> dict:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return r
+    return done, keep
+
+
+def sweep(counts: list[int], a, vocab: int, train_tokens, heldout) -> dict[str, list[dict]]:
+    """dense_active and the MoE at each expert count, every seed, the order rotated per seed; resumable
+    (finished_runs)."""
+    done, keep = finished_runs(a, "sweep", vocab, len(train_tokens))
     names = ["dense_active"] + [f"moe_{e}" for e in counts]
     cfgs = {"dense_active": model_configs(vocab, counts[0], a.top_k, 64)["dense_active"],
             **{f"moe_{e}": model_configs(vocab, e, a.top_k, 64)["moe"] for e in counts}}
     results: dict[str, list[dict]] = {n: [] for n in names}
     for seed in range(a.seeds):
         for name in names[seed % len(names):] + names[:seed % len(names)]:
-            r = done.get((name, seed))
-            if r is None:
-                r = train_one(name, cfgs[name], train_tokens, heldout, a.steps, seed, a)
-                done_path.parent.mkdir(parents=True, exist_ok=True)
-                with open(done_path, "a") as f:  # one line per run: a killed sweep loses at most the run under way
-                    f.write(json.dumps(r) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
+            r = done.get((name, seed)) or keep(train_one(name, cfgs[name], train_tokens, heldout, a.steps, seed, a))
             results[name].append(r)
     return results
 

@@ -20,3 +20,27 @@ def test_benchmark_imports(path, monkeypatch):
     spec.loader.exec_module(module)  # runs the imports and definitions, not main()
     assert callable(getattr(module, "main", None)), f"{path.name} has no main()"
     sys.modules.pop(f"bench_{path.stem}", None)
+
+
+def test_dense_vs_moe_resumes_from_its_finished_runs(tmp_path):
+    """A rerun with the same settings trains only the runs it lacks: seed 0's three runs are kept in
+    --cache, so asking for two seeds afterwards trains seed 1's three and reuses seed 0's as they were."""
+    import json
+    import os
+    import subprocess
+    script = BENCH / "dense_vs_moe.py"
+    common = [sys.executable, str(script), "--steps", "2", "--evals", "2", "--seeds", "1", "--max-chars", "150000",
+              "--vocab", "300", "--heldout-windows", "2", "--batch-size", "2", "--seq-len", "16",
+              "--cache", str(tmp_path / "cache"), "--plot", str(tmp_path / "p.png"), "--json", str(tmp_path / "r.json")]
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent), "OMP_NUM_THREADS": "1"}
+    subprocess.run(common, check=True, capture_output=True, env=env)
+    first = json.loads((tmp_path / "r.json").read_text())
+    log = next((tmp_path / "cache").glob("main-*.jsonl"))
+    assert len(log.read_text().splitlines()) == 3
+    subprocess.run(common + ["--seeds", "2"], check=True, capture_output=True, env=env)  # the last --seeds counts
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    assert len(lines) == 6 and sorted({r["seed"] for r in lines}) == [0, 1]
+    second = json.loads((tmp_path / "r.json").read_text())
+    assert all(len(second["runs"][n]["heldout_loss"]) == 2 for n in first["runs"])
+    assert {n: r["heldout_loss"][0] for n, r in second["runs"].items()} == {
+        n: r["heldout_loss"][0] for n, r in first["runs"].items()}
