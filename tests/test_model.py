@@ -261,3 +261,49 @@ def test_param_counts_match_modules_and_deepseek_v3_headline():
     t, a = preset("deepseek-v3").num_params()
     # DeepSeek-V3: 671B total, 37B activated per token (main model, without the 14B MTP module)
     assert abs(t / 1e9 - 671) < 5 and abs(a / 1e9 - 37) < 1.5
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "llama"])
+def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
+    """The training commands swap SDPA for nanoseek's C++ attention (train.run.use_fused_attention):
+    loss and every gradient of a training pass equal SDPA's, for MLA (v narrower than q, MTP) and GQA
+    (2 kv heads), with a packed window's document mask and causal. No-grad passes keep SDPA."""
+    from nanoseek.config import dense_variant
+    from nanoseek.infer import kernels
+    from nanoseek.model import attention
+    from nanoseek.train.pretrain import document_mask
+    from nanoseek.train.run import use_fused_attention
+    if not kernels.available():
+        pytest.skip("no C++ compiler")
+    torch.manual_seed(0)
+    cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2)
+    if arch == "llama":
+        cfg = dense_variant(cfg, "llama").replace(num_key_value_heads=2, bos_token_id=0, eos_token_id=1)
+    model = nanoseek.Transformer(cfg)
+    x = torch.randint(2, 64, (3, 40))
+    x[:, [7, 19, 30]] = 1                                              # EOS: four documents per row
+    calls = []
+
+    def loss_and_grads(mask):
+        model.zero_grad()
+        out = model(x, mask=mask, return_mtp=cfg.num_nextn_predict_layers > 0)
+        logits = out[0] if isinstance(out, tuple) else out
+        loss = logits.logsumexp(-1).mean() + sum(m.square().mean() for m in (out[1] if isinstance(out, tuple) else []))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for mask in (document_mask(x, 1), None):
+        monkeypatch.setattr(attention, "fused_attention", None)
+        ref_loss, ref = loss_and_grads(mask)
+        assert use_fused_attention()
+        monkeypatch.setattr(attention, "fused_attention",
+                            lambda *a, **kw: calls.append(1) or kernels.attention(*a, **kw))
+        loss, grads = loss_and_grads(mask)
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and grads.keys() == ref.keys()
+        for n, g in grads.items():  # relative to each gradient's own size
+            err, size = (g - ref[n]).abs().max().item(), ref[n].abs().max().item()
+            assert err <= 1e-4 * size + 1e-12, (n, err, size)
+    assert len(calls) == 2 * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2 * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers)

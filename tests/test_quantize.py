@@ -211,6 +211,42 @@ def test_decode_attention_is_softmax_qk_v_over_the_unmasked_keys():
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+def test_training_attention_and_its_gradients_are_the_formula():
+    """The fused training attention against softmax(q k^T scale + mask) v and its autograd gradients
+    in float64: causal (keys j <= i + S - T), document masks (each row's span dense), masks with holes
+    inside a row's span, GQA, odd head sizes, Dv != D, 8 vectors per head; a row that may attend no
+    key gives 0 and passes no gradient (SDPA: NaN)."""
+    torch.manual_seed(0)
+    width = kernels.vector_width()
+    for B, H, G, T, S, D, Dv, kind in ((2, 4, 4, 37, 37, 24, 16, "causal"), (2, 4, 2, 40, 50, 16, 16, "doc"),
+                                       (3, 8, 8, 128, 128, 24, 16, "doc"), (2, 6, 3, 20, 20, 7, 5, "holes"),
+                                       (1, 2, 1, 33, 45, 8 * width, 8 * width, "causal"),
+                                       (2, 2, 2, 30, 30, 24, 24, "empty")):
+        q, k = torch.randn(B, H, T, D, dtype=torch.float64) * 2, torch.randn(B, G, S, D, dtype=torch.float64)
+        v, go = torch.randn(B, G, S, Dv, dtype=torch.float64), torch.randn(B, H, T, Dv, dtype=torch.float64)
+        causal = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+        doc = torch.cumsum(torch.rand(B, S) < 1 / 12, 1)
+        mask = {"causal": None, "doc": (doc[:, -T:, None] == doc[:, None, :]) & causal,
+                "holes": causal & (torch.rand(B, T, S) < 0.6) | (torch.arange(S) == torch.arange(T)[:, None] + S - T),
+                "empty": causal.expand(B, T, S).clone()}[kind]
+        if kind == "empty":
+            mask[0, 3] = False
+        mask = None if mask is None else mask[:, None]
+        allow = causal if mask is None else mask
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        qr, kr, vr = leaves[0], leaves[1].repeat_interleave(H // G, 1), leaves[2].repeat_interleave(H // G, 1)
+        p = ((qr @ kr.transpose(-1, -2)) * 0.3).masked_fill(~allow, float("-inf")).softmax(-1).nan_to_num()
+        ref = p @ vr
+        refs = (ref, *torch.autograd.grad(ref, leaves, go))
+        ours = [t.float().requires_grad_() for t in (q, k, v)]
+        out = kernels.attention(*ours, mask, 0.3)
+        got = (out, *torch.autograd.grad(out, ours, go.float()))
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, refs):
+            assert a.shape == b.shape and torch.allclose(a.double(), b, atol=1e-5 * b.abs().max().item()), (
+                kind, name, (a.double() - b).abs().max().item())
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
 def test_kernel_library_is_built_with_openmp():
     """at::parallel_for is a header template around `#pragma omp parallel`: built without -fopenmp
     the kernel silently ran on one thread (4x slower on 2 cores); with it, the library calls the

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -672,8 +673,8 @@ static inline vf exp_nonpositive(vf x) {
 static inline int64_t round_up_to_w(int64_t S) { return (S + W - 1) / W * W; }
 
 // softmax over the S scores in p where m (1 = attend, 0 = masked) allows; p and m hold S rounded up to
-// W entries (m 0 past S), so every pass runs whole vectors
-static inline void softmax_masked(float* p, const float* m, int64_t S) {
+// W entries (m 0 past S), so every pass runs whole vectors. Returns the log-sum-exp of the allowed scores.
+static inline float softmax_masked(float* p, const float* m, int64_t S) {
   const int64_t Sp = round_up_to_w(S);
   std::fill(p + S, p + Sp, 0.f);
   vf mx = vf{} - 3.4e38f;
@@ -697,6 +698,7 @@ static inline void softmax_masked(float* p, const float* m, int64_t S) {
     const vf e = load<vf>(p + s) * inv;
     std::memcpy(p + s, &e, sizeof(vf));
   }
+  return M + std::log(std::max(total, 1e-30f));
 }
 
 // W partial-sum vectors -> one vector whose lane j is the total of d[j]: each level adds the two
@@ -834,17 +836,256 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   return out;
 }
 
+// Attention for training on short windows (kernels.py: attention), forward and backward. q [B, H, T, D],
+// k [B, G, S, D], v [B, G, S, Dv], contiguous (GQA: query head h reads kv head h / (H / G)); mask
+// [B, T, S] bool (true = attend) or empty for causal (key j <= query i + S - T). Each row visits only
+// the span of keys between its mask row's first and last allowed key: a packed window's document mask
+// leaves a few dozen of 128, where SDPA's flash kernel scores every block up to the diagonal. One task
+// per (row, kv head) holds its keys and values transposed ([D, S]: W keys' scores per broadcast FMA, no
+// horizontal sums) and its heads' dK, dV, all in L2 at these lengths. The backward recomputes the
+// probabilities from the forward's log-sum-exp: dS = P (dP - rowsum(dO o)) scale, dP = dO V^T.
+struct AttnArgs {
+  const float *q, *k, *v, *o, *dout, *lse;
+  const bool* mask;  // null: causal
+  float *out, *lse_out, *dq, *dk, *dv;
+  int64_t B, H, G, T, S, D, Dv;
+  float scale;
+  std::vector<int32_t> lo, hi;  // [B * T]: each query's span of keys [lo, hi)
+  std::vector<uint8_t> dense;   // [B * T]: every key of the span allowed (a document mask's rows)
+};
+
+// each query's span, once for all heads: its mask row's first and last allowed key (causal: [0, i + S - T])
+static void key_spans(AttnArgs& a) {
+  a.lo.assign(a.B * a.T, 0), a.hi.resize(a.B * a.T), a.dense.assign(a.B * a.T, 1);
+  at::parallel_for(0, a.B * a.T, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t lo = 0, hi = std::min(a.S, r % a.T + a.S - a.T + 1);
+      if (a.mask) {
+        const bool* m = a.mask + r * a.S;
+        hi = a.S;
+        while (lo < hi && !m[lo]) ++lo;
+        while (hi > lo && !m[hi - 1]) --hi;
+        a.dense[r] = std::all_of(m + lo, m + hi, [](bool x) { return x; });
+      }
+      a.lo[r] = static_cast<int32_t>(lo), a.hi[r] = static_cast<int32_t>(hi);
+    }
+  });
+}
+
+// query i of sequence b: its span [lo, hi) and the keys' 1 / 0 weights in m[0, hi - lo) (0 past it)
+static inline void key_span(const AttnArgs& a, int64_t b, int64_t i, int64_t& lo, int64_t& hi, float* m) {
+  const int64_t r = b * a.T + i;
+  lo = a.lo[r], hi = a.hi[r];
+  if (a.dense[r]) {
+    std::fill(m, m + (hi - lo), 1.f);
+  } else {
+    const bool* row = a.mask + r * a.S;
+    for (int64_t j = lo; j < hi; ++j) m[j - lo] = row[j] ? 1.f : 0.f;
+  }
+  std::fill(m + std::max<int64_t>(hi - lo, 0), m + round_up_to_w(std::max<int64_t>(hi - lo, 0)), 0.f);
+}
+
+// rows x [S, D] -> xp [S, C vectors], zero-padded (so every per-key update is C whole vectors)
+template <int C>
+static void pad_rows(const float* x, int64_t S, int64_t D, vf* xp) {
+  for (int64_t j = 0; j < S; ++j) {
+    float* r = reinterpret_cast<float*>(xp + j * C);
+    std::copy(x + j * D, x + (j + 1) * D, r);
+    std::fill(r + D, r + C * W, 0.f);
+  }
+}
+
+// rows x [S, D] -> xT [D, Sp] (Sp >= S + W, the tail zero: a span's last vector may read past S)
+static void transpose_rows(const float* x, int64_t S, int64_t D, int64_t Sp, float* xT) {
+  std::fill(xT, xT + D * Sp, 0.f);
+  for (int64_t j = 0; j < S; ++j)
+    for (int64_t d = 0; d < D; ++d) xT[d * Sp + j] = x[j * D + d];
+}
+
+// s[0, n) = scale * (x . keys lo .. lo + n), W keys per step from the transposed keys
+static inline void row_dots(const float* x, const float* kT, int64_t Sp, int64_t D, int64_t lo, int64_t n, float scale,
+                            float* s) {
+  for (int64_t j = 0; j < n; j += W) {
+    vf acc{};
+    for (int64_t d = 0; d < D; ++d) acc += x[d] * load<vf>(kT + d * Sp + lo + j);
+    acc *= scale;
+    std::memcpy(s + j, &acc, sizeof(vf));
+  }
+}
+
+// one task's buffers: keys / values transposed [D or Dv, Sp]; padded rows [S, C] (keys, values, their
+// gradients); a row's scores, their gradients and the mask's weights [Sp]
+struct AttnTask {
+  std::vector<float> kT, vT, p, dp, m;
+  std::vector<vf> kp, vp, dkp, dvp;
+  AttnTask(const AttnArgs& a, int C) {
+    const int64_t Sp = round_up_to_w(a.S) + W;
+    kT.resize(a.D * Sp), vT.resize(a.Dv * Sp), p.resize(Sp), dp.resize(Sp), m.resize(Sp);
+    kp.resize(a.S * C), vp.resize(a.S * C), dkp.resize(a.S * C), dvp.resize(a.S * C);
+  }
+};
+
+template <int C>
+static void attention_fwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask& w) {
+  const int64_t Sp = round_up_to_w(a.S) + W, R = a.H / a.G;
+  transpose_rows(a.k + (b * a.G + g) * a.S * a.D, a.S, a.D, Sp, w.kT.data());
+  pad_rows<C>(a.v + (b * a.G + g) * a.S * a.Dv, a.S, a.Dv, w.vp.data());
+  for (int64_t h = g * R; h < (g + 1) * R; ++h) {
+    for (int64_t i = 0; i < a.T; ++i) {
+      const int64_t row = (b * a.H + h) * a.T + i;
+      int64_t lo, hi;
+      key_span(a, b, i, lo, hi, w.m.data());
+      vf acc[C] = {};
+      a.lse_out[row] = 0.f;  // no key allowed: output 0 (SDPA gives NaN), nothing flows back
+      if (hi > lo) {
+        row_dots(a.q + row * a.D, w.kT.data(), Sp, a.D, lo, hi - lo, a.scale, w.p.data());
+        a.lse_out[row] = softmax_masked(w.p.data(), w.m.data(), hi - lo);
+        for (int64_t j = lo; j < hi; ++j) {
+          const vf pj = vf{} + w.p[j - lo];
+          for (int c = 0; c < C; ++c) acc[c] += pj * w.vp[j * C + c];
+        }
+      }
+      std::memcpy(a.out + row * a.Dv, acc, a.Dv * sizeof(float));
+    }
+  }
+}
+
+template <int C>
+static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask& w) {
+  const int64_t Sp = round_up_to_w(a.S) + W, R = a.H / a.G, kv = b * a.G + g;
+  transpose_rows(a.k + kv * a.S * a.D, a.S, a.D, Sp, w.kT.data());
+  transpose_rows(a.v + kv * a.S * a.Dv, a.S, a.Dv, Sp, w.vT.data());
+  pad_rows<C>(a.k + kv * a.S * a.D, a.S, a.D, w.kp.data());
+  std::fill(w.dkp.begin(), w.dkp.end(), vf{});
+  std::fill(w.dvp.begin(), w.dvp.end(), vf{});
+  for (int64_t h = g * R; h < (g + 1) * R; ++h) {
+    for (int64_t i = 0; i < a.T; ++i) {
+      const int64_t row = (b * a.H + h) * a.T + i;
+      const float *q = a.q + row * a.D, *dout = a.dout + row * a.Dv, *o = a.o + row * a.Dv;
+      int64_t lo, hi;
+      key_span(a, b, i, lo, hi, w.m.data());
+      vf dq[C] = {}, qv[C], dov[C];
+      if (hi > lo) {
+        const int64_t n = hi - lo, np = round_up_to_w(n);
+        float* p = w.p.data();
+        float* dp = w.dp.data();
+        row_dots(q, w.kT.data(), Sp, a.D, lo, n, a.scale, p);
+        row_dots(dout, w.vT.data(), Sp, a.Dv, lo, n, 1.f, dp);
+        float delta = 0.f;
+        for (int64_t d = 0; d < a.Dv; ++d) delta += dout[d] * o[d];
+        const float lse = a.lse[row];
+        for (int64_t j = 0; j < np; j += W) {  // P from the log-sum-exp, then dS = P (dP - delta) scale
+          vf x = load<vf>(p + j) - lse;
+          x = x > 0.f ? vf{} : x;
+          const vf pj = exp_nonpositive(x) * load<vf>(w.m.data() + j);
+          const vf ds = pj * (load<vf>(dp + j) - delta) * a.scale;
+          std::memcpy(p + j, &pj, sizeof(vf));
+          std::memcpy(dp + j, &ds, sizeof(vf));
+        }
+        std::memset(qv, 0, sizeof(qv)), std::memset(dov, 0, sizeof(dov));
+        std::memcpy(qv, q, a.D * sizeof(float)), std::memcpy(dov, dout, a.Dv * sizeof(float));
+        for (int64_t j = lo; j < hi; ++j) {
+          const vf pj = vf{} + p[j - lo], ds = vf{} + dp[j - lo];
+          for (int c = 0; c < C; ++c) {
+            dq[c] += ds * w.kp[j * C + c];
+            w.dkp[j * C + c] += ds * qv[c];
+            w.dvp[j * C + c] += pj * dov[c];
+          }
+        }
+      }
+      std::memcpy(a.dq + row * a.D, dq, a.D * sizeof(float));
+    }
+  }
+  for (int64_t j = 0; j < a.S; ++j) {  // unpadded
+    std::memcpy(a.dk + (kv * a.S + j) * a.D, &w.dkp[j * C], a.D * sizeof(float));
+    std::memcpy(a.dv + (kv * a.S + j) * a.Dv, &w.dvp[j * C], a.Dv * sizeof(float));
+  }
+}
+
+// C vectors cover the larger of D and Dv: one of a few instantiations (C rounded up to it)
+template <typename F>
+static void with_vectors(int64_t D, F&& f) {
+  const int64_t c = (D + W - 1) / W;
+  if (c <= 1) f(std::integral_constant<int, 1>{});
+  else if (c <= 2) f(std::integral_constant<int, 2>{});
+  else if (c <= 3) f(std::integral_constant<int, 3>{});
+  else if (c <= 4) f(std::integral_constant<int, 4>{});
+  else if (c <= 8) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 16>{});
+}
+
+static AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                          double scale) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q [B, H, T, D], k/v [B, G, S, D]");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous(),
+                "attention: contiguous fp32 CPU tensors");
+  AttnArgs a{};
+  a.B = q.size(0), a.H = q.size(1), a.T = q.size(2), a.D = q.size(3);
+  a.G = k.size(1), a.S = k.size(2), a.Dv = v.size(3);
+  TORCH_CHECK(std::max(q.size(3), v.size(3)) <= 16 * W, "attention: head size above 16 vectors");
+  TORCH_CHECK(k.size(0) == a.B && v.size(0) == a.B && v.size(1) == a.G && v.size(2) == a.S && k.size(3) == a.D &&
+              a.H % a.G == 0 && a.S >= a.T, "attention: k/v shapes");
+  if (mask.numel()) {
+    TORCH_CHECK(mask.scalar_type() == at::kBool && mask.is_contiguous() && mask.dim() == 3 && mask.size(0) == a.B &&
+                mask.size(1) == a.T && mask.size(2) == a.S, "attention: mask must be contiguous bool [B, T, S]");
+    a.mask = mask.data_ptr<bool>();
+  }
+  a.q = q.data_ptr<float>(), a.k = k.data_ptr<float>(), a.v = v.data_ptr<float>();
+  a.scale = static_cast<float>(scale);
+  key_spans(a);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                 const at::Tensor& mask, double scale) {
+  AttnArgs a = attn_args(q, k, v, mask, scale);
+  at::Tensor out = at::empty({a.B, a.H, a.T, a.Dv}, q.options()), lse = at::empty({a.B, a.H, a.T}, q.options());
+  a.out = out.data_ptr<float>(), a.lse_out = lse.data_ptr<float>();
+  with_vectors(std::max(a.D, a.Dv), [&](auto C) {
+    at::parallel_for(0, a.B * a.G, 1, [&](int64_t t0, int64_t t1) {
+      AttnTask w(a, C);
+      for (int64_t t = t0; t < t1; ++t) attention_fwd_task<C>(a, t / a.G, t % a.G, w);
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& out, const at::Tensor& lse,
+                                                             const at::Tensor& mask, double scale) {
+  AttnArgs a = attn_args(q, k, v, mask, scale);
+  TORCH_CHECK(dout.is_contiguous() && out.is_contiguous() && lse.is_contiguous() && dout.sizes() == out.sizes() &&
+              out.size(3) == a.Dv, "attention: dout / out / lse");
+  const at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  a.o = out.data_ptr<float>(), a.dout = dout.data_ptr<float>(), a.lse = lse.data_ptr<float>();
+  a.dq = dq.data_ptr<float>(), a.dk = dk.data_ptr<float>(), a.dv = dv.data_ptr<float>();
+  with_vectors(std::max(a.D, a.Dv), [&](auto C) {
+    at::parallel_for(0, a.B * a.G, 1, [&](int64_t t0, int64_t t1) {
+      AttnTask w(a, C);
+      for (int64_t t = t0; t < t1; ++t) attention_bwd_task<C>(a, t / a.G, t % a.G, w);
+    });
+  });
+  return {dq, dk, dv};
+}
+
 int64_t vector_width() { return W; }
 
 TORCH_LIBRARY(nanoseek, m) {
   m.def("wmm(Tensor x, Tensor w, Tensor scales, Tensor? bias, int kind) -> Tensor");
   m.def("vector_width() -> int");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor mask, float scale) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
   m.impl("wmm", &wmm);
   m.impl("decode_attention", &decode_attention);
+  m.impl("attention_fwd", &attention_fwd);
+  m.impl("attention_bwd", &attention_bwd);
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CompositeExplicitAutograd, m) {

@@ -145,6 +145,33 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.ops.nanoseek.decode_attention(q, k, v, mask, scale)
 
 
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale):
+        out, lse = torch.ops.nanoseek.attention_fwd(q, k, v, mask, scale)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.nanoseek.attention_bwd(dout.contiguous(), q, k, v, out, lse, mask, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+              scale: float) -> torch.Tensor:
+    """Attention for training on short windows, forward and backward (kernels.cpp): q [B, H, T, D],
+    k [B, G, S, D], v [B, G, S, Dv] fp32 on CPU (GQA: G divides H); mask [B or 1, 1, T, S] bool
+    (True = attend) or None for causal -> [B, H, T, Dv]. Each query visits only the keys between its
+    mask row's first and last allowed one, so a packed window's document mask costs what its
+    documents need. A row with no allowed key outputs 0 (SDPA: NaN)."""
+    m = (torch.empty(0, dtype=torch.bool) if mask is None
+         else mask.expand(q.shape[0], 1, q.shape[2], k.shape[2])[:, 0].contiguous())
+    return _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), m, float(scale))
+
+
 def vector_width() -> int:
     """Floats per SIMD vector the kernel was built for (16 AVX-512, 8 AVX2, 4 otherwise)."""
     return int(torch.ops.nanoseek.vector_width()) if available() else 0

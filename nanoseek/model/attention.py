@@ -10,6 +10,12 @@ values shared by all heads; that pair is all the KV cache holds. Two ways to att
   output, so scores are taken directly against the cached latents and nothing is expanded.
 
 Both give the same numbers (tests/test_model.py checks 1e-5 in fp32).
+
+Training on CPU: `fused_attention` (None here) is set by the training commands to nanoseek's C++
+kernel for short windows (infer/kernels.py: attention, installed by train.run.use_fused_attention);
+fp32 CPU passes with gradients then use it instead of SDPA. Its queries visit only the keys their
+mask allows between the first and last allowed one: a packed window's document mask costs what its
+documents need, where SDPA's flash kernel scores every block up to the diagonal.
 """
 
 from __future__ import annotations
@@ -21,6 +27,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
+
+
+# (q [B, H, T, D], k [B, G, S, D], v [B, G, S, Dv], mask [B or 1, 1, T, S] bool or None = causal, scale)
+# -> [B, H, T, Dv]; see the module docstring
+fused_attention = None
+FUSED_MAX_HEAD = 128
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           pad_v: bool = False) -> torch.Tensor:
+    """Attention over [B, T, heads, D] tensors -> [B, T, H, Dv]: the fused CPU kernel where it applies (a
+    training pass in fp32 on CPU with a bool mask shared by the heads, or causal), else SDPA (GQA when k
+    and v have fewer heads; pad_v: v padded to q's head size, which SDPA's fused kernels need)."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    Dv = v.shape[-1]
+    if (fused_attention is not None and torch.is_grad_enabled() and q.device.type == "cpu"
+            and q.dtype == k.dtype == v.dtype == torch.float32 and max(q.shape[-1], Dv) <= FUSED_MAX_HEAD
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
+            and not torch.compiler.is_compiling()):
+        return fused_attention(q, k, v, mask, scale).transpose(1, 2)
+    pad = q.shape[-1] - Dv
+    if pad_v and pad > 0:  # SDPA's fused (flash) kernels need equal sizes, else the math path: [B, H, T, S]
+        v = F.pad(v, (0, pad))  # scores in memory, 2x slower forward + backward on CPU
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2)[..., :Dv]
 
 
 class RMSNorm(nn.Module):
@@ -172,13 +204,7 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.d_nope, self.d_v], dim=-1)
         k = torch.cat((k_nope, k_pe[:, :, None, :].expand(-1, -1, self.n_heads, -1)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        pad = q.shape[-1] - self.d_v
-        if pad > 0 and self.pad_v:  # v padded to q's head size: SDPA's fused (flash) kernels need equal sizes, else the
-            v = F.pad(v, (0, pad))  # math path: [B, nh, T, S] scores in memory, 2x slower fwd+bwd on CPU
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return out.transpose(1, 2)[..., :self.d_v]  # [B, T, nh, d_v]
+        return attend(q, k, v, mask, self.scale, pad_v=self.pad_v)  # [B, T, nh, d_v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.kv_lora_rank)
@@ -222,7 +248,5 @@ class GQA(nn.Module):
         if cache is not None and T == 1 and cache.decode_attention is not None:
             out = cache.decode_attention(q, k, v, mask, self.scale)                     # [B, 1, H, D]
         else:
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                is_causal=mask is None, scale=self.scale, enable_gqa=self.n_kv != self.n_heads).transpose(1, 2)
+            out = attend(q, k, v, mask, self.scale)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.hd))
