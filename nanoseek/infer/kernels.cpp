@@ -8,7 +8,8 @@
 // NB output rows at a time (NB * MB independent accumulators hide the FMA latency), and the output
 // rows are split across threads with at::parallel_for (needs -fopenmp: it is a header template).
 // int8 and int4 skip the conversion: integer dot products against activations rounded to 16 / 15 bits
-// (below). Registered as torch.ops.nanoseek.wmm.
+// (below). Registered as torch.ops.nanoseek.wmm. Also here: attention for decode (one query per row
+// against the KV cache, decode_attention) and for training on short windows (attention_fwd / _bwd).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

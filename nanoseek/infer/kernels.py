@@ -1,5 +1,6 @@
-"""The C++ decode kernel (kernels.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights
-with fp32 activations, as `torch.ops.nanoseek.wmm`.
+"""The C++ kernels (kernels.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights with
+fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode (`decode_attention`) and fused
+attention for training on short windows (`attention`, forward and backward).
 
 Built at first use with torch.utils.cpp_extension (ninja, a C++ compiler, -O3 -march=native) into
 ~/.cache/nanoseek/kernels (or $NANOSEEK_KERNEL_CACHE), once per machine and torch version; later
