@@ -72,6 +72,22 @@ static inline float hsum(vf v) {
 #endif
 }
 
+// rounding activations to integers (the int8 and int4 paths): a row's or group's largest magnitude,
+// x * inv to the nearest integer within +-levels, and q = 256 h + l as two int8 digits (l in
+// [-128, 127]; |q| <= 32639 = 127 * 257 keeps h in int8)
+static inline float max_abs(const float* x, int64_t n) {
+  float mx = 0.f;
+  for (int64_t k = 0; k < n; ++k) mx = std::max(mx, std::fabs(x[k]));
+  return mx;
+}
+static inline int round_to(float x, float inv, int levels) {
+  return std::clamp(static_cast<int>(std::nearbyint(x * inv)), -levels, levels);
+}
+static inline void split_digits(int q, int8_t& hi, int8_t& lo) {
+  const int h = (q + 128) >> 8;  // floor
+  hi = static_cast<int8_t>(h), lo = static_cast<int8_t>(q - 256 * h);
+}
+
 constexpr int PF = 2;  // prefetch distance: blocks of NB rows, or rows of one stream (run sets Args::pf_bytes)
 static inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
@@ -217,15 +233,11 @@ static void round_rows_to_digits(const float* x, int64_t M, int64_t K, int8_t* h
                                  int64_t* sum) {
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
-    float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
-    const float s = std::max(mx, 1e-30f) / 32639.f, inv = 1.f / s;
+    const float s = std::max(max_abs(r, K), 1e-30f) / 32639.f, inv = 1.f / s;
     int64_t total = 0;
     for (int64_t k = 0; k < K; ++k) {
-      const int q = std::clamp(static_cast<int>(std::nearbyint(r[k] * inv)), -32639, 32639);
-      const int h = (q + 128) >> 8;  // floor: l = q - 256 h in [-128, 127]
-      hi[m * K + k] = static_cast<int8_t>(h);
-      lo[m * K + k] = static_cast<int8_t>(q - 256 * h);
+      const int q = round_to(r[k], inv, 32639);
+      split_digits(q, hi[m * K + k], lo[m * K + k]);
       total += q;
     }
     scale[m] = s;
@@ -399,10 +411,8 @@ static void block_i8_i16(const Args& a, int64_t n0, int64_t m0) {
 static void round_rows_to_i16(const float* x, int64_t M, int64_t K, int16_t* xq, float* scale) {
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
-    float mx = 0.f;
-    for (int64_t k = 0; k < K; ++k) mx = std::max(mx, std::fabs(r[k]));
-    const float s = std::max(mx, 1e-30f) / 32767.f, inv = 1.f / s;
-    for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(std::nearbyint(r[k] * inv));
+    const float s = std::max(max_abs(r, K), 1e-30f) / 32767.f, inv = 1.f / s;
+    for (int64_t k = 0; k < K; ++k) xq[m * K + k] = static_cast<int16_t>(round_to(r[k], inv, 32767));
     scale[m] = s;
   }
 }
@@ -509,14 +519,11 @@ static void round_groups_to_x15(const float* x, int64_t M, int64_t K, int8_t* hi
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t g = 0; g < G; ++g) {
       const float* r = x + m * K + g * 32;
-      float mx = 0.f, s = 0.f;
-      for (int t = 0; t < 32; ++t) mx = std::max(mx, std::fabs(r[t])), s += r[t];
-      const float d = mx / 32639.f, inv = mx > 0.f ? 32639.f / mx : 0.f;
+      const float mx = max_abs(r, 32), d = mx / 32639.f, inv = mx > 0.f ? 32639.f / mx : 0.f;
+      float s = 0.f;
       for (int t = 0; t < 32; ++t) {
-        const int q = std::clamp(static_cast<int>(std::nearbyint(r[t] * inv)), -32639, 32639);
-        const int h = (q + 128) >> 8;  // floor: lo = q - 256 h in [-128, 127]
-        hi[m * K + x15_pos(g, t)] = static_cast<int8_t>(h);
-        lo[m * K + x15_pos(g, t)] = static_cast<int8_t>(q - 256 * h);
+        s += r[t];
+        split_digits(round_to(r[t], inv, 32639), hi[m * K + x15_pos(g, t)], lo[m * K + x15_pos(g, t)]);
       }
       sum[m * G + g] = s;
       float* lanes = scale + (m * (G / QG) + g / QG) * W;
