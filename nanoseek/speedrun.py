@@ -49,15 +49,16 @@ from .pipeline import Stages, cold_start, evaluate_models, first_model, rl, run_
 
 # Budgets for 2 CPU cores (docs/experiments-seed-claims.md has the runs behind them: a 1000-step teacher
 # base or student breaks a claim; R1-Zero's jump comes between steps 30 and 40, so it gets 60, which fit
-# beside the R1 chain in the second lane; R1 keeps 42-47% of its samples (by run), so 5000
-# distillation questions keep >= 2000 traces (4400 kept 2,061 and, on 2026-12-06, 1,866); the student's
+# beside the R1 chain in the second lane; R1 keeps 37-47% of its samples (by run), so 6000
+# distillation questions keep >= 2000 traces (5000 kept 2,093, then 1,836 once the fused training
+# attention changed the trained teacher's rounding, 2026-12-06); the student's
 # direct RL gets more compute than its distillation: 50 GRPO steps of 128 rollouts against ~85 SFT steps).
 # gpu-small scales the same pipeline (bigger model, more steps).
 # rejection_prompts 0 leaves out R1's rejection-sampling and final-RL stages.
 PRESETS = {
     "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, student_layers=2, grpo_steps=60, grpo_prompts=16,
                 group_size=8,
-                cold_start=1000, r1_rl_steps=20, rejection_prompts=2400, final_rl_steps=10, distill_prompts=5000,
+                cold_start=1000, r1_rl_steps=20, rejection_prompts=2400, final_rl_steps=10, distill_prompts=6000,
                 distill_k=1, student_rl_steps=50, eval_n=400, eval_k=4, batch_size=16, seq_len=128, docs=60000,
                 max_tokens=112),
     "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, student_layers=4, grpo_steps=400,
