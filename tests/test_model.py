@@ -275,6 +275,7 @@ def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
     from nanoseek.train.run import use_fused_attention
     if not kernels.available():
         pytest.skip("no C++ compiler")
+    monkeypatch.setattr(attention, "FUSED_MAX_HEAD", attention.FUSED_MAX_HEAD)   # restored after the test
     torch.manual_seed(0)
     cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2)
     if arch == "llama":

@@ -32,7 +32,7 @@ from ..config import ModelConfig, yarn_mscale
 # (q [B, H, T, D], k [B, G, S, D], v [B, G, S, Dv], mask [B or 1, 1, T, S] bool or None = causal, scale)
 # -> [B, H, T, Dv]; see the module docstring
 fused_attention = None
-FUSED_MAX_HEAD = 128
+FUSED_MAX_HEAD = 0  # head sizes it takes (set with it)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,

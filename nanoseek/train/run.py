@@ -85,7 +85,6 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-
 def keep_freed_memory() -> bool:
     """Have glibc's malloc keep freed blocks up to 1 GiB for reuse (process-wide; True if it took).
 
@@ -93,7 +92,7 @@ def keep_freed_memory() -> bool:
     unmapped on free, so a training step's large tensors ([2048, 4096] logits: exactly 32 MiB) come
     back as fresh pages that fault in, zeroed by the kernel, every step. Measured on the tiny V3's
     pretraining step (2 cores, AVX-512): cross-entropy forward + backward 45 -> 10 ms, minor faults
-    per process 2.3M -> 0.2M, the step ~12% faster. A user's own MALLOC_MMAP_THRESHOLD_ wins."""
+    per process 2.3M -> 0.2M, the step 5-12% faster. A user's own MALLOC_MMAP_THRESHOLD_ wins."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
@@ -111,6 +110,7 @@ def use_fused_attention() -> bool:
     from ..infer import kernels
     from ..model import attention
     attention.fused_attention = kernels.attention if kernels.available() else None
+    attention.FUSED_MAX_HEAD = 16 * kernels.vector_width()  # the kernel's limit: 16 vectors per head
     return attention.fused_attention is not None
 
 
