@@ -55,6 +55,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2)[..., :Dv]
 
 
+def training_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """Which attention a training pass on this device and dtype runs (for the run's header line)."""
+    if fused_attention is not None and device.type == "cpu" and dtype == torch.float32:
+        return "nanoseek fused CPU kernel"
+    return "SDPA"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -37,6 +37,7 @@ from .. import cost
 from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
+from ..model.attention import training_attention
 from ..model.transformer import Transformer
 from . import checkpoint, dist, expert_parallel
 from .objective import (balance_loss, document_attention_mask, expert_loads, load_stats, moe_layers, mtp_loss,
@@ -359,7 +360,8 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         print(f"nanoseek pretrain: {r.cfg.architecture} {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
               f"vocab {r.cfg.vocab_size}, {len(r.tokens):,} tokens ({r.sampler.n_windows:,} windows of {a.seq_len}); "
               f"batch {a.batch_size} = {r.micro} x {r.accum} accum x {info.world} proc; steps {r.start}->{a.steps}; "
-              f"{'bf16 autocast' if r.amp else 'fp32'} on {info.device}"
+              f"{'bf16 autocast' if r.amp else 'fp32'} on {info.device}; attention: "
+              f"{training_attention(info.device, torch.bfloat16 if r.amp else torch.float32)}"
               + (f" ({info.backend}, {'FSDP2' if a.fsdp else 'DDP'}"
                  f"{' + expert parallel' if info.expert_parallel else ''})" if info.enabled else "")
               + (f"; MFU against {peak_src}: {peak / 1e9:,.0f} GFLOP/s per process" if peak else ""), file=sys.stderr)
