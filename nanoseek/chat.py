@@ -16,6 +16,7 @@ import sys
 from .errors import NanoseekError
 
 QUIT = ("/exit", "/quit")
+HELP = "/exit or Ctrl-D quits, Ctrl-C stops a reply, /clear forgets the conversation"
 # control characters other than newline and tab, shown as \xNN: model output must not drive the
 # terminal (an ESC starts an escape sequence that can move the cursor, retitle the window, ...)
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0b, 0x20), *range(0x7f, 0xa0))}
@@ -24,7 +25,6 @@ _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0b, 0x20), *range(
 def printable(text: str) -> str:
     """`text` safe to write to a terminal: its control characters (but newline and tab) escaped."""
     return text.translate(_CONTROL)
-HELP = "/exit or Ctrl-D quits, Ctrl-C stops a reply, /clear forgets the conversation"
 
 
 def fit_history(tok, history: list[dict], budget: int) -> tuple[str, list[int], list[dict], int]:

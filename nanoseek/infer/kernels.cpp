@@ -857,6 +857,7 @@ struct AttnArgs {
   const bool* mask;  // null: causal
   float *out, *lse_out, *dq, *dk, *dv;
   int64_t B, H, G, T, S, D, Dv;
+  int64_t Sp;                   // transposed rows' length: S rounded up to W, plus W (a span's last vector)
   float scale;
   std::vector<int32_t> lo, hi;  // [B * T]: each query's span of keys [lo, hi)
   std::vector<uint8_t> dense;   // [B * T]: every key of the span allowed (a document mask's rows)
@@ -927,7 +928,7 @@ struct AttnTask {
   std::vector<float> kT, vT, p, dp, m;
   std::vector<vf> kp, vp, dkp, dvp;
   AttnTask(const AttnArgs& a, int C) {
-    const int64_t Sp = round_up_to_w(a.S) + W;
+    const int64_t Sp = a.Sp;
     kT.resize(a.D * Sp), vT.resize(a.Dv * Sp), p.resize(Sp), dp.resize(Sp), m.resize(Sp);
     kp.resize(a.S * C), vp.resize(a.S * C), dkp.resize(a.S * C), dvp.resize(a.S * C);
   }
@@ -935,7 +936,7 @@ struct AttnTask {
 
 template <int C>
 static void attention_fwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask& w) {
-  const int64_t Sp = round_up_to_w(a.S) + W, R = a.H / a.G;
+  const int64_t Sp = a.Sp, R = a.H / a.G;
   transpose_rows(a.k + (b * a.G + g) * a.S * a.D, a.S, a.D, Sp, w.kT.data());
   pad_rows<C>(a.v + (b * a.G + g) * a.S * a.Dv, a.S, a.Dv, w.vp.data());
   for (int64_t h = g * R; h < (g + 1) * R; ++h) {
@@ -960,7 +961,7 @@ static void attention_fwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
 
 template <int C>
 static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask& w) {
-  const int64_t Sp = round_up_to_w(a.S) + W, R = a.H / a.G, kv = b * a.G + g;
+  const int64_t Sp = a.Sp, R = a.H / a.G, kv = b * a.G + g;
   transpose_rows(a.k + kv * a.S * a.D, a.S, a.D, Sp, w.kT.data());
   transpose_rows(a.v + kv * a.S * a.Dv, a.S, a.Dv, Sp, w.vT.data());
   pad_rows<C>(a.k + kv * a.S * a.D, a.S, a.D, w.kp.data());
@@ -1030,7 +1031,7 @@ static AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Te
                 "attention: contiguous fp32 CPU tensors");
   AttnArgs a{};
   a.B = q.size(0), a.H = q.size(1), a.T = q.size(2), a.D = q.size(3);
-  a.G = k.size(1), a.S = k.size(2), a.Dv = v.size(3);
+  a.G = k.size(1), a.S = k.size(2), a.Dv = v.size(3), a.Sp = round_up_to_w(a.S) + W;
   TORCH_CHECK(std::max(q.size(3), v.size(3)) <= 16 * W, "attention: head size above 16 vectors");
   TORCH_CHECK(k.size(0) == a.B && v.size(0) == a.B && v.size(1) == a.G && v.size(2) == a.S && k.size(3) == a.D &&
               a.H % a.G == 0 && a.S >= a.T, "attention: k/v shapes");

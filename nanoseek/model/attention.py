@@ -35,6 +35,15 @@ fused_attention = None
 FUSED_MAX_HEAD = 0  # head sizes it takes (set with it)
 
 
+def _fused_for(device: torch.device, dtype: torch.dtype) -> bool:
+    return fused_attention is not None and device.type == "cpu" and dtype == torch.float32
+
+
+def training_attention(device: torch.device, dtype: torch.dtype) -> str:
+    """Which attention a training pass on this device and dtype runs (for the run's header line)."""
+    return "nanoseek fused CPU kernel" if _fused_for(device, dtype) else "SDPA"
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            pad_v: bool = False) -> torch.Tensor:
     """Attention over [B, T, heads, D] tensors -> [B, T, H, Dv]: the fused CPU kernel where it applies (a
@@ -42,8 +51,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     and v have fewer heads; pad_v: v padded to q's head size, which SDPA's fused kernels need)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     Dv = v.shape[-1]
-    if (fused_attention is not None and torch.is_grad_enabled() and q.device.type == "cpu"
-            and q.dtype == k.dtype == v.dtype == torch.float32 and max(q.shape[-1], Dv) <= FUSED_MAX_HEAD
+    if (_fused_for(q.device, q.dtype) and torch.is_grad_enabled() and k.dtype == v.dtype == q.dtype
+            and max(q.shape[-1], Dv) <= FUSED_MAX_HEAD
             and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
             and not torch.compiler.is_compiling()):
         return fused_attention(q, k, v, mask, scale).transpose(1, 2)
@@ -55,11 +64,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2)[..., :Dv]
 
 
-def training_attention(device: torch.device, dtype: torch.dtype) -> str:
-    """Which attention a training pass on this device and dtype runs (for the run's header line)."""
-    if fused_attention is not None and device.type == "cpu" and dtype == torch.float32:
-        return "nanoseek fused CPU kernel"
-    return "SDPA"
 
 
 class RMSNorm(nn.Module):

@@ -360,10 +360,10 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
         print(f"nanoseek pretrain: {r.cfg.architecture} {total / 1e6:.2f}M params ({active / 1e6:.2f}M active), "
               f"vocab {r.cfg.vocab_size}, {len(r.tokens):,} tokens ({r.sampler.n_windows:,} windows of {a.seq_len}); "
               f"batch {a.batch_size} = {r.micro} x {r.accum} accum x {info.world} proc; steps {r.start}->{a.steps}; "
-              f"{'bf16 autocast' if r.amp else 'fp32'} on {info.device}; attention: "
-              f"{training_attention(info.device, torch.bfloat16 if r.amp else torch.float32)}"
+              f"{'bf16 autocast' if r.amp else 'fp32'} on {info.device}"
               + (f" ({info.backend}, {'FSDP2' if a.fsdp else 'DDP'}"
                  f"{' + expert parallel' if info.expert_parallel else ''})" if info.enabled else "")
+              + f"; attention: {training_attention(info.device, torch.bfloat16 if r.amp else torch.float32)}"
               + (f"; MFU against {peak_src}: {peak / 1e9:,.0f} GFLOP/s per process" if peak else ""), file=sys.stderr)
         if r.start >= a.steps:
             print(f"nanoseek pretrain: {r.out / 'checkpoints'} is already at step {r.start} of --steps {a.steps}; "
