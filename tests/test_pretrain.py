@@ -372,7 +372,8 @@ print(took, faults() - before)
 
 def test_keep_freed_memory_stops_the_page_faults_of_reallocated_tensors():
     """Without it each 64 MiB tensor comes back as 16K fresh pages that fault in; with it the freed
-    block is reused: of twenty allocations at most two fault their pages in (page counts, not timings)."""
+    block is reused: of twenty allocations at most a quarter fault their pages in (page counts, not
+    timings; which ones grow the heap depends on the machine's address layout: 1 here, 3 on a CI host)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     runs = {mode: subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, env=env,
                                  check=True).stdout.split() for mode in ("keep", "default")}
@@ -380,4 +381,4 @@ def test_keep_freed_memory_stops_the_page_faults_of_reallocated_tensors():
         pytest.skip("not glibc: malloc's thresholds cannot be set")
     pages = (1 << 24) * 4 // os.sysconf("SC_PAGE_SIZE")
     assert int(runs["default"][1]) >= 10 * pages    # measured: 20 x 16,384 on glibc 2.36
-    assert int(runs["keep"][1]) <= 2 * pages        # measured: 1 x 16,384 (the heap grows once)
+    assert int(runs["keep"][1]) <= 5 * pages        # measured: 1 or 3 x 16,384 (the heap grows)
