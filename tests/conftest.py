@@ -59,3 +59,22 @@ def assert_close_scaled(got, want, tol: float, what: str = "") -> None:
     got, want = torch.as_tensor(got).double(), torch.as_tensor(want).double()
     err, scale = (got - want).abs().max().item(), max(1.0, want.abs().max().item())
     assert err <= tol * scale, f"{what} max abs diff {err:.3g} > {tol:g} x {scale:.3g}"
+
+
+def open_llama_cpp(path, **kw):
+    """llama-cpp-python's Llama on `path` (the reference in the GGUF tests), with llama.cpp's extra
+    buffer types off: its AMX matmul segfaults on small Q8_0 matrices (here: the 64-wide test llama on
+    a Sapphire Rapids Xeon; ggml-org/llama.cpp#20824), and its repacked layouts are a speed matter."""
+    import llama_cpp
+    low = llama_cpp.llama_cpp  # the ctypes module Llama.__init__ takes its default parameters from
+    default = low.llama_model_default_params
+
+    def plain():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+    low.llama_model_default_params = plain
+    try:
+        return llama_cpp.Llama(model_path=str(path), verbose=False, **kw)
+    finally:
+        low.llama_model_default_params = default

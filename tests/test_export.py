@@ -27,7 +27,7 @@ from nanoseek.infer.simple import generate
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.weights.gguf_writer import pre_tokenizer_name, write_gguf
 
-from conftest import randomize
+from conftest import open_llama_cpp, randomize
 
 APACHE_MD5 = "3b83ef96387f14655fc854ddc3c6bd57"  # https://www.apache.org/licenses/LICENSE-2.0.txt
 SAMPLE = ("12 + 7 = 19. The cat's hats aren't red;  你好 <｜User｜>hi<｜Assistant｜><think>\n"
@@ -413,11 +413,9 @@ def test_gguf_failure_midway_leaves_no_file(tok, tmp_path, monkeypatch):
 
 @needs_llama_cpp
 def test_gguf_f16_greedy_and_tokens_equal_llama_cpp(tok, tmp_path):
-    from llama_cpp import Llama
-
     model = llama_model(tok)
     path = export.export_gguf(model, tok, tmp_path / "tiny.gguf", outtype="f16")
-    llm = Llama(model_path=str(path), n_threads=2, verbose=False, n_ctx=256, logits_all=True)
+    llm = open_llama_cpp(path, n_threads=2, n_ctx=256, logits_all=True)
     assert llm.tokenize(SAMPLE.encode(), add_bos=False, special=True) == tok.encode(SAMPLE)
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "12 + 7 = ?"}]))
     ours = generate(model, [prompt], max_new_tokens=32)[0]
@@ -442,8 +440,6 @@ VARIANTS = {  # (architecture and config changes, outtype, max |llama.cpp - ours
 @needs_llama_cpp
 @pytest.mark.parametrize("case", list(VARIANTS))
 def test_gguf_variants_logits_in_llama_cpp_and_round_trip(case, tok, tmp_path):
-    from llama_cpp import Llama
-
     changes, outtype, tol = VARIANTS[case]
     model = llama_model(tok, seed=1, **changes)
     out = export.export_gguf(model, tok, tmp_path / "pub", outtype=outtype, license="apache-2.0", name="Tiny X")
@@ -452,7 +448,7 @@ def test_gguf_variants_logits_in_llama_cpp_and_round_trip(case, tok, tmp_path):
     meta = front_matter((tmp_path / "pub" / "README.md").read_text())
     assert meta["license"] == "apache-2.0" and "gguf" in meta["tags"] and "library_name" not in meta
     ids = tok.encode(SAMPLE)
-    llm = Llama(model_path=str(out), n_threads=2, verbose=False, n_ctx=256, logits_all=True)
+    llm = open_llama_cpp(out, n_threads=2, n_ctx=256, logits_all=True)
     assert llm.tokenize(SAMPLE.encode(), add_bos=False, special=True) == ids
     theirs = llama_cpp_logits(llm, ids)
     assert np.abs(theirs - logits(model, ids)).max() <= tol
@@ -487,13 +483,11 @@ def test_gguf_loads_in_transformers(tok, tmp_path):
 @needs_llama_cpp
 def test_smollm2_gguf_export_greedy_equals_llama_cpp(gguf_path, tmp_path, capsys):
     """The real SmolLM2-135M-Instruct: export via the CLI to F16; llama.cpp decodes our greedy tokens."""
-    from llama_cpp import Llama
-
     args = parser().parse_args(["export", str(gguf_path), "--format", "gguf", "--out", str(tmp_path / "s.gguf")])
     assert args.func(args) == 0
     model, tok = nanoseek.load(gguf_path)
-    llm = Llama(model_path=str(tmp_path / "s.gguf"), n_threads=2, verbose=False, n_ctx=512)
-    orig = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+    llm = open_llama_cpp(tmp_path / "s.gguf", n_threads=2, n_ctx=512)
+    orig = open_llama_cpp(gguf_path, vocab_only=True)
     text = "What is 12 + 7?\n\n4 apples, 3 pears; it's 2024.  <|im_start|>Done"
     assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text) == \
         orig.tokenize(text.encode(), add_bos=False, special=True)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import open_llama_cpp
 from nanoseek.errors import NanoseekError
 from nanoseek.weights.gguf import read_gguf
 
@@ -58,8 +59,8 @@ def hf_tok(gguf_path):
 
 
 def llama_cpp_ids(path, texts):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    pytest.importorskip("llama_cpp")
+    vocab = open_llama_cpp(path, vocab_only=True)
     try:
         return [vocab.tokenize(t.encode(), add_bos=False, special=True) for t in texts]
     finally:

@@ -22,7 +22,7 @@ from nanoseek.errors import NanoseekError
 from nanoseek.infer.simple import generate
 from nanoseek.weights.gguf_writer import write_gguf
 
-from conftest import randomize
+from conftest import open_llama_cpp, randomize
 from test_export import SAMPLE, llama_cpp_greedy, llama_cpp_logits, logits, needs_llama_cpp, tok  # noqa: F401
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096, "mscale": 1.0,
@@ -61,8 +61,7 @@ def assert_same_greedy(theirs, ours, model, prompt, tol):
 
 
 def llama(path):
-    from llama_cpp import Llama
-    return Llama(model_path=str(path), n_threads=2, verbose=False, n_ctx=256, logits_all=True)
+    return open_llama_cpp(path, n_threads=2, n_ctx=256, logits_all=True)
 
 
 def rounded_to_f16(model):
