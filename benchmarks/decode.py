@@ -44,6 +44,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -136,10 +137,22 @@ def llama_env() -> dict:
     return env
 
 
+def run_llama(cmd: list[str], no_repack: list[str]) -> subprocess.CompletedProcess:
+    """Run a llama.cpp binary; if it segfaults, run it again with weight repacking off and say so. Its
+    AMX repacked Q8_0 matmul segfaults on a Sapphire Rapids Xeon (llama-bench on SmolLM2's Q8_0, 2026-12-06;
+    ggml-org/llama.cpp#20824); without repacking the same file runs (68 tok/s there)."""
+    r = subprocess.run(cmd, env=llama_env(), capture_output=True, text=True)
+    if r.returncode == -signal.SIGSEGV:
+        log(f"{Path(cmd[0]).name} segfaulted on {Path(cmd[cmd.index('-m') + 1]).name}: again with {' '.join(no_repack)}")
+        r = subprocess.run(cmd + no_repack, env=llama_env(), capture_output=True, text=True)
+    r.check_returncode()
+    return r
+
+
 def llama_b1(bins, path: Path, n: int, depth: int, reps: int) -> float:
     cmd = [str(bins["llama-bench"]), "-m", str(path), "-p", "0", "-n", str(n), "-d", str(depth),
            "-r", str(reps), "-t", str(os.cpu_count()), "-o", "json"]
-    r = subprocess.run(cmd, env=llama_env(), capture_output=True, text=True, check=True)
+    r = run_llama(cmd, ["--repack", "0"])
     return max(json.loads(r.stdout)[0]["samples_ts"])
 
 
@@ -147,7 +160,7 @@ def llama_batched(bins, path: Path, n: int, npl: str) -> dict[int, float]:
     """Aggregate decode tok/s (llama-batched-bench's S_TG) per number of parallel sequences."""
     cmd = [str(bins["llama-batched-bench"]), "-m", str(path), "-c", "8192", "-b", "2048", "-ub", "512",
            "-npp", str(NPP), "-ntg", str(n), "-npl", npl, "-t", str(os.cpu_count()), "--output-format", "jsonl"]
-    r = subprocess.run(cmd, env=llama_env(), capture_output=True, text=True, check=True)
+    r = run_llama(cmd, ["--no-repack"])
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     return {row["pl"]: row["speed_tg"] for row in rows}
 

@@ -135,6 +135,24 @@ def test_kernel_equals_float64_matmul_of_the_same_weights(kind, dtype):
         assert torch.allclose(y, ref, atol=1e-5 * ref.abs().max().item())
 
 
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+@pytest.mark.parametrize("kind,dtype", [(kernels.F16, torch.float16), (kernels.BF16, torch.bfloat16)])
+def test_16_and_more_rows_are_the_weights_times_x_rounded_to_16_bits(kind, dtype):
+    """From 16 rows of x on, an AMX CPU multiplies bf16 tiles (kernels.amx()): x_hi = bf16(x) and
+    x_lo = bf16(x - x_hi), 8 significant bits each, so |x - x_hi - x_lo| <= 2^-16 |x|; fp16 weights
+    split exactly into w_hi + w_lo, and w_lo x_lo (<= 2^-16 |w x|) left out. Each product is off by
+    at most 2^-15 |w x|, the sum by 2^-15 sum |w| |x| plus fp32 accumulation (dropping x_lo would be
+    2^-8). Elsewhere the float path, exact to fp32, meets the bound too."""
+    torch.manual_seed(0)
+    for M, N, K in ((16, 32, 64), (17, 37, 96), (40, 70, 576), (64, 64, 32)):  # row and column tails
+        x = torch.randn(M, K) * torch.rand(K) * 3
+        w, b = (torch.randn(N, K) * 0.1).to(dtype), torch.randn(N)
+        ref = x.double() @ w.double().T + b.double()
+        y = torch.ops.nanoseek.wmm(x, w, torch.empty(0), b, kind).double()
+        bound = 2 ** -15 * (x.double().abs() @ w.double().abs().T) + 1e-6 * ref.abs().max()
+        assert ((y - ref).abs() <= bound).all(), (M, N, K, kernels.amx())
+
 def q4_1_times_x15(x, q):
     """The int4 kernel's product by hand, in float64: each group of 32 activations rounded to
     integers |q| <= 32639 with scale max|x| / 32639, times the 4-bit codes, times both scales, plus

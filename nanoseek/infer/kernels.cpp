@@ -8,7 +8,8 @@
 // NB output rows at a time (NB * MB independent accumulators hide the FMA latency), and the output
 // rows are split across threads with at::parallel_for (needs -fopenmp: it is a header template).
 // int8 and int4 skip the conversion: integer dot products against activations rounded to 16 / 15 bits
-// (below). Registered as torch.ops.nanoseek.wmm. Also here: attention for decode (one query per row
+// (below). From 16 rows of x on, CPUs with AMX multiply fp16 and bf16 weights on bf16 tiles (run_amx).
+// Registered as torch.ops.nanoseek.wmm. Also here: attention for decode (one query per row
 // against the KV cache, decode_attention) and for training on short windows (attention_fwd / _bwd).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,7 +21,9 @@
 #include <type_traits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -568,6 +571,160 @@ static void run(Args a) {
     for (int64_t n = NB * nblocks; n < a.N; ++n) rows_block<KIND, 1>(a, n);
 }
 
+// Many rows of x on AMX (Sapphire Rapids and later): fp16 and bf16 weights as bf16 tile products,
+// 16 x 16 x 32 multiply-adds per instruction where the float path does 16. The tiles compute
+// y^T = W x^T: A = 16 weight rows x 32 columns (bf16 weights straight from the matrix; fp16 weights
+// split exactly into two bf16 parts, w = w_hi + w_lo, in a scratch block), B = the same 32 columns of
+// 16 rows of x as pairs (AMX's layout), packed once per call with x split as x_hi + x_lo: 16
+// significant bits, as the int8 path rounds them. w_lo x_lo (< 2^-16 of a product) is left out; the
+// products are exact in fp32 and accumulate in fp32 tiles. Two blocks of 16 weight rows times two
+// blocks of 16 rows of x use all 8 tiles: A0 A1 B0 B1 and the four sums.
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+constexpr int64_t AMX_MIN_M = 16;  // below, the float path (see wmm)
+
+// Linux gives a process the 8 KB tile state only when asked, once; NANOSEEK_AMX=0 keeps the float path
+static bool amx_enabled() {
+  static const bool ok = !(std::getenv("NANOSEEK_AMX") && std::string(std::getenv("NANOSEEK_AMX")) == "0") &&
+                         syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+static void configure_tiles() {  // per thread: every tile 16 rows x 64 bytes
+  struct alignas(64) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } c{};
+  c.palette = 1;
+  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  _tile_loadconfig(&c);
+}
+
+// 32 floats as bf16 (round to nearest even) and the exact remainder as bf16: hi and lo, 16 pairs each
+static inline void split_bf16(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
+  hi = bit_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // lanes 0-15 from a, 16-31 from b
+  const __m512 ha = bit_cast<__m512>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
+  const __m512 hb = bit_cast<__m512>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hi, 1)), 16));
+  lo = bit_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha)));
+}
+
+// x [M, K] -> hi, lo [Mp / 16][K / 2][16] pairs of bf16 (rows M..Mp-1 zero)
+static void pack_x_amx(const float* x, int64_t M, int64_t K, int64_t Mp, uint32_t* hi, uint32_t* lo) {
+  std::memset(hi, 0, Mp * K * 2), std::memset(lo, 0, Mp * K * 2);
+  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(16));
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t base = (m / 16) * (K / 2) * 16 + m % 16;
+    for (int64_t k = 0; k < K; k += 32) {
+      __m512i h, l;
+      split_bf16(_mm512_loadu_ps(x + m * K + k), _mm512_loadu_ps(x + m * K + k + 16), h, l);
+      _mm512_i32scatter_epi32(hi + base + (k / 2) * 16, lanes, h, 4);
+      _mm512_i32scatter_epi32(lo + base + (k / 2) * 16, lanes, l, 4);
+    }
+  }
+}
+
+// 32 weight rows from n0, columns k..k+31, of an fp16 matrix -> w_hi, w_lo [32][32] bf16
+static inline void split_weights_f16(const Args& a, int64_t n0, int64_t k, uint32_t* whi, uint32_t* wlo) {
+  for (int i = 0; i < 32; ++i) {
+    const uint8_t* p = a.w + (n0 + i) * a.row_bytes + 2 * k;
+    prefetch(p + 32 * a.row_bytes);  // the same columns of the next block
+    __m512i h, l;
+    split_bf16(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
+               _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))), h, l);
+    _mm512_store_si512(whi + 16 * i, h), _mm512_store_si512(wlo + 16 * i, l);
+  }
+}
+
+// y rows m0..m0+31 (two B blocks; NMB = 1: m0..m0+15), weight rows n0..n0+31
+template <int KIND, int NMB>
+static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, int64_t n0, int64_t mb) {
+  alignas(64) uint32_t whi[32 * 16], wlo[32 * 16];
+  alignas(64) float c[16 * 16];
+  const int64_t xb = (a.K / 2) * 16;  // one B block of packed x (uint32 pairs)
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t k = 0; k < a.K; k += 32) {
+    const uint32_t* bh = xhi + mb * xb + (k / 2) * 16;
+    const uint32_t* bl = xlo + mb * xb + (k / 2) * 16;
+    if constexpr (KIND == F16) {
+      split_weights_f16(a, n0, k, whi, wlo);
+      _tile_loadd(0, whi, 64);
+      _tile_loadd(1, whi + 16 * 16, 64);
+    } else {
+      const uint8_t* p = a.w + n0 * a.row_bytes + 2 * k;
+      for (int i = 0; i < 32; ++i) prefetch(p + (32 + i) * a.row_bytes);
+      _tile_loadd(0, p, a.row_bytes);
+      _tile_loadd(1, p + 16 * a.row_bytes, a.row_bytes);
+    }
+    // w_hi x_hi, w_hi x_lo (and w_lo x_hi for fp16): sums 4, 5 = A0, A1 x B0; 6, 7 = A0, A1 x B1
+    for (int part = 0; part < (KIND == F16 ? 3 : 2); ++part) {
+      const uint32_t* b = part == 1 ? bl : bh;
+      if (part == 2) {
+        _tile_loadd(0, wlo, 64);
+        _tile_loadd(1, wlo + 16 * 16, 64);
+      }
+      _tile_loadd(2, b, 64);
+      _tile_dpbf16ps(4, 0, 2);
+      _tile_dpbf16ps(5, 1, 2);
+      if constexpr (NMB == 2) {
+        _tile_loadd(3, b + xb, 64);
+        _tile_dpbf16ps(6, 0, 3);
+        _tile_dpbf16ps(7, 1, 3);
+      }
+    }
+  }
+  // the sum tile [16 weight rows][16 rows of x] into y, a gathered column per row of y (scalar
+  // stores of the transpose ran at a third of the speed, 2026-12-06)
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  auto store = [&](int64_t nb, int64_t m0) {
+    const __m512 bias = a.bias ? _mm512_loadu_ps(a.bias + nb) : _mm512_setzero_ps();
+    for (int j = 0; j < 16 && m0 + j < a.M; ++j)
+      _mm512_storeu_ps(a.y + (m0 + j) * a.N + nb, _mm512_add_ps(_mm512_i32gather_ps(column, c + j, 4), bias));
+  };
+  _tile_stored(4, c, 64);
+  store(n0, 16 * mb);
+  _tile_stored(5, c, 64);
+  store(n0 + 16, 16 * mb);
+  if constexpr (NMB == 2) {
+    _tile_stored(6, c, 64);
+    store(n0, 16 * mb + 16);
+    _tile_stored(7, c, 64);
+    store(n0 + 16, 16 * mb + 16);
+  }
+}
+
+template <int KIND>
+static void run_amx(Args a) {
+  const int64_t Mp = (a.M + 15) / 16 * 16;
+  std::vector<uint32_t> xp(Mp * a.K);  // hi then lo, K / 2 pairs per row each
+  pack_x_amx(a.x, a.M, a.K, Mp, xp.data(), xp.data() + Mp * a.K / 2);
+  const int64_t nblocks = a.N / 32;
+  const int64_t MC = 16;  // blocks of 16 rows of x per pass over a thread's weights (prefill: x stays in L2)
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    configure_tiles();
+    for (int64_t mc = 0; mc < Mp / 16; mc += MC)
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t mb = mc; mb < std::min(mc + MC, Mp / 16); mb += 2) {
+          if (mb + 2 <= Mp / 16) block_amx<KIND, 2>(a, xp.data(), xp.data() + Mp * a.K / 2, 32 * b, mb);
+          else block_amx<KIND, 1>(a, xp.data(), xp.data() + Mp * a.K / 2, 32 * b, mb);
+        }
+    _tile_release();
+  });
+  a.rs = 1, a.pf_bytes = 0;
+  for (int64_t n = 32 * nblocks; n < a.N; ++n) rows_block<KIND, 1>(a, n);  // the N % 32 rows past the blocks
+}
+#else
+#define HAVE_AMX 0
+#endif
+
 // x [M, K] fp32; w: F16/BF16 [N, K] 16-bit, I8 [N, K] int8, I4 [N, K/2] uint8, F32 [N, K];
 // scales: I8 fp32 [N]; I4 fp16 [2, N, K/32] (scale, minimum); else an empty tensor
 at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& scales,
@@ -589,6 +746,12 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
     bias_c = bias->to(at::kFloat).contiguous();
     a.bias = bias_c.data_ptr<float>();
   }
+#if HAVE_AMX
+  if ((kind == F16 || kind == BF16) && M >= AMX_MIN_M && K % 32 == 0 && amx_enabled()) {
+    kind == F16 ? run_amx<F16>(a) : run_amx<BF16>(a);
+    return y;
+  }
+#endif
   switch (kind) {
     case F16: run<F16>(a); break;
     case BF16: run<BF16>(a); break;
@@ -1080,10 +1243,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 }
 
 int64_t vector_width() { return W; }
+bool amx() {  // are batches of 16 rows and more multiplied on AMX tiles (fp16, bf16 weights)?
+#if HAVE_AMX
+  return amx_enabled();
+#else
+  return false;
+#endif
+}
 
 TORCH_LIBRARY(nanoseek, m) {
   m.def("wmm(Tensor x, Tensor w, Tensor scales, Tensor? bias, int kind) -> Tensor");
   m.def("vector_width() -> int");
+  m.def("amx() -> bool");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor mask, float scale) "
@@ -1099,4 +1270,5 @@ TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
 
 TORCH_LIBRARY_IMPL(nanoseek, CompositeExplicitAutograd, m) {
   m.impl("vector_width", &vector_width);
+  m.impl("amx", &amx);
 }

@@ -176,3 +176,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 def vector_width() -> int:
     """Floats per SIMD vector the kernel was built for (16 AVX-512, 8 AVX2, 4 otherwise)."""
     return int(torch.ops.nanoseek.vector_width()) if available() else 0
+
+
+def amx() -> bool:
+    """Does the kernel multiply fp16 / bf16 weights by 16 and more rows of x on AMX tiles (a CPU with
+    AMX-BF16, built there, NANOSEEK_AMX not 0)? Decode at batch 1 reads weights with vector code either way."""
+    if "amx" not in _state:
+        _state["amx"] = bool(torch.ops.nanoseek.amx()) if available() else False
+    return _state["amx"]

@@ -56,7 +56,10 @@ def _linear_out(y: torch.Tensor, shape, out_features: int, dtype) -> torch.Tenso
 class FP16Linear(nn.Module):
     """Weights rounded to fp16 (fp32 activations), run by fbgemm's packed fp16 GEMM where PyTorch
     has fbgemm (x86), else nanoseek's C++ kernel. End to end on the AVX-512 box fbgemm decoded
-    43-45 tok/s at batch 1 against the kernel's 39 (2026-12-04, docs/benchmarks.md), so it stays."""
+    43-45 tok/s at batch 1 against the kernel's 39 (2026-12-04, docs/benchmarks.md), so it stays;
+    but 16 rows and more go to the kernel on an AMX CPU, whose tiles take them with activations
+    rounded to 16 significant bits (as the int8 mode's), so a near-tie in the logits may fall the other
+    way at batch 32 than at batch 1."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -73,8 +76,9 @@ class FP16Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if (self.packed is None or torch.compiler.is_compiling()) and _kernel_ok(x):  # fbgemm's packed
-            # matrix is opaque to torch.compile: a compiled step reads the fp16 weights with the C++ kernel
+        if (self.packed is None or torch.compiler.is_compiling() or (len(x2) >= 16 and kernels.amx())) and _kernel_ok(x):
+            # fbgemm's packed matrix is opaque to torch.compile: a compiled step reads the fp16 weights
+            # with the C++ kernel, as does a batch of 16 rows or more on AMX
             return _linear_out(torch.ops.nanoseek.wmm(x2, self.weight_fp16, _EMPTY, self.bias, kernels.F16),
                                shape, self.out_features, x.dtype)
         if self.packed is not None and x.device.type == "cpu":
@@ -87,7 +91,8 @@ class FP16Linear(nn.Module):
 
 class BF16Linear(nn.Module):
     """Weights rounded to bf16, fp32 activations (more exact than a bf16 model, whose activations
-    are bf16 too); the C++ kernel, else a dequantize-then-matmul fallback."""
+    are bf16 too; 16 significant bits from 16 rows on an AMX CPU, see FP16Linear); the C++ kernel,
+    else a dequantize-then-matmul fallback."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -317,7 +322,8 @@ def describe(model: nn.Module, compiled: bool = False) -> str:
     elif kinds == ["W8A8Linear"] and dev.type == "cpu":
         kernel = "fbgemm dynamic int8 GEMM"
     elif dev.type == "cpu" and kernels.available():
-        kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes)"
+        kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes"
+        kernel += ("; AMX tiles from 16 rows)" if kernels.amx() and set(kinds) <= {"FP16Linear", "BF16Linear"} else ")")
     else:
         kernel = "PyTorch kernels (no C++ kernel)"
     return f"{'+'.join(kinds)} on {dev.type}, {kernel}"
