@@ -226,13 +226,19 @@ def test_penalties_follow_their_formulas():
 @pytest.mark.parametrize("mode", [None, "int8"])
 def test_compiled_decode_step_equals_eager(mode):
     """Engine(compile=True) (one dynamic-shape graph; the KV cache written in place) decodes the same
-    greedy tokens as the simple reference decoder, at batch 1 and with requests joining and leaving."""
+    greedy tokens as the simple reference decoder, at batch 1 and with requests joining and leaving;
+    with a quantized model's default fp16 KV cache, the same as the eager engine."""
     from nanoseek.infer.quantize import quantize
     model = tiny_llama()
     if mode:
         quantize(model, mode)
     ref = generate(model, PROMPTS, max_new_tokens=12)
     for batch in (1, 3):
-        eng = Engine(model, max_batch_size=batch, max_seq_len=64, compile=True)
+        eng = Engine(model, max_batch_size=batch, max_seq_len=64, compile=True, kv_cache_dtype=torch.float32)
         assert [o.token_ids for o in eng.generate(PROMPTS, GREEDY)] == ref
         assert eng.path.endswith("torch.compile")
+        if mode and kernels.available():
+            eager = Engine(model, max_batch_size=batch, max_seq_len=64).generate(PROMPTS, GREEDY)
+            eng = Engine(model, max_batch_size=batch, max_seq_len=64, compile=True)
+            assert eng.cache.a.dtype == torch.float16 and "fp16 KV cache" in eng.path
+            assert [o.token_ids for o in eng.generate(PROMPTS, GREEDY)] == [o.token_ids for o in eager]

@@ -204,17 +204,19 @@ def test_int4_kernel_is_q4_1_times_15_bit_activations():
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
-def test_decode_attention_is_softmax_qk_v_over_the_unmasked_keys():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_decode_attention_is_softmax_qk_v_over_the_unmasked_keys(cache_dtype):
     """The decode attention kernel against the formula in float64: per query head h (GQA: kv head
     h // (H / G)), softmax over the keys the mask lets through of q.k * scale, times V. Rows read
     from a larger cache (strided views), rows of different lengths, head sizes on each code path
-    (1, 2, 4, 8 vectors, and 24 / Dv != D on the plain loop)."""
+    (1, 2, 4, 8 vectors, and 24 / Dv != D on the plain loop). An fp16 cache: the same formula on its
+    fp16 values (the queries stay fp32)."""
     torch.manual_seed(0)
     width = kernels.vector_width()
     for B, H, G, S, D, Dv in ((1, 9, 3, 150, 64, 64), (3, 8, 8, 37, 24, 24), (2, 4, 1, 5, width, width),
                               (2, 4, 2, 70, 2 * width, 2 * width), (2, 2, 2, 9, 8 * width, 8 * width),
                               (4, 6, 2, 33, 32, 16)):
-        k_cache, v_cache = torch.randn(B + 2, S + 7, G, D), torch.randn(B + 2, S + 7, G, Dv)
+        k_cache, v_cache = torch.randn(B + 2, S + 7, G, D, dtype=cache_dtype), torch.randn(B + 2, S + 7, G, Dv, dtype=cache_dtype)
         k, v, q = k_cache[1:B + 1, :S], v_cache[1:B + 1, :S], torch.randn(B, 1, H, D) * 3
         pos = torch.randint(0, S, (B, 1))
         pos[0] = S - 1

@@ -612,27 +612,42 @@ static inline void split_bf16(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
   lo = bit_cast<__m512i>(_mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha)));
 }
 
-// x [M, K] -> hi, lo [Mp / 16][K / 2][16] pairs of bf16 (rows M..Mp-1 zero)
-static void pack_x_amx(const float* x, int64_t M, int64_t K, int64_t Mp, uint32_t* hi, uint32_t* lo) {
-  std::memset(hi, 0, Mp * K * 2), std::memset(lo, 0, Mp * K * 2);
-  const __m512i lanes = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(16));
-  for (int64_t m = 0; m < M; ++m) {
-    const int64_t base = (m / 16) * (K / 2) * 16 + m % 16;
-    for (int64_t k = 0; k < K; k += 32) {
-      __m512i h, l;
-      split_bf16(_mm512_loadu_ps(x + m * K + k), _mm512_loadu_ps(x + m * K + k + 16), h, l);
-      _mm512_i32scatter_epi32(hi + base + (k / 2) * 16, lanes, h, 4);
-      _mm512_i32scatter_epi32(lo + base + (k / 2) * 16, lanes, l, 4);
-    }
+// r[16] as a 16 x 16 matrix of 32-bit lanes, transposed in place
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2)
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]), r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]), r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0x88), t[i + 4] = _mm512_shuffle_i32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0x88), t[i + 12] = _mm512_shuffle_i32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i)
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88), r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+}
+
+// rows 16 mb.. of x [M, K], columns k..k+31 -> hi, lo [Mp / 16][K / 2][16] pairs of bf16 (AMX's B
+// layout; rows past M as zeros): 16 rows split, then transposed in registers (5x faster than scatters)
+static void pack_x_amx(const float* x, int64_t M, int64_t K, int64_t mb, int64_t k, uint32_t* hi, uint32_t* lo) {
+  __m512i h[16], l[16];
+  for (int j = 0; j < 16; ++j) {
+    const int64_t m = 16 * mb + j;
+    if (m < M) split_bf16(_mm512_loadu_ps(x + m * K + k), _mm512_loadu_ps(x + m * K + k + 16), h[j], l[j]);
+    else h[j] = l[j] = _mm512_setzero_si512();
+  }
+  transpose16(h), transpose16(l);
+  const int64_t at = mb * (K / 2) * 16 + (k / 2) * 16;
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(hi + at + 16 * i, h[i]), _mm512_storeu_si512(lo + at + 16 * i, l[i]);
 }
 
 // 32 weight rows from n0, columns k..k+31, of an fp16 matrix -> w_hi, w_lo [32][32] bf16
 static inline void split_weights_f16(const Args& a, int64_t n0, int64_t k, uint32_t* whi, uint32_t* wlo) {
   for (int i = 0; i < 32; ++i) {
     const uint8_t* p = a.w + (n0 + i) * a.row_bytes + 2 * k;
-    prefetch(p + 32 * a.row_bytes);  // the same columns of the next block
+    _mm_prefetch(reinterpret_cast<const char*>(p + 32 * a.row_bytes), _MM_HINT_T1);  // the next block's
     __m512i h, l;
     split_bf16(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
                _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32))), h, l);
@@ -659,7 +674,8 @@ static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, i
       _tile_loadd(1, whi + 16 * 16, 64);
     } else {
       const uint8_t* p = a.w + n0 * a.row_bytes + 2 * k;
-      for (int i = 0; i < 32; ++i) prefetch(p + (32 + i) * a.row_bytes);
+      for (int i = 0; i < 32; ++i)  // the next block's; into L2 (T0 evicted this block from L1: 10 -> 14 GB/s)
+        _mm_prefetch(reinterpret_cast<const char*>(p + (32 + i) * a.row_bytes), _MM_HINT_T1);
       _tile_loadd(0, p, a.row_bytes);
       _tile_loadd(1, p + 16 * a.row_bytes, a.row_bytes);
     }
@@ -703,21 +719,29 @@ static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, i
 
 template <int KIND>
 static void run_amx(Args a) {
-  const int64_t Mp = (a.M + 15) / 16 * 16;
-  std::vector<uint32_t> xp(Mp * a.K);  // hi then lo, K / 2 pairs per row each
-  pack_x_amx(a.x, a.M, a.K, Mp, xp.data(), xp.data() + Mp * a.K / 2);
-  const int64_t nblocks = a.N / 32;
+  const int64_t Mp = (a.M + 15) / 16 * 16, nblocks = a.N / 32;
+  // x packed as hi then lo: kept per calling thread (a fresh 200 KB vector per call cost ~50 us in faults)
+  static thread_local std::vector<uint32_t> xp;
+  if (xp.size() < static_cast<size_t>(Mp * a.K)) xp.resize(Mp * a.K);
+  uint32_t *hi = xp.data(), *lo = xp.data() + Mp * a.K / 2;
   const int64_t MC = 16;  // blocks of 16 rows of x per pass over a thread's weights (prefill: x stays in L2)
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+  // one parallel region: the threads pack x, wait for each other (omp for's barrier), then split the
+  // blocks of 32 weight rows
+#pragma omp parallel num_threads(at::in_parallel_region() ? 1 : at::get_num_threads())
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < Mp / 16 * (a.K / 32); ++t) pack_x_amx(a.x, a.M, a.K, t / (a.K / 32), 32 * (t % (a.K / 32)), hi, lo);
     configure_tiles();
-    for (int64_t mc = 0; mc < Mp / 16; mc += MC)
-      for (int64_t b = b0; b < b1; ++b)
+    for (int64_t mc = 0; mc < Mp / 16; mc += MC) {
+#pragma omp for schedule(static) nowait
+      for (int64_t b = 0; b < nblocks; ++b)
         for (int64_t mb = mc; mb < std::min(mc + MC, Mp / 16); mb += 2) {
-          if (mb + 2 <= Mp / 16) block_amx<KIND, 2>(a, xp.data(), xp.data() + Mp * a.K / 2, 32 * b, mb);
-          else block_amx<KIND, 1>(a, xp.data(), xp.data() + Mp * a.K / 2, 32 * b, mb);
+          if (mb + 2 <= Mp / 16) block_amx<KIND, 2>(a, hi, lo, 32 * b, mb);
+          else block_amx<KIND, 1>(a, hi, lo, 32 * b, mb);
         }
+    }
     _tile_release();
-  });
+  }
   a.rs = 1, a.pf_bytes = 0;
   for (int64_t n = 32 * nblocks; n < a.N; ++n) rows_block<KIND, 1>(a, n);  // the N % 32 rows past the blocks
 }
@@ -909,8 +933,15 @@ static inline vf transposed_sum(const vf* d) {
 #endif
 
 // C vectors per head (D = Dv = C * W): query and output accumulators stay in registers
-template <int C>
-static void attend_head(const float* q, const float* k, const float* v, const float* m, float* out, int64_t S,
+// a cached key or value vector as fp32: the cache holds fp32 or fp16 (half the bytes to read per step)
+template <typename T>
+static inline vf load_kv(const T* p) {
+  if constexpr (std::is_same_v<T, at::Half>) return f16_to_f32(reinterpret_cast<const uint8_t*>(p));
+  else return load<vf>(p);
+}
+
+template <int C, typename T>
+static void attend_head(const float* q, const T* k, const T* v, const float* m, float* out, int64_t S,
                         int64_t ks, int64_t vs, float scale, float* p) {
   vf qv[C], acc[C];
   for (int c = 0; c < C; ++c) qv[c] = load<vf>(q + c * W), acc[c] = vf{};
@@ -919,43 +950,45 @@ static void attend_head(const float* q, const float* k, const float* v, const fl
   for (; s + W <= S; s += W) {  // W keys at a time: their W dot products in one vector
     vf d[W];
     for (int j = 0; j < W; ++j) {
-      const float* kr = k + (s + j) * ks;
-      d[j] = qv[0] * load<vf>(kr);
-      for (int c = 1; c < C; ++c) d[j] += qv[c] * load<vf>(kr + c * W);
+      const T* kr = k + (s + j) * ks;
+      d[j] = qv[0] * load_kv(kr);
+      for (int c = 1; c < C; ++c) d[j] += qv[c] * load_kv(kr + c * W);
     }
     const vf sc = transposed_sum(d) * scale;
     std::memcpy(p + s, &sc, sizeof(vf));
   }
 #endif
   for (; s < S; ++s) {
-    const float* kr = k + s * ks;
-    vf d = qv[0] * load<vf>(kr);
-    for (int c = 1; c < C; ++c) d += qv[c] * load<vf>(kr + c * W);
+    const T* kr = k + s * ks;
+    vf d = qv[0] * load_kv(kr);
+    for (int c = 1; c < C; ++c) d += qv[c] * load_kv(kr + c * W);
     p[s] = hsum(d) * scale;
   }
   softmax_masked(p, m, S);
   for (int64_t s = 0; s < S; ++s) {
     const vf w = vf{} + p[s];
-    const float* vr = v + s * vs;
-    for (int c = 0; c < C; ++c) acc[c] += w * load<vf>(vr + c * W);
+    const T* vr = v + s * vs;
+    for (int c = 0; c < C; ++c) acc[c] += w * load_kv(vr + c * W);
   }
   std::memcpy(out, acc, sizeof(acc));
 }
 
-static void attend_head_any(const float* q, const float* k, const float* v, const float* m, float* out, int64_t S,
+template <typename T>
+static void attend_head_any(const float* q, const T* k, const T* v, const float* m, float* out, int64_t S,
                             int64_t D, int64_t Dv, int64_t ks, int64_t vs, float scale, float* p) {
   for (int64_t s = 0; s < S; ++s) {
     float dot = 0.f;
-    for (int64_t d = 0; d < D; ++d) dot += q[d] * k[s * ks + d];
+    for (int64_t d = 0; d < D; ++d) dot += q[d] * static_cast<float>(k[s * ks + d]);
     p[s] = dot * scale;
   }
   softmax_masked(p, m, S);
   std::fill(out, out + Dv, 0.f);
   for (int64_t s = 0; s < S; ++s)
-    for (int64_t d = 0; d < Dv; ++d) out[d] += p[s] * v[s * vs + d];
+    for (int64_t d = 0; d < Dv; ++d) out[d] += p[s] * static_cast<float>(v[s * vs + d]);
 }
 
-static void attend_one(const float* q, const float* k, const float* v, const bool* mask, float* out,
+template <typename T>
+static void attend_one(const float* q, const T* k, const T* v, const bool* mask, float* out,
                        int64_t S, int64_t R, int64_t D, int64_t Dv, int64_t ks, int64_t vs, int64_t ms,
                        float scale, float* p) {
   const int64_t Sp = round_up_to_w(S);
@@ -976,8 +1009,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
                             const at::Tensor& mask, double scale) {
   TORCH_CHECK(q_in.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4,
               "decode_attention: q [B, 1, H, D], k/v [B, S, G, D], mask [B, 1, 1, S]");
-  for (const at::Tensor* t : {&q_in, &k, &v})
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat, "decode_attention: fp32 CPU tensors");
+  TORCH_CHECK(q_in.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && q_in.scalar_type() == at::kFloat &&
+              (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf) && v.scalar_type() == k.scalar_type(),
+              "decode_attention: fp32 q, fp32 or fp16 k and v, on CPU");
   TORCH_CHECK(mask.scalar_type() == at::kBool, "decode_attention: the mask must be bool");
   const at::Tensor q = q_in.contiguous();
   const int64_t B = q.size(0), H = q.size(2), D = q.size(3), S = k.size(1), G = k.size(2), Dv = v.size(3);
@@ -989,21 +1023,23 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
   const int64_t R = H / G;
   at::Tensor out = at::empty({B, 1, H, Dv}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
   const bool* mp = mask.data_ptr<bool>();
   float* op = out.data_ptr<float>();
-  // ~256 KB of keys and values per task before threads share the work: waking them costs more
-  const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, S * (D + Dv) * 4));
-  at::parallel_for(0, B * G, grain, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(2 * round_up_to_w(S));  // scores, then the mask's multipliers
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / G, g = i % G;
-      attend_one(qp + (b * H + g * R) * D, kp + b * k.stride(0) + g * k.stride(2),
-                 vp + b * v.stride(0) + g * v.stride(2), mp + b * mask.stride(0), op + (b * H + g * R) * Dv,
-                 S, R, D, Dv, k.stride(1), v.stride(1), mask.stride(3), static_cast<float>(scale), p.data());
-    }
-  });
+  auto run = [&](auto* kp, auto* vp) {
+    // ~256 KB of keys and values per task before threads share the work: waking them costs more
+    const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, S * (D + Dv) * k.element_size()));
+    at::parallel_for(0, B * G, grain, [&](int64_t i0, int64_t i1) {
+      std::vector<float> p(2 * round_up_to_w(S));  // scores, then the mask's multipliers
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / G, g = i % G;
+        attend_one(qp + (b * H + g * R) * D, kp + b * k.stride(0) + g * k.stride(2),
+                   vp + b * v.stride(0) + g * v.stride(2), mp + b * mask.stride(0), op + (b * H + g * R) * Dv,
+                   S, R, D, Dv, k.stride(1), v.stride(1), mask.stride(3), static_cast<float>(scale), p.data());
+      }
+    });
+  };
+  if (k.scalar_type() == at::kHalf) run(k.data_ptr<at::Half>(), v.data_ptr<at::Half>());
+  else run(k.data_ptr<float>(), v.data_ptr<float>());
   return out;
 }
 

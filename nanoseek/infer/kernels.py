@@ -141,8 +141,8 @@ def available() -> bool:
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      scale: float) -> torch.Tensor:
     """Attention of one new token per row against its cached keys and values (kernels.cpp): q
-    [B, 1, H, D], k [B, S, G, D], v [B, S, G, Dv] (GQA: G divides H), mask [B, 1, 1, S] bool -> [B, 1, H, Dv].
-    The KVCache hook for fp32 caches on CPU (KVCache.decode_attention)."""
+    [B, 1, H, D] fp32, k [B, S, G, D], v [B, S, G, Dv] fp32 or fp16 (GQA: G divides H), mask [B, 1, 1, S]
+    bool -> [B, 1, H, Dv]. The KVCache hook for fp32 and fp16 caches on CPU (KVCache.decode_attention)."""
     return torch.ops.nanoseek.decode_attention(q, k, v, mask, scale)
 
 

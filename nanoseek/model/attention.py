@@ -258,6 +258,6 @@ class GQA(nn.Module):
             k, v, mask = cache.update(self.layer_idx, positions, k, v)
         if cache is not None and T == 1 and cache.decode_attention is not None:
             out = cache.decode_attention(q, k, v, mask, self.scale)                     # [B, 1, H, D]
-        else:
-            out = attend(q, k, v, mask, self.scale)
+        else:  # a cache may hold fp16 keys and values for fp32 queries (see the engine)
+            out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, self.scale)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.hd))
