@@ -189,6 +189,18 @@ def test_int8_kernel_is_int8_weights_times_16_bit_activations():
         assert err <= 1e-6 * refs[0].abs().max().item() + 2 * step, (M, N, K)
 
 
+
+@pytest.mark.skipif(not kernels.amx(), reason="no AMX (or NANOSEEK_AMX=0)")
+def test_int8_on_amx_tiles_equals_one_row_at_a_time():
+    """From 16 rows on, AMX multiplies int8 weights by the same 16-bit digits of x as the one-row VNNI
+    path, with exact integer sums: every row of a batch equals that row alone, bit for bit."""
+    torch.manual_seed(0)
+    for N, K, M in ((37, 64, 16), (70, 576, 40), (96, 1536, 32)):  # 32-row blocks and a tail; m tails
+        q = Int8Linear(nn.Linear(K, N))
+        x = torch.randn(M, K) * torch.rand(K) * 3
+        with torch.no_grad():
+            assert torch.equal(q(x), torch.cat([q(x[i:i + 1]) for i in range(M)])), (N, K, M)
+
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
 def test_int4_kernel_is_q4_1_times_15_bit_activations():
     torch.manual_seed(0)

@@ -8,7 +8,8 @@
 // NB output rows at a time (NB * MB independent accumulators hide the FMA latency), and the output
 // rows are split across threads with at::parallel_for (needs -fopenmp: it is a header template).
 // int8 and int4 skip the conversion: integer dot products against activations rounded to 16 / 15 bits
-// (below). From 16 rows of x on, CPUs with AMX multiply fp16 and bf16 weights on bf16 tiles (run_amx).
+// (below). From 16 rows of x on, CPUs with AMX multiply fp16 and bf16 weights on bf16 tiles (run_amx)
+// and int8 weights on int8 tiles (run_amx_i8).
 // Registered as torch.ops.nanoseek.wmm. Also here: attention for decode (one query per row
 // against the KV cache, decode_attention) and for training on short windows (attention_fwd / _bwd).
 #include <ATen/ATen.h>
@@ -237,8 +238,20 @@ static void round_rows_to_digits(const float* x, int64_t M, int64_t K, int8_t* h
   for (int64_t m = 0; m < M; ++m) {
     const float* r = x + m * K;
     const float s = std::max(max_abs(r, K), 1e-30f) / 32639.f, inv = 1.f / s;
-    int64_t total = 0;
-    for (int64_t k = 0; k < K; ++k) {
+    int64_t total = 0, k = 0;
+#if defined(__AVX512BW__)
+    __m512i vsum = _mm512_setzero_si512();  // 16 values at a time, the same roundings (to nearest, even)
+    for (; k + 16 <= K; k += 16) {
+      __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(r + k), _mm512_set1_ps(inv)));
+      q = _mm512_max_epi32(_mm512_min_epi32(q, _mm512_set1_epi32(32639)), _mm512_set1_epi32(-32639));
+      const __m512i h = _mm512_srai_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(128)), 8);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + m * K + k), _mm512_cvtepi32_epi8(h));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + m * K + k), _mm512_cvtepi32_epi8(_mm512_sub_epi32(q, _mm512_slli_epi32(h, 8))));
+      vsum = _mm512_add_epi32(vsum, q);  // |sum| per lane <= 32639 * K / 16: no overflow at K <= 8192
+    }
+    total = _mm512_reduce_add_epi32(vsum);
+#endif
+    for (; k < K; ++k) {
       const int q = round_to(r[k], inv, 32639);
       split_digits(q, hi[m * K + k], lo[m * K + k]);
       total += q;
@@ -745,6 +758,100 @@ static void run_amx(Args a) {
   a.rs = 1, a.pf_bytes = 0;
   for (int64_t n = 32 * nblocks; n < a.N; ++n) rows_block<KIND, 1>(a, n);  // the N % 32 rows past the blocks
 }
+
+// int8 weights on AMX: x rounded to 16 bits and split into two int8 digits exactly as on the VNNI path
+// (q = 256 h + l, round_rows_to_digits), tdpbssd multiplies 16 weight rows x 64 columns (straight from
+// the matrix) by the same 64 columns of 16 rows of digits (in fours: AMX's layout), and the exact
+// integer sums 256 sum(w h) + sum(w l) = sum(w q) make y the same as the one-row path's.
+#if defined(__AMX_INT8__) && HAVE_I8_VNNI
+#define HAVE_AMX_I8 1
+// rows 16 mb.. of digits d [M, K], columns k..k+63 -> out [Mp / 16][K / 4][16] fours of int8 (rows past M zero)
+static void pack_digits_amx(const int8_t* d, int64_t M, int64_t K, int64_t mb, int64_t k, uint32_t* out) {
+  __m512i r[16];
+  for (int j = 0; j < 16; ++j)
+    r[j] = 16 * mb + j < M ? _mm512_loadu_si512(d + (16 * mb + j) * K + k) : _mm512_setzero_si512();
+  transpose16(r);
+  const int64_t at = mb * (K / 4) * 16 + (k / 4) * 16;
+  for (int i = 0; i < 16; ++i) _mm512_storeu_si512(out + at + 16 * i, r[i]);
+}
+
+// y rows 16 mb..16 mb + 15, weight rows n0..n0 + 31: sums 4, 5 = rows n0.., n0 + 16.. times the high
+// digits; 6, 7 = times the low digits
+static void block_amx_i8(const Args& a, const uint32_t* xh, const uint32_t* xl, int64_t n0, int64_t mb) {
+  alignas(64) int32_t c[4][256];
+  const int64_t xb = (a.K / 4) * 16;  // one block of packed digits (fours)
+  _tile_zero(4);
+  _tile_zero(5);
+  _tile_zero(6);
+  _tile_zero(7);
+  for (int64_t k = 0; k < a.K; k += 64) {
+    const uint8_t* p = a.w + n0 * a.row_bytes + k;
+    for (int i = 0; i < 32; ++i)  // the next block's, into L2
+      _mm_prefetch(reinterpret_cast<const char*>(p + (32 + i) * a.row_bytes), _MM_HINT_T1);
+    _tile_loadd(0, p, a.row_bytes);
+    _tile_loadd(1, p + 16 * a.row_bytes, a.row_bytes);
+    _tile_loadd(2, xh + mb * xb + (k / 4) * 16, 64);
+    _tile_loadd(3, xl + mb * xb + (k / 4) * 16, 64);
+    _tile_dpbssd(4, 0, 2);
+    _tile_dpbssd(5, 1, 2);
+    _tile_dpbssd(6, 0, 3);
+    _tile_dpbssd(7, 1, 3);
+  }
+  _tile_stored(4, c[0], 64);
+  _tile_stored(5, c[1], 64);
+  _tile_stored(6, c[2], 64);
+  _tile_stored(7, c[3], 64);
+  // y row m, weight rows nb..nb+15: a gathered column of each sum tile, the exact dot in int64, then
+  // block_i8_vnni's last line for 16 rows at once
+  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(16));
+  auto dot8 = [](__m256i h, __m256i l) {
+    return _mm512_cvtepi64_ps(_mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(h), 8), _mm512_cvtepi32_epi64(l)));
+  };
+  for (int half = 0; half < 2; ++half) {
+    const int64_t nb = n0 + 16 * half;
+    const __m512 sc = _mm512_loadu_ps(a.scale + nb), bias = a.bias ? _mm512_loadu_ps(a.bias + nb) : _mm512_setzero_ps();
+    for (int j = 0; j < 16 && 16 * mb + j < a.M; ++j) {
+      const int64_t m = 16 * mb + j;
+      const __m512i h = _mm512_i32gather_epi32(column, c[half] + j, 4), l = _mm512_i32gather_epi32(column, c[2 + half] + j, 4);
+      const __m512 dot = _mm512_insertf32x8(_mm512_castps256_ps512(dot8(_mm512_castsi512_si256(h), _mm512_castsi512_si256(l))),
+                                            dot8(_mm512_extracti64x4_epi64(h, 1), _mm512_extracti64x4_epi64(l, 1)), 1);
+      _mm512_storeu_ps(a.y + m * a.N + nb, _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(dot, _mm512_set1_ps(a.xq_scale[m])), sc), bias));
+    }
+  }
+}
+
+// a.x16_hi, x16_lo, x16_sum, xq_scale: room for x's digits (round_rows_to_digits, here on all threads)
+static void run_amx_i8(Args a) {
+  const int64_t Mp = (a.M + 15) / 16 * 16, nblocks = a.N / 32;
+  static thread_local std::vector<uint32_t> xp;  // the digits in AMX's layout, high then low
+  if (xp.size() < static_cast<size_t>(Mp * a.K / 2)) xp.resize(Mp * a.K / 2);
+  uint32_t *hi = xp.data(), *lo = xp.data() + Mp * a.K / 4;
+  int8_t *dh = const_cast<int8_t*>(a.x16_hi), *dl = const_cast<int8_t*>(a.x16_lo);
+  float* xs = const_cast<float*>(a.xq_scale);
+  int64_t* sums = const_cast<int64_t*>(a.x16_sum);
+#pragma omp parallel num_threads(at::in_parallel_region() ? 1 : at::get_num_threads())
+  {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < a.M; ++m)
+      round_rows_to_digits(a.x + m * a.K, 1, a.K, dh + m * a.K, dl + m * a.K, xs + m, sums + m);
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < Mp / 16 * (a.K / 64); ++t) {
+      const int64_t mb = t / (a.K / 64), k = 64 * (t % (a.K / 64));
+      pack_digits_amx(a.x16_hi, a.M, a.K, mb, k, hi), pack_digits_amx(a.x16_lo, a.M, a.K, mb, k, lo);
+    }
+    configure_tiles();
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b)
+      for (int64_t mb = 0; mb < Mp / 16; ++mb) block_amx_i8(a, hi, lo, 32 * b, mb);
+    _tile_release();
+  }
+  a.rs = 1, a.pf_bytes = 0;
+  for (int64_t n = 32 * nblocks; n < a.N; ++n) rows_block<I8, 1>(a, n);  // the N % 32 rows past the blocks (VNNI)
+}
+#else
+#define HAVE_AMX_I8 0
+#endif
 #else
 #define HAVE_AMX 0
 #endif
@@ -788,12 +895,24 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
 #if HAVE_I8_VNNI
       std::vector<int8_t> digits;
       std::vector<int64_t> sums;
-      if (K <= I16_DOT_MAX_K && K % 64 == 0 && M < 4) {  // decode; at 32 rows the int16 path was as fast
+#if HAVE_AMX_I8
+      const bool amx_rows = M >= AMX_MIN_M && amx_enabled();
+#else
+      const bool amx_rows = false;
+#endif
+      // decode, and AMX; at 32 rows without AMX the int16 path was as fast
+      if (K <= I16_DOT_MAX_K && K % 64 == 0 && (M < 4 || amx_rows)) {
         digits.resize(2 * M * K);
         xs.resize(M);
         sums.resize(M);
-        round_rows_to_digits(a.x, M, K, digits.data(), digits.data() + M * K, xs.data(), sums.data());
         a.x16_hi = digits.data(), a.x16_lo = digits.data() + M * K, a.x16_sum = sums.data(), a.xq_scale = xs.data();
+#if HAVE_AMX_I8
+        if (amx_rows) {
+          run_amx_i8(a);
+          break;
+        }
+#endif
+        round_rows_to_digits(a.x, M, K, digits.data(), digits.data() + M * K, xs.data(), sums.data());
         run<I8>(a);
         break;
       }
@@ -940,37 +1059,58 @@ static inline vf load_kv(const T* p) {
   else return load<vf>(p);
 }
 
-template <int C, typename T>
-static void attend_head(const float* q, const T* k, const T* v, const float* m, float* out, int64_t S,
-                        int64_t ks, int64_t vs, float scale, float* p) {
-  vf qv[C], acc[C];
-  for (int c = 0; c < C; ++c) qv[c] = load<vf>(q + c * W), acc[c] = vf{};
-  int64_t s = 0;
-#if HAVE_TRANSPOSED_SUM
-  for (; s + W <= S; s += W) {  // W keys at a time: their W dot products in one vector
-    vf d[W];
-    for (int j = 0; j < W; ++j) {
-      const T* kr = k + (s + j) * ks;
-      d[j] = qv[0] * load_kv(kr);
-      for (int c = 1; c < C; ++c) d[j] += qv[c] * load_kv(kr + c * W);
-    }
-    const vf sc = transposed_sum(d) * scale;
-    std::memcpy(p + s, &sc, sizeof(vf));
-  }
-#endif
-  for (; s < S; ++s) {
-    const T* kr = k + s * ks;
-    vf d = qv[0] * load_kv(kr);
-    for (int c = 1; c < C; ++c) d += qv[c] * load_kv(kr + c * W);
-    p[s] = hsum(d) * scale;
-  }
-  softmax_masked(p, m, S);
+// The weighted sum of V for RN heads at once: each value vector is read (and converted) once for all
+// of them, RN * C accumulators in registers
+template <int C, int RN, typename T>
+static void weigh_values(const float* p, int64_t Sp, const T* v, int64_t S, int64_t vs, float* out) {
+  vf acc[RN][C] = {};
   for (int64_t s = 0; s < S; ++s) {
-    const vf w = vf{} + p[s];
+    vf vv[C];
     const T* vr = v + s * vs;
-    for (int c = 0; c < C; ++c) acc[c] += w * load_kv(vr + c * W);
+    for (int c = 0; c < C; ++c) vv[c] = load_kv(vr + c * W);
+    for (int r = 0; r < RN; ++r) {
+      const vf w = vf{} + p[r * Sp + s];
+      for (int c = 0; c < C; ++c) acc[r][c] += w * vv[c];
+    }
   }
   std::memcpy(out, acc, sizeof(acc));
+}
+
+// The R query heads that share one kv head (D = Dv = C * W): scores block by block of W keys for every
+// head (the block stays in L1 across heads), softmax per head, then values for up to 16 / C heads at a
+// time. Each head making its own passes read the keys and values R times: 3x at SmolLM2's GQA, 8-12 ns
+// per head and key at batch 32.
+template <int C, typename T>
+static void attend_heads(const float* q, const T* k, const T* v, const float* m, float* out, int64_t S, int64_t R,
+                         int64_t ks, int64_t vs, float scale, float* p) {
+  const int64_t Sp = round_up_to_w(S);
+  int64_t s = 0;
+#if HAVE_TRANSPOSED_SUM
+  for (; s + W <= S; s += W)  // W keys at a time: their W dot products in one vector
+    for (int64_t r = 0; r < R; ++r) {
+      vf qv[C], d[W];
+      for (int c = 0; c < C; ++c) qv[c] = load<vf>(q + r * C * W + c * W);
+      for (int j = 0; j < W; ++j) {
+        const T* kr = k + (s + j) * ks;
+        d[j] = qv[0] * load_kv(kr);
+        for (int c = 1; c < C; ++c) d[j] += qv[c] * load_kv(kr + c * W);
+      }
+      const vf sc = transposed_sum(d) * scale;
+      std::memcpy(p + r * Sp + s, &sc, sizeof(vf));
+    }
+#endif
+  for (; s < S; ++s)
+    for (int64_t r = 0; r < R; ++r) {
+      const T* kr = k + s * ks;
+      vf d = load<vf>(q + r * C * W) * load_kv(kr);
+      for (int c = 1; c < C; ++c) d += load<vf>(q + r * C * W + c * W) * load_kv(kr + c * W);
+      p[r * Sp + s] = hsum(d) * scale;
+    }
+  for (int64_t r = 0; r < R; ++r) softmax_masked(p + r * Sp, m, S);
+  constexpr int RN = C >= 16 ? 1 : 16 / C < 4 ? 16 / C : 4;
+  int64_t r = 0;
+  for (; r + RN <= R; r += RN) weigh_values<C, RN>(p + r * Sp, Sp, v, S, vs, out + r * C * W);
+  for (; r < R; ++r) weigh_values<C, 1>(p + r * Sp, Sp, v, S, vs, out + r * C * W);
 }
 
 template <typename T>
@@ -992,17 +1132,13 @@ static void attend_one(const float* q, const T* k, const T* v, const bool* mask,
                        int64_t S, int64_t R, int64_t D, int64_t Dv, int64_t ks, int64_t vs, int64_t ms,
                        float scale, float* p) {
   const int64_t Sp = round_up_to_w(S);
-  float* m = p + Sp;  // the mask as 1 / 0 multipliers, 0 past S
+  float* m = p + R * Sp;  // the mask as 1 / 0 multipliers, 0 past S (p: R heads' scores, then this)
   for (int64_t s = 0; s < Sp; ++s) m[s] = s < S && mask[s * ms] ? 1.f : 0.f;
-  for (int64_t r = 0; r < R; ++r) {
-    const float* qr = q + r * D;
-    float* o = out + r * Dv;
-    if (D == Dv && D == 4 * W) attend_head<4>(qr, k, v, m, o, S, ks, vs, scale, p);
-    else if (D == Dv && D == 2 * W) attend_head<2>(qr, k, v, m, o, S, ks, vs, scale, p);
-    else if (D == Dv && D == 8 * W) attend_head<8>(qr, k, v, m, o, S, ks, vs, scale, p);
-    else if (D == Dv && D == W) attend_head<1>(qr, k, v, m, o, S, ks, vs, scale, p);
-    else attend_head_any(qr, k, v, m, o, S, D, Dv, ks, vs, scale, p);
-  }
+  if (D == Dv && D == 4 * W) return attend_heads<4>(q, k, v, m, out, S, R, ks, vs, scale, p);
+  if (D == Dv && D == 2 * W) return attend_heads<2>(q, k, v, m, out, S, R, ks, vs, scale, p);
+  if (D == Dv && D == 8 * W) return attend_heads<8>(q, k, v, m, out, S, R, ks, vs, scale, p);
+  if (D == Dv && D == W) return attend_heads<1>(q, k, v, m, out, S, R, ks, vs, scale, p);
+  for (int64_t r = 0; r < R; ++r) attend_head_any(q + r * D, k, v, m, out + r * Dv, S, D, Dv, ks, vs, scale, p);
 }
 
 at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const at::Tensor& v,
@@ -1029,7 +1165,7 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
     // ~256 KB of keys and values per task before threads share the work: waking them costs more
     const int64_t grain = std::max<int64_t>(1, (256 << 10) / std::max<int64_t>(1, S * (D + Dv) * k.element_size()));
     at::parallel_for(0, B * G, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<float> p(2 * round_up_to_w(S));  // scores, then the mask's multipliers
+      std::vector<float> p((R + 1) * round_up_to_w(S));  // the heads' scores, then the mask's multipliers
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t b = i / G, g = i % G;
         attend_one(qp + (b * H + g * R) * D, kp + b * k.stride(0) + g * k.stride(2),

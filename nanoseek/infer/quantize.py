@@ -114,7 +114,8 @@ class BF16Linear(nn.Module):
 
 
 class Int8Linear(nn.Module):
-    """Symmetric int8, one scale per output channel, float activations."""
+    """Symmetric int8, one scale per output channel, float activations (rounded to 16 bits by the C++
+    kernel; 16 rows and more on AMX tiles give the same numbers as one row at a time)."""
 
     def __init__(self, linear: nn.Linear, scale_dtype: torch.dtype | None = None):
         super().__init__()
@@ -323,7 +324,7 @@ def describe(model: nn.Module, compiled: bool = False) -> str:
         kernel = "fbgemm dynamic int8 GEMM"
     elif dev.type == "cpu" and kernels.available():
         kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes"
-        kernel += ("; AMX tiles from 16 rows)" if kernels.amx() and set(kinds) <= {"FP16Linear", "BF16Linear"} else ")")
+        kernel += ("; AMX tiles from 16 rows)" if kernels.amx() and set(kinds) <= {"FP16Linear", "BF16Linear", "Int8Linear"} else ")")
     else:
         kernel = "PyTorch kernels (no C++ kernel)"
     return f"{'+'.join(kinds)} on {dev.type}, {kernel}"
