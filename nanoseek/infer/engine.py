@@ -32,7 +32,7 @@ import torch
 from ..model.cache import KVCache
 from . import kernels
 from .quantize import MODES, compiles, describe
-from .sampling import SamplingParams, apply_penalties, sample
+from .sampling import SamplingParams, apply_penalties, greedy_pick, sample
 
 log = logging.getLogger(__name__)
 _said: set[str] = set()  # each decode path is logged once per process
@@ -269,7 +269,7 @@ class Engine:
                                      f([p.repetition_penalty for p in P]), f([p.presence_penalty for p in P]),
                                      f([p.frequency_penalty for p in P]))
         if all(p.greedy for p in P):
-            nxt = logits.argmax(dim=-1)
+            nxt = greedy_pick(logits)
         else:
             nxt = sample(logits, f([p.temperature for p in P]), torch.tensor([p.top_k for p in P], device=dev),
                          f([p.top_p for p in P]), f([p.min_p for p in P]),
