@@ -606,6 +606,11 @@ static bool amx_enabled() {
   return ok;
 }
 
+// the offsets of a 16 x 16 tile's column (in 4-byte elements), to gather it as one row of y
+static inline __m512i tile_column() {
+  return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(16));
+}
+
 static void configure_tiles() {  // per thread: every tile 16 rows x 64 bytes
   struct alignas(64) {
     uint8_t palette, start_row, reserved[14];
@@ -711,8 +716,7 @@ static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, i
   }
   // the sum tile [16 weight rows][16 rows of x] into y, a gathered column per row of y (scalar
   // stores of the transpose ran at a third of the speed, 2026-12-06)
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
+  const __m512i column = tile_column();
   auto store = [&](int64_t nb, int64_t m0) {
     const __m512 bias = a.bias ? _mm512_loadu_ps(a.bias + nb) : _mm512_setzero_ps();
     for (int j = 0; j < 16 && m0 + j < a.M; ++j)
@@ -803,8 +807,7 @@ static void block_amx_i8(const Args& a, const uint32_t* xh, const uint32_t* xl, 
   _tile_stored(7, c[3], 64);
   // y row m, weight rows nb..nb+15: a gathered column of each sum tile, the exact dot in int64, then
   // block_i8_vnni's last line for 16 rows at once
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(16));
+  const __m512i column = tile_column();
   auto dot8 = [](__m256i h, __m256i l) {
     return _mm512_cvtepi64_ps(_mm512_add_epi64(_mm512_slli_epi64(_mm512_cvtepi32_epi64(h), 8), _mm512_cvtepi32_epi64(l)));
   };

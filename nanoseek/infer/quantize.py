@@ -319,7 +319,7 @@ def describe(model: nn.Module, compiled: bool = False) -> str:
         return f"{model.dtype if hasattr(model, 'dtype') else 'float'} weights, PyTorch kernels on {dev.type}"
     if (kinds == ["FP16Linear"] and dev.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
             and not (compiled and kernels.available())):
-        kernel = "fbgemm fp16 GEMM"
+        kernel = "fbgemm fp16 GEMM" + ("; from 16 rows nanoseek C++ kernel on AMX tiles" if kernels.amx() else "")
     elif kinds == ["W8A8Linear"] and dev.type == "cpu":
         kernel = "fbgemm dynamic int8 GEMM"
     elif dev.type == "cpu" and kernels.available():
