@@ -824,15 +824,13 @@ static void block_amx_i8(const Args& a, const uint32_t* xh, const uint32_t* xl, 
   }
 }
 
-// a.x16_hi, x16_lo, x16_sum, xq_scale: room for x's digits (round_rows_to_digits, here on all threads)
-static void run_amx_i8(Args a) {
+// dh, dl [M, K], xs, sums [M]: room for x's digits, rounded here on all threads (round_rows_to_digits)
+static void run_amx_i8(Args a, int8_t* dh, int8_t* dl, float* xs, int64_t* sums) {
+  a.x16_hi = dh, a.x16_lo = dl, a.x16_sum = sums, a.xq_scale = xs;  // for the tail rows' VNNI path
   const int64_t Mp = (a.M + 15) / 16 * 16, nblocks = a.N / 32;
   static thread_local std::vector<uint32_t> xp;  // the digits in AMX's layout, high then low
   if (xp.size() < static_cast<size_t>(Mp * a.K / 2)) xp.resize(Mp * a.K / 2);
   uint32_t *hi = xp.data(), *lo = xp.data() + Mp * a.K / 4;
-  int8_t *dh = const_cast<int8_t*>(a.x16_hi), *dl = const_cast<int8_t*>(a.x16_lo);
-  float* xs = const_cast<float*>(a.xq_scale);
-  int64_t* sums = const_cast<int64_t*>(a.x16_sum);
 #pragma omp parallel num_threads(at::in_parallel_region() ? 1 : at::get_num_threads())
   {
 #pragma omp for schedule(static)
@@ -903,19 +901,19 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
 #else
       const bool amx_rows = false;
 #endif
-      // decode, and AMX; at 32 rows without AMX the int16 path was as fast
+      // a few rows (decode) on VNNI, 16 and more on AMX tiles; at 32 rows without AMX the int16 path was as fast
       if (K <= I16_DOT_MAX_K && K % 64 == 0 && (M < 4 || amx_rows)) {
         digits.resize(2 * M * K);
         xs.resize(M);
         sums.resize(M);
-        a.x16_hi = digits.data(), a.x16_lo = digits.data() + M * K, a.x16_sum = sums.data(), a.xq_scale = xs.data();
 #if HAVE_AMX_I8
         if (amx_rows) {
-          run_amx_i8(a);
+          run_amx_i8(a, digits.data(), digits.data() + M * K, xs.data(), sums.data());
           break;
         }
 #endif
         round_rows_to_digits(a.x, M, K, digits.data(), digits.data() + M * K, xs.data(), sums.data());
+        a.x16_hi = digits.data(), a.x16_lo = digits.data() + M * K, a.x16_sum = sums.data(), a.xq_scale = xs.data();
         run<I8>(a);
         break;
       }
