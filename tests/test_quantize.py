@@ -145,7 +145,8 @@ def test_16_and_more_rows_are_the_weights_times_x_rounded_to_16_bits(kind, dtype
     at most 2^-15 |w x|, the sum by 2^-15 sum |w| |x| plus fp32 accumulation (dropping x_lo would be
     2^-8). Elsewhere the float path, exact to fp32, meets the bound too."""
     torch.manual_seed(0)
-    for M, N, K in ((16, 32, 64), (17, 37, 96), (40, 70, 576), (64, 64, 32)):  # row and column tails
+    # row and column tails; 300 rows: more than one pass of 16 row blocks (prefill)
+    for M, N, K in ((16, 32, 64), (17, 37, 96), (40, 70, 576), (64, 64, 32), (300, 37, 64)):
         x = torch.randn(M, K) * torch.rand(K) * 3
         w, b = (torch.randn(N, K) * 0.1).to(dtype), torch.randn(N)
         ref = x.double() @ w.double().T + b.double()

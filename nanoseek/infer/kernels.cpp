@@ -734,13 +734,27 @@ static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, i
   }
 }
 
+// x packed for the tiles: a buffer kept per calling thread up to 16 MB (a fresh 200 KB vector per
+// decode call cost ~50 us in page faults), a fresh one above (a long prefill's would stay pinned)
+struct PackedX {
+  std::vector<uint32_t> own;
+  uint32_t* p;
+  explicit PackedX(size_t n) {
+    static thread_local std::vector<uint32_t> kept;
+    if (n > (size_t{4} << 20)) {
+      own.resize(n), p = own.data();
+    } else {
+      if (kept.size() < n) kept.resize(n);
+      p = kept.data();
+    }
+  }
+};
+
 template <int KIND>
 static void run_amx(Args a) {
   const int64_t Mp = (a.M + 15) / 16 * 16, nblocks = a.N / 32;
-  // x packed as hi then lo: kept per calling thread (a fresh 200 KB vector per call cost ~50 us in faults)
-  static thread_local std::vector<uint32_t> xp;
-  if (xp.size() < static_cast<size_t>(Mp * a.K)) xp.resize(Mp * a.K);
-  uint32_t *hi = xp.data(), *lo = xp.data() + Mp * a.K / 2;
+  PackedX xp(Mp * a.K);  // hi then lo, K / 2 pairs per row each
+  uint32_t *hi = xp.p, *lo = xp.p + Mp * a.K / 2;
   const int64_t MC = 16;  // blocks of 16 rows of x per pass over a thread's weights (prefill: x stays in L2)
   // one parallel region: the threads pack x, wait for each other (omp for's barrier), then split the
   // blocks of 32 weight rows
@@ -828,9 +842,8 @@ static void block_amx_i8(const Args& a, const uint32_t* xh, const uint32_t* xl, 
 static void run_amx_i8(Args a, int8_t* dh, int8_t* dl, float* xs, int64_t* sums) {
   a.x16_hi = dh, a.x16_lo = dl, a.x16_sum = sums, a.xq_scale = xs;  // for the tail rows' VNNI path
   const int64_t Mp = (a.M + 15) / 16 * 16, nblocks = a.N / 32;
-  static thread_local std::vector<uint32_t> xp;  // the digits in AMX's layout, high then low
-  if (xp.size() < static_cast<size_t>(Mp * a.K / 2)) xp.resize(Mp * a.K / 2);
-  uint32_t *hi = xp.data(), *lo = xp.data() + Mp * a.K / 4;
+  PackedX xp(Mp * a.K / 2);  // the digits in AMX's layout, high then low
+  uint32_t *hi = xp.p, *lo = xp.p + Mp * a.K / 4;
 #pragma omp parallel num_threads(at::in_parallel_region() ? 1 : at::get_num_threads())
   {
 #pragma omp for schedule(static)
