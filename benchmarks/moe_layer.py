@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/moe_layer.py                 # tiny and small presets, ~5 minutes on 1 thread
     .venv/bin/python benchmarks/moe_layer.py --quick         # tiny only, fewer repeats
 
-Layer (forward + backward of one block on the same tokens, batch x seq = --tokens rows):
+Layer (forward + backward of one block on --tokens rows, new random ones at every call, so a new
+routing as in training):
   ours         nanoseek.model.moe.MoE as it runs: gate, grouped GEMMs on the stacked experts, shared expert
   ours_compiled  the same module with MoE.COMPILE = True (the SwiGLU between the grouped GEMMs through
                torch.compile; the first call's time, compiling included, is reported apart)
@@ -130,10 +131,19 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
     x = torch.randn(tokens, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(1)).requires_grad_()
     dy = torch.randn(tokens, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(2))
 
+    seeds = iter(range(10, 10 ** 6, 1000))
+
     def step(m, path=None):
+        # a new input, so a new routing, at every call, as in training: CPU bf16 GEMMs (oneDNN) set up
+        # each new row count anew, and one input repeated would hide that from the MoE (each expert's
+        # rows, so its GEMM shapes, would repeat). No two calls of any system see the same input.
+        s0 = next(seeds)
+        inputs = iter([torch.randn(tokens, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(s0 + i))
+                       .requires_grad_() for i in range(repeats * n_rounds + 1)])
+
         def f():
             with forced_path(path):
-                out = m(x)
+                out = m(next(inputs))
             (out[0] if isinstance(out, tuple) else out).backward(dy)
         return f
 

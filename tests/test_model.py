@@ -144,6 +144,29 @@ def test_moe_inference_paths_equal_per_token_loop(tokens):
     assert routing.load.tolist() == torch.bincount(idx.flatten(), minlength=moe.n_experts).tolist()
 
 
+
+def test_moe_bf16_slices_padded_to_32_rows_change_nothing(monkeypatch):
+    """On CPU the 16-bit grouped path pads each expert's slice with zero rows to a multiple of 32 (so
+    oneDNN's GEMM shapes repeat): the layout by hand, then outputs and gradients against no padding."""
+    from nanoseek.model import moe as moe_mod
+    xs, rw = torch.arange(36.0)[:, None].repeat(1, 2), torch.ones(36, 1)
+    xp, rp, padded, dest = moe_mod.pad_slices(xs, rw, torch.tensor([3, 0, 33]))
+    assert padded.tolist() == [32, 0, 64] and dest.tolist() == [0, 1, 2] + list(range(32, 65))
+    assert xp.shape == (96, 2) and xp[dest].equal(xs) and xp.sum() == xs.sum() and rp.sum() == 36
+    monkeypatch.setattr(MoE, "GROUPED", True)
+    moe = tiny_v3().model.layers[1].mlp.to(torch.bfloat16)
+    x = torch.randn(4, 37, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    runs = []
+    for pad in (32, 1):
+        monkeypatch.setattr(moe_mod, "PAD_ROWS", pad)
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        y, _ = moe(xg)
+        y.float().square().sum().backward()
+        runs.append([t.float() for t in (y, xg.grad, moe.experts.gate_up_proj.grad, moe.experts.down_proj.grad)])
+    for got, ref, what in zip(*runs, ("output", "input grad", "gate_up grad", "down grad")):
+        assert_close_scaled(got, ref, 1e-2, what)
+
 def test_moe_grouped_path_falls_back_where_grouped_mm_does_not_apply(monkeypatch):
     """Hidden sizes whose rows are not 16-byte multiples: the loop runs, same numbers."""
     monkeypatch.setattr(MoE, "GROUPED", True)
