@@ -622,7 +622,8 @@ static void configure_tiles() {  // per thread: every tile 16 rows x 64 bytes
   _tile_loadconfig(&c);
 }
 
-// 32 floats as bf16 (round to nearest even) and the exact remainder as bf16: hi and lo, 16 pairs each
+// 32 floats as bf16 (round to nearest even) and the remainder, itself rounded to bf16: hi and lo,
+// 16 pairs each (hi + lo is within 2^-16 of x; exact for fp16 values)
 static inline void split_bf16(__m512 a, __m512 b, __m512i& hi, __m512i& lo) {
   hi = bit_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // lanes 0-15 from a, 16-31 from b
   const __m512 ha = bit_cast<__m512>(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hi)), 16));
