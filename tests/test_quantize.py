@@ -202,6 +202,22 @@ def test_int8_on_amx_tiles_equals_one_row_at_a_time():
         with torch.no_grad():
             assert torch.equal(q(x), torch.cat([q(x[i:i + 1]) for i in range(M)])), (N, K, M)
 
+
+@pytest.mark.skipif(not kernels.amx(), reason="no AMX (or NANOSEEK_AMX=0)")
+def test_int4_on_amx_tiles_is_the_dequantized_weights_times_x_rounded_to_16_bits():
+    """From 16 rows on, AMX multiplies int4 weights dequantized per group (scale code + minimum, in
+    fp32) and split into two bf16 parts (within 2^-16), by x split the same way (2^-16), w_lo x_lo left
+    out (2^-16): each product within 3 * 2^-16 < 2^-14 of the float64 product of the same weights."""
+    torch.manual_seed(0)
+    for N, K, M in ((37, 64, 16), (70, 576, 40), (45, 96, 300)):  # a 32-row tail; K = 96: 3 groups
+        q = Int4Linear(nn.Linear(K, N))
+        x = torch.randn(M, K) * torch.rand(K) * 3
+        w = q.dequantize().double()
+        ref = x.double() @ w.T + q.bias.double()
+        with torch.no_grad():
+            err = (q(x).double() - ref).abs()
+        assert (err <= 2 ** -14 * (x.double().abs() @ w.abs().T) + 1e-6 * ref.abs().max()).all(), (N, K, M)
+
 @pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
 def test_int4_kernel_is_q4_1_times_15_bit_activations():
     torch.manual_seed(0)

@@ -8,8 +8,8 @@
 // NB output rows at a time (NB * MB independent accumulators hide the FMA latency), and the output
 // rows are split across threads with at::parallel_for (needs -fopenmp: it is a header template).
 // int8 and int4 skip the conversion: integer dot products against activations rounded to 16 / 15 bits
-// (below). From 16 rows of x on, CPUs with AMX multiply fp16 and bf16 weights on bf16 tiles (run_amx)
-// and int8 weights on int8 tiles (run_amx_i8).
+// (below). From 16 rows of x on, CPUs with AMX multiply fp16, bf16 and int4 weights on bf16 tiles
+// (run_amx) and int8 weights on int8 tiles (run_amx_i8).
 // Registered as torch.ops.nanoseek.wmm. Also here: attention for decode (one query per row
 // against the KV cache, decode_attention) and for training on short windows (attention_fwd / _bwd).
 #include <ATen/ATen.h>
@@ -674,6 +674,23 @@ static inline void split_weights_f16(const Args& a, int64_t n0, int64_t k, uint3
   }
 }
 
+// 32 weight rows from n0, columns k..k+31 (one group) of an int4 matrix -> w = scale code + minimum
+// in fp32, split as w_hi + w_lo [32][32] bf16
+static inline void split_weights_q4(const Args& a, int64_t n0, int64_t k, uint32_t* whi, uint32_t* wlo) {
+  const int64_t G = a.K / 32, g = k / 32;
+  for (int i = 0; i < 32; ++i) {
+    const int64_t n = n0 + i;
+    const uint8_t* p = a.w + n * a.row_bytes + 16 * g;
+    _mm_prefetch(reinterpret_cast<const char*>(p + 32 * a.row_bytes), _MM_HINT_T1);  // the next block's
+    vf lo, hi;
+    decode_q4(p, 0, lo, hi);
+    const float sc = half_to_float(a.qscale[n * G + g]), mn = half_to_float(a.qmin[n * G + g]);
+    __m512i h, l;
+    split_bf16(bit_cast<__m512>(lo * sc + mn), bit_cast<__m512>(hi * sc + mn), h, l);
+    _mm512_store_si512(whi + 16 * i, h), _mm512_store_si512(wlo + 16 * i, l);
+  }
+}
+
 // y rows m0..m0+31 (two B blocks; NMB = 1: m0..m0+15), weight rows n0..n0+31
 template <int KIND, int NMB>
 static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, int64_t n0, int64_t mb) {
@@ -687,8 +704,9 @@ static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, i
   for (int64_t k = 0; k < a.K; k += 32) {
     const uint32_t* bh = xhi + mb * xb + (k / 2) * 16;
     const uint32_t* bl = xlo + mb * xb + (k / 2) * 16;
-    if constexpr (KIND == F16) {
-      split_weights_f16(a, n0, k, whi, wlo);
+    if constexpr (KIND == F16 || KIND == I4) {
+      if constexpr (KIND == F16) split_weights_f16(a, n0, k, whi, wlo);
+      else split_weights_q4(a, n0, k, whi, wlo);
       _tile_loadd(0, whi, 64);
       _tile_loadd(1, whi + 16 * 16, 64);
     } else {
@@ -698,8 +716,8 @@ static void block_amx(const Args& a, const uint32_t* xhi, const uint32_t* xlo, i
       _tile_loadd(0, p, a.row_bytes);
       _tile_loadd(1, p + 16 * a.row_bytes, a.row_bytes);
     }
-    // w_hi x_hi, w_hi x_lo (and w_lo x_hi for fp16): sums 4, 5 = A0, A1 x B0; 6, 7 = A0, A1 x B1
-    for (int part = 0; part < (KIND == F16 ? 3 : 2); ++part) {
+    // w_hi x_hi, w_hi x_lo (and w_lo x_hi for fp16, int4): sums 4, 5 = A0, A1 x B0; 6, 7 = A0, A1 x B1
+    for (int part = 0; part < (KIND == BF16 ? 2 : 3); ++part) {
       const uint32_t* b = part == 1 ? bl : bh;
       if (part == 2) {
         _tile_loadd(0, wlo, 64);
@@ -946,6 +964,14 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
     case I4: {
       a.qscale = scales.data_ptr<at::Half>();
       a.qmin = a.qscale + N * (K / 32);
+#if HAVE_AMX
+      if (M >= AMX_MIN_M && amx_enabled()) {  // dequantized to bf16 parts on the fly, as fp16 weights
+        xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();  // for the N % 32 rows' float path
+        a.xsum = xsum.data_ptr<float>();
+        run_amx<I4>(a);
+        break;
+      }
+#endif
 #if HAVE_Q4_DOT
       std::vector<int8_t> xq;
       std::vector<float> xd, xs;

@@ -179,7 +179,7 @@ def vector_width() -> int:
 
 
 def amx() -> bool:
-    """Does the kernel multiply fp16, bf16 and int8 weights by 16 and more rows of x on AMX tiles (a CPU
+    """Does the kernel multiply fp16, bf16, int8 and int4 weights by 16 and more rows of x on AMX tiles (a CPU
     with AMX, built there, NANOSEEK_AMX not 0)? Decode at batch 1 reads weights with vector code either way."""
     if "amx" not in _state:
         _state["amx"] = bool(torch.ops.nanoseek.amx()) if available() else False

@@ -324,7 +324,7 @@ def describe(model: nn.Module, compiled: bool = False) -> str:
         kernel = "fbgemm dynamic int8 GEMM"
     elif dev.type == "cpu" and kernels.available():
         kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes"
-        kernel += ("; AMX tiles from 16 rows)" if kernels.amx() and set(kinds) <= {"FP16Linear", "BF16Linear", "Int8Linear"} else ")")
+        kernel += ("; AMX tiles from 16 rows)" if kernels.amx() and set(kinds) <= {"FP16Linear", "BF16Linear", "Int8Linear", "Int4Linear"} else ")")
     else:
         kernel = "PyTorch kernels (no C++ kernel)"
     return f"{'+'.join(kinds)} on {dev.type}, {kernel}"
