@@ -584,20 +584,21 @@ static void run(Args a) {
     for (int64_t n = NB * nblocks; n < a.N; ++n) rows_block<KIND, 1>(a, n);
 }
 
-// Many rows of x on AMX (Sapphire Rapids and later): fp16 and bf16 weights as bf16 tile products,
+// Many rows of x on AMX (Sapphire Rapids and later): fp16, bf16 and int4 weights as bf16 tile products,
 // 16 x 16 x 32 multiply-adds per instruction where the float path does 16. The tiles compute
 // y^T = W x^T: A = 16 weight rows x 32 columns (bf16 weights straight from the matrix; fp16 weights
-// split exactly into two bf16 parts, w = w_hi + w_lo, in a scratch block), B = the same 32 columns of
+// split exactly into two bf16 parts, w = w_hi + w_lo, in a scratch block; int4 groups dequantized to
+// fp32 and split the same way), B = the same 32 columns of
 // 16 rows of x as pairs (AMX's layout), packed once per call with x split as x_hi + x_lo: 16
 // significant bits, as the int8 path rounds them. w_lo x_lo (< 2^-16 of a product) is left out; the
 // products are exact in fp32 and accumulate in fp32 tiles. Two blocks of 16 weight rows times two
 // blocks of 16 rows of x use all 8 tiles: A0 A1 B0 B1 and the four sums.
+constexpr int64_t AMX_MIN_M = 16;  // below, the float path (see wmm)
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
-
-constexpr int64_t AMX_MIN_M = 16;  // below, the float path (see wmm)
 
 // Linux gives a process the 8 KB tile state only when asked, once; NANOSEEK_AMX=0 keeps the float path
 static bool amx_enabled() {
@@ -887,6 +888,8 @@ static void run_amx_i8(Args a, int8_t* dh, int8_t* dl, float* xs, int64_t* sums)
 #endif
 #else
 #define HAVE_AMX 0
+#define HAVE_AMX_I8 0
+static bool amx_enabled() { return false; }
 #endif
 
 // x [M, K] fp32; w: F16/BF16 [N, K] 16-bit, I8 [N, K] int8, I4 [N, K/2] uint8, F32 [N, K];
@@ -910,8 +913,9 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
     bias_c = bias->to(at::kFloat).contiguous();
     a.bias = bias_c.data_ptr<float>();
   }
+  [[maybe_unused]] const bool amx_rows = M >= AMX_MIN_M && K % 32 == 0 && amx_enabled();  // on AMX tiles
 #if HAVE_AMX
-  if ((kind == F16 || kind == BF16) && M >= AMX_MIN_M && K % 32 == 0 && amx_enabled()) {
+  if (amx_rows && (kind == F16 || kind == BF16)) {
     kind == F16 ? run_amx<F16>(a) : run_amx<BF16>(a);
     return y;
   }
@@ -928,18 +932,14 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
 #if HAVE_I8_VNNI
       std::vector<int8_t> digits;
       std::vector<int64_t> sums;
-#if HAVE_AMX_I8
-      const bool amx_rows = M >= AMX_MIN_M && amx_enabled();
-#else
-      const bool amx_rows = false;
-#endif
+      const bool amx_i8 = HAVE_AMX_I8 && amx_rows;
       // a few rows (decode) on VNNI, 16 and more on AMX tiles; at 32 rows without AMX the int16 path was as fast
-      if (K <= I16_DOT_MAX_K && K % 64 == 0 && (M < 4 || amx_rows)) {
+      if (K <= I16_DOT_MAX_K && K % 64 == 0 && (M < 4 || amx_i8)) {
         digits.resize(2 * M * K);
         xs.resize(M);
         sums.resize(M);
 #if HAVE_AMX_I8
-        if (amx_rows) {
+        if (amx_i8) {
           run_amx_i8(a, digits.data(), digits.data() + M * K, xs.data(), sums.data());
           break;
         }
@@ -965,9 +965,11 @@ at::Tensor wmm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& sc
       a.qscale = scales.data_ptr<at::Half>();
       a.qmin = a.qscale + N * (K / 32);
 #if HAVE_AMX
-      if (M >= AMX_MIN_M && amx_enabled()) {  // dequantized to bf16 parts on the fly, as fp16 weights
-        xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();  // for the N % 32 rows' float path
-        a.xsum = xsum.data_ptr<float>();
+      if (amx_rows) {  // dequantized to bf16 parts on the fly, as fp16 weights
+        if (N % 32) {  // the N % 32 rows past the tiles' blocks take the float path, which needs these
+          xsum = x.view({M, K / 32, 32}).sum(-1).contiguous();
+          a.xsum = xsum.data_ptr<float>();
+        }
         run_amx<I4>(a);
         break;
       }
@@ -1148,7 +1150,7 @@ static void attend_heads(const float* q, const T* k, const T* v, const float* m,
       p[r * Sp + s] = hsum(d) * scale;
     }
   for (int64_t r = 0; r < R; ++r) softmax_masked(p + r * Sp, m, S);
-  constexpr int RN = C >= 16 ? 1 : 16 / C < 4 ? 16 / C : 4;
+  constexpr int RN = std::clamp(16 / C, 1, 4);
   int64_t r = 0;
   for (; r + RN <= R; r += RN) weigh_values<C, RN>(p + r * Sp, Sp, v, S, vs, out + r * C * W);
   for (; r < R; ++r) weigh_values<C, 1>(p + r * Sp, Sp, v, S, vs, out + r * C * W);
@@ -1456,13 +1458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& d
 }
 
 int64_t vector_width() { return W; }
-bool amx() {  // are batches of 16 rows and more multiplied on AMX tiles (fp16, bf16 weights)?
-#if HAVE_AMX
-  return amx_enabled();
-#else
-  return false;
-#endif
-}
+bool amx() { return amx_enabled(); }  // are 16 rows and more multiplied on AMX tiles (fp16, bf16, int8, int4)?
 
 TORCH_LIBRARY(nanoseek, m) {
   m.def("wmm(Tensor x, Tensor w, Tensor scales, Tensor? bias, int kind) -> Tensor");

@@ -178,6 +178,9 @@ def vector_width() -> int:
     return int(torch.ops.nanoseek.vector_width()) if available() else 0
 
 
+AMX_MIN_ROWS = 16  # kernels.cpp's AMX_MIN_M: from this many rows of x, AMX tiles (where amx())
+
+
 def amx() -> bool:
     """Does the kernel multiply fp16, bf16, int8 and int4 weights by 16 and more rows of x on AMX tiles (a CPU
     with AMX, built there, NANOSEEK_AMX not 0)? Decode at batch 1 reads weights with vector code either way."""

@@ -76,7 +76,7 @@ class FP16Linear(nn.Module):
     def forward(self, x):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if (self.packed is None or torch.compiler.is_compiling() or (len(x2) >= 16 and kernels.amx())) and _kernel_ok(x):
+        if (self.packed is None or torch.compiler.is_compiling() or (len(x2) >= kernels.AMX_MIN_ROWS and kernels.amx())) and _kernel_ok(x):
             # fbgemm's packed matrix is opaque to torch.compile: a compiled step reads the fp16 weights
             # with the C++ kernel, as does a batch of 16 rows or more on AMX
             return _linear_out(torch.ops.nanoseek.wmm(x2, self.weight_fp16, _EMPTY, self.bias, kernels.F16),
@@ -319,12 +319,13 @@ def describe(model: nn.Module, compiled: bool = False) -> str:
         return f"{model.dtype if hasattr(model, 'dtype') else 'float'} weights, PyTorch kernels on {dev.type}"
     if (kinds == ["FP16Linear"] and dev.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
             and not (compiled and kernels.available())):
-        kernel = "fbgemm fp16 GEMM" + ("; from 16 rows nanoseek C++ kernel on AMX tiles" if kernels.amx() else "")
+        kernel = "fbgemm fp16 GEMM" + (f"; from {kernels.AMX_MIN_ROWS} rows nanoseek C++ kernel on AMX tiles"
+                                       if kernels.amx() else "")
     elif kinds == ["W8A8Linear"] and dev.type == "cpu":
         kernel = "fbgemm dynamic int8 GEMM"
     elif dev.type == "cpu" and kernels.available():
         kernel = f"nanoseek C++ kernel ({torch.backends.cpu.get_cpu_capability()}, {kernels.vector_width()} lanes"
-        kernel += ("; AMX tiles from 16 rows)" if kernels.amx() and set(kinds) <= {"FP16Linear", "BF16Linear", "Int8Linear", "Int4Linear"} else ")")
+        kernel += f"; AMX tiles from {kernels.AMX_MIN_ROWS} rows)" if kernels.amx() and "W8A8Linear" not in kinds else ")"
     else:
         kernel = "PyTorch kernels (no C++ kernel)"
     return f"{'+'.join(kinds)} on {dev.type}, {kernel}"
