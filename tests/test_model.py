@@ -167,6 +167,41 @@ def test_moe_bf16_slices_padded_to_32_rows_change_nothing(monkeypatch):
     for got, ref, what in zip(*runs, ("output", "input grad", "gate_up grad", "down grad")):
         assert_close_scaled(got, ref, 1e-2, what)
 
+@pytest.mark.parametrize("with_rw", [True, False])
+def test_swiglu_backward_equals_autograd_of_the_formula(with_rw):
+    """SwiGLU's written-out backward (d[gate | up] in one tensor, silu kept from the forward) against
+    autograd of silu(gate) * up * rw in float64; and torch's own gradcheck."""
+    from nanoseek.model.moe import SwiGLU, swiglu
+    g = torch.Generator().manual_seed(0)
+    gu = torch.randn(7, 10, dtype=torch.float64, generator=g).requires_grad_()
+    rw = torch.rand(7, 1, dtype=torch.float64, generator=g).requires_grad_() if with_rw else None
+    dh = torch.randn(7, 5, dtype=torch.float64, generator=g)
+    got = torch.autograd.grad(SwiGLU.apply(gu, rw), [gu] + ([rw] if with_rw else []), dh)
+    gate, up = gu[:, :5], gu[:, 5:]
+    ref_y = gate * torch.sigmoid(gate) * up * (rw if with_rw else 1)
+    ref = torch.autograd.grad(ref_y, [gu] + ([rw] if with_rw else []), dh)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(SwiGLU.apply(gu, rw), swiglu(gu, rw), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (gu, rw))
+
+
+def test_sort_pairs_pads_each_expert_in_the_gather():
+    """3 tokens, top-2, 3 experts; pairs (token, expert) = (0,2) (0,0) (1,2) (2,2) (1,1) (2,0), so
+    counts [2, 1, 3]; padded to 2 rows: [2, 2, 4]. Rows by expert, in token order within an expert:
+    expert 0: pairs 1, 5 | expert 1: pair 4, pad | expert 2: pairs 0, 2, 3, pad."""
+    from nanoseek.model.moe import sort_pairs
+    flat = torch.tensor([2, 0, 2, 2, 1, 0])
+    counts = torch.bincount(flat, minlength=3)
+    token, slot, pair, rows = sort_pairs(flat, counts, k=2, pad=2)
+    assert rows.tolist() == [2, 2, 4]
+    assert pair.tolist() == [1, 5, 4, 6, 0, 2, 3, 6]
+    assert token.tolist() == [0, 2, 2, 2, 0, 1, 1, 2]  # padding rows (pair 6) read the last token
+    assert slot.tolist() == [4, 0, 5, 6, 2, 1]
+    token1, slot1, pair1, rows1 = sort_pairs(flat, counts, k=2)
+    assert rows1.tolist() == [2, 1, 3] and pair1.tolist() == [1, 5, 4, 0, 2, 3] and slot1.tolist() == [3, 0, 4, 5, 2, 1]
+
+
 def test_moe_grouped_path_falls_back_where_grouped_mm_does_not_apply(monkeypatch):
     """Hidden sizes whose rows are not 16-byte multiples: the loop runs, same numbers."""
     monkeypatch.setattr(MoE, "GROUPED", True)

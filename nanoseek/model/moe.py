@@ -14,13 +14,15 @@ softmax scores > 0 that picks the same experts as -inf, which is what we use eve
 Routed experts are stored stacked, as transformers 5 stores them (`Experts`: gate_up_proj [E, 2I, H],
 down_proj [E, H, I]); checkpoints keep the Hugging Face per-expert names (nanoseek/weights/hf.py).
 Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are one contiguous slice:
-  gather   rows = x[token] (`Gather`; its backward sums each token's k rows back: `gather_sum`)
+  gather   rows = x[token] (`Gather`; its backward sums each token's k rows back: `gather_sum`).
+           On CPU in bf16 / fp16 each expert's slice is padded to a multiple of 32 rows in this
+           gather (`sort_pairs`: oneDNN sets up every new GEMM shape, and routings change every
+           step); a padding row has routing weight 0, so it adds nothing either way.
   experts  two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then down) over all the
            slices, straight from the stacked weights; the gate weight multiplies the intermediate
-           activation (I wide) rather than the output (H wide): same product, less traffic.
-           On CPU in bf16 / fp16 each slice is padded with zero rows to a multiple of 32
-           (`pad_slices`: oneDNN sets up every new GEMM shape, and routings change every step).
-           `MoE.COMPILE = True` runs the SwiGLU between them through torch.compile (opt-in)
+           activation (I wide) rather than the output (H wide): same product, less traffic. The
+           SwiGLU between them has its backward written out (`SwiGLU`); `MoE.COMPILE = True` runs it
+           through torch.compile instead (opt-in)
   combine  shared experts' output + each token's k rows (`Combine`: `gather_sum`, an
            `F.embedding_bag` sum over the inverse order; its backward is a gather by token): no
            scatter-add either way
@@ -150,6 +152,39 @@ def swiglu(gu: torch.Tensor, rw: torch.Tensor | float | None = None) -> torch.Te
     return h if rw is None else h * rw
 
 
+class SwiGLU(torch.autograd.Function):
+    """`swiglu` with a backward written out: d[gate | up] lands in one tensor (autograd's would build
+    the two halves apart and `cat` them: 3 ms of a 115 ms step of the small preset in bf16), and
+    silu(gate) is kept from the forward, not recomputed. With s = silu(g), a = dh · rw:
+      d up = a · s,   d g = silu'(g) · a · up,   d rw = Σ_i dh · s · up (over the I columns)."""
+
+    @staticmethod
+    def forward(ctx, gu, rw):
+        gate, up = gu.chunk(2, dim=-1)
+        s = F.silu(gate)
+        ctx.save_for_backward(gu, s, rw)
+        h = s * up
+        return h if rw is None else h.mul_(rw)
+
+    @staticmethod
+    def backward(ctx, dh):
+        gu, s, rw = ctx.saved_tensors
+        gate, up = gu.chunk(2, dim=-1)
+        dgu = torch.empty_like(gu)
+        d_gate, d_up = dgu.chunk(2, dim=-1)
+        ds = dh * s
+        drw = None
+        if rw is None:
+            d_up.copy_(ds)
+        else:
+            torch.mul(ds, rw, out=d_up)
+            if ctx.needs_input_grad[1]:
+                drw = torch.linalg.vecdot(ds, up)[:, None]
+        a = dh * up if rw is None else (dh * up).mul_(rw)
+        torch.ops.aten.silu_backward.grad_input(a, gate, grad_input=d_gate)
+        return dgu, drw
+
+
 _COMPILED: dict = {}
 
 
@@ -171,6 +206,31 @@ def compiled_swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.T
 
 
 PAD_ROWS = 32
+
+
+def sort_pairs(flat: torch.Tensor, counts: torch.Tensor, k: int, pad: int = 1):
+    """The experts' rows: the N·k (token, expert) pairs (flat = indices.flatten()) sorted by expert,
+    each expert's slice padded to a multiple of `pad` rows (see pad_slices). Returns
+      token [rows]   the token each row reads (a padding row reads token N - 1: any real row will do,
+                     since its routing weight is 0, so it adds nothing forward or backward)
+      slot  [N·k]    the row of each pair (the inverse of the sort)
+      pair  [rows]   the pair each row holds; N·k for a padding row
+      rows per expert [E]
+    Padding here, in the gather, rather than after it (pad_slices) writes each row once."""
+    n_pairs = len(flat)
+    order = flat.argsort(stable=True)
+    if pad == 1:
+        dest, padded, rows = torch.arange(n_pairs, device=flat.device), counts, n_pairs
+    else:
+        padded = (counts + pad - 1) // pad * pad
+        expert = torch.repeat_interleave(torch.arange(len(counts), device=flat.device), counts)
+        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - start, per expert
+        dest = torch.arange(n_pairs, device=flat.device) + shift[expert]
+        rows = int(padded.sum())
+    pair = order if pad == 1 else order.new_full((rows,), n_pairs).index_copy_(0, dest, order)
+    token = (pair // k).clamp_max_(n_pairs // k - 1)
+    slot = torch.empty_like(order).scatter_(0, order, dest)
+    return token, slot, pair, padded
 
 
 def pad_slices(xs: torch.Tensor, rw: torch.Tensor | None, counts: torch.Tensor):
@@ -214,6 +274,10 @@ class Experts(nn.Module):
     def __len__(self) -> int:
         return self.gate_up_proj.shape[0]
 
+    def dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the experts compute x in: autocast's, else x's."""
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+
     def grouped_mm_applies(self, x: torch.Tensor) -> bool:
         """F.grouped_mm's conditions: a device where it has a kernel for the dtype (CPU: any float;
         CUDA: bf16) and 16-byte row strides."""
@@ -231,16 +295,19 @@ class Experts(nn.Module):
         the gate weight multiplies the intermediate activation (I wide) rather than the output (H wide):
         the same product, less traffic. `compiled`: the SwiGLU between the grouped GEMMs through
         torch.compile (`compiled_swiglu`)."""
-        dtype = torch.get_autocast_dtype(xs.device.type) if torch.is_autocast_enabled(xs.device.type) else xs.dtype
+        dtype = self.dtype_for(xs)
         w1, w2, xs = self.gate_up_proj.to(dtype), self.down_proj.to(dtype), xs.to(dtype)
         rw = None if rw is None else rw.to(dtype)
         if grouped:  # two grouped GEMMs over all the slices
             dest = None
-            if xs.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-                xs, rw, counts, dest = pad_slices(xs, rw, counts)
+            if xs.device.type == "cpu" and dtype.itemsize == 2 and bool((counts % PAD_ROWS).any()):
+                xs, rw, counts, dest = pad_slices(xs, rw, counts)  # MoE.dispatch pads in its gather
             offs = counts.cumsum(0).to(torch.int32)
             gu = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)
-            h = compiled_swiglu(gu, rw) if compiled else swiglu(gu, rw)
+            if compiled:
+                h = compiled_swiglu(gu, rw)
+            else:
+                h = SwiGLU.apply(gu, rw) if torch.is_grad_enabled() else swiglu(gu, rw)
             ys = F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
             return ys if dest is None else ys.index_select(0, dest)
         # each expert that got rows, once, on its slice; unbind: one stacked gradient, not E
@@ -320,11 +387,11 @@ class MoE(nn.Module):
         if len(x) == 1 and not grad and isinstance(self.experts, Experts):  # decode at batch 1
             y = self.experts.one_token(x, weights[0], indices[0])
             return (y if base is None else base + y), counts
-        order = flat.argsort(stable=True)
-        token = order // self.top_k
-        inv = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-        rw = weights.flatten()[order, None]
-        xs = Gather.apply(x, token, inv, self.top_k) if grad else x.index_select(0, token)
-        ys = self.experts(xs, counts, rw, self.use_grouped(x), self.COMPILE).to(x.dtype)
-        y = Combine.apply(ys, base, inv, token, self.top_k) if grad else gather_sum(ys, inv, self.top_k, base)
+        grouped = self.use_grouped(x)
+        pad = PAD_ROWS if grouped and x.device.type == "cpu" and self.experts.dtype_for(x).itemsize == 2 else 1
+        token, slot, pair, rows_per_expert = sort_pairs(flat, counts, self.top_k, pad)
+        rw = F.pad(weights.flatten(), (0, 1))[pair, None]  # padding rows (pair = N·k) get weight 0
+        xs = Gather.apply(x, token, slot, self.top_k) if grad else x.index_select(0, token)
+        ys = self.experts(xs, rows_per_expert, rw, grouped, self.COMPILE).to(x.dtype)
+        y = Combine.apply(ys, base, slot, token, self.top_k) if grad else gather_sum(ys, slot, self.top_k, base)
         return y, counts.detach()
