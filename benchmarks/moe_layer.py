@@ -13,9 +13,14 @@ routing as in training):
                the MoE's active FFN parameters (the gate's E x H aside)
   hf_eager / hf_grouped_mm   transformers' DeepseekV3MoE on the same config and weights, with its
                per-expert loop and with its grouped_mm experts implementation
+  gemms_alone  the MoE block's matrix products alone (gate, shared expert, grouped GEMMs, each with
+               its two gradient products) at the shapes of one call: a floor for the block with
+               these GEMM kernels, everything else (routing, gather, SwiGLU, combine) left out;
+               dense_gemms_alone: the same for the dense block
 in fp32, and in bf16 when the CPU has native bf16 (AVX512_BF16 or AMX, read from /proc/cpuinfo).
 The systems run in interleaved rounds in one process (the machine is shared and noisy, so each
-round sees the same load); a figure is the best round's median. With 1 thread the clock is the
+round sees the same load); a figure is the best round's median. glibc's malloc keeps freed blocks,
+as the training commands have it (train.run.keep_freed_memory). With 1 thread the clock is the
 thread's CPU time (time.thread_time: all the work runs on the calling thread, and time spent
 descheduled by other jobs on a shared machine is left out); with more threads, wall time.
 
@@ -54,6 +59,7 @@ from nanoseek.model import moe as moe_module  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.train.objective import load_stats, update_bias  # noqa: E402
+from nanoseek.train.run import keep_freed_memory  # noqa: E402
 
 
 def cpu_bf16() -> tuple[str, list[str]]:
@@ -170,6 +176,7 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
     err = None if ref is None else float((got - ref).abs().max() / ref.abs().max().clamp_min(1.0))
     err_c = None if ref is None else float((got_c - ref).abs().max() / ref.abs().max().clamp_min(1.0))
     t = rounds(fns, repeats, n_rounds)
+    t["gemms_alone"], t["dense_gemms_alone"] = gemm_floor(cfg, dtype, tokens, load, repeats, n_rounds)
     res = {"preset": name, "dtype": str(dtype).removeprefix("torch."), "tokens": tokens,
            "ms": {n: round(v * 1e3, 2) for n, v in t.items()},
            "ratio_vs_dense": {n: round(v / t["dense"], 3) for n, v in t.items()},
@@ -177,6 +184,42 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
            "first_compiled_call_s": round(compile_s, 2), "load_max_mean": round(float(load.max() / load.mean()), 3)}
     print(f"  {name} {res['dtype']}: {res['ms']}", file=sys.stderr, flush=True)
     return res
+
+
+def gemm_floor(cfg, dtype: torch.dtype, tokens: int, load: torch.Tensor, repeats: int,
+               n_rounds: int) -> tuple[float, float]:
+    """Seconds for the MoE block's matrix products alone, forward and backward (each product and its
+    two gradient products), on random operands of the shapes one call of the block has with this
+    routing (`load`, padded as MoE.dispatch pads): the gate, the shared expert, the two grouped
+    GEMMs. Everything else the block does (routing, gather, SwiGLU, combine) left out: a floor for
+    the block with these GEMM kernels. Then the same for the dense block's products."""
+    import torch.nn.functional as F
+    H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
+    pad = moe_module.PAD_ROWS if dtype.itemsize == 2 else 1
+    counts = (load.long() + pad - 1) // pad * pad
+    offs, rows = counts.cumsum(0).to(torch.int32), int(counts.sum())
+    g = torch.Generator().manual_seed(5)
+    r = lambda *shape, dt=dtype: torch.randn(*shape, dtype=dt, generator=g)  # noqa: E731
+    x, xs, gu, h, ys = r(tokens, H), r(rows, H), r(rows, 2 * I), r(rows, I), r(rows, H)
+    w1, w2 = r(E, 2 * I, H), r(E, H, I)
+    Is = I * cfg.n_shared_experts
+    wg, wd, hs, xf, wr, lg = r(Is, H), r(H, Is), r(tokens, Is), r(tokens, H, dt=torch.float32), \
+        r(E, H, dt=torch.float32), r(tokens, E, dt=torch.float32)
+    products = [
+        lambda: F.grouped_mm(xs, w1.transpose(1, 2), offs=offs), lambda: F.grouped_mm(gu, w1, offs=offs),
+        lambda: F.grouped_mm(gu.t(), xs, offs=offs),                      # gate_up: y, dx, dW
+        lambda: F.grouped_mm(h, w2.transpose(1, 2), offs=offs), lambda: F.grouped_mm(ys, w2, offs=offs),
+        lambda: F.grouped_mm(ys.t(), h, offs=offs),                       # down
+        lambda: x @ wg.t(), lambda: x @ wg.t(), lambda: hs @ wg, lambda: hs @ wg, lambda: hs.t() @ x,
+        lambda: hs.t() @ x,                                               # shared gate and up
+        lambda: hs @ wd.t(), lambda: x @ wd, lambda: x.t() @ hs,          # shared down
+        lambda: xf @ wr.t(), lambda: lg @ wr, lambda: lg.t() @ xf]        # the gate, in fp32
+    Id = I * (cfg.num_experts_per_tok + cfg.n_shared_experts)                # the dense block's
+    wdg, wdd, hd = r(Id, H), r(H, Id), r(tokens, Id)
+    dense = [lambda: x @ wdg.t(), lambda: x @ wdg.t(), lambda: hd @ wdg, lambda: hd @ wdg, lambda: hd.t() @ x,
+             lambda: hd.t() @ x, lambda: hd @ wdd.t(), lambda: x @ wdd, lambda: x.t() @ hd]
+    t = rounds({"moe": lambda: [f() for f in products], "dense": lambda: [f() for f in dense]}, repeats, n_rounds)
+    return t["moe"], t["dense"]
 
 
 def decode_models():
@@ -258,12 +301,13 @@ def main() -> None:
         if name not in ("tiny", "small"):
             p.error(f"--presets: {name!r} is not one of tiny, small")
     torch.set_num_threads(a.threads)
+    freed = keep_freed_memory()  # as the training commands run (nanoseek/train/run.py)
     cap, bf16_flags = cpu_bf16()
     bounds = measure_cpu()
     print(f"CPU capability {cap}; native bf16: {', '.join(bf16_flags) or 'no'}; {a.threads} thread(s) "
           f"({'thread CPU time' if a.threads == 1 else 'wall time'}); "
           f"matmul fp32 {bounds['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {bounds['bf16_flops'] / 1e9:.0f} GFLOP/s; "
-          f"copy {bounds['bandwidth_gbs']:.1f} GB/s", file=sys.stderr)
+          f"copy {bounds['bandwidth_gbs']:.1f} GB/s; malloc keeps freed blocks: {freed}", file=sys.stderr)
     dtypes = [torch.float32] + ([torch.bfloat16] if bf16_flags else [])
     layers = [layer(n, dt, a.tokens, 5 if n == "tiny" else 2, a.rounds) for n in a.presets for dt in dtypes]
     decodes = [decode(b, a.context, 20, a.rounds) for b in (1, 32)]
@@ -271,7 +315,8 @@ def main() -> None:
 
     print(f"\nMoE layer, forward + backward on {a.tokens} tokens, ms (ratio to the dense SwiGLU of the same "
           f"active size); CPU {cap}, native bf16 {'/'.join(bf16_flags) or 'no'}, {a.threads} thread(s)\n")
-    cols = ["ours", "ours_compiled", "ours_loop", "dense", "hf_eager", "hf_grouped_mm"]
+    cols = ["ours", "ours_compiled", "ours_loop", "dense", "hf_eager", "hf_grouped_mm", "gemms_alone",
+            "dense_gemms_alone"]
     print("| preset | dtype | " + " | ".join(cols) + " | expert load max/mean |")
     print("|---|---|" + "---:|" * (len(cols) + 1))
     for r in layers:

@@ -20,9 +20,8 @@ Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are on
            step); a padding row has routing weight 0, so it adds nothing either way.
   experts  two grouped GEMMs (`F.grouped_mm`: [gate; up] of every expert, then down) over all the
            slices, straight from the stacked weights; the gate weight multiplies the intermediate
-           activation (I wide) rather than the output (H wide): same product, less traffic. The
-           SwiGLU between them has its backward written out (`SwiGLU`); `MoE.COMPILE = True` runs it
-           through torch.compile instead (opt-in)
+           activation (I wide) rather than the output (H wide): same product, less traffic.
+           `MoE.COMPILE = True` runs the SwiGLU between them through torch.compile (opt-in)
   combine  shared experts' output + each token's k rows (`Combine`: `gather_sum`, an
            `F.embedding_bag` sum over the inverse order; its backward is a gather by token): no
            scatter-add either way
@@ -152,39 +151,6 @@ def swiglu(gu: torch.Tensor, rw: torch.Tensor | float | None = None) -> torch.Te
     return h if rw is None else h * rw
 
 
-class SwiGLU(torch.autograd.Function):
-    """`swiglu` with a backward written out: d[gate | up] lands in one tensor (autograd's would build
-    the two halves apart and `cat` them: 3 ms of a 115 ms step of the small preset in bf16), and
-    silu(gate) is kept from the forward, not recomputed. With s = silu(g), a = dh · rw:
-      d up = a · s,   d g = silu'(g) · a · up,   d rw = Σ_i dh · s · up (over the I columns)."""
-
-    @staticmethod
-    def forward(ctx, gu, rw):
-        gate, up = gu.chunk(2, dim=-1)
-        s = F.silu(gate)
-        ctx.save_for_backward(gu, s, rw)
-        h = s * up
-        return h if rw is None else h.mul_(rw)
-
-    @staticmethod
-    def backward(ctx, dh):
-        gu, s, rw = ctx.saved_tensors
-        gate, up = gu.chunk(2, dim=-1)
-        dgu = torch.empty_like(gu)
-        d_gate, d_up = dgu.chunk(2, dim=-1)
-        ds = dh * s
-        drw = None
-        if rw is None:
-            d_up.copy_(ds)
-        else:
-            torch.mul(ds, rw, out=d_up)
-            if ctx.needs_input_grad[1]:
-                drw = torch.linalg.vecdot(ds, up)[:, None]
-        a = dh * up if rw is None else (dh * up).mul_(rw)
-        torch.ops.aten.silu_backward.grad_input(a, gate, grad_input=d_gate)
-        return dgu, drw
-
-
 _COMPILED: dict = {}
 
 
@@ -304,10 +270,7 @@ class Experts(nn.Module):
                 xs, rw, counts, dest = pad_slices(xs, rw, counts)  # MoE.dispatch pads in its gather
             offs = counts.cumsum(0).to(torch.int32)
             gu = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)
-            if compiled:
-                h = compiled_swiglu(gu, rw)
-            else:
-                h = SwiGLU.apply(gu, rw) if torch.is_grad_enabled() else swiglu(gu, rw)
+            h = compiled_swiglu(gu, rw) if compiled else swiglu(gu, rw)
             ys = F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
             return ys if dest is None else ys.index_select(0, dest)
         # each expert that got rows, once, on its slice; unbind: one stacked gradient, not E
