@@ -37,6 +37,22 @@ from .errors import NanoseekError
 STAGES = ("cold-start", "reasoning", "rejection", "final-rl", "distill", "eval", "report")
 
 
+def cpu_description() -> str:
+    """The CPU a run's figures came from, e.g. 'Intel(R) Xeon(R) Processor, 2 cores, torch AVX512,
+    avx512_bf16 amx_bf16': float rounding, and so a trained model, can differ between hosts."""
+    import torch
+    name, flags = platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
+        name = info.get("model name", name).strip()
+        flags = [x for x in ("avx512_bf16", "amx_bf16") if x in info.get("flags", "").split()]
+    except OSError:
+        pass
+    return ", ".join([name, f"{os.cpu_count()} cores", f"torch {torch.backends.cpu.get_cpu_capability()}"]
+                     + ([" ".join(flags)] if flags else []))
+
+
 class Stages:
     """A run directory of named stages: each finished stage leaves a `.NAME.done` marker (atomic) and
     its timing in summary.json, so a resumed run skips it. Shared by `speedrun` and `pipeline`."""
@@ -56,7 +72,8 @@ class Stages:
         p = self.root / "summary.json"
         self.summary = json.loads(p.read_text()) if p.is_file() else {}
         self.summary.setdefault("machine", {"platform": platform.platform(), "python": platform.python_version(),
-                                            "processor": platform.processor() or platform.machine()})
+                                            "processor": platform.processor() or platform.machine(),
+                                            "cpu": cpu_description()})
         self.summary.setdefault("stage_s", {})
         for marker in sorted(self.root.glob(".*.done")):   # finished, but stopped before summary.json took note
             if marker.name[1:-len(".done")] not in self.summary["stage_s"]:

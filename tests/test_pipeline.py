@@ -4,6 +4,7 @@ and resumes; the whole speedrun wiring on a smoke preset, killed in the middle a
 import json
 
 import pytest
+import torch
 
 from nanoseek.errors import NanoseekError
 from nanoseek.pipeline import Stages, _startable
@@ -24,6 +25,8 @@ def test_stages_skip_finished_and_rerun_interrupted(tmp_path):
     assert calls == ["a", "b"]
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["a.x"] == 1 and summary["b.y"] == 2 and set(summary["stage_s"]) == {"a", "b"}
+    # the host the figures came from: its torch CPU capability at least (model name where /proc has it)
+    assert f"torch {torch.backends.cpu.get_cpu_capability()}" in summary["machine"]["cpu"]
 
 
 def test_a_solo_stage_runs_alone_and_is_not_starved():
