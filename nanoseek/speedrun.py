@@ -268,7 +268,10 @@ def _export_stage(run: Stages, p: dict, seed: int) -> dict:
     from .args import Parser
     from .config import load_config
     from .infer import Engine, SamplingParams
+    from .data.rewards import parse_response
+    from .data.tasks.math_answer import answers_equal
     from .infer.reasoning import opens_reasoning, split_reasoning
+    from .tokenizer import THINK
     from .weights import load
     root = run.root
     cli = Parser(prog="nanoseek")   # the same code paths as `nanoseek export` and `nanoseek cost`
@@ -286,12 +289,17 @@ def _export_stage(run: Stages, p: dict, seed: int) -> dict:
             args.func(args)
     # R1 in conversation, prompted through its own chat template as `nanoseek chat` and the server do
     model, tok = load(r1_final(run, p))
-    question = "Question: 487 + 356 = ?"
+    question, expected = "Question: 487 + 356 = ?", str(487 + 356)
     prompt, ids = tok.encode_chat([{"role": "user", "content": question}])
     text = Engine(model, tok, max_batch_size=1).generate(
         [ids], SamplingParams(max_tokens=p["max_tokens"], temperature=0))[0].text
     reasoning, answer = split_reasoning(text, started_in_reasoning=opens_reasoning(prompt))
-    write_json(root / "chat.json", {"model": "R1", "prompt": question, "reasoning": reasoning, "answer": answer})
+    # checked as the rewards and the eval check (the answer inside <answer></answer>), so the card
+    # says whether the sample is right rather than leaving the reader to add it up
+    completion = text if opens_reasoning(prompt) else text.split(THINK, 1)[-1]
+    correct = answers_equal(parse_response(completion).answer, expected)
+    write_json(root / "chat.json", {"model": "R1", "prompt": question, "reasoning": reasoning, "answer": answer,
+                                    "expected": expected, "correct": correct})
     args = cli.parse_args(["cost", "--json"])   # DeepSeek-V3's bill, the default
     (root / "cost.json").write_text(json.dumps(cost.build_report(args, load_config(args.model)), indent=2) + "\n")
     # which runtime loads which: *-hf in transformers, vLLM, SGLang and nanoseek; *-gguf in llama.cpp

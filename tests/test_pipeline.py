@@ -93,6 +93,9 @@ def test_speedrun_smoke_killed_and_resumed_writes_the_report(tmp_path, monkeypat
     assert (out / "export" / "rl-hf" / "config.json").is_file()
     assert list((out / "export" / "student-gguf").glob("*.gguf"))
     assert list((out / "export" / "rl-gguf").glob("*.gguf"))  # the MoE model, as llama.cpp's deepseek2
+    chat = json.loads((out / "chat.json").read_text())    # the sample chat, checked like the eval
+    assert chat["expected"] == "843" and isinstance(chat["correct"], bool)
+    assert f"**{'right' if chat['correct'] else 'wrong'}**; the answer is 843." in report
     assert summary["total_s"] > 0
     served_export_chats_in_its_training_format(out / "export" / "rl-hf")
 

@@ -64,7 +64,8 @@ def full_run(tmp_path):
     (run / "cost.json").write_text(json.dumps(cost_json("--model", "tiny", "--tokens", "2M", "--gpu", "h100")))
     (run / "chat.json").write_text(json.dumps({"prompt": "Question: 23 + 48 = ?",
                                                "reasoning": "3 + 8 = 11, write 1 carry 1; 2 + 4 + 1 = 7 <b>```",
-                                               "answer": "71"}))
+                                               "answer": "<answer> 71 </answer>", "expected": "71",
+                                               "correct": True}))
     (run / "summary.json").write_text(json.dumps({"machine": {"cpu_cores": 2}, "torch": "2.13.0",
                                                   "timings": {"pretrain_s": 125.0}}))
     return run
@@ -161,6 +162,7 @@ def test_full_report(full_run):
     assert "3 + 8 = 11" in details and "<summary>" in details
     assert "````text\n3 + 8" in details  # fence longer than the ``` inside the reasoning
     assert "71" in chat.split("</details>")[1]
+    assert "**right**; the answer is 71." in chat  # the export stage's check, shown under the answer
 
     # summary.json key/values
     run_rows = {r[0]: r[1] for r in table_rows(sec["Run"])}

@@ -14,7 +14,8 @@ Reads whatever exists of the run-directory layout (every stage writes its own pa
   distill/metrics.jsonl    SFT loss;  distill/dataset_stats.json {"generated", "kept", "keep_rate"}
   eval.json                {"rows": [{"model", "task", "pass@1", "maj@k", "greedy", ...}]}  -> table + bars
   cost.json                `nanoseek cost --json` output (one, a list, or {name: output})  -> tables + bars
-  chat.json                {"prompt", "reasoning", "answer"}: reasoning folded in <details>
+  chat.json                {"prompt", "reasoning", "answer", "expected", "correct"}: reasoning folded in
+                           <details>, the check of the answer under it
   summary.json             anything else (timings per stage, machine, versions) -> a key/value table
 A missing part gives a section that says "not run"; a torn last JSONL line (a killed run) is skipped.
 Noisy curves are drawn smoothed (bias-corrected EMA) over the faint raw curve. Every file is
@@ -498,6 +499,9 @@ def chat_section(run: Path) -> list[str]:
         out.append(f"<details>\n<summary>Reasoning ({len(reasoning):,} characters, click to show)</summary>\n\n"
                    + fenced(reasoning) + "\n\n</details>")
     out.append("**Assistant**\n\n" + fenced(str(chat.get("answer", ""))))
+    if isinstance(chat.get("correct"), bool):
+        out.append(f"Checked as the eval checks (the answer inside `<answer>`): **{'right' if chat['correct'] else 'wrong'}**"
+                   + (f"; the answer is {chat['expected']}" if chat.get("expected") is not None else "") + ".")
     return out
 
 
