@@ -195,9 +195,9 @@ def gemm_floor(cfg, dtype: torch.dtype, tokens: int, load: torch.Tensor, repeats
     the block with these GEMM kernels. Then the same for the dense block's products."""
     import torch.nn.functional as F
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
-    pad = moe_module.PAD_ROWS if dtype.itemsize == 2 else 1
-    counts = (load.long() + pad - 1) // pad * pad
-    offs, rows = counts.cumsum(0).to(torch.int32), int(counts.sum())
+    _, counts, rows = moe_module.padded_layout(load.long(), int(load.sum()),
+                                               moe_module.PAD_ROWS if dtype.itemsize == 2 else 1)
+    offs = counts.cumsum(0).to(torch.int32)
     g = torch.Generator().manual_seed(5)
     r = lambda *shape, dt=dtype: torch.randn(*shape, dtype=dt, generator=g)  # noqa: E731
     x, xs, gu, h, ys = r(tokens, H), r(rows, H), r(rows, 2 * I), r(rows, I), r(rows, H)

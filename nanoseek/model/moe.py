@@ -174,9 +174,20 @@ def compiled_swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.T
 PAD_ROWS = 32
 
 
+def padded_layout(counts: torch.Tensor, n: int, pad: int):
+    """Where the n rows sorted by expert (counts[e] rows each) go when each expert's slice is padded to
+    a multiple of `pad` rows: (dest [n]: each row's new position, padded counts [E], total rows)."""
+    if pad == 1:
+        return torch.arange(n, device=counts.device), counts, n
+    padded = (counts + pad - 1) // pad * pad
+    expert = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - start, per expert
+    return torch.arange(n, device=counts.device) + shift[expert], padded, int(padded.sum())
+
+
 def sort_pairs(flat: torch.Tensor, counts: torch.Tensor, k: int, pad: int = 1):
     """The experts' rows: the N·k (token, expert) pairs (flat = indices.flatten()) sorted by expert,
-    each expert's slice padded to a multiple of `pad` rows (see pad_slices). Returns
+    each expert's slice padded to a multiple of `pad` rows (padded_layout). Returns
       token [rows]   the token each row reads (a padding row reads token N - 1: any real row will do,
                      since its routing weight is 0, so it adds nothing forward or backward)
       slot  [N·k]    the row of each pair (the inverse of the sort)
@@ -185,14 +196,7 @@ def sort_pairs(flat: torch.Tensor, counts: torch.Tensor, k: int, pad: int = 1):
     Padding here, in the gather, rather than after it (pad_slices) writes each row once."""
     n_pairs = len(flat)
     order = flat.argsort(stable=True)
-    if pad == 1:
-        dest, padded, rows = torch.arange(n_pairs, device=flat.device), counts, n_pairs
-    else:
-        padded = (counts + pad - 1) // pad * pad
-        expert = torch.repeat_interleave(torch.arange(len(counts), device=flat.device), counts)
-        shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - start, per expert
-        dest = torch.arange(n_pairs, device=flat.device) + shift[expert]
-        rows = int(padded.sum())
+    dest, padded, rows = padded_layout(counts, n_pairs, pad)
     pair = order if pad == 1 else order.new_full((rows,), n_pairs).index_copy_(0, dest, order)
     token = (pair // k).clamp_max_(n_pairs // k - 1)
     slot = torch.empty_like(order).scatter_(0, order, dest)
@@ -205,11 +209,7 @@ def pad_slices(xs: torch.Tensor, rw: torch.Tensor | None, counts: torch.Tensor):
     every new bf16 GEMM shape anew: 512 x 512 x 256 took 1.35 ms at a fresh row count against 0.19 ms
     at a repeated one (AMX Xeon, 2026-12-06), and an expert's row count changes at every step;
     padded, the shapes repeat. Zero rows (and their zero routing weights) add nothing to any gradient."""
-    padded = (counts + PAD_ROWS - 1) // PAD_ROWS * PAD_ROWS
-    expert = torch.repeat_interleave(torch.arange(len(counts), device=xs.device), counts)
-    shift = (padded.cumsum(0) - padded) - (counts.cumsum(0) - counts)  # padded start - start, per expert
-    dest = torch.arange(len(xs), device=xs.device) + shift[expert]
-    rows = int(padded.sum())
+    dest, padded, rows = padded_layout(counts, len(xs), PAD_ROWS)
     xp = xs.new_zeros(rows, xs.shape[1]).index_copy(0, dest, xs)
     rp = None if rw is None else rw.new_zeros(rows, rw.shape[1]).index_copy(0, dest, rw)
     return xp, rp, padded, dest
@@ -244,6 +244,11 @@ class Experts(nn.Module):
         """The dtype the experts compute x in: autocast's, else x's."""
         return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
 
+    def pad_rows(self, x: torch.Tensor) -> int:
+        """Rows each expert's slice is padded to a multiple of for the grouped GEMMs: PAD_ROWS in 16-bit
+        on CPU (oneDNN's per-shape setup, pad_slices), else 1."""
+        return PAD_ROWS if x.device.type == "cpu" and self.dtype_for(x).itemsize == 2 else 1
+
     def grouped_mm_applies(self, x: torch.Tensor) -> bool:
         """F.grouped_mm's conditions: a device where it has a kernel for the dtype (CPU: any float;
         CUDA: bf16) and 16-byte row strides."""
@@ -266,7 +271,7 @@ class Experts(nn.Module):
         rw = None if rw is None else rw.to(dtype)
         if grouped:  # two grouped GEMMs over all the slices
             dest = None
-            if xs.device.type == "cpu" and dtype.itemsize == 2 and bool((counts % PAD_ROWS).any()):
+            if self.pad_rows(xs) > 1 and bool((counts % PAD_ROWS).any()):
                 xs, rw, counts, dest = pad_slices(xs, rw, counts)  # MoE.dispatch pads in its gather
             offs = counts.cumsum(0).to(torch.int32)
             gu = F.grouped_mm(xs, w1.transpose(1, 2), offs=offs)
@@ -351,7 +356,7 @@ class MoE(nn.Module):
             y = self.experts.one_token(x, weights[0], indices[0])
             return (y if base is None else base + y), counts
         grouped = self.use_grouped(x)
-        pad = PAD_ROWS if grouped and x.device.type == "cpu" and self.experts.dtype_for(x).itemsize == 2 else 1
+        pad = self.experts.pad_rows(x) if grouped else 1
         token, slot, pair, rows_per_expert = sort_pairs(flat, counts, self.top_k, pad)
         rw = F.pad(weights.flatten(), (0, 1))[pair, None]  # padding rows (pair = N·k) get weight 0
         xs = Gather.apply(x, token, slot, self.top_k) if grad else x.index_select(0, token)
