@@ -182,8 +182,9 @@ def worker(kind: str, spec: dict, passive: bool | None) -> dict:
 
 def machine_info() -> dict:
     import torch
-    name = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), []))
+    from nanoseek.cost import cpu_info
+    name, flags = cpu_info()
+    name = name or "?"
     info = {"cpu": name, "cores": os.cpu_count(), "capability": torch.backends.cpu.get_cpu_capability(),
             "flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]}
     x = torch.ones(2**27)  # 537 MB of fp32

@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
 from nanoseek.config import preset  # noqa: E402
-from nanoseek.cost import measure_cpu  # noqa: E402
+from nanoseek.cost import cpu_info, measure_cpu  # noqa: E402
 from nanoseek.model.cache import KVCache  # noqa: E402
 from nanoseek.model import moe as moe_module  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
@@ -64,10 +64,7 @@ from nanoseek.train.run import keep_freed_memory  # noqa: E402
 
 def cpu_bf16() -> tuple[str, list[str]]:
     """torch's CPU capability and the native bf16 flags of this CPU."""
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
-    except OSError:
-        flags = []
+    flags = cpu_info()[1]
     return torch.backends.cpu.get_cpu_capability(), [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
 
 

@@ -289,6 +289,16 @@ def serving_cost(cfg: ModelConfig, gpu: str | GPU = "h800", context: int = 32768
 _CPU: dict | None = None
 
 
+def cpu_info() -> tuple[str, set[str]]:
+    """This CPU's model name and flags from /proc/cpuinfo ("" and no flags where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
+    except OSError:
+        return "", set()
+    return info.get("model name", "").strip(), set(info.get("flags", "").split())
+
+
 def measure_cpu(seconds: float = 0.2) -> dict:
     """Achieved matmul FLOP/s on this CPU (fp32 and bf16, the faster is used) and copy bandwidth.
 

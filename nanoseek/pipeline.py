@@ -41,15 +41,11 @@ def cpu_description() -> str:
     """The CPU a run's figures came from, e.g. 'Intel(R) Xeon(R) Processor, 2 cores, torch AVX512,
     avx512_bf16 amx_bf16': float rounding, and so a trained model, can differ between hosts."""
     import torch
-    name, flags = platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = {k.strip(): v for k, v in (line.split(":", 1) for line in f if ":" in line)}
-        name = info.get("model name", name).strip()
-        flags = [x for x in ("avx512_bf16", "amx_bf16") if x in info.get("flags", "").split()]
-    except OSError:
-        pass
-    return ", ".join([name, f"{os.cpu_count()} cores", f"torch {torch.backends.cpu.get_cpu_capability()}"]
+    from .cost import cpu_info
+    name, all_flags = cpu_info()
+    flags = [x for x in ("avx512_bf16", "amx_bf16") if x in all_flags]
+    return ", ".join([name or platform.machine(), f"{os.cpu_count()} cores",
+                      f"torch {torch.backends.cpu.get_cpu_capability()}"]
                      + ([" ".join(flags)] if flags else []))
 
 
