@@ -6,6 +6,7 @@ in its own process with its own best settings, against this machine's memory-ban
     .venv/bin/python benchmarks/decode.py --modes int8,int4  # those modes and their llama.cpp twins only
     .venv/bin/python benchmarks/decode.py --profile int8   # top ops of one batch-1 decode step
     .venv/bin/python benchmarks/decode.py --profile int8 --compile on   # ... of a compiled step
+    .venv/bin/python benchmarks/decode.py --isa avx2       # both sides capped at AVX2 (an AVX2 machine's code paths)
 
 What runs (every measurement is a subprocess of this script; rounds alternate the sides):
   llama.cpp   its own binaries llama-bench (batch 1: -p 0 -n 64 -d <chat prompt length>, best of
@@ -34,6 +35,11 @@ tied token_embd is read once, as the output head; an embedding row and the KV ca
 negligible and not counted); for nanoseek, the tensors of every linear layer incl. lm_head in
 the format its kernel reads (quantized modules: their buffers; the embedding row and norms not
 counted).
+--isa avx2 runs both sides as an AVX2-only machine would, on this one: llama.cpp built without
+GGML_NATIVE, with AVX2 / FMA / F16C and no AVX-512 (a separate build dir), and every nanoseek and
+transformers process with ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2,
+MKL_ENABLE_INSTRUCTIONS=AVX2 and NANOSEEK_KERNEL_MARCH=haswell (nanoseek's C++ kernels built for
+Haswell). Not capped: fbgemm (its own CPU dispatch), the host's memory and clock.
 Prints the table, then one JSON line of everything. The machine is shared and noisy: only
 ratios within one run mean anything.
 """
@@ -59,6 +65,13 @@ CHAT = "<|im_start|>user\nWrite a short story about a robot who learns to paint.
 LONG = "The history of computing is long, and it is full of people, machines and ideas. " * 40
 NPP = 128  # prompt tokens per sequence for the batched runs (both sides)
 FORMATS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+# --isa avx2: what each side is told so that it runs the code an AVX2-only machine would
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "NANOSEEK_KERNEL_MARCH": "haswell"}
+AVX2_CMAKE = ["-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON",
+              "-DGGML_BMI2=ON", "-DGGML_AVX512=OFF", "-DGGML_AVX512_VBMI=OFF", "-DGGML_AVX512_VNNI=OFF",
+              "-DGGML_AVX512_BF16=OFF", "-DGGML_AVX_VNNI=OFF", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF",
+              "-DGGML_AMX_BF16=OFF"]
 
 
 def log(*a):
@@ -66,10 +79,11 @@ def log(*a):
 
 
 # ------------------------------------------------------------------------------ llama.cpp build
-def llama_bins() -> dict[str, Path] | None:
-    """llama-bench, llama-batched-bench and llama-quantize, built once from the sdist's llama.cpp."""
+def llama_bins(isa: str = "native") -> dict[str, Path] | None:
+    """llama-bench, llama-batched-bench and llama-quantize, built once from the sdist's llama.cpp
+    (isa "native": -DGGML_NATIVE=ON; "avx2": AVX2_CMAKE, in its own build dir)."""
     version = importlib.metadata.version("llama-cpp-python")
-    build = CACHE / f"build-{version}"
+    build = CACHE / (f"build-{version}" if isa == "native" else f"build-{version}-{isa}")
     names = ("llama-bench", "llama-batched-bench", "llama-quantize")
     bins = {n: build / "bin" / n for n in names}
     if all(p.exists() for p in bins.values()):
@@ -81,7 +95,8 @@ def llama_bins() -> dict[str, Path] | None:
     if not sdist.exists():
         steps.append([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps",
                       f"llama-cpp-python=={version}", "-d", str(CACHE)])
-    steps += [["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON",
+    steps += [["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+               *(["-DGGML_NATIVE=ON"] if isa == "native" else AVX2_CMAKE),
                "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DBUILD_SHARED_LIBS=OFF"],
               ["cmake", "--build", str(build), "-j", str(os.cpu_count()), "--target", *names]]
     log(f"building llama.cpp {version} (once, ~10 min on 2 cores) into {build}; log: {CACHE / 'build.log'}")
@@ -357,9 +372,9 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
     import nanoseek
     from nanoseek.cli import example_model
     res = {"date": time.strftime("%Y-%m-%d %H:%M"), "tokens_b1": n, "tokens_batched": nb, "rounds": rounds,
-           "machine": worker("machine", {}, False)}
+           "isa": args.isa, "machine": worker("machine", {}, False)}
     log("machine:", json.dumps(res["machine"]))
-    bins = llama_bins()
+    bins = llama_bins(args.isa)
     files = ggufs(bins) if bins else {}
     res["gguf_bytes"] = {f: gguf_bytes(p) for f, p in files.items()}
     passive, res["omp_probe"] = probe_policy(n, nb, reps)
@@ -398,7 +413,9 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
 def report(res: dict) -> None:
     m = res["machine"]
     bw = max(m["bandwidth_GBs_1t"], m["bandwidth_GBs_2t"]) * 1e9  # on a shared machine 1 thread can read faster
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, flags {' '.join(m['flags'])}")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, flags {' '.join(m['flags'])}"
+          + ("; both sides capped at AVX2 (--isa avx2: llama.cpp built for AVX2, torch / oneDNN / MKL / nanoseek's "
+             "kernels told AVX2; fbgemm not)" if res.get("isa") == "avx2" else ""))
     print(f"memory read bandwidth (torch.sum over 537 MB, best of 5, probed before the first round and after "
           f"each): {m['bandwidth_GBs_1t']} GB/s with 1 thread, "
           f"{m['bandwidth_GBs_2t']} GB/s with 2; matmul 2048^3: fp32 {m['matmul_GFLOPs_float32']} GFLOP/s, "
@@ -461,8 +478,12 @@ def main():
                     "in MODE (fp32, bf16 or a quantize.MODES key) and exit")
     ap.add_argument("--modes", type=lambda v: v.split(","), metavar="M1,M2",
                     help="only these nanoseek modes and their llama.cpp twins (default: every mode), e.g. int8,int4")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="native (default), or avx2: both sides capped at AVX2 on this machine (see above)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.isa == "avx2":  # before any worker starts: they inherit it (torch reads it at its first use)
+        os.environ.update(AVX2_ENV)
     unknown = set(args.modes or ()) - set(nanoseek_modes())
     if unknown:
         print(f"decode.py: unknown mode {sorted(unknown)[0]!r}; use one of {', '.join(nanoseek_modes())}", file=sys.stderr)

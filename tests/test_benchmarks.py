@@ -44,3 +44,20 @@ def test_dense_vs_moe_resumes_from_its_finished_runs(tmp_path):
     assert all(len(second["runs"][n]["heldout_loss"]) == 2 for n in first["runs"])
     assert {n: r["heldout_loss"][0] for n, r in second["runs"].items()} == {
         n: r["heldout_loss"][0] for n, r in first["runs"].items()}
+
+
+def test_decode_isa_avx2_caps_torch(monkeypatch):
+    """decode.py --isa avx2 hands its workers AVX2_ENV: torch in such a process dispatches AVX2 kernels
+    (on an AVX-512 machine it would otherwise pick AVX512)."""
+    import os
+    import subprocess
+    from nanoseek.cost import cpu_info
+    if "avx2" not in cpu_info()[1]:
+        pytest.skip("no AVX2 on this CPU")
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_decode_isa", BENCH / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                         env={**os.environ, **decode.AVX2_ENV}, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "AVX2"
