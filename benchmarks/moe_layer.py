@@ -17,7 +17,8 @@ routing as in training):
                its two gradient products) at the shapes of one call: a floor for the block with
                these GEMM kernels, everything else (routing, gather, SwiGLU, combine) left out;
                dense_gemms_alone: the same for the dense block
-in fp32, and in bf16 when the CPU has native bf16 (AVX512_BF16 or AMX, read from /proc/cpuinfo).
+in fp32, and in bf16 when the CPU has native bf16 (AVX512_BF16 or AMX, read from /proc/cpuinfo) and
+torch runs AVX-512 code (not under ATEN_CPU_CAPABILITY=avx2).
 The systems run in interleaved rounds in one process (the machine is shared and noisy, so each
 round sees the same load); a figure is the best round's median. glibc's malloc keeps freed blocks,
 as the training commands have it (train.run.keep_freed_memory). With 1 thread the clock is the
@@ -63,9 +64,11 @@ from nanoseek.train.run import keep_freed_memory  # noqa: E402
 
 
 def cpu_bf16() -> tuple[str, list[str]]:
-    """torch's CPU capability and the native bf16 flags of this CPU."""
-    flags = cpu_info()[1]
-    return torch.backends.cpu.get_cpu_capability(), [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    """torch's CPU capability and the native bf16 flags of this CPU; none where torch runs below AVX-512
+    (ATEN_CPU_CAPABILITY=avx2, as benchmarks/decode.py --isa avx2 sets it: an AVX2 machine's code)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    flags = cpu_info()[1] if cap.startswith("AVX512") else set()
+    return cap, [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
 
 
 @contextmanager
