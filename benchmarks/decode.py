@@ -213,14 +213,16 @@ def machine_info() -> dict:
         info[f"bandwidth_GBs_{t}t"] = round(x.numel() * 4 / best / 1e9, 1)
     torch.set_num_threads(os.cpu_count())
     for dt in (torch.float32, torch.bfloat16):
-        a = torch.randn(2048, 2048, dtype=dt)
+        # below AVX-512 torch multiplies bf16 with its plain C++ loop (~1 GFLOP/s): a smaller product
+        n = 2048 if dt == torch.float32 or info["capability"].startswith("AVX512") else 512
+        a = torch.randn(n, n, dtype=dt)
         a @ a
         best = 1e9
         for _ in range(5):
             t0 = time.perf_counter()
             a @ a
             best = min(best, time.perf_counter() - t0)
-        info[f"matmul_GFLOPs_{str(dt)[6:]}"] = round(2 * 2048**3 / best / 1e9, 1)
+        info[f"matmul_GFLOPs_{str(dt)[6:]}"] = round(2 * n**3 / best / 1e9, 1)
     return info
 
 
@@ -413,12 +415,14 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
 def report(res: dict) -> None:
     m = res["machine"]
     bw = max(m["bandwidth_GBs_1t"], m["bandwidth_GBs_2t"]) * 1e9  # on a shared machine 1 thread can read faster
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, flags {' '.join(m['flags'])}"
-          + ("; both sides capped at AVX2 (--isa avx2: llama.cpp built for AVX2, torch / oneDNN / MKL / nanoseek's "
-             "kernels told AVX2; fbgemm not)" if res.get("isa") == "avx2" else ""))
+    print(f"machine: {m['cpu']}, {m['cores']} cores, torch CPU capability {m['capability']}, "
+          f"flags {' '.join(m['flags'])}"
+          + ("; both sides capped at AVX2 (--isa avx2: llama.cpp built for AVX2, torch / oneDNN / MKL / "
+             "nanoseek's kernels told AVX2; fbgemm not)" if res.get("isa") == "avx2" else ""))
     print(f"memory read bandwidth (torch.sum over 537 MB, best of 5, probed before the first round and after "
           f"each): {m['bandwidth_GBs_1t']} GB/s with 1 thread, "
-          f"{m['bandwidth_GBs_2t']} GB/s with 2; matmul 2048^3: fp32 {m['matmul_GFLOPs_float32']} GFLOP/s, "
+          f"{m['bandwidth_GBs_2t']} GB/s with 2; matmul 2048^3 (bf16 below AVX-512: 512^3): "
+          f"fp32 {m['matmul_GFLOPs_float32']} GFLOP/s, "
           f"bf16 {m['matmul_GFLOPs_bfloat16']} GFLOP/s")
     print(f"decode: batch 1 {res['tokens_b1']} tokens, best of {res['rounds']} rounds x 2; batched "
           f"{res['tokens_batched']} steps after {NPP}-token prompts, one run; nanoseek OpenMP wait policy: "
