@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1] / "nanoseek"
 # Layer of each top-level piece of the package, lowest first. A module may import its own layer or a
 # lower one. `nanoseek` is the package facade (`nanoseek.load`, `nanoseek.save`), above weights/.
 LAYERS = [
-    {"errors", "version", "atomic", "args", "jsonl", "chat_template", "mkl"},  # leaves: errors, atomic writes,
-                                                                        # JSONL, argparse, chat templates, MKL warm-up
+    {"errors", "version", "atomic", "args", "jsonl", "chat_template", "mkl", "inductor"},  # leaves: errors,
+                                                      # atomic writes, JSONL, argparse, chat templates, MKL, inductor
     {"config", "tokenizer"},                     # ModelConfig and the counts; tokenizer and the R1 tags
     {"model"},                                   # pure math
     {"weights", "infer", "cost", "nanoseek"},    # load/save, the engine, the cost model

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..inductor import match_aten_capability
 
 
 class Routing(NamedTuple):
@@ -161,6 +162,7 @@ def compiled_swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.T
     docs/benchmarks.md#moe-vs-dense); where compiling fails (no C++ compiler), eager, with a warning."""
     f = _COMPILED.get("swiglu")
     if f is None:
+        match_aten_capability()
         f = _COMPILED["swiglu"] = torch.compile(swiglu)
     if f is not swiglu:
         try:
