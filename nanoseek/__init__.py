@@ -6,13 +6,11 @@
     nanoseek.save(model, tok, "out_dir")
 """
 
-from . import mkl
+from . import mkl  # noqa: F401  (first: it settles MKL's vector math before anything computes; mkl.py)
 from .config import ModelConfig, preset
 from .errors import NanoseekError
 from .model.transformer import Transformer
 from .version import __version__
 from .weights import load, save
-
-mkl.warm_up()  # before any multi-threaded float op: see mkl.py
 
 __all__ = ["ModelConfig", "NanoseekError", "Transformer", "load", "preset", "save", "__version__"]

@@ -9,7 +9,7 @@ its elements in 9 of 20 processes. In the speedrun this hit RoPE's cos table in 
 step, so the same seed on the same machine gave different models run to run. One 1-element call per
 function on this thread (below the 2,048-element grain, so never split) settles every dispatch first.
 
-    import nanoseek   # does it; nanoseek.mkl.warm_up() is idempotent
+    import nanoseek   # does it (nanoseek/__init__ imports this module first); warm_up() is idempotent
 """
 
 from __future__ import annotations
@@ -32,3 +32,6 @@ def warm_up() -> None:
         for op in VML_OPS:
             getattr(torch, op)(x)
     _done = True
+
+
+warm_up()  # at import, before any other nanoseek module can run multi-threaded float math
