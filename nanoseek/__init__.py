@@ -6,7 +6,8 @@
     nanoseek.save(model, tok, "out_dir")
 """
 
-from . import mkl  # noqa: F401  (first: it settles MKL's vector math before anything computes; mkl.py)
+# first: they settle MKL's vector math and inductor's vector width before anything computes or compiles
+from . import inductor, mkl  # noqa: F401
 from .config import ModelConfig, preset
 from .errors import NanoseekError
 from .model.transformer import Transformer

@@ -3,12 +3,12 @@
 With ATEN_CPU_CAPABILITY=avx2 on an AVX-512 machine (as benchmarks/decode.py --isa avx2 runs an
 AVX2 machine's code), inductor's generated C++ for a plain SwiGLU came out wrong in torch 2.13:
 0.89 relative error on 4,096 x 64 values, NaN at 4,107 rows (2026-12-07). With its vector width
-set explicitly (cpp.simdlen) to 256 or 512 bits, the same kernels are exact. So before compiling,
-an ATen capability set in the environment sets the width to match; without the variable, or with
-a width the user chose, nothing changes.
+set explicitly (cpp.simdlen) to 256 or 512 bits, the same kernels are exact. So at import (which
+`import nanoseek` does, before anything compiles) an ATen capability set in the environment sets
+the width to match, for every torch.compile in the process; without the variable, or with a width
+the user chose, nothing changes (and inductor's config is not even imported).
 
-    from nanoseek.inductor import match_aten_capability
-    match_aten_capability(); f = torch.compile(f)
+    import nanoseek   # does it
 """
 
 from __future__ import annotations
@@ -26,3 +26,6 @@ def match_aten_capability() -> None:
     import torch._inductor.config as inductor_config
     if inductor_config.cpp.simdlen is None:
         inductor_config.cpp.simdlen = width
+
+
+match_aten_capability()  # at import: the environment is the process's, and so is the width

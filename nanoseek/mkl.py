@@ -9,7 +9,7 @@ its elements in 9 of 20 processes. In the speedrun this hit RoPE's cos table in 
 step, so the same seed on the same machine gave different models run to run. One 1-element call per
 function on this thread (below the 2,048-element grain, so never split) settles every dispatch first.
 
-    import nanoseek   # does it (nanoseek/__init__ imports this module first); warm_up() is idempotent
+    import nanoseek   # does it (nanoseek/__init__ imports this module first)
 """
 
 from __future__ import annotations
@@ -19,19 +19,17 @@ import torch
 # the unary ops torch 2.13 routes to VML (its vms*/vmd* imports), in both precisions
 VML_OPS = ("acos", "asin", "atan", "cos", "erf", "erfc", "erfinv", "exp", "log", "log10", "log2", "sin",
            "sqrt", "tan", "tanh", "trunc")
-_done = False
 
 
 def warm_up() -> None:
-    """One single-threaded call of every VML function, float32 and float64 (microseconds, once)."""
-    global _done
-    if _done or not torch.backends.mkl.is_available():
+    """One single-threaded call of every VML function, float32 and float64 (microseconds; calling it
+    again is harmless)."""
+    if not torch.backends.mkl.is_available():
         return
     for dtype in (torch.float32, torch.float64):
         x = torch.full((1,), 0.5, dtype=dtype)
         for op in VML_OPS:
             getattr(torch, op)(x)
-    _done = True
 
 
 warm_up()  # at import, before any other nanoseek module can run multi-threaded float math

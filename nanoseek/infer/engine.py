@@ -29,7 +29,6 @@ from typing import Iterator
 
 import torch
 
-from ..inductor import match_aten_capability
 from ..model.cache import KVCache
 from . import kernels
 from .quantize import MODES, compiles, describe
@@ -49,7 +48,6 @@ def _compiled(forward):
     transposes and SDPA glue off the step: +10-19% decode tok/s measured (int8 batch 1, AVX-512,
     132/143 -> 158/157 alternated), at the price of a slower first compile (int8 1:22 -> 1:57)."""
     kernels.available()  # load (or build) the C++ kernel now: doing it inside the trace breaks the graph
-    match_aten_capability()  # under ATEN_CPU_CAPABILITY, inductor's vector width must follow it (inductor.py)
     # isolated: without module guards, another engine's graphs (another model) must never be reused here
     return torch.compile(forward, dynamic=True, isolate_recompiles=True,
                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,

@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..inductor import match_aten_capability
 
 
 class Routing(NamedTuple):
@@ -162,7 +161,6 @@ def compiled_swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.T
     docs/benchmarks.md#moe-vs-dense); where compiling fails (no C++ compiler), eager, with a warning."""
     f = _COMPILED.get("swiglu")
     if f is None:
-        match_aten_capability()
         f = _COMPILED["swiglu"] = torch.compile(swiglu)
     if f is not swiglu:
         try:
