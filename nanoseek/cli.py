@@ -222,9 +222,9 @@ TRAINING = ("pretrain", "sft", "distill", "grpo", "pipeline", "speedrun", "eval"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in TRAINING:
-        from .train.run import keep_freed_memory, use_fused_attention
+        from .train.run import keep_freed_memory, use_cpu_kernels
         keep_freed_memory()
-        use_fused_attention()
+        use_cpu_kernels()
     try:
         return args.func(args)
     except NanoseekError as e:

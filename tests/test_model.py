@@ -95,12 +95,19 @@ def per_token_moe(moe, flat):
     return torch.stack(rows), idx
 
 
-@pytest.mark.parametrize("path", ["grouped", "loop"])
+@pytest.mark.parametrize("path", ["grouped", "loop", "c++"])
 def test_moe_dispatch_equals_per_token_loop(path, monkeypatch):
     """Both dispatch paths (grouped GEMMs over the sorted rows; the per-expert loop that decode and
-    quantized experts use) against a per-token loop: outputs and the gradients of the input, the
-    gate and every expert (fp32, summation order only)."""
-    monkeypatch.setattr(MoE, "GROUPED", path == "grouped")
+    quantized experts use), and the grouped path with the C++ gate, plan and SwiGLU installed, against
+    a per-token loop: outputs and the gradients of the input, the gate and every expert (fp32,
+    summation order only)."""
+    from nanoseek.infer import kernels
+    from nanoseek.model import moe as moe_mod
+    if path == "c++":
+        if not kernels.available():
+            pytest.skip("no C++ compiler")
+        monkeypatch.setattr(moe_mod, "cpu_kernels", kernels)
+    monkeypatch.setattr(MoE, "GROUPED", path != "loop")
     model = tiny_v3()
     moe = model.model.layers[1].mlp
     assert isinstance(moe, MoE)
@@ -195,7 +202,19 @@ def test_moe_grouped_path_falls_back_where_grouped_mm_does_not_apply(monkeypatch
     assert_close_scaled(got.reshape(-1, 30), ref, 1e-5)
 
 
-def test_v3_gate_hand_computed_routing():
+@pytest.fixture(params=["pytorch", "c++"])
+def gate_impl(request, monkeypatch):
+    """Gate's PyTorch ops, or the C++ gate (nanoseek/infer/ffn.cpp) installed as the training commands do."""
+    from nanoseek.infer import kernels
+    from nanoseek.model import moe
+    if request.param == "c++":
+        if not kernels.available():
+            pytest.skip("no C++ compiler")
+        monkeypatch.setattr(moe, "cpu_kernels", kernels)
+    return request.param
+
+
+def test_v3_gate_hand_computed_routing(gate_impl):
     """8 experts in 4 groups of 2, keep 2 groups, top-2 experts, sigmoid scores s, bias b.
 
     choice c = s + b = [0.3, -0.2 | -0.1, -0.4 | -0.3, -0.5 | 0.2, -1.2]
@@ -222,7 +241,7 @@ def test_v3_gate_hand_computed_routing():
     assert torch.allclose(scores[0], s, atol=1e-6)
 
 
-def test_v2_gate_softmax_greedy_hand_computed():
+def test_v2_gate_softmax_greedy_hand_computed(gate_impl):
     cfg = ModelConfig(model_type="deepseek_v2", hidden_size=4, n_routed_experts=4, num_experts_per_tok=2,
                       scoring_func="softmax", topk_method="greedy", routed_scaling_factor=16.0)
     gate = Gate(cfg)
@@ -304,17 +323,19 @@ def test_param_counts_match_modules_and_deepseek_v3_headline():
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "llama"])
 def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
-    """The training commands swap SDPA for nanoseek's C++ attention (train.run.use_fused_attention):
+    """The training commands swap SDPA for nanoseek's C++ attention (train.run.use_cpu_kernels):
     loss and every gradient of a training pass equal SDPA's, for MLA (v narrower than q, MTP) and GQA
     (2 kv heads), with a packed window's document mask and causal. No-grad passes keep SDPA."""
     from nanoseek.config import dense_variant
     from nanoseek.infer import kernels
     from nanoseek.model import attention
     from nanoseek.train.pretrain import document_mask
-    from nanoseek.train.run import use_fused_attention
+    from nanoseek.train.run import use_cpu_kernels
     if not kernels.available():
         pytest.skip("no C++ compiler")
+    from nanoseek.model import moe
     monkeypatch.setattr(attention, "FUSED_MAX_HEAD", attention.FUSED_MAX_HEAD)   # restored after the test
+    monkeypatch.setattr(moe, "cpu_kernels", moe.cpu_kernels)                     # (use_cpu_kernels sets both)
     torch.manual_seed(0)
     cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2)
     if arch == "llama":
@@ -335,7 +356,7 @@ def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
     for mask in (document_mask(x, 1), None):
         monkeypatch.setattr(attention, "fused_attention", None)
         ref_loss, ref = loss_and_grads(mask)
-        assert use_fused_attention()
+        assert use_cpu_kernels()
         monkeypatch.setattr(attention, "fused_attention",
                             lambda *a, **kw: calls.append(1) or kernels.attention(*a, **kw))
         loss, grads = loss_and_grads(mask)

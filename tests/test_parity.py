@@ -122,14 +122,21 @@ def test_v3_with_mtp_saves_layer_after_last_and_transformers_still_loads(tmp_pat
         assert_close_scaled(la, ref(x).logits, 1e-4)
 
 
-@pytest.mark.parametrize("path", ["grouped", "compiled", "loop"])
+@pytest.mark.parametrize("path", ["grouped", "compiled", "loop", "c++"])
 def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
     """One MoE block, same weights, against transformers' DeepseekV3MoE (its eager per-expert loop):
     outputs and the gradients of the input, the router and the experts, fp32. "compiled": the grouped
-    path with its SwiGLU through torch.compile (MoE.COMPILE)."""
+    path with its SwiGLU through torch.compile (MoE.COMPILE); "c++": with the C++ gate, dispatch plan
+    and SwiGLU (nanoseek/infer/ffn.cpp) installed, as the training commands install them."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
+    from nanoseek.infer import kernels
+    from nanoseek.model import moe as moe_mod
     from nanoseek.model.moe import MoE
+    if path == "c++":
+        if not kernels.available():
+            pytest.skip("no C++ compiler")
+        monkeypatch.setattr(moe_mod, "cpu_kernels", kernels)
     monkeypatch.setattr(MoE, "GROUPED", path != "loop")
     monkeypatch.setattr(MoE, "COMPILE", path == "compiled")
     cls, kw = CASES["v3_qlora_groups"]

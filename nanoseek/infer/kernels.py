@@ -1,6 +1,7 @@
-"""The C++ kernels (kernels.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights with
-fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode (`decode_attention`) and fused
-attention for training on short windows (`attention`, forward and backward).
+"""The C++ kernels (kernels.cpp, ffn.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights
+with fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode (`decode_attention`) and fused
+attention for training on short windows (`attention`, forward and backward); the SwiGLU (`silu_mul`,
+`swiglu`) and the MoE gate and dispatch plan (`moe_route`, `moe_plan`), for training and inference.
 
 Built at first use with torch.utils.cpp_extension (ninja, a C++ compiler, -O3 -march=native) into
 ~/.cache/nanoseek/kernels (or $NANOSEEK_KERNEL_CACHE), once per machine and torch version; later
@@ -30,14 +31,15 @@ import torch
 log = logging.getLogger(__name__)
 
 F16, BF16, I8, I4, F32 = range(5)  # weight formats, as kernels.cpp's enum Kind
-SOURCE = Path(__file__).with_name("kernels.cpp")
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "ffn.cpp")]
+HEADERS = [Path(__file__).with_name("simd.h")]
 _state: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
     base = os.environ.get("NANOSEEK_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanoseek", "kernels")
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + platform.machine().encode()
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() + platform.machine().encode()
                          + " ".join(_cflags()).encode())
     # -march=native: a cache shared between machines (NFS home) must not mix CPUs; the CPU's model
     # and flags say which one (not the whole record: its "cpu MHz" changes from run to run)
@@ -113,7 +115,7 @@ def _compile_into(lib: Path) -> None:
             pass
     tmp = tempfile.mkdtemp(prefix="build-", dir=lib.parent)
     try:
-        built = cpp_extension.load("nanoseek_kernels", [str(SOURCE)], build_directory=tmp, is_python_module=False,
+        built = cpp_extension.load("nanoseek_kernels", [str(p) for p in SOURCES], build_directory=tmp, is_python_module=False,
                                    extra_cflags=_cflags(), verbose=False)
         os.replace(built, lib)
     finally:
@@ -171,6 +173,85 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     m = (torch.empty(0, dtype=torch.bool) if mask is None
          else mask.expand(q.shape[0], 1, q.shape[2], k.shape[2])[:, 0].contiguous())
     return _Attention.apply(q.contiguous(), k.contiguous(), v.contiguous(), m, float(scale))
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(g) * u on [rows, I]; the gradients of g and u come back as the two halves of one [rows, 2I]
+    buffer (no zeros, no cat)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return torch.ops.nanoseek.swiglu_fwd(g, u, None)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u = ctx.saved_tensors
+        dgu, _ = torch.ops.nanoseek.swiglu_bwd(dh.contiguous(), g, u, None, False)
+        return dgu[:, :g.shape[1]], dgu[:, g.shape[1]:]
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u (ffn.cpp): one pass forward and one backward; g, u [..., I] fp32 or bf16 on CPU."""
+    shape, I = g.shape, g.shape[-1]
+    return _SiluMul.apply(g.reshape(-1, I), u.reshape(-1, I)).view(shape)
+
+
+class _Packed(torch.autograd.Function):
+    """gu = [g | u] [rows, 2I] -> silu(g) * u (* rw [rows, 1]); the gradient of gu is one tensor."""
+
+    @staticmethod
+    def forward(ctx, gu, rw):
+        g, u = gu.chunk(2, dim=-1)
+        ctx.save_for_backward(g, u, rw)
+        return torch.ops.nanoseek.swiglu_fwd(g, u, rw)
+
+    @staticmethod
+    def backward(ctx, dh):
+        g, u, rw = ctx.saved_tensors
+        rw_grad = rw is not None and ctx.needs_input_grad[1]
+        dgu, drw = torch.ops.nanoseek.swiglu_bwd(dh.contiguous(), g, u, rw, rw_grad)
+        return dgu, (drw.view(rw.shape).to(rw.dtype) if rw_grad else None)
+
+
+def swiglu(gu: torch.Tensor, rw: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up (* rw [rows, 1]) for gu = [gate | up] [rows, 2I] (ffn.cpp), fp32 or bf16 on CPU;
+    the gradient of gu is one tensor (eager's chunk would cat the two halves' gradients)."""
+    return _Packed.apply(gu, rw)
+
+
+ROUTE_METHODS = {"greedy": 0, "noaux_tc": 1, "group_limited_greedy": 2}
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bias, k, n_group, topk_group, method, sigmoid, norm, scaling):
+        s, w, idx = torch.ops.nanoseek.moe_route(logits, bias, k, n_group, topk_group, method, sigmoid, norm, scaling)
+        ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros to read
+        ctx.save_for_backward(s, idx)
+        ctx.args = (sigmoid, norm, scaling)
+        return w, idx, s
+
+    @staticmethod
+    def backward(ctx, dw, _didx, ds):
+        s, idx = ctx.saved_tensors
+        return (torch.ops.nanoseek.moe_route_bwd(dw, ds, s, idx, *ctx.args),) + (None,) * 8
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int, topk_group: int, method: str,
+              scoring: str, norm: bool, scaling: float):
+    """DeepSeek's gate after its GEMM (ffn.cpp), one task per token: logits [N, E] fp32 -> (weights [N, k]
+    normalised and scaled, expert indices [N, k] best first, affinities [N, E]); the same function as
+    nanoseek.model.moe.Gate's PyTorch ops, gradients included (ties in the choice go to the lower index)."""
+    return _Route.apply(logits, bias, k, n_group, topk_group, ROUTE_METHODS.get(method, 0), scoring == "sigmoid",
+                        norm, float(scaling))
+
+
+def moe_plan(indices: torch.Tensor, n_experts: int, pad: int):
+    """(token, slot, pair, counts, padded counts) of nanoseek.model.moe.sort_pairs, and the tokens per expert,
+    by one counting sort (ffn.cpp)."""
+    return torch.ops.nanoseek.moe_plan(indices, n_experts, pad)
 
 
 def vector_width() -> int:

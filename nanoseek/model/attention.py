@@ -12,7 +12,7 @@ values shared by all heads; that pair is all the KV cache holds. Two ways to att
 Both give the same numbers (tests/test_model.py checks 1e-5 in fp32).
 
 Training on CPU: `fused_attention` (None here) is set by the training commands to nanoseek's C++
-kernel for short windows (infer/kernels.py: attention, installed by train.run.use_fused_attention);
+kernel for short windows (infer/kernels.py: attention, installed by train.run.use_cpu_kernels);
 fp32 CPU passes with gradients then use it instead of SDPA. Its queries visit only the keys their
 mask allows between the first and last allowed one: a packed window's document mask costs what its
 documents need, where SDPA's flash kernel scores every block up to the diagonal.

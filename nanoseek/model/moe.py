@@ -52,6 +52,27 @@ class Routing(NamedTuple):
     load: torch.Tensor     # tokens routed to each expert [E] (detached counts)
 
 
+# nanoseek.infer.kernels (C++ SwiGLU, gate and dispatch plan: ffn.cpp) once train.run.use_cpu_kernels
+# installs it (every training command does); None: PyTorch's ops. The same functions either way.
+cpu_kernels = None
+
+
+def kernels_for(t: torch.Tensor):
+    """cpu_kernels where they apply to t (installed, CPU, fp32 or bf16, not inside torch.compile, which fuses
+    these ops itself), else None."""
+    k = cpu_kernels
+    if (k is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
+            or torch.compiler.is_compiling()):
+        return None
+    return k
+
+
+def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """silu(g) * u: one C++ pass each way where kernels_for applies (eager makes three forward, three back)."""
+    k = kernels_for(g)
+    return k.silu_mul(g, u) if k is not None and u.dtype == g.dtype else F.silu(g) * u
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -62,7 +83,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj, self.up_proj
+        if type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and kernels_for(x) is not None:
+            # one GEMM for both (and one for x's gradient, no add), the C++ SwiGLU on its two halves
+            gu = F.linear(x, torch.cat([g.weight, u.weight]))
+            return self.down_proj(swiglu(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
+        return self.down_proj(silu_mul(g(x), u(x)))
 
 
 class Gate(nn.Module):
@@ -81,6 +107,10 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor):
         """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
         logits = F.linear(x.float(), self.weight.float())
+        k = kernels_for(logits)
+        if k is not None:  # the same function in one C++ task per token
+            return k.moe_route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                               self.topk_method, self.scoring_func, self.norm_topk_prob, self.routed_scaling_factor)
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         with torch.no_grad():  # the choice of experts carries no gradient: no autograd graph for it
             indices = self.choose(scores)
@@ -146,6 +176,9 @@ def gather_sum(rows: torch.Tensor, inv: torch.Tensor, k: int, base: torch.Tensor
 
 def swiglu(gu: torch.Tensor, rw: torch.Tensor | float | None = None) -> torch.Tensor:
     """silu(gate) * up (* rw) for gu = [gate | up] along the last dim."""
+    k = kernels_for(gu)
+    if k is not None and gu.dim() == 2 and (rw is None or isinstance(rw, torch.Tensor)):
+        return k.swiglu(gu, rw)
     gate, up = gu.chunk(2, dim=-1)
     h = F.silu(gate) * up
     return h if rw is None else h * rw
@@ -349,15 +382,19 @@ class MoE(nn.Module):
 
     def dispatch(self, x, weights, indices, base=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(base + Σ_k weight_k · expert_k(x) per token, tokens per expert [E])."""
-        flat = indices.flatten()
-        counts = torch.bincount(flat, minlength=self.n_experts)
         grad = torch.is_grad_enabled()
         if len(x) == 1 and not grad and isinstance(self.experts, Experts):  # decode at batch 1
             y = self.experts.one_token(x, weights[0], indices[0])
-            return (y if base is None else base + y), counts
+            return (y if base is None else base + y), torch.bincount(indices[0], minlength=self.n_experts)
         grouped = self.use_grouped(x)
         pad = self.experts.pad_rows(x) if grouped else 1
-        token, slot, pair, rows_per_expert = sort_pairs(flat, counts, self.top_k, pad)
+        k = kernels_for(x)
+        if k is not None:  # one counting sort in C++
+            token, slot, pair, counts, rows_per_expert = k.moe_plan(indices, self.n_experts, pad)
+        else:
+            flat = indices.flatten()
+            counts = torch.bincount(flat, minlength=self.n_experts)
+            token, slot, pair, rows_per_expert = sort_pairs(flat, counts, self.top_k, pad)
         rw = F.pad(weights.flatten(), (0, 1))[pair, None]  # padding rows (pair = N·k) get weight 0
         xs = Gather.apply(x, token, slot, self.top_k) if grad else x.index_select(0, token)
         ys = self.experts(xs, rows_per_expert, rw, grouped, self.COMPILE).to(x.dtype)

@@ -10,8 +10,8 @@ checks, the metrics log, the progress bar, the lr schedule, the amp choice and t
     save_final(out / "final", model, tok, {"stage": "sft", ...})     # training.json inside, atomic
 
 keep_freed_memory() (the CLI calls it for training commands) stops glibc from handing large freed
-blocks back to the kernel, whose fresh pages then fault in on every step; use_fused_attention()
-(likewise) trains with nanoseek's C++ attention kernel on CPU.
+blocks back to the kernel, whose fresh pages then fault in on every step; use_cpu_kernels()
+(likewise) trains with nanoseek's C++ kernels on CPU (attention, SwiGLU, MoE gate and dispatch).
 
 OUT/ holds checkpoints/ (checkpoint.py), metrics.jsonl and final/ (an HF directory with training.json,
 written as one atomic, fsynced unit: a crash leaves the old final/ or the new one, never a model
@@ -103,15 +103,19 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def use_fused_attention() -> bool:
-    """Training passes on CPU (fp32) attend with nanoseek's C++ kernel (model.attention.attend) when it
-    is built (built now if not: once per machine, ~1 min); True if installed. The speedrun's pretraining
-    shape, [16, 8, 128, 24] with its document mask, forward + backward: 5.2 ms against SDPA's 10.3."""
+def use_cpu_kernels() -> bool:
+    """Training (and its rollouts) on CPU use nanoseek's C++ kernels when they are built (built now if not:
+    once per machine, ~1 min): attention for fp32 passes with gradients (model.attention.attend; the
+    speedrun's pretraining shape, [16, 8, 128, 24] with its document mask, forward + backward: 5.2 ms
+    against SDPA's 10.3), and the SwiGLU, the MoE gate and its dispatch plan in fp32 and bf16
+    (model.moe.cpu_kernels). True if installed."""
     from ..infer import kernels
-    from ..model import attention
-    attention.fused_attention = kernels.attention if kernels.available() else None
+    from ..model import attention, moe
+    ok = kernels.available()
+    attention.fused_attention = kernels.attention if ok else None
     attention.FUSED_MAX_HEAD = 16 * kernels.vector_width()  # the kernel's limit: 16 vectors per head
-    return attention.fused_attention is not None
+    moe.cpu_kernels = kernels if ok else None
+    return ok
 
 
 class MetricsLog(JsonlLog):

@@ -1,0 +1,81 @@
+// The SIMD vocabulary nanoseek's C++ kernels share (kernels.cpp, ffn.cpp): GCC vector types W floats
+// wide (the machine's own width: built with -march=native), unaligned loads, bf16 <-> fp32 and a
+// vectorised e^x.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+constexpr int W = 16;
+#elif defined(__AVX__)
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef int32_t vi32 __attribute__((vector_size(W * 4)));
+typedef uint32_t vu32 __attribute__((vector_size(W * 4)));
+typedef int8_t vi8 __attribute__((vector_size(W)));
+typedef uint8_t vu8 __attribute__((vector_size(W)));
+typedef uint16_t vu16 __attribute__((vector_size(W * 2)));
+typedef _Float16 vh __attribute__((vector_size(W * 2)));
+
+template <typename V>
+static inline V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename T, typename S>
+static inline T bit_cast(const S& s) {
+  T t;
+  std::memcpy(&t, &s, sizeof(T));
+  return t;
+}
+
+static inline vf bf16_to_f32(const uint8_t* p) {
+#if defined(__AVX512F__)
+  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return bit_cast<vf>(_mm512_slli_epi32(u, 16));
+#elif defined(__AVX2__)
+  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return bit_cast<vf>(_mm256_slli_epi32(u, 16));
+#else
+  return bit_cast<vf>(__builtin_convertvector(load<vu16>(p), vu32) << 16);
+#endif
+}
+
+// fp32 -> bf16 with round to nearest even (as torch rounds), W lanes (no NaN care: -ffast-math)
+static inline void store_bf16(void* p, vf v) {
+  vu32 b = bit_cast<vu32>(v);
+  b = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  const vu16 h = __builtin_convertvector(b, vu16);
+  std::memcpy(p, &h, sizeof(h));
+}
+
+// e^x for x <= 0, W lanes at a time (libm's expf is a call per element): 2^(x log2 e) as 2^n * 2^f,
+// n = floor(t + 1/2), |f| <= 1/2, 2^f by Cephes' exp2f polynomial (relative error ~2e-7)
+static inline vf exp_nonpositive(vf x) {
+  vf t = x * 1.44269504f;
+  t = t < -125.f ? vf{} - 125.f : t;
+  const vf u = t + 0.5f;
+  vi32 n = __builtin_convertvector(u, vi32);         // truncates towards zero:
+  n += (__builtin_convertvector(n, vf) > u);          // one less where that rounded up (a true compare is -1)
+  const vf f = t - __builtin_convertvector(n, vf);
+  vf p = vf{} + 1.535336188319500e-4f;
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  p = p * f + 1.f;
+  const vi32 bits = (n + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(vf));
+  return p * scale;
+}

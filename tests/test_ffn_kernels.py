@@ -1,0 +1,175 @@
+"""The C++ feed-forward kernels (nanoseek/infer/ffn.cpp): the SwiGLU against its formula in float64, the
+MoE gate and dispatch plan against the PyTorch ops they replace (nanoseek/model/moe.py), gradients
+included; the MoE block and the dense MLP with the kernels installed, against the same module without."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import assert_close_scaled
+from test_model import tiny_v3
+from nanoseek.config import ModelConfig
+from nanoseek.infer import kernels
+from nanoseek.model import moe as moe_mod
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+
+
+def swiglu_reference(g, u, rw, dh):
+    """h = silu(g) u rw and its gradients by autograd, in float64."""
+    g, u, rw = (t.detach().double().requires_grad_() for t in (g, u, rw))
+    h = F.silu(g) * u * rw
+    h.backward(dh.double())
+    return h.detach(), g.grad, u.grad, rw.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(37, 19), (64, 64), (3, 5)])  # 19, 5: a part-filled last vector
+def test_swiglu_equals_its_formula(dtype, rows, width):
+    """Both entry points: gu = [g | u] with routing weights (the experts' gradient is one [rows, 2I]
+    tensor) and silu_mul on separate g, u. Inputs span the sigmoid's range (|x| up to 12)."""
+    gen = torch.Generator().manual_seed(rows * width)
+    gu = (torch.randn(rows, 2 * width, generator=gen) * 4).clamp(-12, 12).to(dtype)
+    rw = torch.rand(rows, 1, generator=gen).to(dtype)
+    dh = torch.randn(rows, width, generator=gen).to(dtype)
+    g, u = gu[:, :width], gu[:, width:]
+    h_ref, dg_ref, du_ref, drw_ref = swiglu_reference(g, u, rw, dh)
+    # fp32: the kernel's e^x is within ~2e-7 relative; bf16: one rounding of each output (2^-8), math in fp32
+    tol = 2e-6 if dtype == torch.float32 else 2 ** -7
+    gu1, rw1 = gu.clone().requires_grad_(), rw.clone().requires_grad_()
+    h = kernels.swiglu(gu1, rw1)
+    h.backward(dh)
+    assert h.dtype == dtype and gu1.grad.dtype == dtype and rw1.grad.dtype == dtype
+    assert_close_scaled(h, h_ref, tol, "h")
+    assert_close_scaled(gu1.grad[:, :width], dg_ref, tol, "dg")
+    assert_close_scaled(gu1.grad[:, width:], du_ref, tol, "du")
+    assert_close_scaled(rw1.grad, drw_ref, tol, "drw")
+    g2, u2 = g.clone().requires_grad_(), u.clone().requires_grad_()
+    h2 = kernels.silu_mul(g2.view(1, rows, width), u2.view(1, rows, width))  # any leading dims
+    (h2.view(rows, width) * rw).backward(dh)
+    assert_close_scaled(h2.view(rows, width) * rw, h_ref, tol, "silu_mul")
+    assert_close_scaled(g2.grad, dg_ref, tol, "silu_mul dg")
+    assert_close_scaled(u2.grad, du_ref, tol, "silu_mul du")
+
+
+GATES = {  # (config, logits scale): V3's sigmoid with groups, its real shape, V2's softmax variants
+    "v3 groups": dict(model_type="deepseek_v3", n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                      scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5),
+    "v3 real": dict(model_type="deepseek_v3", n_routed_experts=256, num_experts_per_tok=8, n_group=8, topk_group=4,
+                    scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=True, routed_scaling_factor=2.5),
+    "v3 no norm": dict(model_type="deepseek_v3", n_routed_experts=16, num_experts_per_tok=3, n_group=1, topk_group=1,
+                       scoring_func="sigmoid", topk_method="noaux_tc", norm_topk_prob=False, routed_scaling_factor=1.0),
+    "v2 greedy": dict(model_type="deepseek_v2", n_routed_experts=16, num_experts_per_tok=4, scoring_func="softmax",
+                      topk_method="greedy", routed_scaling_factor=16.0),
+    "v2 group limited": dict(model_type="deepseek_v2", n_routed_experts=16, num_experts_per_tok=3, n_group=4,
+                             topk_group=2, scoring_func="softmax", topk_method="group_limited_greedy",
+                             routed_scaling_factor=1.0),
+}
+
+
+@pytest.mark.parametrize("case", GATES)
+def test_gate_kernel_equals_pytorch_ops(case, monkeypatch):
+    """The C++ gate against Gate's PyTorch ops on 400 random tokens: the same experts (rows whose k-th
+    and next choice are closer than 1e-5, where rounding may order them differently, are left out), the
+    same weights and affinities, and the same gradient of the logits through both outputs."""
+    cfg = ModelConfig(hidden_size=16, **GATES[case])
+    gate = moe_mod.Gate(cfg)
+    gen = torch.Generator().manual_seed(len(case))
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen))
+        if gate.e_score_correction_bias is not None:
+            gate.e_score_correction_bias.copy_(torch.rand(cfg.n_routed_experts, generator=gen) * 0.2 - 0.1)
+    x = torch.randn(400, 16, generator=gen)
+    dw = torch.randn(400, cfg.num_experts_per_tok, generator=gen)
+    ds = torch.randn(400, cfg.n_routed_experts, generator=gen)
+    runs = []
+    for installed in (None, kernels):
+        monkeypatch.setattr(moe_mod, "cpu_kernels", installed)
+        gate.zero_grad()
+        xg = x.clone().requires_grad_()
+        w, idx, s = gate(xg)
+        # the weights in expert order, so the two sides' order of equal-ranked experts cannot matter
+        order = idx.argsort(dim=1)
+        ((w.gather(1, order) * dw).sum() + (s * ds).sum()).backward()
+        runs.append((w.gather(1, order).detach(), idx.gather(1, order), s.detach(), xg.grad, gate.weight.grad.clone(),
+                     idx))
+    (w0, i0, s0, gx0, gw0, raw0), (w1, i1, s1, gx1, gw1, raw1) = runs
+    assert raw1.dtype == torch.long and raw1.shape == raw0.shape
+    with torch.no_grad():  # the margin between the k-th choice and the next, from the reference's own scores
+        choice = s0 + (gate.e_score_correction_bias if gate.e_score_correction_bias is not None else 0)
+        top = choice.topk(min(cfg.num_experts_per_tok + 1, cfg.n_routed_experts), dim=1).values
+        clear = (top[:, -2] - top[:, -1]).abs() > 1e-5
+    assert clear.float().mean() > 0.9
+    assert torch.equal(i0[clear], i1[clear])
+    assert_close_scaled(s1, s0, 1e-6, "affinities")
+    assert_close_scaled(w1[clear], w0[clear], 1e-5, "weights")
+    if bool(clear.all()):
+        assert_close_scaled(gx1, gx0, 1e-5, "input grad")
+        assert_close_scaled(gw1, gw0, 1e-5, "router grad")
+
+
+def test_gate_kernel_without_the_weights_gradient():
+    """Only the affinities carry a gradient (the balance loss alone): the weights' gradient is None,
+    not zeros, and the logits' gradient is ds s (1 - s)."""
+    logits = torch.randn(5, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    w, idx, s = kernels.moe_route(logits, None, 2, 1, 1, "noaux_tc", "sigmoid", True, 2.5)
+    ds = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    (s * ds).sum().backward()
+    sig = logits.detach().sigmoid()
+    assert_close_scaled(logits.grad, ds * sig * (1 - sig), 1e-6)
+    assert torch.equal(idx, sig.topk(2, dim=1).indices)
+
+
+@pytest.mark.parametrize("pad", [1, 2, 32])
+def test_dispatch_plan_equals_sort_pairs(pad):
+    """The counting sort against sort_pairs (stable argsort, then padding) and bincount, including
+    experts that get no rows."""
+    idx = torch.randint(0, 12, (97, 3), generator=torch.Generator().manual_seed(pad))
+    idx[:, 0] = idx[:, 0].clamp_max(9)  # experts 10 and 11 rarer; some may be empty
+    flat = idx.flatten()
+    counts = torch.bincount(flat, minlength=12)
+    want = moe_mod.sort_pairs(flat, counts, 3, pad)
+    token, slot, pair, got_counts, padded = kernels.moe_plan(idx, 12, pad)
+    assert torch.equal(got_counts, counts)
+    for got, ref, what in zip((token, slot, pair, padded), want, ("token", "slot", "pair", "padded")):
+        assert torch.equal(got, ref), what
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.moe_plan(idx, 8, 1)
+
+
+def test_training_pass_with_the_kernels_equals_pytorch(monkeypatch):
+    """A training pass of a tiny V3 (MLA, MoE with its gate, shared expert and grouped experts, dense
+    first layer, MTP), with the kernels installed and without: loss and every gradient, fp32."""
+    torch.manual_seed(0)
+    model = tiny_v3()
+    x = torch.randint(0, 97, (3, 23), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for installed in (None, kernels):
+        monkeypatch.setattr(moe_mod, "cpu_kernels", installed)
+        model.zero_grad()
+        logits, (mtp,) = model(x, return_mtp=True)
+        loss = logits.logsumexp(-1).mean() + mtp.square().mean()
+        loss.backward()
+        runs.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (ref, ref_grads), (got, grads) = runs
+    assert got == pytest.approx(ref, rel=1e-5) and grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert_close_scaled(grads[n], ref_grads[n], 1e-5, n)
+
+
+def test_bf16_moe_block_with_the_kernels_equals_pytorch(monkeypatch):
+    """One bf16 MoE block (each expert's slice padded to 32 rows) with the kernels and without: output
+    and gradients within bf16 rounding (the kernel keeps silu(g) in fp32 where eager rounds it first)."""
+    moe = tiny_v3().model.layers[1].mlp.to(torch.bfloat16)
+    x = torch.randn(4, 37, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    runs = []
+    for installed in (None, kernels):
+        monkeypatch.setattr(moe_mod, "cpu_kernels", installed)
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        y, routing = moe(xg)
+        (y.float().square().sum() + routing.scores.sum()).backward()
+        runs.append([t.float() for t in (y, xg.grad, moe.gate.weight.grad, moe.experts.gate_up_proj.grad,
+                                         moe.experts.down_proj.grad, moe.shared_experts.up_proj.weight.grad)])
+    for got, ref, what in zip(*runs, ("output", "input", "router", "gate_up", "down", "shared up")):
+        assert_close_scaled(got, ref, 3e-2, what)
