@@ -5,12 +5,16 @@
 
 Layer (forward + backward of one block on --tokens rows, new random ones at every call, so a new
 routing as in training):
-  ours         nanoseek.model.moe.MoE as it runs: gate, grouped GEMMs on the stacked experts, shared expert
+  ours         nanoseek.model.moe.MoE as training runs it: gate, grouped GEMMs on the stacked experts, shared
+               expert, with the C++ SwiGLU, gate and dispatch plan (infer/ffn.cpp) installed as every
+               training command installs them (train.run.use_cpu_kernels)
+  ours_pytorch the same module with PyTorch's ops in their place (the kernels not installed)
   ours_compiled  the same module with MoE.COMPILE = True (the SwiGLU between the grouped GEMMs through
                torch.compile; the first call's time, compiling included, is reported apart)
   ours_loop    the same module with the per-expert loop forced (MoE.GROUPED = False)
   dense        nanoseek's SwiGLU MLP with intermediate (top_k + shared) x moe_intermediate_size:
-               the MoE's active FFN parameters (the gate's E x H aside)
+               the MoE's active FFN parameters (the gate's E x H aside), as training runs it (with the
+               kernels: [gate; up] as one GEMM, the C++ SwiGLU); dense_pytorch: with PyTorch's ops
   hf_eager / hf_grouped_mm   transformers' DeepseekV3MoE on the same config and weights, with its
                per-expert loop and with its grouped_mm experts implementation
   gemms_alone  the MoE block's matrix products alone (gate, shared expert, grouped GEMMs, each with
@@ -27,7 +31,8 @@ descheduled by other jobs on a shared machine is left out); with more threads, w
 
 Decode: one step of the tiny DeepSeek-V3 preset (MLA + MoE, no MTP) at batch 1 and 32 with a
 latent cache of --context tokens, against the same model with dense FFNs of its active size, with
-the MoE's dispatch as it runs (grouped GEMMs) and with the per-expert loop forced.
+the MoE's dispatch as it runs (grouped GEMMs; the kernels installed, as in GRPO's rollouts), with
+PyTorch's ops instead, and with the per-expert loop forced.
 
 Balance: the tiny preset's gate on a skewed input distribution, the auxiliary-loss-free bias
 update (γ = 1e-3, DeepSeek-V3 §2.1.2) run for --balance-steps steps on the measured load; the
@@ -56,11 +61,12 @@ warnings.filterwarnings("ignore")
 from nanoseek.config import preset  # noqa: E402
 from nanoseek.cost import cpu_info, measure_cpu  # noqa: E402
 from nanoseek.model.cache import KVCache  # noqa: E402
+from nanoseek.model import cpu_kernels  # noqa: E402
 from nanoseek.model import moe as moe_module  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.train.objective import load_stats, update_bias  # noqa: E402
-from nanoseek.train.run import keep_freed_memory  # noqa: E402
+from nanoseek.train.run import keep_freed_memory, use_cpu_kernels  # noqa: E402
 
 
 def cpu_bf16() -> tuple[str, list[str]]:
@@ -73,14 +79,17 @@ def cpu_bf16() -> tuple[str, list[str]]:
 
 @contextmanager
 def forced_path(path: str | None):
-    """None: the dispatch as it runs; "loop": the per-expert loop forced; "compiled": MoE.COMPILE on."""
-    old = MoE.GROUPED, MoE.COMPILE
-    MoE.GROUPED = {"grouped": True, "loop": False, "compiled": old[0], None: old[0]}[path]
+    """None: the dispatch as it runs; "loop": the per-expert loop forced; "compiled": MoE.COMPILE on;
+    "pytorch": PyTorch's ops in place of the C++ kernels (model.cpu_kernels.installed None)."""
+    old = MoE.GROUPED, MoE.COMPILE, cpu_kernels.installed
+    MoE.GROUPED = {"grouped": True, "loop": False, "compiled": old[0], "pytorch": old[0], None: old[0]}[path]
     MoE.COMPILE = path == "compiled" or old[1]
+    if path == "pytorch":
+        cpu_kernels.installed = None
     try:
         yield
     finally:
-        MoE.GROUPED, MoE.COMPILE = old
+        MoE.GROUPED, MoE.COMPILE, cpu_kernels.installed = old
 
 
 def rounds(fns: dict, repeats: int, n_rounds: int) -> dict[str, float]:
@@ -158,8 +167,8 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
     compile_s = time.perf_counter() - t0
     if moe_module._COMPILED.get("swiglu") is moe_module.swiglu:
         print("  torch.compile failed: ours_compiled ran eagerly", file=sys.stderr)
-    fns = {"ours": step(ours), "ours_compiled": step(ours, "compiled"), "ours_loop": step(ours, "loop"),
-           "dense": step(dense)}
+    fns = {"ours": step(ours), "ours_pytorch": step(ours, "pytorch"), "ours_compiled": step(ours, "compiled"),
+           "ours_loop": step(ours, "loop"), "dense": step(dense), "dense_pytorch": step(dense, "pytorch")}
     for n in ("hf_eager", "hf_grouped_mm"):
         if n in models:
             try:
@@ -234,6 +243,7 @@ def decode_models():
 
 
 @torch.no_grad()
+@torch.no_grad()  # as the engine decodes (before 2026-12-07 this ran with autograd on)
 def decode(batch: int, context: int, repeats: int, n_rounds: int) -> dict:
     models = decode_models()
     vocab = models["moe"].config.vocab_size
@@ -252,7 +262,8 @@ def decode(batch: int, context: int, repeats: int, n_rounds: int) -> dict:
                 models[n](ids[:, context:], positions=last, cache=caches[n])
         return f
 
-    fns = {"moe": step("moe"), "moe_loop": step("moe", "loop"), "dense": step("dense")}
+    fns = {"moe": step("moe"), "moe_pytorch": step("moe", "pytorch"), "moe_loop": step("moe", "loop"),
+           "dense": step("dense")}
     t = rounds(fns, repeats, n_rounds)
     res = {"batch": batch, "context": context, "ms": {n: round(v * 1e3, 3) for n, v in t.items()},
            "ratio_vs_dense": {n: round(v / t["dense"], 3) for n, v in t.items()}}
@@ -302,12 +313,14 @@ def main() -> None:
             p.error(f"--presets: {name!r} is not one of tiny, small")
     torch.set_num_threads(a.threads)
     freed = keep_freed_memory()  # as the training commands run (nanoseek/train/run.py)
+    kernels = use_cpu_kernels()
     cap, bf16_flags = cpu_bf16()
     bounds = measure_cpu()
     print(f"CPU capability {cap}; native bf16: {', '.join(bf16_flags) or 'no'}; {a.threads} thread(s) "
           f"({'thread CPU time' if a.threads == 1 else 'wall time'}); "
           f"matmul fp32 {bounds['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {bounds['bf16_flops'] / 1e9:.0f} GFLOP/s; "
-          f"copy {bounds['bandwidth_gbs']:.1f} GB/s; malloc keeps freed blocks: {freed}", file=sys.stderr)
+          f"copy {bounds['bandwidth_gbs']:.1f} GB/s; malloc keeps freed blocks: {freed}; "
+          f"C++ feed-forward kernels: {'yes' if kernels else 'no (ours = ours_pytorch)'}", file=sys.stderr)
     dtypes = [torch.float32] + ([torch.bfloat16] if bf16_flags else [])
     layers = [layer(n, dt, a.tokens, 5 if n == "tiny" else 2, a.rounds) for n in a.presets for dt in dtypes]
     decodes = [decode(b, a.context, 20, a.rounds) for b in (1, 32)]
@@ -315,23 +328,23 @@ def main() -> None:
 
     print(f"\nMoE layer, forward + backward on {a.tokens} tokens, ms (ratio to the dense SwiGLU of the same "
           f"active size); CPU {cap}, native bf16 {'/'.join(bf16_flags) or 'no'}, {a.threads} thread(s)\n")
-    cols = ["ours", "ours_compiled", "ours_loop", "dense", "hf_eager", "hf_grouped_mm", "gemms_alone",
-            "dense_gemms_alone"]
+    cols = ["ours", "ours_pytorch", "ours_compiled", "ours_loop", "dense", "dense_pytorch", "hf_eager",
+            "hf_grouped_mm", "gemms_alone", "dense_gemms_alone"]
     print("| preset | dtype | " + " | ".join(cols) + " | expert load max/mean |")
     print("|---|---|" + "---:|" * (len(cols) + 1))
     for r in layers:
         cells = [f"{r['ms'][c]:.1f} ({r['ratio_vs_dense'][c]:.2f}x)" if c in r["ms"] else "-" for c in cols]
         print(f"| {r['preset']} | {r['dtype']} | " + " | ".join(cells) + f" | {r['load_max_mean']} |")
     print(f"\nDecode step, tiny V3 vs dense of equal active size, context {a.context}, fp32, ms (ratio to dense)\n")
-    print("| batch | MoE (grouped GEMMs) | MoE, loop forced | dense |")
-    print("|---:|---:|---:|---:|")
+    print("| batch | MoE (grouped GEMMs) | MoE, PyTorch's ops | MoE, loop forced | dense |")
+    print("|---:|---:|---:|---:|---:|")
     for r in decodes:
         print(f"| {r['batch']} | " + " | ".join(f"{r['ms'][c]:.2f} ({r['ratio_vs_dense'][c]:.2f}x)"
-                                               for c in ("moe", "moe_loop", "dense")) + " |")
+                                               for c in ("moe", "moe_pytorch", "moe_loop", "dense")) + " |")
     print(f"\nExpert load max/mean, tiny gate, skewed inputs: {bal['load_max_mean_first']} at the start, "
           f"{bal['load_max_mean_last_10pct']} over the last 10% of {bal['steps']} bias updates\n")
     print(json.dumps({"benchmark": "moe_layer", "cpu_capability": cap, "native_bf16": bf16_flags,
-                      "threads": a.threads, "clock": "thread_time" if a.threads == 1 else "perf_counter",
+                      "threads": a.threads, "cpu_kernels": kernels, "clock": "thread_time" if a.threads == 1 else "perf_counter",
                       "matmul_gflops_fp32": round(bounds["fp32_flops"] / 1e9, 1),
                       "matmul_gflops_bf16": round(bounds["bf16_flops"] / 1e9, 1),
                       "copy_gbs": round(bounds["bandwidth_gbs"], 1),

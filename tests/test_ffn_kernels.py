@@ -10,6 +10,7 @@ from conftest import assert_close_scaled
 from test_model import tiny_v3
 from nanoseek.config import ModelConfig
 from nanoseek.infer import kernels
+from nanoseek.model import cpu_kernels
 from nanoseek.model import moe as moe_mod
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
@@ -84,7 +85,7 @@ def test_gate_kernel_equals_pytorch_ops(case, monkeypatch):
     ds = torch.randn(400, cfg.n_routed_experts, generator=gen)
     runs = []
     for installed in (None, kernels):
-        monkeypatch.setattr(moe_mod, "cpu_kernels", installed)
+        monkeypatch.setattr(cpu_kernels, "installed", installed)
         gate.zero_grad()
         xg = x.clone().requires_grad_()
         w, idx, s = gate(xg)
@@ -145,7 +146,7 @@ def test_training_pass_with_the_kernels_equals_pytorch(monkeypatch):
     x = torch.randint(0, 97, (3, 23), generator=torch.Generator().manual_seed(1))
     runs = []
     for installed in (None, kernels):
-        monkeypatch.setattr(moe_mod, "cpu_kernels", installed)
+        monkeypatch.setattr(cpu_kernels, "installed", installed)
         model.zero_grad()
         logits, (mtp,) = model(x, return_mtp=True)
         loss = logits.logsumexp(-1).mean() + mtp.square().mean()
@@ -164,7 +165,7 @@ def test_bf16_moe_block_with_the_kernels_equals_pytorch(monkeypatch):
     x = torch.randn(4, 37, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
     runs = []
     for installed in (None, kernels):
-        monkeypatch.setattr(moe_mod, "cpu_kernels", installed)
+        monkeypatch.setattr(cpu_kernels, "installed", installed)
         moe.zero_grad()
         xg = x.clone().requires_grad_()
         y, routing = moe(xg)

@@ -102,11 +102,11 @@ def test_moe_dispatch_equals_per_token_loop(path, monkeypatch):
     a per-token loop: outputs and the gradients of the input, the gate and every expert (fp32,
     summation order only)."""
     from nanoseek.infer import kernels
-    from nanoseek.model import moe as moe_mod
+    from nanoseek.model import cpu_kernels
     if path == "c++":
         if not kernels.available():
             pytest.skip("no C++ compiler")
-        monkeypatch.setattr(moe_mod, "cpu_kernels", kernels)
+        monkeypatch.setattr(cpu_kernels, "installed", kernels)
     monkeypatch.setattr(MoE, "GROUPED", path != "loop")
     model = tiny_v3()
     moe = model.model.layers[1].mlp
@@ -206,11 +206,11 @@ def test_moe_grouped_path_falls_back_where_grouped_mm_does_not_apply(monkeypatch
 def gate_impl(request, monkeypatch):
     """Gate's PyTorch ops, or the C++ gate (nanoseek/infer/ffn.cpp) installed as the training commands do."""
     from nanoseek.infer import kernels
-    from nanoseek.model import moe
+    from nanoseek.model import cpu_kernels
     if request.param == "c++":
         if not kernels.available():
             pytest.skip("no C++ compiler")
-        monkeypatch.setattr(moe, "cpu_kernels", kernels)
+        monkeypatch.setattr(cpu_kernels, "installed", kernels)
     return request.param
 
 
@@ -333,9 +333,9 @@ def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
     from nanoseek.train.run import use_cpu_kernels
     if not kernels.available():
         pytest.skip("no C++ compiler")
-    from nanoseek.model import moe
+    from nanoseek.model import cpu_kernels
     monkeypatch.setattr(attention, "FUSED_MAX_HEAD", attention.FUSED_MAX_HEAD)   # restored after the test
-    monkeypatch.setattr(moe, "cpu_kernels", moe.cpu_kernels)                     # (use_cpu_kernels sets both)
+    monkeypatch.setattr(cpu_kernels, "installed", cpu_kernels.installed)         # (use_cpu_kernels sets both)
     torch.manual_seed(0)
     cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2)
     if arch == "llama":

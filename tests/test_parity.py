@@ -1,6 +1,7 @@
 """Logits parity with transformers on tiny random configs, in both directions.
 
-transformers -> nanoseek: `save_pretrained` output loads with `nanoseek.load`, equal logits.
+transformers -> nanoseek: `save_pretrained` output loads with `nanoseek.load`, equal logits (on PyTorch's
+ops, and with the C++ layer kernels installed).
 nanoseek -> transformers: `nanoseek.save` output loads with `AutoModelForCausalLM`, equal logits.
 """
 
@@ -65,8 +66,21 @@ def tokens(vocab=101, batch=2, seq=37):
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
+@pytest.fixture(params=["pytorch", "c++"])
+def layer_ops(request, monkeypatch):
+    """The model's layers on PyTorch's ops, or with the C++ RMSNorm, SwiGLU and MoE gate installed as the
+    training commands install them (nanoseek/model/cpu_kernels.py)."""
+    from nanoseek.infer import kernels
+    from nanoseek.model import cpu_kernels
+    if request.param == "c++":
+        if not kernels.available():
+            pytest.skip("no C++ compiler")
+        monkeypatch.setattr(cpu_kernels, "installed", kernels)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_transformers_to_nanoseek(case, tmp_path):
+def test_transformers_to_nanoseek(case, tmp_path, layer_ops):
     ref = hf_model(case)
     ref.save_pretrained(tmp_path)
     ours, _ = nanoseek.load(tmp_path)
@@ -131,12 +145,12 @@ def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     from nanoseek.infer import kernels
-    from nanoseek.model import moe as moe_mod
+    from nanoseek.model import cpu_kernels
     from nanoseek.model.moe import MoE
     if path == "c++":
         if not kernels.available():
             pytest.skip("no C++ compiler")
-        monkeypatch.setattr(moe_mod, "cpu_kernels", kernels)
+        monkeypatch.setattr(cpu_kernels, "installed", kernels)
     monkeypatch.setattr(MoE, "GROUPED", path != "loop")
     monkeypatch.setattr(MoE, "COMPILE", path == "compiled")
     cls, kw = CASES["v3_qlora_groups"]

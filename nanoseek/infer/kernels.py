@@ -1,7 +1,8 @@
-"""The C++ kernels (kernels.cpp, ffn.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights
+"""The C++ kernels (kernels.cpp, ffn.cpp, norm.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights
 with fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode (`decode_attention`) and fused
 attention for training on short windows (`attention`, forward and backward); the SwiGLU (`silu_mul`,
-`swiglu`) and the MoE gate and dispatch plan (`moe_route`, `moe_plan`), for training and inference.
+`swiglu`), the MoE gate and dispatch plan (`moe_route`, `moe_plan`) and RMSNorm (`rms_norm`), for
+training and inference.
 
 Built at first use with torch.utils.cpp_extension (ninja, a C++ compiler, -O3 -march=native) into
 ~/.cache/nanoseek/kernels (or $NANOSEEK_KERNEL_CACHE), once per machine and torch version; later
@@ -31,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 F16, BF16, I8, I4, F32 = range(5)  # weight formats, as kernels.cpp's enum Kind
-SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "ffn.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "ffn.cpp", "norm.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 _state: dict[str, object] = {}
 
@@ -252,6 +253,30 @@ def moe_plan(indices: torch.Tensor, n_experts: int, pad: int):
     """(token, slot, pair, counts, padded counts) of nanoseek.model.moe.sort_pairs, and the tokens per expert,
     by one counting sort (ffn.cpp)."""
     return torch.ops.nanoseek.moe_plan(indices, n_experts, pad)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, eps):
+        y, rstd = torch.ops.nanoseek.rms_norm_fwd(x, w, eps)
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, rstd = ctx.saved_tensors
+        dx, dw = torch.ops.nanoseek.rms_norm_bwd(g.contiguous(), x, w, rstd, ctx.needs_input_grad[1])
+        return dx, (dw.to(w.dtype) if dw is not None else None), None
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * w over the last dim (norm.cpp), fp32 or bf16 (x and w alike) on CPU; bf16
+    rounds the normalised x before the weight, as nanoseek.model.attention.RMSNorm's reference does."""
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return _RMSNorm.apply(x2, w, float(eps)).view(x.shape)
 
 
 def vector_width() -> int:

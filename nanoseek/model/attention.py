@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
+from .cpu_kernels import kernels_for
 
 
 # (q [B, H, T, D], k [B, G, S, D], v [B, G, S, Dv], mask [B or 1, 1, T, S] bool or None = causal, scale)
@@ -73,6 +74,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = kernels_for(x)
+        if k is not None and self.weight.dtype == x.dtype:  # one C++ pass each way (norm.cpp)
+            return k.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused op (decode is op-bound)
         # normalize in fp32 and scale in the input dtype, as the reference implementations do

@@ -44,27 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .cpu_kernels import kernels_for
 
 
 class Routing(NamedTuple):
     """What one MoE call routed."""
     scores: torch.Tensor   # the gate's affinities s [*batch_dims, E], fp32, with their graph
     load: torch.Tensor     # tokens routed to each expert [E] (detached counts)
-
-
-# nanoseek.infer.kernels (C++ SwiGLU, gate and dispatch plan: ffn.cpp) once train.run.use_cpu_kernels
-# installs it (every training command does); None: PyTorch's ops. The same functions either way.
-cpu_kernels = None
-
-
-def kernels_for(t: torch.Tensor):
-    """cpu_kernels where they apply to t (installed, CPU, fp32 or bf16, not inside torch.compile, which fuses
-    these ops itself), else None."""
-    k = cpu_kernels
-    if (k is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16)
-            or torch.compiler.is_compiling()):
-        return None
-    return k
 
 
 def silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ checks, the metrics log, the progress bar, the lr schedule, the amp choice and t
 
 keep_freed_memory() (the CLI calls it for training commands) stops glibc from handing large freed
 blocks back to the kernel, whose fresh pages then fault in on every step; use_cpu_kernels()
-(likewise) trains with nanoseek's C++ kernels on CPU (attention, SwiGLU, MoE gate and dispatch).
+(likewise) trains with nanoseek's C++ kernels on CPU (attention, RMSNorm, SwiGLU, MoE gate and dispatch).
 
 OUT/ holds checkpoints/ (checkpoint.py), metrics.jsonl and final/ (an HF directory with training.json,
 written as one atomic, fsynced unit: a crash leaves the old final/ or the new one, never a model
@@ -107,14 +107,14 @@ def use_cpu_kernels() -> bool:
     """Training (and its rollouts) on CPU use nanoseek's C++ kernels when they are built (built now if not:
     once per machine, ~1 min): attention for fp32 passes with gradients (model.attention.attend; the
     speedrun's pretraining shape, [16, 8, 128, 24] with its document mask, forward + backward: 5.2 ms
-    against SDPA's 10.3), and the SwiGLU, the MoE gate and its dispatch plan in fp32 and bf16
-    (model.moe.cpu_kernels). True if installed."""
+    against SDPA's 10.3), and RMSNorm, the SwiGLU, the MoE gate and its dispatch plan in fp32 and bf16
+    (model.cpu_kernels). True if installed."""
     from ..infer import kernels
-    from ..model import attention, moe
+    from ..model import attention, cpu_kernels
     ok = kernels.available()
     attention.fused_attention = kernels.attention if ok else None
     attention.FUSED_MAX_HEAD = 16 * kernels.vector_width()  # the kernel's limit: 16 vectors per head
-    moe.cpu_kernels = kernels if ok else None
+    cpu_kernels.installed = kernels if ok else None
     return ok
 
 
