@@ -36,8 +36,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.1,
           betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    # fused kernels on CUDA; elsewhere foreach (one op over all tensors, not a Python loop per tensor)
-    fused = next(model.parameters()).device.type == "cuda"
+    # torch's fused kernels on CUDA and CPU (CPU: the tiny preset's step 1.25 ms against foreach's 4.3, the
+    # same numbers to the bit); elsewhere foreach (one op over all tensors, not a Python loop per tensor)
+    fused = next(model.parameters()).device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps,
                              fused=fused or None, foreach=None if fused else True)
 
