@@ -25,6 +25,9 @@ Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are on
   combine  shared experts' output + each token's k rows (`Combine`: `gather_sum`, an
            `F.embedding_bag` sum over the inverse order; its backward is a gather by token): no
            scatter-add either way
+With the C++ kernels installed (model/cpu_kernels.py; the training commands install them), the gate after
+its GEMM, the sort and the SwiGLU run in C++ (infer/ffn.cpp): the same functions, a few passes instead of
+~60 small ops (docs/benchmarks.md#moe-vs-dense).
 Where `F.grouped_mm` does not apply (rows not 16-byte multiples, CUDA in fp32, other devices) or
 `MoE.GROUPED = False`, a loop runs each expert that got rows once, on its slice (never a loop over
 tokens); quantized experts (infer/quantize.py) are one MLP each (`LoopExperts`) and take the loop.
@@ -70,8 +73,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         g, u = self.gate_proj, self.up_proj
-        if type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None and kernels_for(x) is not None:
-            # one GEMM for both (and one for x's gradient, no add), the C++ SwiGLU on its two halves
+        if (torch.is_grad_enabled() and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None
+                and kernels_for(x) is not None):
+            # training: one GEMM for both (and one for x's gradient, no add), the C++ SwiGLU on its two
+            # halves; not in inference, where decode would copy the two weights for every token
             gu = F.linear(x, torch.cat([g.weight, u.weight]))
             return self.down_proj(swiglu(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
         return self.down_proj(silu_mul(g(x), u(x)))
