@@ -1163,8 +1163,9 @@ at::Tensor decode_attention(const at::Tensor& q_in, const at::Tensor& k, const a
 // Attention for training on short windows (kernels.py: attention), forward and backward. q [B, H, T, D],
 // k [B, G, S, D], v [B, G, S, Dv], contiguous (GQA: query head h reads kv head h / (H / G)); mask
 // [B, T, S] bool (true = attend) or empty for causal (key j <= query i + S - T). Each row visits only
-// the span of keys between its mask row's first and last allowed key: a packed window's document mask
-// leaves a few dozen of 128, where SDPA's flash kernel scores every block up to the diagonal. One task
+// its allowed keys, found as runs in its mask row: a packed window's document mask leaves a few dozen of
+// 128 (one run), GRPO's packed groups a prompt and one completion of eight (two runs), where SDPA's flash
+// kernel scores every block up to the diagonal. A row's scores are kept packed, run after run. One task
 // per (row, kv head) holds its keys and values transposed ([D, S]: W keys' scores per broadcast FMA, no
 // horizontal sums) and its heads' dK, dV, all in L2 at these lengths. The backward recomputes the
 // probabilities from the forward's log-sum-exp: dS = P (dP - rowsum(dO o)) scale, dP = dO V^T.
@@ -1175,39 +1176,56 @@ struct AttnArgs {
   int64_t B, H, G, T, S, D, Dv;
   int64_t Sp;                   // transposed rows' length: S rounded up to W, plus W (a span's last vector)
   float scale;
-  std::vector<int32_t> lo, hi;  // [B * T]: each query's span of keys [lo, hi)
-  std::vector<uint8_t> dense;   // [B * T]: every key of the span allowed (a document mask's rows)
+  std::vector<int64_t> run_off;  // [B * T + 1]: query r's runs are runs[2 run_off[r] .. 2 run_off[r + 1])
+  std::vector<int32_t> runs;     // [lo, hi) pairs of allowed keys
 };
 
-// each query's span, once for all heads: its mask row's first and last allowed key (causal: [0, i + S - T])
-static void key_spans(AttnArgs& a) {
-  a.lo.assign(a.B * a.T, 0), a.hi.resize(a.B * a.T), a.dense.assign(a.B * a.T, 1);
-  at::parallel_for(0, a.B * a.T, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      int64_t lo = 0, hi = std::min(a.S, r % a.T + a.S - a.T + 1);
-      if (a.mask) {
-        const bool* m = a.mask + r * a.S;
-        hi = a.S;
-        while (lo < hi && !m[lo]) ++lo;
-        while (hi > lo && !m[hi - 1]) --hi;
-        a.dense[r] = std::all_of(m + lo, m + hi, [](bool x) { return x; });
-      }
-      a.lo[r] = static_cast<int32_t>(lo), a.hi[r] = static_cast<int32_t>(hi);
+// the runs of allowed keys in a mask row, written as [lo, hi) pairs to out (if given); returns how many
+static int64_t mask_runs(const bool* m, int64_t S, int32_t* out) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < S;) {
+    while (j < S && !m[j]) ++j;
+    const int64_t lo = j;
+    while (j < S && m[j]) ++j;
+    if (j > lo) {
+      if (out) out[2 * n] = static_cast<int32_t>(lo), out[2 * n + 1] = static_cast<int32_t>(j);
+      ++n;
     }
+  }
+  return n;
+}
+
+// each query's runs, once for all heads (causal: one run, [0, i + S - T])
+static void key_runs(AttnArgs& a) {
+  const int64_t R = a.B * a.T;
+  a.run_off.assign(R + 1, 0);
+  if (!a.mask) {
+    a.runs.resize(2 * R);
+    for (int64_t r = 0; r < R; ++r)
+      a.run_off[r + 1] = r + 1, a.runs[2 * r] = 0, a.runs[2 * r + 1] = static_cast<int32_t>(std::min(a.S, r % a.T + a.S - a.T + 1));
+    return;
+  }
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) a.run_off[r + 1] = mask_runs(a.mask + r * a.S, a.S, nullptr);
+  });
+  for (int64_t r = 0; r < R; ++r) a.run_off[r + 1] += a.run_off[r];
+  a.runs.resize(2 * a.run_off[R]);
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) mask_runs(a.mask + r * a.S, a.S, a.runs.data() + 2 * a.run_off[r]);
   });
 }
 
-// query i of sequence b: its span [lo, hi) and the keys' 1 / 0 weights in m[0, hi - lo) (0 past it)
-static inline void key_span(const AttnArgs& a, int64_t b, int64_t i, int64_t& lo, int64_t& hi, float* m) {
+// query i of sequence b: its runs [runs, runs + 2 nr) and its allowed keys' count n; m[0, n) = 1, then 0 to
+// the next whole vector (the packed scores' weights)
+static inline int64_t key_runs_of(const AttnArgs& a, int64_t b, int64_t i, const int32_t*& runs, int64_t& nr,
+                                  float* m) {
   const int64_t r = b * a.T + i;
-  lo = a.lo[r], hi = a.hi[r];
-  if (a.dense[r]) {
-    std::fill(m, m + (hi - lo), 1.f);
-  } else {
-    const bool* row = a.mask + r * a.S;
-    for (int64_t j = lo; j < hi; ++j) m[j - lo] = row[j] ? 1.f : 0.f;
-  }
-  std::fill(m + std::max<int64_t>(hi - lo, 0), m + round_up_to_w(std::max<int64_t>(hi - lo, 0)), 0.f);
+  runs = a.runs.data() + 2 * a.run_off[r], nr = a.run_off[r + 1] - a.run_off[r];
+  int64_t n = 0;
+  for (int64_t u = 0; u < nr; ++u) n += runs[2 * u + 1] - runs[2 * u];
+  std::fill(m, m + n, 1.f);
+  std::fill(m + n, m + round_up_to_w(n), 0.f);
+  return n;
 }
 
 // rows x [S, D] -> xp [S, C vectors], zero-padded (so every per-key update is C whole vectors)
@@ -1238,6 +1256,14 @@ static inline void row_dots(const float* x, const float* kT, int64_t Sp, int64_t
   }
 }
 
+// row_dots over a query's runs, packed one after another into s (a run's last vector spills past it and
+// is overwritten by the next run; past the last, the weights m are 0)
+static inline void run_dots(const float* x, const float* kT, int64_t Sp, int64_t D, const int32_t* runs, int64_t nr,
+                            float scale, float* s) {
+  for (int64_t u = 0, off = 0; u < nr; off += runs[2 * u + 1] - runs[2 * u], ++u)
+    row_dots(x, kT, Sp, D, runs[2 * u], runs[2 * u + 1] - runs[2 * u], scale, s + off);
+}
+
 // one task's buffers: keys / values transposed [D or Dv, Sp]; padded rows [S, C] (keys, values, their
 // gradients); a row's scores, their gradients and the mask's weights [Sp]
 struct AttnTask {
@@ -1258,17 +1284,20 @@ static void attention_fwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
   for (int64_t h = g * R; h < (g + 1) * R; ++h) {
     for (int64_t i = 0; i < a.T; ++i) {
       const int64_t row = (b * a.H + h) * a.T + i;
-      int64_t lo, hi;
-      key_span(a, b, i, lo, hi, w.m.data());
+      const int32_t* runs;
+      int64_t nr;
+      const int64_t n = key_runs_of(a, b, i, runs, nr, w.m.data());
       vf acc[C] = {};
       a.lse_out[row] = 0.f;  // no key allowed: output 0 (SDPA gives NaN), nothing flows back
-      if (hi > lo) {
-        row_dots(a.q + row * a.D, w.kT.data(), Sp, a.D, lo, hi - lo, a.scale, w.p.data());
-        a.lse_out[row] = softmax_masked(w.p.data(), w.m.data(), hi - lo);
-        for (int64_t j = lo; j < hi; ++j) {
-          const vf pj = vf{} + w.p[j - lo];
-          for (int c = 0; c < C; ++c) acc[c] += pj * w.vp[j * C + c];
-        }
+      if (n > 0) {
+        run_dots(a.q + row * a.D, w.kT.data(), Sp, a.D, runs, nr, a.scale, w.p.data());
+        a.lse_out[row] = softmax_masked(w.p.data(), w.m.data(), n);
+        const float* p = w.p.data();
+        for (int64_t u = 0; u < nr; ++u)
+          for (int64_t j = runs[2 * u]; j < runs[2 * u + 1]; ++j, ++p) {
+            const vf pj = vf{} + *p;
+            for (int c = 0; c < C; ++c) acc[c] += pj * w.vp[j * C + c];
+          }
       }
       std::memcpy(a.out + row * a.Dv, acc, a.Dv * sizeof(float));
     }
@@ -1287,15 +1316,16 @@ static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
     for (int64_t i = 0; i < a.T; ++i) {
       const int64_t row = (b * a.H + h) * a.T + i;
       const float *q = a.q + row * a.D, *dout = a.dout + row * a.Dv, *o = a.o + row * a.Dv;
-      int64_t lo, hi;
-      key_span(a, b, i, lo, hi, w.m.data());
+      const int32_t* runs;
+      int64_t nr;
+      const int64_t n = key_runs_of(a, b, i, runs, nr, w.m.data());
       vf dq[C] = {}, qv[C], dov[C];
-      if (hi > lo) {
-        const int64_t n = hi - lo, np = round_up_to_w(n);
+      if (n > 0) {
+        const int64_t np = round_up_to_w(n);
         float* p = w.p.data();
         float* dp = w.dp.data();
-        row_dots(q, w.kT.data(), Sp, a.D, lo, n, a.scale, p);
-        row_dots(dout, w.vT.data(), Sp, a.Dv, lo, n, 1.f, dp);
+        run_dots(q, w.kT.data(), Sp, a.D, runs, nr, a.scale, p);
+        run_dots(dout, w.vT.data(), Sp, a.Dv, runs, nr, 1.f, dp);
         float delta = 0.f;
         for (int64_t d = 0; d < a.Dv; ++d) delta += dout[d] * o[d];
         const float lse = a.lse[row];
@@ -1309,14 +1339,15 @@ static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
         }
         std::memset(qv, 0, sizeof(qv)), std::memset(dov, 0, sizeof(dov));
         std::memcpy(qv, q, a.D * sizeof(float)), std::memcpy(dov, dout, a.Dv * sizeof(float));
-        for (int64_t j = lo; j < hi; ++j) {
-          const vf pj = vf{} + p[j - lo], ds = vf{} + dp[j - lo];
-          for (int c = 0; c < C; ++c) {
-            dq[c] += ds * w.kp[j * C + c];
-            w.dkp[j * C + c] += ds * qv[c];
-            w.dvp[j * C + c] += pj * dov[c];
+        for (int64_t u = 0, o = 0; u < nr; ++u)
+          for (int64_t j = runs[2 * u]; j < runs[2 * u + 1]; ++j, ++o) {
+            const vf pj = vf{} + p[o], ds = vf{} + dp[o];
+            for (int c = 0; c < C; ++c) {
+              dq[c] += ds * w.kp[j * C + c];
+              w.dkp[j * C + c] += ds * qv[c];
+              w.dvp[j * C + c] += pj * dov[c];
+            }
           }
-        }
       }
       std::memcpy(a.dq + row * a.D, dq, a.D * sizeof(float));
     }
@@ -1358,7 +1389,7 @@ static AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Te
   }
   a.q = q.data_ptr<float>(), a.k = k.data_ptr<float>(), a.v = v.data_ptr<float>();
   a.scale = static_cast<float>(scale);
-  key_spans(a);
+  key_runs(a);
   return a;
 }
 
