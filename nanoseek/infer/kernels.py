@@ -1,8 +1,8 @@
-"""The C++ kernels (kernels.cpp, ffn.cpp, norm.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights
+"""The C++ kernels (kernels.cpp, ffn.cpp, norm.cpp, rope.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights
 with fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode (`decode_attention`) and fused
 attention for training on short windows (`attention`, forward and backward); the SwiGLU (`silu_mul`,
-`swiglu`), the MoE gate and dispatch plan (`moe_route`, `moe_plan`) and RMSNorm (`rms_norm`), for
-training and inference.
+`swiglu`), the MoE gate and dispatch plan (`moe_route`, `moe_plan`), RMSNorm (`rms_norm`) and MLA's rotated
+queries and keys laid out for the attention kernel (`mla_qkv`), for training and inference.
 
 Built at first use with torch.utils.cpp_extension (ninja, a C++ compiler, -O3 -march=native) into
 ~/.cache/nanoseek/kernels (or $NANOSEEK_KERNEL_CACHE), once per machine and torch version; later
@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 F16, BF16, I8, I4, F32 = range(5)  # weight formats, as kernels.cpp's enum Kind
-SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "ffn.cpp", "norm.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "ffn.cpp", "norm.cpp", "rope.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 _state: dict[str, object] = {}
 
@@ -292,6 +292,30 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if not _graph(x2, w):
         return torch.ops.nanoseek.rms_norm_fwd(x2, w, float(eps))[0].view(x.shape)
     return _RMSNorm.apply(x2, w, float(eps)).view(x.shape)
+
+
+class _MLAQKV(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, k_pe, cos, sin, interleave):
+        ctx.save_for_backward(cos, sin)
+        ctx.interleave, ctx.dn = interleave, q.shape[-1] - k_pe.shape[-1]
+        return torch.ops.nanoseek.mla_qkv(q, kv, k_pe, cos, sin, interleave)
+
+    @staticmethod
+    def backward(ctx, dqh, dkh, dvh):
+        cos, sin = ctx.saved_tensors
+        dq, dkv, dk_pe = torch.ops.nanoseek.mla_qkv_bwd(dqh, dkh, dvh, cos, sin, ctx.interleave, ctx.dn)
+        return dq, dkv, dk_pe, None, None, None
+
+
+def mla_qkv(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            interleave: bool):
+    """MLA's attention inputs in one pass (rope.cpp), fp32 on CPU: q [B, T, H, dn + dr] with its rope dims
+    rotated, k = [k_nope | the rotated k_pe shared by every head], v, as [B, H, T, D] tensors for
+    `attention`; kv [B, T, H, dn + dv], k_pe [B, T, dr] (unrotated), cos / sin [B or 1, T, dr / 2]."""
+    B, T = q.shape[:2]
+    cos, sin = cos.expand(B, T, -1).contiguous(), sin.expand(B, T, -1).contiguous()
+    return _MLAQKV.apply(q, kv, k_pe, cos, sin, bool(interleave))
 
 
 def vector_width() -> int:

@@ -45,6 +45,14 @@ def training_attention(device: torch.device, dtype: torch.dtype) -> str:
     return "nanoseek fused CPU kernel" if _fused_for(device, dtype) else "SDPA"
 
 
+def fused_applies(q: torch.Tensor, D: int, Dv: int, mask: torch.Tensor | None) -> bool:
+    """Does the fused CPU kernel take this pass? A training pass (autograd on) in fp32 on CPU, head sizes
+    within its limit, a bool mask shared by the heads or none (causal), not inside torch.compile."""
+    return (_fused_for(q.device, q.dtype) and torch.is_grad_enabled() and max(D, Dv) <= FUSED_MAX_HEAD
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
+            and not torch.compiler.is_compiling())
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            pad_v: bool = False) -> torch.Tensor:
     """Attention over [B, T, heads, D] tensors -> [B, T, H, Dv]: the fused CPU kernel where it applies (a
@@ -52,10 +60,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     and v have fewer heads; pad_v: v padded to q's head size, which SDPA's fused kernels need)."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     Dv = v.shape[-1]
-    if (_fused_for(q.device, q.dtype) and torch.is_grad_enabled() and k.dtype == v.dtype == q.dtype
-            and max(q.shape[-1], Dv) <= FUSED_MAX_HEAD
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
-            and not torch.compiler.is_compiling()):
+    if k.dtype == v.dtype == q.dtype and fused_applies(q, q.shape[-1], Dv, mask):
         return fused_attention(q, k, v, mask, scale).transpose(1, 2)
     pad = q.shape[-1] - Dv
     if pad_v and pad > 0:  # SDPA's fused (flash) kernels need equal sizes, else the math path: [B, H, T, S]
@@ -198,20 +203,34 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.d_nope + self.d_rope)
-        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
+        short = (cache is not None or mask is not None) and T <= self.absorb_max_tokens
+        absorb = self.absorb if self.absorb is not None else short
+        kernels = kernels_for(q)
+        if (cache is None and not absorb and kernels is not None and q.dtype == torch.float32
+                and fused_applies(q, self.d_nope + self.d_rope, self.d_v, mask)):
+            return self.o_proj(self._fused(kernels, q, c_kv, k_pe, cos, sin, mask))
+        q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleave)[:, :, 0]
         if cache is not None:
             c_kv, k_pe, mask = cache.update(self.layer_idx, positions, c_kv, k_pe)
-        short = (cache is not None or mask is not None) and T <= self.absorb_max_tokens
-        absorb = self.absorb if self.absorb is not None else short
         if absorb:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask)
         else:
             out = self._naive(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.d_v))
+
+    def _fused(self, kernels, q, c_kv, k_pe, cos, sin, mask):
+        """A training pass on CPU: rotate, broadcast the rope key and lay out q, k, v for the attention kernel
+        in one C++ pass each way (rope.cpp), where PyTorch's ops split, rotate, concatenate and transpose
+        (and their backward concatenates the split gradients). -> [B, T, nh * d_v]."""
+        B, T = q.shape[:2]
+        kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.d_nope + self.d_v)
+        qh, kh, vh = kernels.mla_qkv(q, kv, k_pe, cos, sin, self.interleave)
+        out = fused_attention(qh, kh, vh, mask, self.scale)  # [B, H, T, d_v]
+        return out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v)
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
         B, S, _ = c_kv.shape
