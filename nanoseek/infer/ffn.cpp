@@ -29,36 +29,6 @@ static inline vf sigmoid_v(vf x) {
   return x < 0 ? e * r : r;
 }
 
-// n <= W elements of a row as fp32 (zero past n), and back
-template <typename T>
-static inline vf load_row(const T* p, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == W) return load<vf>(p);
-    vf v{};
-    std::memcpy(&v, p, n * sizeof(float));
-    return v;
-  } else {
-    if (n == W) return bf16_to_f32(reinterpret_cast<const uint8_t*>(p));
-    uint16_t buf[W] = {};
-    std::memcpy(buf, p, n * sizeof(uint16_t));
-    return bf16_to_f32(reinterpret_cast<const uint8_t*>(buf));
-  }
-}
-
-template <typename T>
-static inline void store_row(T* p, vf v, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == W) std::memcpy(p, &v, sizeof(vf));  // a constant size: one vector store, not a call
-    else std::memcpy(p, &v, n * sizeof(float));
-  } else if (n == W) {
-    store_bf16(p, v);
-  } else {
-    uint16_t buf[W];
-    store_bf16(buf, v);
-    std::memcpy(p, buf, n * sizeof(uint16_t));
-  }
-}
-
 static void check_pair(const at::Tensor& g, const at::Tensor& u) {
   TORCH_CHECK(g.dim() == 2 && u.sizes() == g.sizes(), "swiglu: g and u must be [rows, I] of one shape");
   TORCH_CHECK(g.scalar_type() == u.scalar_type() &&
@@ -78,8 +48,8 @@ template <typename T>
 static inline void swiglu_row(const T* __restrict g, const T* __restrict u, T* __restrict h, int64_t I, float a) {
   for (int64_t i = 0; i < I; i += W) {
     const int64_t n = std::min<int64_t>(W, I - i);
-    const vf x = load_row(g + i, n), y = load_row(u + i, n);
-    store_row(h + i, x * sigmoid_v(x) * y * a, n);
+    const vf x = load_n(g + i, n), y = load_n(u + i, n);
+    store_n(h + i, x * sigmoid_v(x) * y * a, n);
   }
 }
 
@@ -112,11 +82,11 @@ static inline float swiglu_bwd_row(const T* __restrict d, const T* __restrict g,
   vf acc{};
   for (int64_t i = 0; i < I; i += W) {
     const int64_t n = std::min<int64_t>(W, I - i);
-    const vf x = load_row(g + i, n), y = load_row(u + i, n), dh = load_row(d + i, n);
+    const vf x = load_n(g + i, n), y = load_n(u + i, n), dh = load_n(d + i, n);
     const vf s = sigmoid_v(x), silu = x * s;
     acc += dh * silu * y;
-    store_row(out + i, dh * a * y * s * (1.f + x * (1.f - s)), n);
-    store_row(out + I + i, dh * a * silu, n);
+    store_n(out + i, dh * a * y * s * (1.f + x * (1.f - s)), n);
+    store_n(out + I + i, dh * a * silu, n);
   }
   float t = 0.f;
   for (int w = 0; w < W; ++w) t += acc[w];

@@ -17,33 +17,6 @@
 
 namespace {
 
-template <typename T>
-inline vf load_n(const T* p, int64_t n) {  // n <= W elements as fp32, zero past n
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == W) return load<vf>(p);
-    vf v{};
-    std::memcpy(&v, p, n * sizeof(float));
-    return v;
-  } else {
-    if (n == W) return bf16_to_f32(reinterpret_cast<const uint8_t*>(p));
-    uint16_t buf[W] = {};
-    std::memcpy(buf, p, n * sizeof(uint16_t));
-    return bf16_to_f32(reinterpret_cast<const uint8_t*>(buf));
-  }
-}
-
-template <typename T>
-inline void store_n(T* p, vf v, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (n == W) std::memcpy(p, &v, sizeof(vf));
-    else std::memcpy(p, &v, n * sizeof(float));
-  } else {
-    uint16_t buf[W];
-    store_bf16(n == W ? static_cast<void*>(p) : buf, v);
-    if (n < W) std::memcpy(p, buf, n * sizeof(uint16_t));
-  }
-}
-
 // x r rounded as the output dtype rounds it (bf16: the reference normalises in fp32, then casts)
 template <typename T>
 inline vf normalised(vf x, float r) {

@@ -1,12 +1,13 @@
-// The SIMD vocabulary nanoseek's C++ kernels share (kernels.cpp, ffn.cpp): GCC vector types W floats
+// The SIMD vocabulary nanoseek's C++ kernels share (kernels.cpp, ffn.cpp, norm.cpp): GCC vector types W floats
 // wide (the machine's own width: built with -march=native), unaligned loads, bf16 <-> fp32 and a
-// vectorised e^x.
+// vectorised e^x, rows of fp32 or bf16 read and written n <= W at a time.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 constexpr int W = 16;
@@ -78,4 +79,35 @@ static inline vf exp_nonpositive(vf x) {
   vf scale;
   std::memcpy(&scale, &bits, sizeof(vf));
   return p * scale;
+}
+
+// n <= W elements of a row of floats or of bf16 (any 16-bit T) as fp32, zero past n; and back, rounding
+// to bf16 for a 16-bit T. A whole vector (n == W) is one load / store.
+template <typename T>
+static inline vf load_n(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == W) return load<vf>(p);
+    vf v{};
+    std::memcpy(&v, p, n * sizeof(float));
+    return v;
+  } else {
+    if (n == W) return bf16_to_f32(reinterpret_cast<const uint8_t*>(p));
+    uint16_t buf[W] = {};
+    std::memcpy(buf, p, n * sizeof(uint16_t));
+    return bf16_to_f32(reinterpret_cast<const uint8_t*>(buf));
+  }
+}
+
+template <typename T>
+static inline void store_n(T* p, vf v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n == W) std::memcpy(p, &v, sizeof(vf));  // a constant size: one vector store, not a call
+    else std::memcpy(p, &v, n * sizeof(float));
+  } else if (n == W) {
+    store_bf16(p, v);
+  } else {
+    uint16_t buf[W];
+    store_bf16(buf, v);
+    std::memcpy(p, buf, n * sizeof(uint16_t));
+  }
 }
