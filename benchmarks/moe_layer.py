@@ -344,7 +344,8 @@ def main() -> None:
     print(f"\nExpert load max/mean, tiny gate, skewed inputs: {bal['load_max_mean_first']} at the start, "
           f"{bal['load_max_mean_last_10pct']} over the last 10% of {bal['steps']} bias updates\n")
     print(json.dumps({"benchmark": "moe_layer", "cpu_capability": cap, "native_bf16": bf16_flags,
-                      "threads": a.threads, "cpu_kernels": kernels, "clock": "thread_time" if a.threads == 1 else "perf_counter",
+                      "threads": a.threads, "cpu_kernels": kernels,
+                      "clock": "thread_time" if a.threads == 1 else "perf_counter",
                       "matmul_gflops_fp32": round(bounds["fp32_flops"] / 1e9, 1),
                       "matmul_gflops_bf16": round(bounds["bf16_flops"] / 1e9, 1),
                       "copy_gbs": round(bounds["bandwidth_gbs"], 1),

@@ -324,18 +324,19 @@ def test_param_counts_match_modules_and_deepseek_v3_headline():
 @pytest.mark.parametrize("arch", ["deepseek_v3", "llama"])
 def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
     """The training commands swap SDPA for nanoseek's C++ attention (train.run.use_cpu_kernels):
-    loss and every gradient of a training pass equal SDPA's, for MLA (v narrower than q, MTP) and GQA
+    loss and every gradient of a training pass equal SDPA's (on PyTorch's ops), for MLA (v narrower than q, MTP) and GQA
     (2 kv heads), with a packed window's document mask and causal. No-grad passes keep SDPA."""
     from nanoseek.config import dense_variant
     from nanoseek.infer import kernels
-    from nanoseek.model import attention
     from nanoseek.train.pretrain import document_mask
     from nanoseek.train.run import use_cpu_kernels
     if not kernels.available():
         pytest.skip("no C++ compiler")
+    calls = []
     from nanoseek.model import cpu_kernels
-    monkeypatch.setattr(attention, "FUSED_MAX_HEAD", attention.FUSED_MAX_HEAD)   # restored after the test
-    monkeypatch.setattr(cpu_kernels, "installed", cpu_kernels.installed)         # (use_cpu_kernels sets both)
+    monkeypatch.setattr(cpu_kernels, "installed", cpu_kernels.installed)   # restored after the test
+    original = kernels.attention
+    monkeypatch.setattr(kernels, "attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     torch.manual_seed(0)
     cfg = preset("tiny").replace(vocab_size=64, num_hidden_layers=2)
     if arch == "llama":
@@ -343,7 +344,6 @@ def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
     model = nanoseek.Transformer(cfg)
     x = torch.randint(2, 64, (3, 40))
     x[:, [7, 19, 30]] = 1                                              # EOS: four documents per row
-    calls = []
 
     def loss_and_grads(mask):
         model.zero_grad()
@@ -354,11 +354,9 @@ def test_training_with_the_fused_cpu_attention_equals_sdpa(arch, monkeypatch):
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     for mask in (document_mask(x, 1), None):
-        monkeypatch.setattr(attention, "fused_attention", None)
+        monkeypatch.setattr(cpu_kernels, "installed", None)  # SDPA (and PyTorch's ops for the rest)
         ref_loss, ref = loss_and_grads(mask)
         assert use_cpu_kernels()
-        monkeypatch.setattr(attention, "fused_attention",
-                            lambda *a, **kw: calls.append(1) or kernels.attention(*a, **kw))
         loss, grads = loss_and_grads(mask)
         assert loss == pytest.approx(ref_loss, rel=1e-5) and grads.keys() == ref.keys()
         for n, g in grads.items():  # relative to each gradient's own size

@@ -51,11 +51,9 @@ def test_mla_training_pass_with_the_kernel_equals_pytorch(monkeypatch):
     attention (MLA then takes rope.cpp's path) against PyTorch's ops and SDPA: loss and every gradient."""
     import nanoseek
     from nanoseek.config import preset
-    from nanoseek.model import attention, cpu_kernels
+    from nanoseek.model import cpu_kernels
     from nanoseek.train.pretrain import document_mask
     from nanoseek.train.run import use_cpu_kernels
-    monkeypatch.setattr(attention, "FUSED_MAX_HEAD", attention.FUSED_MAX_HEAD)
-    monkeypatch.setattr(attention, "fused_attention", None)
     monkeypatch.setattr(cpu_kernels, "installed", None)
     torch.manual_seed(0)
     model = nanoseek.Transformer(preset("tiny").replace(vocab_size=64, num_hidden_layers=2))

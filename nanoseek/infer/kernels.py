@@ -1,8 +1,9 @@
-"""The C++ kernels (kernels.cpp, ffn.cpp, norm.cpp, rope.cpp): weight-only GEMV/GEMM for fp16, bf16, int8 and int4 weights
-with fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode (`decode_attention`) and fused
-attention for training on short windows (`attention`, forward and backward); the SwiGLU (`silu_mul`,
-`swiglu`), the MoE gate and dispatch plan (`moe_route`, `moe_plan`), RMSNorm (`rms_norm`) and MLA's rotated
-queries and keys laid out for the attention kernel (`mla_qkv`), for training and inference.
+"""The C++ kernels (kernels.cpp, ffn.cpp, norm.cpp, rope.cpp): weight-only GEMV/GEMM for fp16, bf16,
+int8 and int4 weights with fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode
+(`decode_attention`) and fused attention for training on short windows (`attention`, forward and
+backward); the SwiGLU (`silu_mul`, `swiglu`), the MoE gate and dispatch plan (`moe_route`,
+`moe_plan`), RMSNorm (`rms_norm`) and MLA's rotated queries and keys laid out for the attention
+kernel (`mla_qkv`), for training and inference.
 
 Built at first use with torch.utils.cpp_extension (ninja, a C++ compiler, -O3 -march=native) into
 ~/.cache/nanoseek/kernels (or $NANOSEEK_KERNEL_CACHE), once per machine and torch version; later
@@ -40,8 +41,8 @@ _state: dict[str, object] = {}
 def _cache_dir() -> Path:
     base = os.environ.get("NANOSEEK_KERNEL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "nanoseek", "kernels")
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode() + platform.machine().encode()
-                         + " ".join(_cflags()).encode())
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + torch.__version__.encode()
+                         + platform.machine().encode() + " ".join(_cflags()).encode())
     # -march=native: a cache shared between machines (NFS home) must not mix CPUs; the CPU's model
     # and flags say which one (not the whole record: its "cpu MHz" changes from run to run)
     if os.path.exists("/proc/cpuinfo"):
@@ -116,8 +117,8 @@ def _compile_into(lib: Path) -> None:
             pass
     tmp = tempfile.mkdtemp(prefix="build-", dir=lib.parent)
     try:
-        built = cpp_extension.load("nanoseek_kernels", [str(p) for p in SOURCES], build_directory=tmp, is_python_module=False,
-                                   extra_cflags=_cflags(), verbose=False)
+        built = cpp_extension.load("nanoseek_kernels", [str(p) for p in SOURCES], build_directory=tmp,
+                                   is_python_module=False, extra_cflags=_cflags(), verbose=False)
         os.replace(built, lib)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -254,12 +255,12 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: 
     """DeepSeek's gate after its GEMM (ffn.cpp), one task per token: logits [N, E] fp32 -> (weights [N, k]
     normalised and scaled, expert indices [N, k] best first, affinities [N, E]); the same function as
     nanoseek.model.moe.Gate's PyTorch ops, gradients included (ties in the choice go to the lower index)."""
+    args = (logits, bias, k, n_group, topk_group, ROUTE_METHODS.get(method, 0), scoring == "sigmoid", norm,
+            float(scaling))
     if not _graph(logits):
-        s, w, idx = torch.ops.nanoseek.moe_route(logits, bias, k, n_group, topk_group, ROUTE_METHODS.get(method, 0),
-                                                 scoring == "sigmoid", norm, float(scaling))
+        s, w, idx = torch.ops.nanoseek.moe_route(*args)
         return w, idx, s
-    return _Route.apply(logits, bias, k, n_group, topk_group, ROUTE_METHODS.get(method, 0), scoring == "sigmoid",
-                        norm, float(scaling))
+    return _Route.apply(*args)
 
 
 def moe_plan(indices: torch.Tensor, n_experts: int, pad: int):
@@ -320,7 +321,14 @@ def mla_qkv(q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, cos: torch.Te
 
 def vector_width() -> int:
     """Floats per SIMD vector the kernel was built for (16 AVX-512, 8 AVX2, 4 otherwise)."""
-    return int(torch.ops.nanoseek.vector_width()) if available() else 0
+    if "w" not in _state:
+        _state["w"] = int(torch.ops.nanoseek.vector_width()) if available() else 0
+    return _state["w"]
+
+
+def attention_max_head() -> int:
+    """The largest head size `attention` takes: 16 vectors."""
+    return 16 * vector_width()
 
 
 AMX_MIN_ROWS = 16  # kernels.cpp's AMX_MIN_M: from this many rows of x, AMX tiles (where amx())

@@ -11,11 +11,11 @@ values shared by all heads; that pair is all the KV cache holds. Two ways to att
 
 Both give the same numbers (tests/test_model.py checks 1e-5 in fp32).
 
-Training on CPU: `fused_attention` (None here) is set by the training commands to nanoseek's C++
-kernel for short windows (infer/kernels.py: attention, installed by train.run.use_cpu_kernels);
-fp32 CPU passes with gradients then use it instead of SDPA. Its queries visit only the keys their
-mask allows between the first and last allowed one: a packed window's document mask costs what its
-documents need, where SDPA's flash kernel scores every block up to the diagonal.
+Training on CPU: once the training commands install nanoseek's C++ kernels (model/cpu_kernels.py,
+train.run.use_cpu_kernels), fp32 CPU passes with gradients attend with its kernel for short windows
+(infer/kernels.py: attention) instead of SDPA. Its queries visit only the keys their mask allows,
+as runs: a packed window's document mask costs what its documents need, where SDPA's flash kernel
+scores every block up to the diagonal. MLA then also rotates and lays out q, k, v in one C++ pass.
 """
 
 from __future__ import annotations
@@ -27,17 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
+from . import cpu_kernels
 from .cpu_kernels import kernels_for
 
 
-# (q [B, H, T, D], k [B, G, S, D], v [B, G, S, Dv], mask [B or 1, 1, T, S] bool or None = causal, scale)
-# -> [B, H, T, Dv]; see the module docstring
-fused_attention = None
-FUSED_MAX_HEAD = 0  # head sizes it takes (set with it)
-
-
 def _fused_for(device: torch.device, dtype: torch.dtype) -> bool:
-    return fused_attention is not None and device.type == "cpu" and dtype == torch.float32
+    return cpu_kernels.installed is not None and device.type == "cpu" and dtype == torch.float32
 
 
 def training_attention(device: torch.device, dtype: torch.dtype) -> str:
@@ -48,7 +43,8 @@ def training_attention(device: torch.device, dtype: torch.dtype) -> str:
 def fused_applies(q: torch.Tensor, D: int, Dv: int, mask: torch.Tensor | None) -> bool:
     """Does the fused CPU kernel take this pass? A training pass (autograd on) in fp32 on CPU, head sizes
     within its limit, a bool mask shared by the heads or none (causal), not inside torch.compile."""
-    return (_fused_for(q.device, q.dtype) and torch.is_grad_enabled() and max(D, Dv) <= FUSED_MAX_HEAD
+    return (_fused_for(q.device, q.dtype) and torch.is_grad_enabled()
+            and max(D, Dv) <= cpu_kernels.installed.attention_max_head()
             and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
             and not torch.compiler.is_compiling())
 
@@ -61,7 +57,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     Dv = v.shape[-1]
     if k.dtype == v.dtype == q.dtype and fused_applies(q, q.shape[-1], Dv, mask):
-        return fused_attention(q, k, v, mask, scale).transpose(1, 2)
+        return cpu_kernels.installed.attention(q, k, v, mask, scale).transpose(1, 2)
     pad = q.shape[-1] - Dv
     if pad_v and pad > 0:  # SDPA's fused (flash) kernels need equal sizes, else the math path: [B, H, T, S]
         v = F.pad(v, (0, pad))  # scores in memory, 2x slower forward + backward on CPU
@@ -208,7 +204,7 @@ class MLA(nn.Module):
         short = (cache is not None or mask is not None) and T <= self.absorb_max_tokens
         absorb = self.absorb if self.absorb is not None else short
         kernels = kernels_for(q)
-        if (cache is None and not absorb and kernels is not None and q.dtype == torch.float32
+        if (cache is None and not absorb and kernels is not None
                 and fused_applies(q, self.d_nope + self.d_rope, self.d_v, mask)):
             return self.o_proj(self._fused(kernels, q, c_kv, k_pe, cos, sin, mask))
         q_nope, q_pe = q.split([self.d_nope, self.d_rope], dim=-1)
@@ -229,7 +225,7 @@ class MLA(nn.Module):
         B, T = q.shape[:2]
         kv = self.kv_b_proj(c_kv).view(B, T, self.n_heads, self.d_nope + self.d_v)
         qh, kh, vh = kernels.mla_qkv(q, kv, k_pe, cos, sin, self.interleave)
-        out = fused_attention(qh, kh, vh, mask, self.scale)  # [B, H, T, d_v]
+        out = kernels.attention(qh, kh, vh, mask, self.scale)  # [B, H, T, d_v]
         return out.transpose(1, 2).reshape(B, T, self.n_heads * self.d_v)
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):

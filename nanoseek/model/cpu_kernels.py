@@ -1,6 +1,7 @@
 """The C++ kernels the model's layers call on CPU once installed: `installed` is nanoseek.infer.kernels
 after train.run.use_cpu_kernels (every training command calls it), else None and the layers run
-PyTorch's ops. The same functions either way (tests/test_ffn_kernels.py, tests/test_norm_kernel.py).
+PyTorch's ops and SDPA. The same functions either way (tests/test_ffn_kernels.py, test_norm_kernel.py,
+test_rope_kernel.py; the training attention: tests/test_model.py).
 The layers ask `kernels_for(tensor)`; this module imports nothing of nanoseek's, so imports still only
 go down (model -> infer would not)."""
 

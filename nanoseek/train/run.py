@@ -110,12 +110,9 @@ def use_cpu_kernels() -> bool:
     against SDPA's 10.3), and RMSNorm, the SwiGLU, the MoE gate and its dispatch plan in fp32 and bf16
     (model.cpu_kernels). True if installed."""
     from ..infer import kernels
-    from ..model import attention, cpu_kernels
-    ok = kernels.available()
-    attention.fused_attention = kernels.attention if ok else None
-    attention.FUSED_MAX_HEAD = 16 * kernels.vector_width()  # the kernel's limit: 16 vectors per head
-    cpu_kernels.installed = kernels if ok else None
-    return ok
+    from ..model import cpu_kernels
+    cpu_kernels.installed = kernels if kernels.available() else None
+    return cpu_kernels.installed is not None
 
 
 class MetricsLog(JsonlLog):
