@@ -188,7 +188,8 @@ static void route_token(const RouteArgs& a, const float* l, const float* bias, f
   for (int64_t t = 0; t < a.k; ++t) w[t] *= scale;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const c10::optional<at::Tensor>& bias,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route(const at::Tensor& logits,
+                                                         const c10::optional<at::Tensor>& bias,
                                                          int64_t k, int64_t n_group, int64_t topk_group, int64_t method,
                                                          bool sigmoid, bool norm, double scaling) {
   TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat, "moe_route: logits must be [N, E] fp32");

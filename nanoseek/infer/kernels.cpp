@@ -1202,7 +1202,8 @@ static void key_runs(AttnArgs& a) {
   if (!a.mask) {
     a.runs.resize(2 * R);
     for (int64_t r = 0; r < R; ++r)
-      a.run_off[r + 1] = r + 1, a.runs[2 * r] = 0, a.runs[2 * r + 1] = static_cast<int32_t>(std::min(a.S, r % a.T + a.S - a.T + 1));
+      a.run_off[r + 1] = r + 1, a.runs[2 * r] = 0,
+      a.runs[2 * r + 1] = static_cast<int32_t>(std::min(a.S, r % a.T + a.S - a.T + 1));
     return;
   }
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {

@@ -33,9 +33,7 @@ inline void rotate(const float* x, const float* c, const float* s, int64_t half,
   }
 }
 
-struct Dims {
-  int64_t B, T, S, H, dn, dr, dv;
-};
+constexpr int64_t MAX_ROPE = 512;  // rope dims a position's scratch row holds (DeepSeek-V3: 64)
 
 }  // namespace
 
@@ -48,9 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_qkv(const at::Tensor& q_, con
   const at::Tensor cs = cos_.to(at::kFloat).contiguous(), sn = sin_.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), S = kv.size(1), dr = kpe.size(2);
   const int64_t dn = q.size(3) - dr, dv = kv.size(3) - dn, half = dr / 2;
-  TORCH_CHECK(dr % 2 == 0 && dn >= 0 && dv > 0 && kv.size(0) == B && kv.size(2) == H && kpe.size(0) == B &&
-              kpe.size(1) == S && S == T && cs.numel() == B * T * half && sn.numel() == B * T * half,
-              "mla_qkv: shapes");
+  TORCH_CHECK(dr % 2 == 0 && dr <= MAX_ROPE && dn >= 0 && dv > 0 && kv.size(0) == B && kv.size(2) == H &&
+              kpe.size(0) == B && kpe.size(1) == S && S == T && cs.numel() == B * T * half &&
+              sn.numel() == B * T * half, "mla_qkv: shapes");
   at::Tensor qh = at::empty({B, H, T, dn + dr}, q.options()), kh = at::empty({B, H, S, dn + dr}, q.options());
   at::Tensor vh = at::empty({B, H, S, dv}, q.options());
   const float *qp = q.data_ptr<float>(), *kvp = kv.data_ptr<float>(), *kp = kpe.data_ptr<float>();
@@ -58,7 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_qkv(const at::Tensor& q_, con
   float *qo = qh.data_ptr<float>(), *ko = kh.data_ptr<float>(), *vo = vh.data_ptr<float>();
   const int64_t D = dn + dr;
   at::parallel_for(0, B * T, 16, [&](int64_t r0, int64_t r1) {
-    float kr[512];
+    float kr[MAX_ROPE];
     for (int64_t r = r0; r < r1; ++r) {  // one position: all its heads
       const int64_t b = r / T, t = r % T;
       const float *c = cp + r * half, *s = sp + r * half;
@@ -87,14 +85,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_qkv_bwd(const at::Tensor& dqh
   const at::Tensor cs = cos_.to(at::kFloat).contiguous(), sn = sin_.to(at::kFloat).contiguous();
   const int64_t B = dqh.size(0), H = dqh.size(1), T = dqh.size(2), D = dqh.size(3), dr = D - dn, dv = dvh.size(3);
   const int64_t S = dkh.size(2), half = dr / 2;
-  TORCH_CHECK(dr <= 512 && dkh.size(3) == D && S == T, "mla_qkv_bwd: shapes");
+  TORCH_CHECK(dr <= MAX_ROPE && dkh.size(3) == D && S == T, "mla_qkv_bwd: shapes");
   at::Tensor dq = at::empty({B, T, H, D}, dqh.options()), dkv = at::empty({B, S, H, dn + dv}, dqh.options());
   at::Tensor dkpe = at::empty({B, S, dr}, dqh.options());
   const float *gq = dqh.data_ptr<float>(), *gk = dkh.data_ptr<float>(), *gv = dvh.data_ptr<float>();
   const float *cp = cs.data_ptr<float>(), *sp = sn.data_ptr<float>();
   float *oq = dq.data_ptr<float>(), *okv = dkv.data_ptr<float>(), *ok = dkpe.data_ptr<float>();
   at::parallel_for(0, B * T, 16, [&](int64_t r0, int64_t r1) {
-    float acc[512];
+    float acc[MAX_ROPE];
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / T, t = r % T;
       const float *c = cp + r * half, *s = sp + r * half;
@@ -118,7 +116,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mla_qkv_bwd(const at::Tensor& dqh
 }
 
 TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
-  m.def("mla_qkv(Tensor q, Tensor kv, Tensor k_pe, Tensor cos, Tensor sin, bool interleave) -> (Tensor, Tensor, Tensor)");
+  m.def("mla_qkv(Tensor q, Tensor kv, Tensor k_pe, Tensor cos, Tensor sin, bool interleave) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("mla_qkv_bwd(Tensor dqh, Tensor dkh, Tensor dvh, Tensor cos, Tensor sin, bool interleave, int dn) "
         "-> (Tensor, Tensor, Tensor)");
 }
