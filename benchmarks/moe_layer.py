@@ -5,9 +5,12 @@
 
 Layer (forward + backward of one block on --tokens rows, new random ones at every call, so a new
 routing as in training):
-  ours         nanoseek.model.moe.MoE as training runs it: gate, grouped GEMMs on the stacked experts, shared
-               expert, with the C++ SwiGLU, gate and dispatch plan (infer/ffn.cpp) installed as every
-               training command installs them (train.run.use_cpu_kernels)
+  ours         nanoseek.model.moe.MoE as training runs it, with the C++ kernels installed as every training
+               command installs them (train.run.use_cpu_kernels): the C++ gate and dispatch plan
+               (infer/ffn.cpp), then in fp32 the fused experts (infer/moe.cpp: gather, shared and routed
+               experts, SwiGLU and combine inside its own GEMM tiles), in bf16 grouped GEMMs on the
+               stacked experts with the C++ SwiGLU
+  ours_unfused the same in fp32 without the fused experts (MoE.FUSED off: the bf16 path)
   ours_pytorch the same module with PyTorch's ops in their place (the kernels not installed)
   ours_compiled  the same module with MoE.COMPILE = True (the SwiGLU between the grouped GEMMs through
                torch.compile; the first call's time, compiling included, is reported apart)
@@ -31,8 +34,9 @@ descheduled by other jobs on a shared machine is left out); with more threads, w
 
 Decode: one step of the tiny DeepSeek-V3 preset (MLA + MoE, no MTP) at batch 1 and 32 with a
 latent cache of --context tokens, against the same model with dense FFNs of its active size, with
-the MoE's dispatch as it runs (grouped GEMMs; the kernels installed, as in GRPO's rollouts), with
-PyTorch's ops instead, and with the per-expert loop forced.
+the MoE's dispatch as it runs (the kernels installed, as in GRPO's rollouts: fp32 from 2 tokens on,
+the fused experts), without the fused experts (grouped GEMMs), with PyTorch's ops instead, and with
+the per-expert loop forced.
 
 Balance: the tiny preset's gate on a skewed input distribution, the auxiliary-loss-free bias
 update (γ = 1e-3, DeepSeek-V3 §2.1.2) run for --balance-steps steps on the measured load; the
@@ -80,16 +84,18 @@ def cpu_bf16() -> tuple[str, list[str]]:
 @contextmanager
 def forced_path(path: str | None):
     """None: the dispatch as it runs; "loop": the per-expert loop forced; "compiled": MoE.COMPILE on;
-    "pytorch": PyTorch's ops in place of the C++ kernels (model.cpu_kernels.installed None)."""
-    old = MoE.GROUPED, MoE.COMPILE, cpu_kernels.installed
-    MoE.GROUPED = {"grouped": True, "loop": False, "compiled": old[0], "pytorch": old[0], None: old[0]}[path]
+    "pytorch": PyTorch's ops in place of the C++ kernels (model.cpu_kernels.installed None); "unfused": the
+    C++ kernels without the fused experts (MoE.FUSED off: grouped GEMMs with the C++ SwiGLU, gate and plan)."""
+    old = MoE.GROUPED, MoE.COMPILE, MoE.FUSED, cpu_kernels.installed
+    MoE.GROUPED = {"loop": False}.get(path, old[0])
     MoE.COMPILE = path == "compiled" or old[1]
+    MoE.FUSED = old[2] and path not in ("unfused", "loop", "compiled")
     if path == "pytorch":
         cpu_kernels.installed = None
     try:
         yield
     finally:
-        MoE.GROUPED, MoE.COMPILE, cpu_kernels.installed = old
+        MoE.GROUPED, MoE.COMPILE, MoE.FUSED, cpu_kernels.installed = old
 
 
 def rounds(fns: dict, repeats: int, n_rounds: int) -> dict[str, float]:
@@ -167,7 +173,8 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
     compile_s = time.perf_counter() - t0
     if moe_module._COMPILED.get("swiglu") is moe_module.swiglu:
         print("  torch.compile failed: ours_compiled ran eagerly", file=sys.stderr)
-    fns = {"ours": step(ours), "ours_pytorch": step(ours, "pytorch"), "ours_compiled": step(ours, "compiled"),
+    fns = {"ours": step(ours), "ours_unfused": step(ours, "unfused"), "ours_pytorch": step(ours, "pytorch"),
+           "ours_compiled": step(ours, "compiled"),
            "ours_loop": step(ours, "loop"), "dense": step(dense), "dense_pytorch": step(dense, "pytorch")}
     for n in ("hf_eager", "hf_grouped_mm"):
         if n in models:
@@ -242,7 +249,6 @@ def decode_models():
     return out
 
 
-@torch.no_grad()
 @torch.no_grad()  # as the engine decodes (before 2026-12-07 this ran with autograd on)
 def decode(batch: int, context: int, repeats: int, n_rounds: int) -> dict:
     models = decode_models()
@@ -262,7 +268,8 @@ def decode(batch: int, context: int, repeats: int, n_rounds: int) -> dict:
                 models[n](ids[:, context:], positions=last, cache=caches[n])
         return f
 
-    fns = {"moe": step("moe"), "moe_pytorch": step("moe", "pytorch"), "moe_loop": step("moe", "loop"),
+    fns = {"moe": step("moe"), "moe_unfused": step("moe", "unfused"), "moe_pytorch": step("moe", "pytorch"),
+           "moe_loop": step("moe", "loop"),
            "dense": step("dense")}
     t = rounds(fns, repeats, n_rounds)
     res = {"batch": batch, "context": context, "ms": {n: round(v * 1e3, 3) for n, v in t.items()},

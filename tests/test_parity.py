@@ -136,21 +136,26 @@ def test_v3_with_mtp_saves_layer_after_last_and_transformers_still_loads(tmp_pat
         assert_close_scaled(la, ref(x).logits, 1e-4)
 
 
-@pytest.mark.parametrize("path", ["grouped", "compiled", "loop", "c++"])
+@pytest.mark.parametrize("path", ["grouped", "compiled", "loop", "c++", "c++ unfused"])
 def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
     """One MoE block, same weights, against transformers' DeepseekV3MoE (its eager per-expert loop):
     outputs and the gradients of the input, the router and the experts, fp32. "compiled": the grouped
-    path with its SwiGLU through torch.compile (MoE.COMPILE); "c++": with the C++ gate, dispatch plan
-    and SwiGLU (nanoseek/infer/ffn.cpp) installed, as the training commands install them."""
+    path with its SwiGLU through torch.compile (MoE.COMPILE); "c++": with the C++ kernels installed, as
+    the training commands install them (the gate and dispatch plan of infer/ffn.cpp, the fused experts
+    of infer/moe.cpp); "c++ unfused": the same without the fused experts (grouped GEMMs, C++ SwiGLU)."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     from nanoseek.infer import kernels
     from nanoseek.model import cpu_kernels
     from nanoseek.model.moe import MoE
-    if path == "c++":
+    calls = []
+    if path.startswith("c++"):
         if not kernels.available():
             pytest.skip("no C++ compiler")
         monkeypatch.setattr(cpu_kernels, "installed", kernels)
+        monkeypatch.setattr(MoE, "FUSED", path == "c++")
+        real = kernels.moe_experts
+        monkeypatch.setattr(kernels, "moe_experts", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(MoE, "GROUPED", path != "loop")
     monkeypatch.setattr(MoE, "COMPILE", path == "compiled")
     cls, kw = CASES["v3_qlora_groups"]
@@ -178,3 +183,4 @@ def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
     assert_close_scaled(ours.experts.gate_up_proj.grad, ref.experts.gate_up_proj.grad, 1e-5, "experts' gate/up grad")
     assert_close_scaled(ours.experts.down_proj.grad, ref.experts.down_proj.grad, 1e-5, "experts' down grad")
     assert_close_scaled(ours.shared_experts.down_proj.weight.grad, ref.shared_experts.down_proj.weight.grad, 1e-5)
+    assert len(calls) == (path == "c++")  # hidden 32, intermediate 16: whole vectors on AVX2 and AVX-512

@@ -22,13 +22,6 @@
 #include <tuple>
 #include <vector>
 
-// sigmoid(x) = 1 / (1 + e^-x), through e^-|x| (never overflows): for x < 0 it is e^x / (1 + e^x)
-static inline vf sigmoid_v(vf x) {
-  const vf e = exp_nonpositive(x < 0 ? x : -x);
-  const vf r = 1.f / (1.f + e);
-  return x < 0 ? e * r : r;
-}
-
 static void check_pair(const at::Tensor& g, const at::Tensor& u) {
   TORCH_CHECK(g.dim() == 2 && u.sizes() == g.sizes(), "swiglu: g and u must be [rows, I] of one shape");
   TORCH_CHECK(g.scalar_type() == u.scalar_type() &&

@@ -33,7 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 F16, BF16, I8, I4, F32 = range(5)  # weight formats, as kernels.cpp's enum Kind
-SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "ffn.cpp", "norm.cpp", "rope.cpp")]
+SOURCES = [Path(__file__).with_name(n) for n in ("kernels.cpp", "ffn.cpp", "moe.cpp", "norm.cpp", "rope.cpp")]
 HEADERS = [Path(__file__).with_name("simd.h")]
 _state: dict[str, object] = {}
 
@@ -267,6 +267,35 @@ def moe_plan(indices: torch.Tensor, n_experts: int, pad: int):
     """(token, slot, pair, counts, padded counts) of nanoseek.model.moe.sort_pairs, and the tokens per expert,
     by one counting sort (ffn.cpp)."""
     return torch.ops.nanoseek.moe_plan(indices, n_experts, pad)
+
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, w1, w2, sg, su, sd, token, pair, counts):
+        y, *saved = torch.ops.nanoseek.moe_experts(x, weights, token, pair, counts, w1, w2, sg, su, sd)
+        ctx.save_for_backward(x, weights, token, pair, counts, w1, w2, sg, su, sd, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        # dx, dweights, dw1, dw2 and the shared expert's three (empty without one)
+        grads = torch.ops.nanoseek.moe_experts_bwd(dy.contiguous(), *ctx.saved_tensors)
+        return tuple(g if need and g.numel() else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 3
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, token: torch.Tensor,
+                pair: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """A MoE layer's experts in fp32 (moe.cpp): shared(x[n]) + Σ_j weights[n, j] · expert_j(x[n]) per token, for
+    x [N, H], weights [N, k], the stacked experts w1 = gate_up_proj [E, 2I, H], w2 = down_proj [E, H, I],
+    the shared expert's (gate [Is, H], up [Is, H], down [H, Is]) or None, and the dispatch plan of
+    `moe_plan(indices, E, 1)` (token, pair, rows per expert). Gradients for x, weights and every weight.
+    H, I and Is must be multiples of vector_width()."""
+    sg, su, sd = shared if shared is not None else (None, None, None)
+    args = (x.contiguous(), weights.contiguous(), w1, w2, sg, su, sd, token, pair, counts)
+    if not _graph(x, weights, w1, w2, sg, su, sd):
+        return torch.ops.nanoseek.moe_experts(*args[:2], token, pair, counts, w1, w2, sg, su, sd)[0]
+    return _MoEExperts.apply(*args)
 
 
 class _RMSNorm(torch.autograd.Function):

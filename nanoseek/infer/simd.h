@@ -81,6 +81,13 @@ static inline vf exp_nonpositive(vf x) {
   return p * scale;
 }
 
+// sigmoid(x) = 1 / (1 + e^-x), through e^-|x| (never overflows): for x < 0 it is e^x / (1 + e^x)
+static inline vf sigmoid_v(vf x) {
+  const vf e = exp_nonpositive(x < 0 ? x : -x);
+  const vf r = 1.f / (1.f + e);
+  return x < 0 ? e * r : r;
+}
+
 // n <= W elements of a row of floats or of bf16 (any 16-bit T) as fp32, zero past n; and back, rounding
 // to bf16 for a 16-bit T. A whole vector (n == W) is one load / store.
 template <typename T>

@@ -348,6 +348,7 @@ class LoopExperts(nn.ModuleList):
 class MoE(nn.Module):
     GROUPED: bool | None = None  # None: grouped GEMMs wherever F.grouped_mm applies; False: the loop forced
     COMPILE: bool = False  # True: the grouped path's SwiGLU through torch.compile (opt-in: a first-call cost)
+    FUSED: bool = True  # the C++ experts (infer/moe.cpp) where they apply; False: the grouped path with its C++ parts
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -361,9 +362,32 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(x)
-        base = self.shared_experts(x) if self.shared_experts is not None else None
-        y, load = self.dispatch(x, weights, indices, base)
+        k = self.fused_kernels(x)
+        if k is not None:  # gather, experts, SwiGLU and combine in one C++ op each way (infer/moe.cpp)
+            token, _, pair, load, rows = k.moe_plan(indices, self.n_experts, 1)
+            s = self.shared_experts
+            shared = None if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+            y = k.moe_experts(x, weights, self.experts.gate_up_proj, self.experts.down_proj, shared, token, pair, rows)
+        else:
+            base = self.shared_experts(x) if self.shared_experts is not None else None
+            y, load = self.dispatch(x, weights, indices, base)
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
+
+    def fused_kernels(self, x: torch.Tensor):
+        """The C++ kernels, if they run this layer's experts whole (infer/moe.cpp): installed, fp32 with no
+        autocast, the stacked experts and a plain shared MLP, widths in whole vectors, more than one token
+        (one token in decode takes its k experts' weights in place: Experts.one_token)."""
+        k = kernels_for(x)
+        if (not self.FUSED or k is None or x.dtype != torch.float32 or len(x) < 2 or torch.is_autocast_enabled(x.device.type)
+                or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != torch.float32):
+            return None
+        s, w = self.shared_experts, k.vector_width()
+        if s is not None and not (type(s) is MLP and all(type(m) is nn.Linear and m.bias is None and
+                                                          m.weight.dtype == torch.float32 and m.weight.shape[0] % w == 0
+                                                          for m in (s.gate_proj, s.up_proj, s.down_proj))):
+            return None
+        _, two_i, h = self.experts.gate_up_proj.shape
+        return k if h % w == 0 and (two_i // 2) % w == 0 else None
 
     def use_grouped(self, x: torch.Tensor) -> bool:
         """Grouped GEMMs for x's rows? Wherever F.grouped_mm applies: with the experts stored stacked

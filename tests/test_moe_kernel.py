@@ -1,0 +1,136 @@
+"""The fused MoE experts (nanoseek/infer/moe.cpp) against the layer's formula in float64: the output and
+every gradient (input, routing weights, routed and shared expert weights), with and without a shared
+expert, at widths that leave partial register tiles in every pass, an expert with no rows and one with
+more rows than a weight-gradient block; the same result on 1 and 2 threads; the MoE module with the
+kernels installed takes this path and equals its PyTorch path; a bad dispatch plan is refused."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.config import ModelConfig
+from nanoseek.infer import kernels
+from nanoseek.model import cpu_kernels
+from nanoseek.model.moe import MoE
+
+from conftest import assert_close_scaled, randomize
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+
+
+def layer(shared: bool, n: int = 400, seed: int = 0):
+    """A layer whose widths leave partial tiles everywhere: H = 5W, I = 5W, Is = 2W (W floats per vector),
+    6 experts, k = 2; expert 0 takes every token (more rows than moe.cpp's KC = 256), expert 5 none."""
+    W = kernels.vector_width()
+    H, I, Is, E, k = 5 * W, 5 * W, 2 * W, 6, 2
+    g = torch.Generator().manual_seed(seed)
+    t = {"x": torch.randn(n, H, generator=g), "w1": torch.randn(E, 2 * I, H, generator=g) / H ** 0.5,
+         "w2": torch.randn(E, H, I, generator=g) / I ** 0.5, "weights": torch.rand(n, k, generator=g) + 0.1}
+    if shared:
+        t.update(sg=torch.randn(Is, H, generator=g) / H ** 0.5, su=torch.randn(Is, H, generator=g) / H ** 0.5,
+                 sd=torch.randn(H, Is, generator=g) / Is ** 0.5)
+    idx = torch.stack([torch.zeros(n, dtype=torch.long), torch.randint(1, E - 1, (n,), generator=g)], 1)
+    return t, idx
+
+
+def formula(t: dict, idx: torch.Tensor) -> torch.Tensor:
+    """y[n] = shared(x[n]) + Σ_j weights[n, j] · down_e(silu(gate_e x[n]) · up_e x[n]), e = idx[n, j], every
+    token through every expert (einsum), then the chosen ones picked: no sort, no gather of rows."""
+    I = t["w2"].shape[2]
+    gu = torch.einsum("nh,ejh->nej", t["x"], t["w1"])
+    out = torch.einsum("nei,ehi->neh", F.silu(gu[..., :I]) * gu[..., I:], t["w2"])
+    y = (out.gather(1, idx[..., None].expand(-1, -1, out.shape[2])) * t["weights"][..., None]).sum(1)
+    if "sg" in t:
+        y = y + (F.silu(t["x"] @ t["sg"].T) * (t["x"] @ t["su"].T)) @ t["sd"].T
+    return y
+
+
+def fused(t: dict, idx: torch.Tensor) -> torch.Tensor:
+    token, _, pair, _, rows = kernels.moe_plan(idx, t["w1"].shape[0], 1)
+    shared = (t["sg"], t["su"], t["sd"]) if "sg" in t else None
+    return kernels.moe_experts(t["x"], t["weights"], t["w1"], t["w2"], shared, token, pair, rows)
+
+
+def grads(f, t: dict, idx, dy, dtype) -> tuple[torch.Tensor, dict]:
+    leaves = {n: v.detach().to(dtype).requires_grad_() for n, v in t.items()}
+    y = f(leaves, idx)
+    y.backward(dy.to(dtype))
+    return y.detach(), {n: v.grad for n, v in leaves.items()}
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_fused_experts_equal_the_formula(shared):
+    t, idx = layer(shared)
+    dy = torch.randn(t["x"].shape, generator=torch.Generator().manual_seed(9))
+    want, want_g = grads(formula, t, idx, dy, torch.float64)
+    got, got_g = grads(fused, t, idx, dy, torch.float32)
+    assert_close_scaled(got, want, 2e-6, "output")
+    assert set(got_g) == set(want_g)
+    for n in want_g:
+        assert_close_scaled(got_g[n], want_g[n], 2e-6, f"grad of {n}")
+    assert float(got_g["w1"][5].abs().max()) == 0 and float(got_g["w2"][5].abs().max()) == 0  # no rows: zero
+
+
+def test_thread_count_does_not_change_the_sums():
+    """Tokens' rows add up in a fixed order (shared expert, then experts by index) whatever the threads."""
+    t, idx = layer(True, n=300, seed=1)
+    dy = torch.randn(t["x"].shape, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            out.append(grads(fused, t, idx, dy, torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y2, g2) = out
+    assert torch.equal(y1, y2)
+    assert all(torch.equal(g1[n], g2[n]) for n in g1)
+
+
+def test_no_grad_call_equals_the_graph_call():
+    t, idx = layer(True, n=50, seed=3)
+    with torch.no_grad():
+        a = fused(t, idx)
+    b = fused({n: v.requires_grad_() for n, v in t.items()}, idx)
+    assert torch.equal(a, b.detach())
+
+
+def test_bad_plan_is_refused():
+    t, idx = layer(False, n=20)
+    token, _, pair, _, rows = kernels.moe_plan(idx, 6, 1)
+    bad = token.clone()
+    bad[3] = 20  # a token past x's rows
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.moe_experts(t["x"], t["weights"], t["w1"], t["w2"], None, bad, pair, rows)
+    with pytest.raises(RuntimeError, match="counts"):
+        kernels.moe_experts(t["x"], t["weights"], t["w1"], t["w2"], None, token, pair, rows + 1)
+
+
+def test_moe_module_takes_the_fused_path_and_equals_pytorch(monkeypatch):
+    """A V3 MoE block (group-limited sigmoid gate, a shared expert) in training: with the kernels installed
+    the experts run in moe.cpp (spied), and the output and every gradient equal the PyTorch path's."""
+    W = kernels.vector_width()
+    cfg = ModelConfig(hidden_size=4 * W, moe_intermediate_size=2 * W, n_routed_experts=8, num_experts_per_tok=2,
+                      n_shared_experts=1, n_group=2, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
+                      routed_scaling_factor=2.5, norm_topk_prob=True)
+    moe = randomize(MoE(cfg), seed=0, std=0.1)
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    x = torch.randn(3, 70, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = kernels.moe_experts
+    monkeypatch.setattr(kernels, "moe_experts", lambda *a: calls.append(1) or real(*a))
+    out = {}
+    for installed in (None, kernels):
+        monkeypatch.setattr(cpu_kernels, "installed", installed)
+        moe.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        y, routing = moe(xi)
+        y.backward(dy)
+        out[installed is not None] = [y.detach(), xi.grad, routing.load] + [p.grad for p in moe.parameters()]
+    assert calls == [1]
+    assert torch.equal(out[True][2], out[False][2])  # the same routing
+    for a, b in zip(out[True], out[False]):
+        assert_close_scaled(a, b, 1e-5)
