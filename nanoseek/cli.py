@@ -221,11 +221,12 @@ TRAINING = ("pretrain", "sft", "distill", "grpo", "pipeline", "speedrun", "eval"
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in TRAINING:
-        from .train.run import keep_freed_memory, use_cpu_kernels
-        keep_freed_memory()
-        use_cpu_kernels()
     try:
+        if args.command in TRAINING:
+            from .train.run import choose_cpu_gemm, keep_freed_memory, use_cpu_kernels
+            keep_freed_memory()
+            use_cpu_kernels()
+            choose_cpu_gemm()
         return args.func(args)
     except NanoseekError as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import ModelConfig, yarn_mscale
 from . import cpu_kernels
-from .cpu_kernels import kernels_for
+from .cpu_kernels import Linear, kernels_for
 
 
 def _fused_for(device: torch.device, dtype: torch.dtype) -> bool:
@@ -184,15 +184,15 @@ class MLA(nn.Module):
         self.interleave = cfg.rope_interleave
         H, nh, bias = cfg.hidden_size, self.n_heads, cfg.attention_bias
         if self.q_lora_rank:
-            self.q_a_proj = nn.Linear(H, self.q_lora_rank, bias=bias)
+            self.q_a_proj = Linear(H, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, nh * (self.d_nope + self.d_rope), bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, nh * (self.d_nope + self.d_rope), bias=False)
         else:
-            self.q_proj = nn.Linear(H, nh * (self.d_nope + self.d_rope), bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, self.kv_lora_rank + self.d_rope, bias=bias)
+            self.q_proj = Linear(H, nh * (self.d_nope + self.d_rope), bias=False)
+        self.kv_a_proj_with_mqa = Linear(H, self.kv_lora_rank + self.d_rope, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, nh * (self.d_nope + self.d_v), bias=False)
-        self.o_proj = nn.Linear(nh * self.d_v, H, bias=bias)
+        self.kv_b_proj = Linear(self.kv_lora_rank, nh * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = Linear(nh * self.d_v, H, bias=bias)
         self.absorb: bool | None = None  # None = choose by step size; True/False to force a path
 
     def forward(self, x, cos, sin, positions, cache=None, mask=None):
@@ -262,10 +262,10 @@ class GQA(nn.Module):
         self.scale = cfg.softmax_scale
         qkv_bias = cfg.attention_bias or cfg.model_type == "qwen2"
         H = cfg.hidden_size
-        self.q_proj = nn.Linear(H, self.n_heads * self.hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(H, self.n_kv * self.hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(H, self.n_kv * self.hd, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, H, bias=cfg.attention_bias)
+        self.q_proj = Linear(H, self.n_heads * self.hd, bias=qkv_bias)
+        self.k_proj = Linear(H, self.n_kv * self.hd, bias=qkv_bias)
+        self.v_proj = Linear(H, self.n_kv * self.hd, bias=qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.hd, H, bias=cfg.attention_bias)
         self.interleave = cfg.rope_interleave
 
     def forward(self, x, cos, sin, positions, cache=None, mask=None):

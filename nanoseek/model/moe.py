@@ -47,7 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .cpu_kernels import kernels_for
+from .cpu_kernels import Linear, kernels_for, linear
+
+PLAIN = (nn.Linear, Linear)  # a linear layer as built, not quantized
 
 
 class Routing(NamedTuple):
@@ -67,17 +69,17 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x):
         g, u = self.gate_proj, self.up_proj
-        if (torch.is_grad_enabled() and type(g) is nn.Linear and type(u) is nn.Linear and g.bias is None
+        if (torch.is_grad_enabled() and type(g) in PLAIN and type(u) in PLAIN and g.bias is None
                 and kernels_for(x) is not None):
             # training: one GEMM for both (and one for x's gradient, no add), the C++ SwiGLU on its two
             # halves; not in inference, where decode would copy the two weights for every token
-            gu = F.linear(x, torch.cat([g.weight, u.weight]))
+            gu = linear(x, torch.cat([g.weight, u.weight]))
             return self.down_proj(swiglu(gu.view(-1, gu.shape[-1])).view(*gu.shape[:-1], -1))
         return self.down_proj(silu_mul(g(x), u(x)))
 
@@ -306,7 +308,7 @@ class Experts(nn.Module):
         outs = []
         for w_gu, w_d, xe, n in zip(w1.unbind(0), w2.unbind(0), xs.split(counts.tolist()), counts.tolist()):
             if n:
-                outs.append(F.linear(swiglu(F.linear(xe, w_gu)), w_d))
+                outs.append(linear(swiglu(linear(xe, w_gu)), w_d))
         ys = torch.cat(outs) if outs else xs.new_zeros(0, w2.shape[1])
         return ys if rw is None else ys * rw
 
@@ -315,7 +317,7 @@ class Experts(nn.Module):
         chosen experts' weights used in place, no sort, gather or grouped GEMM over empty groups."""
         y = None
         for e, w in zip(indices.tolist(), weights.tolist()):
-            out = F.linear(swiglu(F.linear(x, self.gate_up_proj[e]), w), self.down_proj[e])
+            out = linear(swiglu(linear(x, self.gate_up_proj[e]), w), self.down_proj[e])
             y = out if y is None else y.add_(out)
         return y
 
@@ -382,7 +384,7 @@ class MoE(nn.Module):
                 or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != torch.float32):
             return None
         s, w = self.shared_experts, k.vector_width()
-        if s is not None and not (type(s) is MLP and all(type(m) is nn.Linear and m.bias is None and
+        if s is not None and not (type(s) is MLP and all(type(m) in PLAIN and m.bias is None and
                                                           m.weight.dtype == torch.float32 and m.weight.shape[0] % w == 0
                                                           for m in (s.gate_proj, s.up_proj, s.down_proj))):
             return None

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import GQA, MLA, RMSNorm, RotaryEmbedding
+from .cpu_kernels import Linear
 from .moe import MLP, Experts, MoE
 
 
@@ -63,7 +64,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         layer_idx = cfg.num_hidden_layers + depth  # its own cache slot, after the main layers
         self.block = Block(cfg, layer_idx, cfg.is_moe_layer(layer_idx))
         self.shared_head = SharedHead(cfg)
@@ -79,7 +80,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Decoder(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = nn.ModuleList(MTPModule(cfg, k) for k in range(cfg.num_nextn_predict_layers))

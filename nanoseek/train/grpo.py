@@ -39,6 +39,7 @@ from .. import cost
 from ..args import HelpFormatter, add_fields
 from ..data.sampler import sub_seed
 from ..errors import NanoseekError
+from ..model import cpu_kernels
 from . import checkpoint
 from .grpo_loss import DEFAULT_CLIP, VARIANTS, entropy, group_advantages, policy_loss, token_weights
 from .optim import adamw, lr_at
@@ -449,7 +450,8 @@ def grpo(a: GRPOArgs) -> dict:
     total, active = model.config.num_params()
     progress.say(f"nanoseek grpo: {model.config.architecture} {total / 1e6:.1f}M params, task {task.name}, "
                  f"template {a.template}, {a.variant}, {a.prompts_per_step} prompts x G={a.group_size}, "
-                 f"{a.max_tokens} tokens, lr {a.lr}, β {a.beta}, ε {clip[0]}/{clip[1]}, rewards {weights}")
+                 f"{a.max_tokens} tokens, lr {a.lr}, β {a.beta}, ε {clip[0]}/{clip[1]}, rewards {weights}"
+                 + (f"; fp32 products: {cpu_kernels.gemm}" if model.device.type == "cpu" else ""))
 
     history = []
     if start == 0:

@@ -37,6 +37,7 @@ from .. import cost
 from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..config import PRESETS, ModelConfig, dense_variant, load_config, preset
 from ..errors import NanoseekError
+from ..model import cpu_kernels
 from ..model.attention import training_attention
 from ..model.transformer import Transformer
 from . import checkpoint, dist, expert_parallel
@@ -364,6 +365,7 @@ def _pretrain(a: PretrainArgs, info: dist.DistInfo) -> dict:
               + (f" ({info.backend}, {'FSDP2' if a.fsdp else 'DDP'}"
                  f"{' + expert parallel' if info.expert_parallel else ''})" if info.enabled else "")
               + f"; attention: {training_attention(info.device, torch.bfloat16 if r.amp else torch.float32)}"
+              + (f"; fp32 products: {cpu_kernels.gemm}" if info.device.type == "cpu" and not r.amp else "")
               + (f"; MFU against {peak_src}: {peak / 1e9:,.0f} GFLOP/s per process" if peak else ""), file=sys.stderr)
         if r.start >= a.steps:
             print(f"nanoseek pretrain: {r.out / 'checkpoints'} is already at step {r.start} of --steps {a.steps}; "

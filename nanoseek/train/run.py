@@ -115,6 +115,16 @@ def use_cpu_kernels() -> bool:
     return cpu_kernels.installed is not None
 
 
+def choose_cpu_gemm() -> str:
+    """fp32 CPU products by oneDNN or PyTorch's default (model.cpu_kernels.choose_gemm: measured, ~20 ms;
+    the run's header line says which, cpu_kernels.gemm)."""
+    from ..model import cpu_kernels
+    try:
+        return cpu_kernels.choose_gemm()[0]
+    except ValueError as e:
+        raise NanoseekError(str(e)) from None
+
+
 class MetricsLog(JsonlLog):
     """OUT/metrics.jsonl (or another JSONL log), one line per step; on resume, the lines past the
     checkpoint's step are dropped first, so the log reads as if the run had never stopped."""

@@ -58,6 +58,7 @@ from ..args import HelpFormatter, add_fields, from_args, module_main
 from ..data.sampler import sub_seed
 from ..errors import NanoseekError
 from ..jsonl import iter_jsonl
+from ..model import cpu_kernels
 from . import checkpoint
 from .objective import document_attention_mask
 from .optim import SCHEDULES, adamw, lr_at
@@ -372,7 +373,8 @@ def train_sft(model, tok, a: SFTArgs, records: list[dict] | None = None, base: s
     print(f"nanoseek sft: {len(examples)} examples ({n_sup:,} trained tokens; {cut} cut to {row_len} tokens, "
           f"{dropped} dropped with nothing to train), {len(stream.epoch(0)[0])} packed rows per epoch; "
           f"steps {start}->{total} of {a.batch_size} rows x {a.seq_len}; lr {a.lr:g} on {device}"
-          f"{' (bf16 autocast)' if amp else ''}", file=sys.stderr)
+          f"{' (bf16 autocast)' if amp else ''}"
+          f"{f'; fp32 products: {cpu_kernels.gemm}' if device.type == 'cpu' and not amp else ''}", file=sys.stderr)
     progress = Progress(total, start, "sft", a.progress)
 
     losses: list[float] = []
