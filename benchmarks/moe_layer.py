@@ -70,7 +70,7 @@ from nanoseek.model import moe as moe_module  # noqa: E402
 from nanoseek.model.moe import MLP, MoE  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.train.objective import load_stats, update_bias  # noqa: E402
-from nanoseek.train.run import keep_freed_memory, use_cpu_kernels  # noqa: E402
+from nanoseek.train.run import choose_cpu_gemm, keep_freed_memory, use_cpu_kernels  # noqa: E402
 
 
 def cpu_bf16() -> tuple[str, list[str]]:
@@ -84,18 +84,19 @@ def cpu_bf16() -> tuple[str, list[str]]:
 @contextmanager
 def forced_path(path: str | None):
     """None: the dispatch as it runs; "loop": the per-expert loop forced; "compiled": MoE.COMPILE on;
-    "pytorch": PyTorch's ops in place of the C++ kernels (model.cpu_kernels.installed None); "unfused": the
+    "pytorch": PyTorch's ops in place of the C++ kernels and its own products (model.cpu_kernels.installed
+    None, onednn off); "unfused": the
     C++ kernels without the fused experts (MoE.FUSED off: grouped GEMMs with the C++ SwiGLU, gate and plan)."""
-    old = MoE.GROUPED, MoE.COMPILE, MoE.FUSED, cpu_kernels.installed
+    old = MoE.GROUPED, MoE.COMPILE, MoE.FUSED, cpu_kernels.installed, cpu_kernels.onednn
     MoE.GROUPED = {"loop": False}.get(path, old[0])
     MoE.COMPILE = path == "compiled" or old[1]
     MoE.FUSED = old[2] and path not in ("unfused", "loop", "compiled")
     if path == "pytorch":
-        cpu_kernels.installed = None
+        cpu_kernels.installed, cpu_kernels.onednn = None, False
     try:
         yield
     finally:
-        MoE.GROUPED, MoE.COMPILE, MoE.FUSED, cpu_kernels.installed = old
+        MoE.GROUPED, MoE.COMPILE, MoE.FUSED, cpu_kernels.installed, cpu_kernels.onednn = old
 
 
 def rounds(fns: dict, repeats: int, n_rounds: int) -> dict[str, float]:
@@ -210,6 +211,7 @@ def gemm_floor(cfg, dtype: torch.dtype, tokens: int, load: torch.Tensor, repeats
     GEMMs. Everything else the block does (routing, gather, SwiGLU, combine) left out: a floor for
     the block with these GEMM kernels. Then the same for the dense block's products."""
     import torch.nn.functional as F
+    mm = cpu_kernels.linear  # a @ b^T as the layers compute it (oneDNN where training picks it)
     H, I, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.n_routed_experts
     _, counts, rows = moe_module.padded_layout(load.long(), int(load.sum()),
                                                moe_module.PAD_ROWS if dtype.itemsize == 2 else 1)
@@ -226,14 +228,15 @@ def gemm_floor(cfg, dtype: torch.dtype, tokens: int, load: torch.Tensor, repeats
         lambda: F.grouped_mm(gu.t(), xs, offs=offs),                      # gate_up: y, dx, dW
         lambda: F.grouped_mm(h, w2.transpose(1, 2), offs=offs), lambda: F.grouped_mm(ys, w2, offs=offs),
         lambda: F.grouped_mm(ys.t(), h, offs=offs),                       # down
-        lambda: x @ wg.t(), lambda: x @ wg.t(), lambda: hs @ wg, lambda: hs @ wg, lambda: hs.t() @ x,
-        lambda: hs.t() @ x,                                               # shared gate and up
-        lambda: hs @ wd.t(), lambda: x @ wd, lambda: x.t() @ hs,          # shared down
-        lambda: xf @ wr.t(), lambda: lg @ wr, lambda: lg.t() @ xf]        # the gate, in fp32
+        lambda: mm(x, wg), lambda: mm(x, wg), lambda: mm(hs, wg.t()), lambda: mm(hs, wg.t()),
+        lambda: mm(hs.t(), x.t()), lambda: mm(hs.t(), x.t()),            # shared gate and up
+        lambda: mm(hs, wd), lambda: mm(x, wd.t()), lambda: mm(x.t(), hs.t()),  # shared down
+        lambda: mm(xf, wr), lambda: mm(lg, wr.t()), lambda: mm(lg.t(), xf.t())]  # the gate, in fp32
     Id = I * (cfg.num_experts_per_tok + cfg.n_shared_experts)                # the dense block's
     wdg, wdd, hd = r(Id, H), r(H, Id), r(tokens, Id)
-    dense = [lambda: x @ wdg.t(), lambda: x @ wdg.t(), lambda: hd @ wdg, lambda: hd @ wdg, lambda: hd.t() @ x,
-             lambda: hd.t() @ x, lambda: hd @ wdd.t(), lambda: x @ wdd, lambda: x.t() @ hd]
+    dense = [lambda: mm(x, wdg), lambda: mm(x, wdg), lambda: mm(hd, wdg.t()), lambda: mm(hd, wdg.t()),
+             lambda: mm(hd.t(), x.t()), lambda: mm(hd.t(), x.t()), lambda: mm(hd, wdd), lambda: mm(x, wdd.t()),
+             lambda: mm(x.t(), hd.t())]
     t = rounds({"moe": lambda: [f() for f in products], "dense": lambda: [f() for f in dense]}, repeats, n_rounds)
     return t["moe"], t["dense"]
 
@@ -321,13 +324,15 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     freed = keep_freed_memory()  # as the training commands run (nanoseek/train/run.py)
     kernels = use_cpu_kernels()
+    choose_cpu_gemm()
     cap, bf16_flags = cpu_bf16()
     bounds = measure_cpu()
     print(f"CPU capability {cap}; native bf16: {', '.join(bf16_flags) or 'no'}; {a.threads} thread(s) "
           f"({'thread CPU time' if a.threads == 1 else 'wall time'}); "
           f"matmul fp32 {bounds['fp32_flops'] / 1e9:.0f} GFLOP/s, bf16 {bounds['bf16_flops'] / 1e9:.0f} GFLOP/s; "
           f"copy {bounds['bandwidth_gbs']:.1f} GB/s; malloc keeps freed blocks: {freed}; "
-          f"C++ feed-forward kernels: {'yes' if kernels else 'no (ours = ours_pytorch)'}", file=sys.stderr)
+          f"C++ feed-forward kernels: {'yes' if kernels else 'no (ours = ours_pytorch)'}; "
+          f"fp32 products: {cpu_kernels.gemm}", file=sys.stderr)
     dtypes = [torch.float32] + ([torch.bfloat16] if bf16_flags else [])
     layers = [layer(n, dt, a.tokens, 5 if n == "tiny" else 2, a.rounds) for n in a.presets for dt in dtypes]
     decodes = [decode(b, a.context, 20, a.rounds) for b in (1, 32)]

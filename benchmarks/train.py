@@ -11,7 +11,8 @@ our main-loss step; `nanoseek_full_objective` adds what pretraining really runs 
 loss, sequence-wise balance loss, bias update). The two models alternate in rounds (the machine is
 noisy) and the median step time of each is used. The process runs as the training commands do
 (train.run: glibc keeps freed memory, for both sides; nanoseek's C++ layer kernels installed: fused
-attention, RMSNorm, SwiGLU, MoE gate and dispatch). MFU = tokens/s x training FLOPs per token
+attention, RMSNorm, SwiGLU, MoE gate and dispatch; fp32 products through oneDNN where it measures faster
+than PyTorch's default, MKL, as on AMD CPUs: model.cpu_kernels.choose_gemm). MFU = tokens/s x training FLOPs per token
 (nanoseek.cost) / this CPU's measured matmul peak (or the GPU's datasheet peak).
 
 Prints a table (tokens/s, ratio to transformers, MFU), then one JSON line with the same numbers.
@@ -38,7 +39,8 @@ from nanoseek.config import preset  # noqa: E402
 from nanoseek.train.objective import (balance_loss, expert_loads, moe_layers, mtp_loss,  # noqa: E402
                                       next_token_loss, update_bias)
 from nanoseek.train.optim import adamw  # noqa: E402
-from nanoseek.train.run import keep_freed_memory, use_cpu_kernels  # noqa: E402
+from nanoseek.model import cpu_kernels  # noqa: E402
+from nanoseek.train.run import choose_cpu_gemm, keep_freed_memory, use_cpu_kernels  # noqa: E402
 
 
 def main() -> None:
@@ -55,6 +57,7 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     keep_freed_memory()
     kernels = use_cpu_kernels()
+    choose_cpu_gemm()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
@@ -145,7 +148,8 @@ def main() -> None:
     mfu = lambda ts, f: f"{ts * f / peak:.1%}" if peak else "-"  # noqa: E731
     print(f"train step, preset {a.preset}, batch {a.batch} x {a.seq_len}, {'bf16 autocast' if amp else 'fp32'} "
           f"on {device} ({torch.get_num_threads()} threads), median of {a.rounds} x {a.steps} steps each; "
-          f"MFU against {peak_src}; nanoseek's C++ layer kernels: {'yes' if kernels else 'no'}")
+          f"MFU against {peak_src}; nanoseek's C++ layer kernels: {'yes' if kernels else 'no'}; "
+          f"nanoseek's fp32 products: {cpu_kernels.gemm}")
     print(f"{'':44}{'tokens/s':>10}{'vs transformers':>17}{'MFU':>8}")
     for label, key, f in (("transformers DeepseekV3ForCausalLM", "transformers", f_main),
                           ("nanoseek (same objective)", "nanoseek", f_main),
