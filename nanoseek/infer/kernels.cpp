@@ -1246,13 +1246,22 @@ static void transpose_rows(const float* x, int64_t S, int64_t D, int64_t Sp, flo
     for (int64_t d = 0; d < D; ++d) xT[d * Sp + j] = x[j * D + d];
 }
 
-// s[0, n) = scale * (x . keys lo .. lo + n), W keys per step from the transposed keys
+// s[0, n) = scale * (x . keys lo .. lo + n), W keys per step from the transposed keys; four partial
+// sums over d, so the FMAs do not wait on each other (a row has few keys: this is latency, not width)
 static inline void row_dots(const float* x, const float* kT, int64_t Sp, int64_t D, int64_t lo, int64_t n, float scale,
                             float* s) {
   for (int64_t j = 0; j < n; j += W) {
-    vf acc{};
-    for (int64_t d = 0; d < D; ++d) acc += x[d] * load<vf>(kT + d * Sp + lo + j);
-    acc *= scale;
+    const float* k = kT + lo + j;
+    vf a0{}, a1{}, a2{}, a3{};
+    int64_t d = 0;
+    for (; d + 4 <= D; d += 4) {
+      a0 += x[d] * load<vf>(k + d * Sp);
+      a1 += x[d + 1] * load<vf>(k + (d + 1) * Sp);
+      a2 += x[d + 2] * load<vf>(k + (d + 2) * Sp);
+      a3 += x[d + 3] * load<vf>(k + (d + 3) * Sp);
+    }
+    for (; d < D; ++d) a0 += x[d] * load<vf>(k + d * Sp);
+    const vf acc = ((a0 + a1) + (a2 + a3)) * scale;
     std::memcpy(s + j, &acc, sizeof(vf));
   }
 }
@@ -1294,11 +1303,19 @@ static void attention_fwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
         run_dots(a.q + row * a.D, w.kT.data(), Sp, a.D, runs, nr, a.scale, w.p.data());
         a.lse_out[row] = softmax_masked(w.p.data(), w.m.data(), n);
         const float* p = w.p.data();
-        for (int64_t u = 0; u < nr; ++u)
-          for (int64_t j = runs[2 * u]; j < runs[2 * u + 1]; ++j, ++p) {
-            const vf pj = vf{} + *p;
+        vf acc2[C] = {};  // odd keys: two chains of adds
+        for (int64_t u = 0; u < nr; ++u) {
+          int64_t j = runs[2 * u];
+          for (; j + 2 <= runs[2 * u + 1]; j += 2, p += 2) {
+            const vf p0 = vf{} + p[0], p1 = vf{} + p[1];
+            for (int c = 0; c < C; ++c) acc[c] += p0 * w.vp[j * C + c], acc2[c] += p1 * w.vp[(j + 1) * C + c];
+          }
+          if (j < runs[2 * u + 1]) {
+            const vf pj = vf{} + *p++;
             for (int c = 0; c < C; ++c) acc[c] += pj * w.vp[j * C + c];
           }
+        }
+        for (int c = 0; c < C; ++c) acc[c] += acc2[c];
       }
       std::memcpy(a.out + row * a.Dv, acc, a.Dv * sizeof(float));
     }
