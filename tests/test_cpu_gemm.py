@@ -106,14 +106,22 @@ def test_model_training_pass_equals_pytorchs(onednn, monkeypatch):
 
 
 def test_choice_and_override(monkeypatch):
-    """torch / onednn force the choice; auto measures (a positive speed-up); anything else is refused."""
+    """torch / onednn force the choice; auto measures (a positive speed-up); anything else is refused;
+    a torch without oneDNN's linear keeps its own products."""
     monkeypatch.setattr(cpu_kernels, "onednn", False)
+    monkeypatch.setattr(cpu_kernels, "gemm", cpu_kernels.gemm)
     assert cpu_kernels.choose_gemm("onednn")[0] == "onednn" and cpu_kernels.onednn
     assert cpu_kernels.choose_gemm("torch") == ("torch", 0.0) and not cpu_kernels.onednn
     choice, speedup = cpu_kernels.choose_gemm("auto")
     assert speedup > 0 and (choice == "onednn") == (speedup >= 1.3) == cpu_kernels.onednn
     with pytest.raises(ValueError, match="NANOSEEK_CPU_GEMM"):
         cpu_kernels.choose_gemm("mkl")
+
+    def missing():
+        raise RuntimeError("no mkldnn::_linear_pointwise")
+    monkeypatch.setattr(cpu_kernels, "_onednn_speedup", missing)  # a torch built without it
+    assert cpu_kernels.choose_gemm("auto") == ("torch", 0.0) and "no oneDNN" in cpu_kernels.gemm
+    assert not cpu_kernels.onednn
 
 
 def test_cli_bad_override_is_a_one_line_error(tmp_path):

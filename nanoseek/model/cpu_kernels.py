@@ -6,7 +6,7 @@ The layers ask `kernels_for(tensor)`; this module imports nothing of nanoseek's,
 go down (model -> infer would not).
 
 The model's linear layers are `Linear`: nn.Linear whose fp32 CPU products go through oneDNN where
-`choose_gemm` (also called by use_cpu_kernels) measured it faster than PyTorch's default, MKL. MKL
+`choose_gemm` (train.run.choose_cpu_gemm: every training command) measured it faster than PyTorch's default, MKL. MKL
 runs its AVX2 code on AMD CPUs: 100 GFLOP/s of one AVX-512 Zen 5 core, where oneDNN reaches 200-240
 (2026-12-07); training commands say which they picked in their first line (`gemm`)."""
 
@@ -36,7 +36,7 @@ def kernels_for(t: torch.Tensor):
 
 
 def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """a @ b^T (+ bias) by oneDNN; a and b may be transposed views."""
+    """a @ b^T (+ bias) by oneDNN; a and b may be transposed views (copied contiguous first)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
 
@@ -81,19 +81,19 @@ def choose_gemm(setting: str | None = None) -> tuple[str, float]:
     faster than PyTorch's default here (a margin, so that a machine where the two are close keeps one
     choice run after run). NANOSEEK_CPU_GEMM=torch|onednn|auto (default auto) overrides. Returns the
     choice and oneDNN's measured speed-up (0 when not measured)."""
-    global onednn
+    global onednn, gemm
     setting = setting or os.environ.get("NANOSEEK_CPU_GEMM", "auto")
     if setting not in ("auto", "torch", "onednn"):
         raise ValueError(f"NANOSEEK_CPU_GEMM must be auto, torch or onednn, not {setting!r}")
-    ratio = 0.0
-    try:
-        if setting != "torch":
+    ratio, why = 0.0, "NANOSEEK_CPU_GEMM"
+    if setting != "torch":
+        try:
             ratio = _onednn_speedup()
-    except (RuntimeError, AttributeError):  # a build without oneDNN's linear
-        setting = "torch"
+        except (RuntimeError, AttributeError):  # a build without oneDNN's linear
+            setting, why = "torch", "this torch has no oneDNN linear"
+    if setting == "auto":
+        why = f"oneDNN measured {ratio:.2f}x PyTorch's default here"
     onednn = setting == "onednn" or (setting == "auto" and ratio >= 1.3)
-    why = f"oneDNN measured {ratio:.2f}x PyTorch's default here" if setting == "auto" else "NANOSEEK_CPU_GEMM"
-    global gemm
     gemm = f"{'oneDNN' if onednn else 'PyTorch (MKL)'} ({why})"
     return ("onednn" if onednn else "torch"), ratio
 
