@@ -1182,10 +1182,16 @@ struct AttnArgs {
 
 // the runs of allowed keys in a mask row, written as [lo, hi) pairs to out (if given); returns how many
 static int64_t mask_runs(const bool* m, int64_t S, int32_t* out) {
+  // 8 entries at a time where they are all false or all true (the long stretches of a document or a
+  // causal mask), one at a time across a run's edges
+  constexpr uint64_t none = 0, all = 0x0101010101010101ull;
+  const auto word = [&](int64_t j) { return load<uint64_t>(m + j); };
   int64_t n = 0;
   for (int64_t j = 0; j < S;) {
+    while (j + 8 <= S && word(j) == none) j += 8;
     while (j < S && !m[j]) ++j;
     const int64_t lo = j;
+    while (j + 8 <= S && word(j) == all) j += 8;
     while (j < S && m[j]) ++j;
     if (j > lo) {
       if (out) out[2 * n] = static_cast<int32_t>(lo), out[2 * n + 1] = static_cast<int32_t>(j);
@@ -1229,21 +1235,32 @@ static inline int64_t key_runs_of(const AttnArgs& a, int64_t b, int64_t i, const
   return n;
 }
 
+// the part of C vectors that holds D floats: vector c's count
+static inline int64_t part(int64_t D, int c) { return std::clamp<int64_t>(D - c * W, 0, W); }
+
 // rows x [S, D] -> xp [S, C vectors], zero-padded (so every per-key update is C whole vectors)
 template <int C>
 static void pad_rows(const float* x, int64_t S, int64_t D, vf* xp) {
-  for (int64_t j = 0; j < S; ++j) {
-    float* r = reinterpret_cast<float*>(xp + j * C);
-    std::copy(x + j * D, x + (j + 1) * D, r);
-    std::fill(r + D, r + C * W, 0.f);
-  }
+  for (int64_t j = 0; j < S; ++j)
+    for (int c = 0; c < C; ++c) xp[j * C + c] = load_n(x + j * D + c * W, part(D, c));
 }
 
-// rows x [S, D] -> xT [D, Sp] (Sp >= S + W, the tail zero: a span's last vector may read past S)
-static void transpose_rows(const float* x, int64_t S, int64_t D, int64_t Sp, float* xT) {
-  std::fill(xT, xT + D * Sp, 0.f);
+// and back: xp [S, C vectors] -> rows x [S, D]
+template <int C>
+static void unpad_rows(const vf* xp, int64_t S, int64_t D, float* x) {
   for (int64_t j = 0; j < S; ++j)
-    for (int64_t d = 0; d < D; ++d) xT[d * Sp + j] = x[j * D + d];
+    for (int c = 0; c < C; ++c)
+      if (part(D, c)) store_n(x + j * D + c * W, xp[j * C + c], part(D, c));
+}
+
+// rows x [S, D] -> xT [D, Sp] (Sp >= S + W, the tail zero: a span's last vector may read past S); row
+// by row of xT, so its writes are contiguous (x's S rows stay in L1)
+static void transpose_rows(const float* x, int64_t S, int64_t D, int64_t Sp, float* xT) {
+  for (int64_t d = 0; d < D; ++d) {
+    float* t = xT + d * Sp;
+    for (int64_t j = 0; j < S; ++j) t[j] = x[j * D + d];
+    std::fill(t + S, t + Sp, 0.f);
+  }
 }
 
 // s[0, n) = scale * (x . keys lo .. lo + n), W keys per step from the transposed keys; four partial
@@ -1317,7 +1334,8 @@ static void attention_fwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
         }
         for (int c = 0; c < C; ++c) acc[c] += acc2[c];
       }
-      std::memcpy(a.out + row * a.Dv, acc, a.Dv * sizeof(float));
+      for (int c = 0; c < C; ++c)
+        if (part(a.Dv, c)) store_n(a.out + row * a.Dv + c * W, acc[c], part(a.Dv, c));
     }
   }
 }
@@ -1355,8 +1373,7 @@ static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
           std::memcpy(p + j, &pj, sizeof(vf));
           std::memcpy(dp + j, &ds, sizeof(vf));
         }
-        std::memset(qv, 0, sizeof(qv)), std::memset(dov, 0, sizeof(dov));
-        std::memcpy(qv, q, a.D * sizeof(float)), std::memcpy(dov, dout, a.Dv * sizeof(float));
+        for (int c = 0; c < C; ++c) qv[c] = load_n(q + c * W, part(a.D, c)), dov[c] = load_n(dout + c * W, part(a.Dv, c));
         for (int64_t u = 0, o = 0; u < nr; ++u)
           for (int64_t j = runs[2 * u]; j < runs[2 * u + 1]; ++j, ++o) {
             const vf pj = vf{} + p[o], ds = vf{} + dp[o];
@@ -1367,13 +1384,12 @@ static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
             }
           }
       }
-      std::memcpy(a.dq + row * a.D, dq, a.D * sizeof(float));
+      for (int c = 0; c < C; ++c)
+        if (part(a.D, c)) store_n(a.dq + row * a.D + c * W, dq[c], part(a.D, c));
     }
   }
-  for (int64_t j = 0; j < a.S; ++j) {  // unpadded
-    std::memcpy(a.dk + (kv * a.S + j) * a.D, &w.dkp[j * C], a.D * sizeof(float));
-    std::memcpy(a.dv + (kv * a.S + j) * a.Dv, &w.dvp[j * C], a.Dv * sizeof(float));
-  }
+  unpad_rows<C>(w.dkp.data(), a.S, a.D, a.dk + kv * a.S * a.D);
+  unpad_rows<C>(w.dvp.data(), a.S, a.Dv, a.dv + kv * a.S * a.Dv);
 }
 
 // C vectors cover the larger of D and Dv: one of a few instantiations (C rounded up to it)

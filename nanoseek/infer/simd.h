@@ -88,15 +88,38 @@ static inline vf sigmoid_v(vf x) {
   return x < 0 ? e * r : r;
 }
 
+// the first n <= W floats at p, zero past n, and back: masked loads and stores (a memcpy of a variable
+// length is a libc call, a hot spot in the attention kernels' per-key row copies)
+static inline vf load_part(const float* p, int64_t n) {
+#if defined(__AVX512F__)
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+#elif defined(__AVX2__)
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+#else
+  vf v{};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+#endif
+}
+
+static inline void store_part(float* p, vf v, int64_t n) {
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << n) - 1), v);
+#elif defined(__AVX2__)
+  _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), v);
+#else
+  std::memcpy(p, &v, n * sizeof(float));
+#endif
+}
+
 // n <= W elements of a row of floats or of bf16 (any 16-bit T) as fp32, zero past n; and back, rounding
 // to bf16 for a 16-bit T. A whole vector (n == W) is one load / store.
 template <typename T>
 static inline vf load_n(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
-    if (n == W) return load<vf>(p);
-    vf v{};
-    std::memcpy(&v, p, n * sizeof(float));
-    return v;
+    return n == W ? load<vf>(p) : load_part(p, n);
   } else {
     if (n == W) return bf16_to_f32(reinterpret_cast<const uint8_t*>(p));
     uint16_t buf[W] = {};
@@ -109,7 +132,7 @@ template <typename T>
 static inline void store_n(T* p, vf v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     if (n == W) std::memcpy(p, &v, sizeof(vf));  // a constant size: one vector store, not a call
-    else std::memcpy(p, &v, n * sizeof(float));
+    else store_part(p, v, n);
   } else if (n == W) {
     store_bf16(p, v);
   } else {
