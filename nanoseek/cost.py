@@ -310,6 +310,8 @@ def measure_cpu(seconds: float = 0.2) -> dict:
         return _CPU
     import torch
 
+    from .model.cpu_kernels import onednn_linear
+
     rates = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         n = 128
@@ -324,7 +326,7 @@ def measure_cpu(seconds: float = 0.2) -> dict:
         if dt == torch.float32 and torch.backends.mkldnn.is_available():
             # oneDNN's fp32 product: 2x MKL's on AMD CPUs, where MKL runs its AVX2 code; training picks
             # the faster (model.cpu_kernels.choose_gemm), so the peak is the faster too
-            products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+            products.append(lambda: onednn_linear(a, b))
         for product in products:
             try:
                 product()

@@ -21,13 +21,13 @@ pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason
 def onednn(monkeypatch):
     """oneDNN on for the test, its calls counted."""
     calls = []
-    real = cpu_kernels._onednn
+    real = cpu_kernels.onednn_linear
 
     def counted(*a):
         calls.append(a[0].shape)
         return real(*a)
     monkeypatch.setattr(cpu_kernels, "onednn", True)
-    monkeypatch.setattr(cpu_kernels, "_onednn", counted)
+    monkeypatch.setattr(cpu_kernels, "onednn_linear", counted)
     return calls
 
 

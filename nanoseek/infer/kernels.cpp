@@ -1334,8 +1334,7 @@ static void attention_fwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
         }
         for (int c = 0; c < C; ++c) acc[c] += acc2[c];
       }
-      for (int c = 0; c < C; ++c)
-        if (part(a.Dv, c)) store_n(a.out + row * a.Dv + c * W, acc[c], part(a.Dv, c));
+      unpad_rows<C>(acc, 1, a.Dv, a.out + row * a.Dv);
     }
   }
 }
@@ -1373,7 +1372,7 @@ static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
           std::memcpy(p + j, &pj, sizeof(vf));
           std::memcpy(dp + j, &ds, sizeof(vf));
         }
-        for (int c = 0; c < C; ++c) qv[c] = load_n(q + c * W, part(a.D, c)), dov[c] = load_n(dout + c * W, part(a.Dv, c));
+        pad_rows<C>(q, 1, a.D, qv), pad_rows<C>(dout, 1, a.Dv, dov);
         for (int64_t u = 0, o = 0; u < nr; ++u)
           for (int64_t j = runs[2 * u]; j < runs[2 * u + 1]; ++j, ++o) {
             const vf pj = vf{} + p[o], ds = vf{} + dp[o];
@@ -1384,8 +1383,7 @@ static void attention_bwd_task(const AttnArgs& a, int64_t b, int64_t g, AttnTask
             }
           }
       }
-      for (int c = 0; c < C; ++c)
-        if (part(a.D, c)) store_n(a.dq + row * a.D + c * W, dq[c], part(a.D, c));
+      unpad_rows<C>(dq, 1, a.D, a.dq + row * a.D);
     }
   }
   unpad_rows<C>(w.dkp.data(), a.S, a.D, a.dk + kv * a.S * a.D);

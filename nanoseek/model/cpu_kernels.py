@@ -35,7 +35,7 @@ def kernels_for(t: torch.Tensor):
     return k
 
 
-def _onednn(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def onednn_linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """a @ b^T (+ bias) by oneDNN; a and b may be transposed views (copied contiguous first)."""
     return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
 
@@ -45,15 +45,15 @@ class _OneDNNLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
         dy = dy.contiguous()
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
-        dx = _onednn(dy, weight.t()) if ctx.needs_input_grad[0] else None
-        dw = _onednn(dy2.t(), x2.t()) if ctx.needs_input_grad[1] else None
+        dx = onednn_linear(dy, weight.t()) if ctx.needs_input_grad[0] else None
+        dw = onednn_linear(dy2.t(), x2.t()) if ctx.needs_input_grad[1] else None
         db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db
 
@@ -104,7 +104,7 @@ def _onednn_speedup(rows: int = 256, width: int = 256, rounds: int = 5) -> float
     g = torch.Generator().manual_seed(0)
     x, w, dy = (torch.randn(rows, width, generator=g) for _ in range(3))
     sides = {"torch": lambda: (F.linear(x, w), dy @ w, dy.t() @ x),
-             "onednn": lambda: (_onednn(x, w), _onednn(dy, w.t()), _onednn(dy.t(), x.t()))}
+             "onednn": lambda: (onednn_linear(x, w), onednn_linear(dy, w.t()), onednn_linear(dy.t(), x.t()))}
     best = dict.fromkeys(sides, float("inf"))
     for f in sides.values():
         f()

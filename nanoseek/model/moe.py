@@ -317,7 +317,7 @@ class Experts(nn.Module):
         chosen experts' weights used in place, no sort, gather or grouped GEMM over empty groups."""
         y = None
         for e, w in zip(indices.tolist(), weights.tolist()):
-            out = linear(swiglu(linear(x, self.gate_up_proj[e]), w), self.down_proj[e])
+            out = F.linear(swiglu(F.linear(x, self.gate_up_proj[e]), w), self.down_proj[e])
             y = out if y is None else y.add_(out)
         return y
 
