@@ -258,7 +258,7 @@ def sample_and_train(run: Stages, stage: str, teacher: str, student: str, prompt
             raise
         print(f"[{run.label}] {stage} skipped: {e}", file=sys.stderr)
         return {"kept": 0, "skipped": str(e)}
-    return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate")}
+    return {k_: r["dataset"].get(k_) for k_ in ("generated", "kept", "keep_rate", "used")}
 
 
 def first_model(*paths: str | Path) -> str:

@@ -22,7 +22,8 @@ Every stage that makes a model evaluates it on the held-out problems as it ends.
   reasoning    R1: GRPO from the cold start with accuracy + format + language-consistency rewards
   rejection    R1: the reasoning model's verified traces (rejection sampling) re-train the base
   final-rl     R1: a last GRPO stage with the language reward                          -> r1/final
-  distill      R1's verified traces (deduplicated, language-consistent) -> SFT of the student
+  distill      R1's verified traces (deduplicated, language-consistent; sampled until 2400 are kept)
+               -> SFT of the student
   student-rl   the same student trained by GRPO directly, with more compute than distillation used
   eval         every model on the same held-out problems (pass@1, maj@k, greedy, format, language,
                length, with 95% intervals and per-problem scores) in one table
@@ -49,28 +50,27 @@ from .pipeline import Stages, cold_start, evaluate_models, first_model, rl, run_
 
 # Budgets for 2 CPU cores (docs/experiments-seed-claims.md has the runs behind them: a 1000-step teacher
 # base or student breaks a claim; R1-Zero's jump comes between steps 30 and 40, so it gets 60, which fit
-# beside the R1 chain in the second lane; R1 keeps 37-47% of its samples (by run), so 6000
-# distillation questions keep >= 2000 traces (5000 kept 2,093, then 1,836 once the fused training
-# attention changed the trained teacher's rounding, 2026-12-06); the student's
-# direct RL gets more compute than its distillation: 50 GRPO steps of 128 rollouts against ~85 SFT steps).
+# beside the R1 chain in the second lane; R1 keeps 30-77% of its samples (by run: a fixed 6000 questions
+# kept 1,834 to 4,634 traces), so distillation samples until 2400 traces are kept (at most 10000
+# questions) and the student learns exactly those: its direct RL always gets more compute than its
+# distillation, 50 GRPO steps of 128 rollouts against 2 epochs of 2400 traces, ~100 SFT steps).
 # gpu-small scales the same pipeline (bigger model, more steps).
 # rejection_prompts 0 leaves out R1's rejection-sampling and final-RL stages.
 PRESETS = {
-    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, student_layers=2, grpo_steps=60, grpo_prompts=16,
-                group_size=8,
-                cold_start=1000, r1_rl_steps=20, rejection_prompts=2400, final_rl_steps=10, distill_prompts=6000,
-                distill_k=1, student_rl_steps=50, eval_n=400, eval_k=4, batch_size=16, seq_len=128, docs=60000,
-                max_tokens=112),
+    "cpu": dict(model="tiny", pretrain_steps=1500, student_steps=1500, student_layers=2, grpo_steps=60,
+                grpo_prompts=16, group_size=8, cold_start=1000, r1_rl_steps=20, rejection_prompts=2400,
+                final_rl_steps=10, distill_prompts=10000, distill_kept=2400, distill_k=1, student_rl_steps=50,
+                eval_n=400, eval_k=4, batch_size=16, seq_len=128, docs=60000, max_tokens=112),
     "gpu-small": dict(model="small", pretrain_steps=20000, student_steps=6000, student_layers=4, grpo_steps=400,
-                      grpo_prompts=64,
-                      group_size=16, cold_start=4000, r1_rl_steps=300, rejection_prompts=8000, final_rl_steps=200,
-                      distill_prompts=8000, distill_k=1, student_rl_steps=300, eval_n=1000, eval_k=16,
-                      batch_size=64, seq_len=256, docs=1_000_000, max_tokens=200),
+                      grpo_prompts=64, group_size=16, cold_start=4000, r1_rl_steps=300, rejection_prompts=8000,
+                      final_rl_steps=200, distill_prompts=16000, distill_kept=8000, distill_k=1,
+                      student_rl_steps=300, eval_n=1000, eval_k=16, batch_size=64, seq_len=256, docs=1_000_000,
+                      max_tokens=200),
     # wiring check for tests: every stage, a few steps each
     "smoke": dict(model="tiny", pretrain_steps=6, student_steps=4, student_layers=2, grpo_steps=2, grpo_prompts=2,
-                  group_size=4,
-                  cold_start=8, r1_rl_steps=1, rejection_prompts=4, final_rl_steps=1, distill_prompts=6, distill_k=2,
-                  student_rl_steps=1, eval_n=4, eval_k=2, batch_size=4, seq_len=64, docs=400, max_tokens=24),
+                  group_size=4, cold_start=8, r1_rl_steps=1, rejection_prompts=4, final_rl_steps=1,
+                  distill_prompts=6, distill_kept=4, distill_k=2, student_rl_steps=1, eval_n=4, eval_k=2,
+                  batch_size=4, seq_len=64, docs=400, max_tokens=24),
 }
 STAGES = ("data", "pretrain", "student", "grpo", "cold-start", "reasoning", "rejection", "final-rl", "distill", "student-rl",
           "eval", "export", "report")
@@ -233,7 +233,7 @@ def _distill_stage(run: Stages, p: dict, seed: int) -> dict:
     """R1's verified reasoning, distilled into the dense student (k samples of each training question)."""
     return sample_and_train(run, "distill", str(r1_final(run, p)), str(run.root / "student" / "final"),
                             p["distill_prompts"], p["distill_k"], seed + 1, max_tokens=p["max_tokens"],
-                            seq_len=p["seq_len"] * 2)
+                            seq_len=p["seq_len"] * 2, kept=p["distill_kept"])
 
 
 def _student_rl_stage(run: Stages, p: dict, seed: int) -> dict:

@@ -122,6 +122,23 @@ def test_dataset_resume_after_kills_does_not_duplicate(tmp_path, monkeypatch):
     assert (out / "data.jsonl").read_text().splitlines() == ref_lines
 
 
+def test_dataset_stops_at_the_kept_target_and_resumes_toward_a_larger_one(tmp_path):
+    """fake_teacher keeps one distinct trace per prompt: with rounds of 3 prompts, a target of 4 stops
+    after the second round (6 kept, prompts 6..9 never sampled); a resume with 8 samples one round more."""
+    examples = get_task("arithmetic", level=2, langs=("en",)).examples("train", 10, seed=0)
+    sample, seen = fake_teacher(examples, 4), []
+    spy = lambda idx: seen.append(idx) or sample(idx)  # noqa: E731
+    stats = build_dataset(store_for(tmp_path, examples), examples, TASK, spy, gen_batch=3, target=4)
+    assert seen == [[0, 1, 2], [3, 4, 5]] and (stats["kept"], stats["prompts_done"], stats["generated"]) == (6, 6, 24)
+    assert build_dataset(store_for(tmp_path, examples, resume=True), examples, TASK, spy, gen_batch=3,
+                         target=6)["kept"] == 6 and len(seen) == 2  # reached: nothing sampled
+    stats = build_dataset(store_for(tmp_path, examples, resume=True), examples, TASK, spy, gen_batch=3, target=8)
+    assert seen[2:] == [[6, 7, 8]] and stats["kept"] == 9
+    # a target above what every prompt yields samples them all
+    stats = build_dataset(store_for(tmp_path, examples, resume=True), examples, TASK, spy, gen_batch=3, target=99)
+    assert seen[3:] == [[9]] and stats["kept"] == 10 and stats["prompts_done"] == 10
+
+
 # ------------------------------------------------------------------------------ the real engine
 CORPUS = [f"User: Question: {a} + {b} = ?\nAssistant: <think> {a} + {b} = {a + b} </think> <answer> {a + b} </answer>"
           for a in range(20) for b in range(20)]
@@ -198,6 +215,16 @@ def test_distill_end_to_end_with_dense_tiny_student(tmp_path, teacher_dir, monke
     assert len((out / "data.jsonl").read_text().splitlines()) == 6
     assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
+    # --kept 3: rounds of 2 prompts until 3 traces are kept; the student learns exactly the first 3
+    out2 = tmp_path / "d2"
+    argv2 = [out2.as_posix() if x == out.as_posix() else x for x in argv]
+    assert cli_main([*argv2, "--kept", "3", "--gen-batch", "2"]) == 0
+    stats = json.loads((out2 / "dataset_stats.json").read_text())
+    lines = (out2 / "data.jsonl").read_text().splitlines()
+    assert stats["used"] == 3 and 3 <= stats["kept"] == len(lines) <= 6 and stats["prompts_done"] % 2 == 0
+    assert stats["prompts_done"] < 6 or stats["kept"] < 6
+    assert json.loads((out2 / "final" / "training.json").read_text())["examples"] == 3
+
 
 @pytest.mark.parametrize("extra,needle", [(["--student", "dense:huge"], "unknown student preset"),
                                           (["--student", "/nonexistent/model"], "no such student"),
@@ -205,7 +232,8 @@ def test_distill_end_to_end_with_dense_tiny_student(tmp_path, teacher_dir, monke
                                           (["--student", "EMPTY_DIR"], "no config.json"),
                                           (["--student", "NO_TOKENIZER"], "no tokenizer.json"),
                                           (["--task", "sudoku"], "unknown task"),
-                                          (["--k", "0"], "--k")])
+                                          (["--k", "0"], "--k"),
+                                          (["--kept", "0"], "--kept")])
 def test_bad_distill_input(tmp_path, teacher_dir, capsys, extra, needle):
     (tmp_path / "NOT_A_GGUF").write_text("not a model")  # a file that is not a GGUF
     (tmp_path / "EMPTY_DIR").mkdir()

@@ -3,6 +3,7 @@
     nanoseek distill --teacher runs/grpo/final --student dense:tiny --task arithmetic --level 2 \\
         --prompts 500 --k 4 --out runs/distill
     nanoseek distill --teacher runs/grpo/final --student SmolLM2-135M-Instruct.Q4_1.gguf --out runs/d2
+    nanoseek distill ... --prompts 10000 --kept 2400   # sample until 2,400 traces are kept (at most 10,000)
     nanoseek distill ... --resume            # a killed run continues: no trace generated twice
     python -m nanoseek.train.distill --teacher T --out runs/distill
 
@@ -18,6 +19,9 @@ DeepSeek-R1 §2.3.3 / §2.4: rejection sampling on the RL checkpoint, then SFT o
    (rewards format == 1), its answer is verified (accuracy == 1) and its chain of thought is in
    the question's language (language consistency >= --min-language, default 0.9; R1 filters mixed
    languages out of its SFT data). Kept traces are deduplicated by (prompt, completion).
+   With --kept N the teacher stops after the generation round that reaches N kept traces and the
+   student learns the first N: the student's SFT compute no longer depends on the teacher's keep
+   rate, and --prompts only caps the questions drawn.
 3. The student trains on the kept traces with sft.py, --template none: the prompt already holds
    the reasoning template, the completion is `reasoning </think> <answer> X </answer>` + eos.
    Traces are text, so a student with another tokenizer learns them too (R1 distilled into Qwen and
@@ -72,6 +76,7 @@ class DistillArgs:
     level: int | None = None
     langs: str | None = None           # comma-separated question languages, e.g. "en,zh"
     prompts: int = 500
+    kept: int | None = None            # stop sampling at this many kept traces; the student learns exactly these
     k: int = 4
     out: str = "runs/distill"
     template: str = "r1-zero-short"
@@ -197,16 +202,19 @@ SampleFn = Callable[[list[int]], list[list[str]]]
 
 
 def build_dataset(store: TraceStore, examples: list, task, sample_fn: SampleFn, gen_batch: int = 32,
-                  min_language: float = 0.9, progress: bool = False) -> dict:
-    """Generate, filter and store traces for every prompt not done yet; returns store.stats()."""
+                  min_language: float = 0.9, progress: bool = False, target: int | None = None) -> dict:
+    """Generate, filter and store traces for every prompt not done yet, in order, or until `target`
+    traces are kept (checked after each round of gen_batch prompts); returns store.stats()."""
     todo = [i for i in range(len(store.prompts)) if i not in store.done]
     bar = None
-    if progress and todo:
+    if progress and todo and not reached(store, target):
         from tqdm import tqdm
         bar = tqdm(total=len(store.prompts), initial=len(store.prompts) - len(todo), desc="distill data",
                    unit="prompt", dynamic_ncols=True)
     try:
         for b in range(0, len(todo), gen_batch):
+            if reached(store, target):
+                break
             idx = todo[b:b + gen_batch]
             samples = sample_fn(idx)
             texts = [t for group in samples for t in group]
@@ -224,6 +232,10 @@ def build_dataset(store: TraceStore, examples: list, task, sample_fn: SampleFn, 
         if bar is not None:
             bar.close()
     return store.stats()
+
+
+def reached(store: TraceStore, target: int | None) -> bool:
+    return target is not None and store.counts["kept"] >= target
 
 
 def teacher_sampler(model, tok, prompts: list[str], a: DistillArgs) -> SampleFn:
@@ -308,6 +320,8 @@ def _check_args(a: DistillArgs, need_teacher: bool = True) -> None:
     for name in ("prompts", "k", "max_tokens", "gen_batch", "engine_batch", "seq_len", "batch_size"):
         if getattr(a, name) < 1:
             raise NanoseekError(f"--{name.replace('_', '-')} must be at least 1")
+    if a.kept is not None and a.kept < 1:
+        raise NanoseekError("--kept must be at least 1")
     if not 0 <= a.min_language <= 1:
         raise NanoseekError("--min-language must be in [0, 1]")
     if a.steps is not None and a.epochs is not None:
@@ -374,24 +388,30 @@ def distill_from(teacher, tok, a: DistillArgs) -> dict:
              "prompts": a.prompts, "k": a.k, "max_tokens": a.max_tokens, "temperature": a.temperature,
              "top_p": a.top_p, "min_language": a.min_language, "seed": a.seed}
     store = TraceStore(out, prompts, bound, a.resume)
-    if len(store.done) < len(prompts):
-        print(f"nanoseek distill: {len(prompts) - len(store.done)} of {len(prompts)} prompts to sample "
+    if len(store.done) < len(prompts) and not reached(store, a.kept):
+        goal = f"until {a.kept:,} traces are kept, at most " if a.kept else ""
+        print(f"nanoseek distill: sampling {goal}{len(prompts) - len(store.done):,} of {len(prompts):,} prompts "
               f"(k={a.k}, T={a.temperature}, top-p {a.top_p}) from {a.teacher}", file=sys.stderr)
         build_dataset(store, examples, task, teacher_sampler(teacher, tok, prompts, a), a.gen_batch,
-                      a.min_language, a.progress)
+                      a.min_language, a.progress, a.kept)
     del teacher  # the engine and its KV cache are gone with the sampler; drop our reference too
-    stats = store.stats()
+    kept = store.records[:a.kept] if a.kept else store.records
+    stats = {**store.stats(), "used": len(kept)}
     atomic_write(out / STATS_FILE, json.dumps(stats, indent=2) + "\n")
     print(f"nanoseek distill: kept {stats['kept']} of {stats['generated']} traces "
-          f"(keep rate {stats['keep_rate']:.1%}; rejected {stats['rejected']}, {stats['duplicates']} duplicates)",
+          f"(keep rate {stats['keep_rate']:.1%}; rejected {stats['rejected']}, {stats['duplicates']} duplicates)"
+          + (f"; the student learns the first {len(kept):,}" if len(kept) < stats["kept"] else ""),
           file=sys.stderr)
-    if not store.records:
+    if a.kept and len(kept) < a.kept:
+        print(f"nanoseek distill: warning: {len(kept):,} traces kept from all {len(prompts):,} prompts, short "
+              f"of --kept {a.kept:,} (raise --prompts or --k)", file=sys.stderr)
+    if not kept:
         raise NanoseekError(f"the teacher produced no verified trace ({stats['generated']} generated); "
                             f"nothing to distill (try a stronger teacher, more --prompts or --k)")
 
     student, stok, scratch = student_model(a.student, tok, a.seed)
     template = student_template(a, tok, stok)
-    records = student_records(store.records, template, stok)
+    records = student_records(kept, template, stok)
     print(f"nanoseek distill: the student learns the traces in the {template!r} prompt format with its own "
           f"tokenizer ({stok.vocab_size:,} tokens; the teacher's has {tok.vocab_size:,})", file=sys.stderr)
     sft_args = SFTArgs(out=str(out), template="none", steps=a.steps,
@@ -425,7 +445,8 @@ HELP = {
     "task": "arithmetic | countdown | jsonl:PATH",
     "level": "task difficulty (default: the task's own)",
     "langs": "comma-separated question languages, e.g. en,zh",
-    "prompts": "training prompts to sample", "k": "samples per prompt",
+    "prompts": "training prompts to sample (with --kept: the most to sample)", "k": "samples per prompt",
+    "kept": "stop sampling once this many traces are kept; the student learns exactly these (default: all)",
     "out": "output directory: data.jsonl, dataset_stats.json, metrics.jsonl, checkpoints/, final/",
     "min_language": "minimum language consistency of a kept chain of thought",
     "gen_batch": "prompts per generation round (the unit of resume)",
