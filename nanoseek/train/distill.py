@@ -209,8 +209,10 @@ def build_dataset(store: TraceStore, examples: list, task, sample_fn: SampleFn, 
     bar = None
     if progress and todo and not reached(store, target):
         from tqdm import tqdm
-        bar = tqdm(total=len(store.prompts), initial=len(store.prompts) - len(todo), desc="distill data",
-                   unit="prompt", dynamic_ncols=True)
+        # toward the target in kept traces when there is one, else through the prompts
+        total, initial = (target, store.counts["kept"]) if target else (len(store.prompts), len(store.done))
+        bar = tqdm(total=total, initial=initial, desc="distill data", unit="trace" if target else "prompt",
+                   dynamic_ncols=True)
     try:
         for b in range(0, len(todo), gen_batch):
             if reached(store, target):
@@ -225,9 +227,9 @@ def build_dataset(store: TraceStore, examples: list, task, sample_fn: SampleFn, 
             kept = [r for r, why in zip(records, reasons) if why == KEEP]
             store.add(idx, kept, reasons)
             if bar is not None:
-                bar.update(len(idx))
                 s = store.stats()
-                bar.set_postfix(kept=s["kept"], keep_rate=f"{s['keep_rate']:.0%}")
+                bar.update(min(s["kept"], target) - bar.n if target else len(idx))
+                bar.set_postfix(prompts=s["prompts_done"], kept=s["kept"], keep_rate=f"{s['keep_rate']:.0%}")
     finally:
         if bar is not None:
             bar.close()
