@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 warnings.filterwarnings("ignore")
 
 import nanoseek  # noqa: E402
+from nanoseek.train.run import setup_cpu_training  # noqa: E402
 from nanoseek.cli import example_model  # noqa: E402
 from nanoseek.data.tasks import get_task, render  # noqa: E402
 from nanoseek.eval.evaluate import STOP, completion_text, score_samples  # noqa: E402
@@ -94,6 +95,8 @@ def cold_start(out: str, n: int, level: int) -> dict:
     return {"path": os.path.join(cold, "final"), "steps": steps, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="the R1 model of a speedrun (HF dir or .gguf)")
@@ -107,6 +110,7 @@ def main():
     ap.add_argument("--n", type=int, default=200, help="held-out problems")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
+    setup_cpu_training()  # as the training commands do
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
     task = get_task("arithmetic", level=args.level, langs="en")

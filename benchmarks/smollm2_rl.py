@@ -23,11 +23,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 warnings.filterwarnings("ignore")
 
 import nanoseek  # noqa: E402
+from nanoseek.train.run import setup_cpu_training  # noqa: E402
 from nanoseek.train.grpo import GRPOArgs, grpo, resolve  # noqa: E402
 from nanoseek.pipeline import cold_start_records  # noqa: E402
 from nanoseek.train.sft import SFTArgs, train_sft  # noqa: E402
 
 from nanoseek.cli import example_model  # noqa: E402
+
+
 
 
 def main():
@@ -38,6 +41,7 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="GRPO steps")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
+    setup_cpu_training()  # as the training commands do
     torch.set_num_threads(args.threads)
     cold = os.path.join(args.out, "cold-start")
     if not os.path.exists(os.path.join(cold, "final")):

@@ -223,10 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command in TRAINING:
-            from .train.run import choose_cpu_gemm, keep_freed_memory, use_cpu_kernels
-            keep_freed_memory()
-            use_cpu_kernels()
-            choose_cpu_gemm()
+            from .train.run import setup_cpu_training
+            setup_cpu_training()
         return args.func(args)
     except NanoseekError as e:
         print(f"nanoseek: error: {e}", file=sys.stderr)

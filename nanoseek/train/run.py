@@ -9,9 +9,10 @@ checks, the metrics log, the progress bar, the lr schedule, the amp choice and t
     set_lr(optimizer, lr_at(step, total, a.lr, warmup, a.schedule))
     save_final(out / "final", model, tok, {"stage": "sft", ...})     # training.json inside, atomic
 
-keep_freed_memory() (the CLI calls it for training commands) stops glibc from handing large freed
-blocks back to the kernel, whose fresh pages then fault in on every step; use_cpu_kernels()
-(likewise) trains with nanoseek's C++ kernels on CPU (attention, RMSNorm, SwiGLU, MoE gate and dispatch).
+setup_cpu_training() (the CLI calls it for training commands) runs three: keep_freed_memory() stops
+glibc from handing large freed blocks back to the kernel, whose fresh pages then fault in on every
+step; use_cpu_kernels() trains with nanoseek's C++ kernels on CPU (attention, RMSNorm, SwiGLU, MoE
+gate and dispatch); choose_cpu_gemm() picks oneDNN or PyTorch's default for fp32 products.
 
 OUT/ holds checkpoints/ (checkpoint.py), metrics.jsonl and final/ (an HF directory with training.json,
 written as one atomic, fsynced unit: a crash leaves the old final/ or the new one, never a model
@@ -123,6 +124,14 @@ def choose_cpu_gemm() -> str:
         return cpu_kernels.choose_gemm()[0]
     except ValueError as e:
         raise NanoseekError(str(e)) from None
+
+
+def setup_cpu_training() -> None:
+    """What every training command sets up before it trains (the CLI, and scripts that train in process):
+    keep_freed_memory, use_cpu_kernels, choose_cpu_gemm."""
+    keep_freed_memory()
+    use_cpu_kernels()
+    choose_cpu_gemm()
 
 
 class MetricsLog(JsonlLog):
