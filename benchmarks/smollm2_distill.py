@@ -95,8 +95,6 @@ def cold_start(out: str, n: int, level: int) -> dict:
     return {"path": os.path.join(cold, "final"), "steps": steps, "wall_s": round(time.perf_counter() - t0, 1)}
 
 
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="the R1 model of a speedrun (HF dir or .gguf)")

@@ -31,8 +31,6 @@ from nanoseek.train.sft import SFTArgs, train_sft  # noqa: E402
 from nanoseek.cli import example_model  # noqa: E402
 
 
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/smollm2-rl")

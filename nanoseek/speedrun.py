@@ -50,8 +50,9 @@ from .pipeline import Stages, cold_start, evaluate_models, first_model, rl, run_
 
 # Budgets for 2 CPU cores (docs/experiments-seed-claims.md has the runs behind them: a 1000-step teacher
 # base or student breaks a claim; at 1500 steps the teacher base read 50-86% of plain-form answers by
-# draw, at 2000 steps 88-91% (seeds 1-3, the same seeds 66-86% at 1500), so the teacher gets 2000; R1-Zero's jump comes between steps 30 and 40, so it gets 60, which fit
-# beside the R1 chain in the second lane; R1 keeps 30-77% of its samples (by run: a fixed 6000 questions
+# draw, at 2000 steps 88-91% (seeds 1-3, the same seeds 66-86% at 1500), so the teacher gets 2000;
+# R1-Zero's jump comes between steps 30 and 40, so it gets 60, which fit beside the R1 chain in the
+# second lane; R1 keeps 30-77% of its samples (by run: a fixed 6000 questions
 # kept 1,834 to 4,634 traces), so distillation samples until 2400 traces are kept (at most 10000
 # questions) and the student learns exactly those: its direct RL always gets more compute than its
 # distillation, 50 GRPO steps of 128 rollouts against 2 epochs of 2400 traces, ~100 SFT steps).

@@ -237,6 +237,7 @@ def build_dataset(store: TraceStore, examples: list, task, sample_fn: SampleFn, 
 
 
 def reached(store: TraceStore, target: int | None) -> bool:
+    """True when a --kept target is set and the store already holds that many traces."""
     return target is not None and store.counts["kept"] >= target
 
 
