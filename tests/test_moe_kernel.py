@@ -134,3 +134,83 @@ def test_moe_module_takes_the_fused_path_and_equals_pytorch(monkeypatch):
     assert torch.equal(out[True][2], out[False][2])  # the same routing
     for a, b in zip(out[True], out[False]):
         assert_close_scaled(a, b, 1e-5)
+
+
+bf16_only = pytest.mark.skipif(not kernels.moe_bf16(), reason="the CPU has no AVX512_BF16")
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| relative to max |want|"""
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+@bf16_only
+@pytest.mark.parametrize("shared", [True, False])
+def test_bf16_experts_equal_the_formula(shared):
+    """bf16 layer (vdpbf16ps tiles, fp32 sums): against the float64 formula on the same bf16 values, every
+    result within a few bf16 roundings (2^-8 = 0.0039 each: gu, h and the output are rounded) of the
+    largest value; fp32 routing weights get an fp32 gradient, the rest bf16."""
+    t, idx = layer(shared)
+    t = {n: v if n == "weights" else v.bfloat16().double() for n, v in t.items()}
+    dy = torch.randn(t["x"].shape, generator=torch.Generator().manual_seed(9)).bfloat16()
+    want, want_g = grads(formula, t, idx, dy.double(), torch.float64)
+    leaves = {n: (v.float() if n == "weights" else v.bfloat16()).requires_grad_() for n, v in t.items()}
+    y = fused(leaves, idx)
+    y.backward(dy)
+    assert y.dtype == torch.bfloat16 and rel_err(y, want) < 1e-2
+    for n, v in leaves.items():
+        assert v.grad.dtype == v.dtype
+        assert rel_err(v.grad, want_g[n]) < 1e-2, n
+    assert float(leaves["w1"].grad[5].abs().max()) == 0  # no rows: zero
+
+
+@bf16_only
+def test_bf16_thread_count_does_not_change_the_sums():
+    t, idx = layer(True, n=300, seed=1)
+    dy = torch.randn(t["x"].shape, generator=torch.Generator().manual_seed(2))
+    t = {n: v if n == "weights" else v.bfloat16() for n, v in t.items()}
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            leaves = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+            y = fused(leaves, idx)
+            y.backward(dy.bfloat16())
+            out.append([y.detach()] + [v.grad for v in leaves.values()])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
+@bf16_only
+def test_bf16_moe_module_takes_the_fused_path(monkeypatch):
+    """A bf16 V3 MoE block in training takes moe.cpp's bf16 path (spied), and its output and gradients are
+    as close to the fp32 block's as PyTorch's bf16 path is (both within bf16 roundings)."""
+    W = kernels.vector_width()
+    cfg = ModelConfig(hidden_size=4 * W, moe_intermediate_size=2 * W, n_routed_experts=8, num_experts_per_tok=2,
+                      n_shared_experts=1, n_group=2, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
+                      routed_scaling_factor=2.5, norm_topk_prob=True)
+    moe = randomize(MoE(cfg), seed=0, std=0.1)
+    x = torch.randn(3, 70, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).bfloat16().float()
+    calls = []
+    real = kernels.moe_experts
+    monkeypatch.setattr(kernels, "moe_experts", lambda *a: calls.append(a[0].dtype) or real(*a))
+
+    def run(m, installed, dtype):
+        monkeypatch.setattr(cpu_kernels, "installed", installed)
+        m.zero_grad(set_to_none=True)
+        xi = x.to(dtype).detach().clone().requires_grad_()
+        y, _ = m(xi)
+        y.backward(dy.to(dtype))
+        return [y.detach(), xi.grad] + [p.grad for p in m.parameters() if p.grad is not None]
+
+    moe = moe.bfloat16().float()  # bf16-exact weights for all three
+    want = run(moe, None, torch.float32)
+    low = moe.bfloat16()
+    got = run(low, kernels, torch.bfloat16)
+    ref = run(low, None, torch.bfloat16)
+    assert calls == [torch.bfloat16]
+    for g, r, w in zip(got, ref, want):
+        assert rel_err(g, w) < max(1e-2, 1.5 * rel_err(r, w))

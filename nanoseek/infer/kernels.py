@@ -286,11 +286,12 @@ class _MoEExperts(torch.autograd.Function):
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, token: torch.Tensor,
                 pair: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """A MoE layer's experts in fp32 (moe.cpp): shared(x[n]) + Σ_j weights[n, j] · expert_j(x[n]) per token, for
+    """A MoE layer's experts in fp32, or bf16 where moe_bf16() (moe.cpp): shared(x[n]) + Σ_j weights[n, j] · expert_j(x[n]) per token, for
     x [N, H], weights [N, k], the stacked experts w1 = gate_up_proj [E, 2I, H], w2 = down_proj [E, H, I],
     the shared expert's (gate [Is, H], up [Is, H], down [H, Is]) or None, and the dispatch plan of
-    `moe_plan(indices, E, 1)` (token, pair, rows per expert). Gradients for x, weights and every weight.
-    H, I and Is must be multiples of vector_width()."""
+    `moe_plan(indices, E, 1)` (token, pair, rows per expert); weights fp32, the rest of x's dtype. Gradients
+    for x, weights and every weight (bf16: summed in fp32, rounded once). H, I and Is must be multiples of
+    vector_width()."""
     sg, su, sd = shared if shared is not None else (None, None, None)
     args = (x.contiguous(), weights.contiguous(), w1, w2, sg, su, sd, token, pair, counts)
     if not _graph(x, weights, w1, w2, sg, su, sd):
@@ -353,6 +354,13 @@ def vector_width() -> int:
     if "w" not in _state:
         _state["w"] = int(torch.ops.nanoseek.vector_width()) if available() else 0
     return _state["w"]
+
+
+def moe_bf16() -> bool:
+    """Does moe_experts take bf16 layers (built for a CPU with AVX512_BF16's vdpbf16ps)?"""
+    if "moe_bf16" not in _state:
+        _state["moe_bf16"] = bool(torch.ops.nanoseek.moe_bf16()) if available() else False
+    return _state["moe_bf16"]
 
 
 def attention_max_head() -> int:

@@ -376,16 +376,19 @@ class MoE(nn.Module):
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
     def fused_kernels(self, x: torch.Tensor):
-        """The C++ kernels, if they run this layer's experts whole (infer/moe.cpp): installed, fp32 with no
-        autocast, the stacked experts and a plain shared MLP, widths in whole vectors, more than one token
-        (one token in decode takes its k experts' weights in place: Experts.one_token)."""
+        """The C++ kernels, if they run this layer's experts whole (infer/moe.cpp): installed, fp32 (or bf16
+        on a CPU with AVX512_BF16) with no autocast, weights of x's dtype, the stacked experts and a plain
+        shared MLP, widths in whole vectors, more than one token (one token in decode takes its k experts'
+        weights in place: Experts.one_token)."""
         k = kernels_for(x)
-        if (not self.FUSED or k is None or x.dtype != torch.float32 or len(x) < 2 or torch.is_autocast_enabled(x.device.type)
-                or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != torch.float32):
+        dt = x.dtype
+        if (not self.FUSED or k is None or dt not in (torch.float32, torch.bfloat16) or len(x) < 2
+                or (dt == torch.bfloat16 and not k.moe_bf16()) or torch.is_autocast_enabled(x.device.type)
+                or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != dt):
             return None
         s, w = self.shared_experts, k.vector_width()
         if s is not None and not (type(s) is MLP and all(type(m) in PLAIN and m.bias is None and
-                                                          m.weight.dtype == torch.float32 and m.weight.shape[0] % w == 0
+                                                          m.weight.dtype == dt and m.weight.shape[0] % w == 0
                                                           for m in (s.gate_proj, s.up_proj, s.down_proj))):
             return None
         _, two_i, h = self.experts.gate_up_proj.shape
