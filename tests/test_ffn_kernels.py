@@ -121,6 +121,24 @@ def test_gate_kernel_without_the_weights_gradient():
     assert torch.equal(idx, sig.topk(2, dim=1).indices)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_logits_equal_the_product(dtype):
+    """The gate's GEMM (x @ w^T in fp32 sums) against float64 on the same values: 13 experts (a pass of 8 and
+    a part-filled one), H = 3 vectors (a column block of 2 and one of 1); gradients of x and w in their dtype."""
+    H, gen = 3 * kernels.vector_width(), torch.Generator().manual_seed(3)
+    x, w = (torch.randn(n, H, generator=gen).to(dtype) for n in (70, 13))
+    dl = torch.randn(70, 13, generator=gen)
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    logits = kernels.gate_logits(xg, wg)
+    logits.backward(dl)
+    x64, w64, dl64 = x.double(), w.double(), dl.double()
+    assert logits.dtype == torch.float32 and xg.grad.dtype == wg.grad.dtype == dtype
+    assert_close_scaled(logits, x64 @ w64.T, 1e-5, "logits")  # fp32 sums of exact products
+    rounding = 1e-5 if dtype == torch.float32 else 2 ** -8  # the gradients are rounded to their dtype
+    assert_close_scaled(xg.grad, dl64 @ w64, rounding, "dx")
+    assert_close_scaled(wg.grad, dl64.T @ x64, rounding, "dw")
+
+
 @pytest.mark.parametrize("pad", [1, 2, 32])
 def test_dispatch_plan_equals_sort_pairs(pad):
     """The counting sort against sort_pairs (stable argsort, then padding) and bincount, including

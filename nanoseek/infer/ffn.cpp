@@ -7,6 +7,9 @@
 //                             biased, group-limited top-k choice, the normalised and scaled weights;
 //                             a token's E experts are a few dozen floats, so one task per token
 //                             replaces ~20 small ops over [N, E] tensors (nanoseek/model/moe.py: Gate).
+//   gate_logits / _bwd        the gate's GEMM, x [N, H] · w [E, H]^T in fp32 for fp32 or bf16 x and w: E is
+//                             a few experts, a product so thin that a GEMM library runs it at a
+//                             fraction of its speed (and a bf16 layer would first copy x to fp32).
 //   moe_plan                  the (token, expert) pairs sorted by expert, by a counting sort (stable,
 //                             as argsort(stable=True)), each expert's slice padded to a multiple of
 //                             `pad` rows (nanoseek/model/moe.py: sort_pairs).
@@ -297,6 +300,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_plan(
   return {token, slot, pair, counts, padded};
 }
 
+
+// ---- the gate's GEMM ----
+
+template <typename T>
+static inline vf load_row(const T* p) {
+  if constexpr (std::is_same_v<T, float>) return load<vf>(p);
+  else return bf16_to_f32(reinterpret_cast<const uint8_t*>(p));
+}
+
+constexpr int64_t GE = 8;  // experts per pass: their accumulators and x's vector stay in registers
+
+// logits[n, e] = Σ_h x[n, h] w[e, h]: per token, GE experts at a time, x read once per pass
+template <typename T>
+static void gate_logits_rows(const T* x, const float* w, float* out, int64_t n0, int64_t n1, int64_t H, int64_t E) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* xr = x + n * H;
+    for (int64_t e0 = 0; e0 < E; e0 += GE) {
+      const int64_t ne = std::min(GE, E - e0);
+      vf acc[GE] = {};
+      for (int64_t h = 0; h < H; h += W) {
+        const vf xv = load_row(xr + h);
+        for (int64_t e = 0; e < ne; ++e) acc[e] += xv * load<vf>(w + (e0 + e) * H + h);
+      }
+      for (int64_t e = 0; e < ne; ++e) {
+        float t = 0.f;
+        for (int i = 0; i < W; ++i) t += acc[e][i];
+        out[n * E + e0 + e] = t;
+      }
+    }
+  }
+}
+
+static void check_gate(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == w.scalar_type() &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "gate_logits: x [N, H] and w [E, H] of one dtype, fp32 or bf16");
+  TORCH_CHECK(x.size(1) % W == 0, "gate_logits: H must be a multiple of ", W);
+}
+
+at::Tensor gate_logits(const at::Tensor& x_, const at::Tensor& w_) {
+  check_gate(x_, w_);
+  const at::Tensor x = x_.contiguous(), w = w_.to(at::kFloat).contiguous();
+  const int64_t N = x.size(0), H = x.size(1), E = w.size(0);
+  at::Tensor out = at::empty({N, E}, x.options().dtype(at::kFloat));
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    if (x.scalar_type() == at::kFloat) gate_logits_rows(x.data_ptr<float>(), wp, op, n0, n1, H, E);
+    else gate_logits_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), wp, op, n0, n1, H, E);
+  });
+  return out;
+}
+
+// dx[n] = Σ_e dl[n, e] w[e] (x's dtype), per token
+template <typename T>
+static void gate_dx_rows(const float* dl, const float* w, T* dx, int64_t n0, int64_t n1, int64_t H, int64_t E) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t h = 0; h < H; h += W) {
+      vf acc{};
+      for (int64_t e = 0; e < E; ++e) acc += dl[n * E + e] * load<vf>(w + e * H + h);
+      store_n(dx + n * H + h, acc, W);
+    }
+}
+
+// dw[e, h0 : h1) = Σ_n dl[n, e] x[n, h0 : h1) in fp32: columns of 2 vectors, GE experts at a time
+template <typename T>
+static void gate_dw_cols(const float* dl, const T* x, float* dw, int64_t N, int64_t H, int64_t E, int64_t h0, int64_t h1) {
+  for (int64_t h = h0; h < h1; h += 2 * W) {
+    const int nv = h + 2 * W <= h1 ? 2 : 1;
+    for (int64_t e0 = 0; e0 < E; e0 += GE) {
+      const int64_t ne = std::min(GE, E - e0);
+      vf acc[GE][2] = {};
+      for (int64_t n = 0; n < N; ++n) {
+        const vf x0 = load_row(x + n * H + h), x1 = nv == 2 ? load_row(x + n * H + h + W) : vf{};
+        const float* d = dl + n * E + e0;
+        for (int64_t e = 0; e < ne; ++e) acc[e][0] += d[e] * x0, acc[e][1] += d[e] * x1;
+      }
+      for (int64_t e = 0; e < ne; ++e)
+        for (int v = 0; v < nv; ++v) store_n(dw + (e0 + e) * H + h + v * W, acc[e][v], W);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_logits_bwd(const at::Tensor& dl_, const at::Tensor& x_, const at::Tensor& w_) {
+  check_gate(x_, w_);
+  const at::Tensor x = x_.contiguous(), w = w_.to(at::kFloat).contiguous(), dl = dl_.to(at::kFloat).contiguous();
+  const int64_t N = x.size(0), H = x.size(1), E = w.size(0);
+  TORCH_CHECK(dl.dim() == 2 && dl.size(0) == N && dl.size(1) == E, "gate_logits_bwd: dl must be [N, E]");
+  at::Tensor dx = at::empty_like(x), dw = at::empty({E, H}, x.options().dtype(at::kFloat));
+  const float *dlp = dl.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const bool f32 = x.scalar_type() == at::kFloat;
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    if (f32) gate_dx_rows(dlp, wp, dx.data_ptr<float>(), n0, n1, H, E);
+    else gate_dx_rows(dlp, wp, reinterpret_cast<uint16_t*>(dx.data_ptr()), n0, n1, H, E);
+  });
+  const int64_t blocks = (H + 2 * W - 1) / (2 * W);  // column blocks split between threads: sums in one order
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t h0 = b0 * 2 * W, h1 = std::min(H, b1 * 2 * W);
+    if (f32) gate_dw_cols(dlp, x.data_ptr<float>(), dw.data_ptr<float>(), N, H, E, h0, h1);
+    else gate_dw_cols(dlp, reinterpret_cast<const uint16_t*>(x.data_ptr()), dw.data_ptr<float>(), N, H, E, h0, h1);
+  });
+  return {dx, dw.to(w_.scalar_type())};
+}
+
 TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
   m.def("swiglu_fwd(Tensor g, Tensor u, Tensor? rw) -> Tensor");
   m.def("swiglu_bwd(Tensor dh, Tensor g, Tensor u, Tensor? rw, bool rw_grad) -> (Tensor, Tensor)");
@@ -305,6 +412,8 @@ TORCH_LIBRARY_FRAGMENT(nanoseek, m) {
   m.def("moe_route_bwd(Tensor? dw, Tensor? ds, Tensor scores, Tensor idx, bool sigmoid, bool norm, float scaling) "
         "-> Tensor");
   m.def("moe_plan(Tensor idx, int E, int pad) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("gate_logits(Tensor x, Tensor w) -> Tensor");
+  m.def("gate_logits_bwd(Tensor dl, Tensor x, Tensor w) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
@@ -313,4 +422,6 @@ TORCH_LIBRARY_IMPL(nanoseek, CPU, m) {
   m.impl("moe_route", &moe_route);
   m.impl("moe_route_bwd", &moe_route_bwd);
   m.impl("moe_plan", &moe_plan);
+  m.impl("gate_logits", &gate_logits);
+  m.impl("gate_logits_bwd", &gate_logits_bwd);
 }

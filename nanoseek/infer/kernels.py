@@ -263,6 +263,27 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: 
     return _Route.apply(*args)
 
 
+class _GateLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return torch.ops.nanoseek.gate_logits(x, w)
+
+    @staticmethod
+    def backward(ctx, dl):
+        dx, dw = torch.ops.nanoseek.gate_logits_bwd(dl, *ctx.saved_tensors)
+        return dx if ctx.needs_input_grad[0] else None, dw if ctx.needs_input_grad[1] else None
+
+
+def gate_logits(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The MoE gate's logits x [N, H] @ w [E, H]^T in fp32 for fp32 or bf16 x and w (ffn.cpp), as
+    F.linear(x.float(), w.float()) computes them; gradients for both in their own dtypes. H must be a
+    multiple of vector_width()."""
+    if not _graph(x, w):
+        return torch.ops.nanoseek.gate_logits(x, w)
+    return _GateLogits.apply(x, w)
+
+
 def moe_plan(indices: torch.Tensor, n_experts: int, pad: int):
     """(token, slot, pair, counts, padded counts) of nanoseek.model.moe.sort_pairs, and the tokens per expert,
     by one counting sort (ffn.cpp)."""

@@ -99,7 +99,12 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
-        logits = F.linear(x.float(), self.weight.float())
+        k = kernels_for(x)
+        if (k is not None and x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == x.dtype
+                and x.shape[-1] % k.vector_width() == 0 and not torch.is_autocast_enabled(x.device.type)):
+            logits = k.gate_logits(x, self.weight)  # no fp32 copies of x and the weight (ffn.cpp)
+        else:
+            logits = F.linear(x.float(), self.weight.float())
         k = kernels_for(logits)
         if k is not None:  # the same function in one C++ task per token
             return k.moe_route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
