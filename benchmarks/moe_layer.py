@@ -7,10 +7,10 @@ Layer (forward + backward of one block on --tokens rows, new random ones at ever
 routing as in training):
   ours         nanoseek.model.moe.MoE as training runs it, with the C++ kernels installed as every training
                command installs them (train.run.use_cpu_kernels): the C++ gate and dispatch plan
-               (infer/ffn.cpp), then in fp32 the fused experts (infer/moe.cpp: gather, shared and routed
-               experts, SwiGLU and combine inside its own GEMM tiles), in bf16 grouped GEMMs on the
-               stacked experts with the C++ SwiGLU
-  ours_unfused the same in fp32 without the fused experts (MoE.FUSED off: the bf16 path)
+               (infer/ffn.cpp), then the fused experts (infer/moe.cpp: gather, shared and routed
+               experts, SwiGLU and combine inside its own GEMM tiles) in fp32, and in bf16 where the
+               CPU has AVX512_BF16 (elsewhere bf16 takes grouped GEMMs with the C++ SwiGLU)
+  ours_unfused the same without the fused experts (MoE.FUSED off: grouped GEMMs on the stacked experts)
   ours_pytorch the same module with PyTorch's ops in their place (the kernels not installed)
   ours_compiled  the same module with MoE.COMPILE = True (the SwiGLU between the grouped GEMMs through
                torch.compile; the first call's time, compiling included, is reported apart)
