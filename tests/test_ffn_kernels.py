@@ -102,7 +102,9 @@ def test_gate_kernel_equals_pytorch_ops(case, monkeypatch):
         clear = (top[:, -2] - top[:, -1]).abs() > 1e-5
     assert clear.float().mean() > 0.9
     assert torch.equal(i0[clear], i1[clear])
-    assert_close_scaled(s1, s0, 1e-6, "affinities")
+    # the kernel sums each logit's H products in another order than F.linear: logits up to ~15 differ by a
+    # few fp32 roundings (~1e-6), and the affinities by as much
+    assert_close_scaled(s1, s0, 1e-5, "affinities")
     assert_close_scaled(w1[clear], w0[clear], 1e-5, "weights")
     if bool(clear.all()):
         assert_close_scaled(gx1, gx0, 1e-5, "input grad")

@@ -303,12 +303,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_plan(
 
 // ---- the gate's GEMM ----
 
-template <typename T>
-static inline vf load_row(const T* p) {
-  if constexpr (std::is_same_v<T, float>) return load<vf>(p);
-  else return bf16_to_f32(reinterpret_cast<const uint8_t*>(p));
-}
-
 constexpr int64_t GE = 8;  // experts per pass: their accumulators and x's vector stay in registers
 
 // logits[n, e] = Σ_h x[n, h] w[e, h]: per token, GE experts at a time, x read once per pass
@@ -320,7 +314,7 @@ static void gate_logits_rows(const T* x, const float* w, float* out, int64_t n0,
       const int64_t ne = std::min(GE, E - e0);
       vf acc[GE] = {};
       for (int64_t h = 0; h < H; h += W) {
-        const vf xv = load_row(xr + h);
+        const vf xv = load_n(xr + h, W);
         for (int64_t e = 0; e < ne; ++e) acc[e] += xv * load<vf>(w + (e0 + e) * H + h);
       }
       for (int64_t e = 0; e < ne; ++e) {
@@ -373,7 +367,7 @@ static void gate_dw_cols(const float* dl, const T* x, float* dw, int64_t N, int6
       const int64_t ne = std::min(GE, E - e0);
       vf acc[GE][2] = {};
       for (int64_t n = 0; n < N; ++n) {
-        const vf x0 = load_row(x + n * H + h), x1 = nv == 2 ? load_row(x + n * H + h + W) : vf{};
+        const vf x0 = load_n(x + n * H + h, W), x1 = nv == 2 ? load_n(x + n * H + h + W, W) : vf{};
         const float* d = dl + n * E + e0;
         for (int64_t e = 0; e < ne; ++e) acc[e][0] += d[e] * x0, acc[e][1] += d[e] * x1;
       }

@@ -125,8 +125,6 @@ constexpr int64_t col(int64_t n) { return std::is_same_v<T, float> ? n : 2 * n; 
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 inline void store(bf16* p, vf v) { store_bf16(p, v); }
-inline vf load_v(const float* p) { return load<vf>(p); }
-inline vf load_v(const bf16* p) { return bf16_to_f32(reinterpret_cast<const uint8_t*>(p)); }
 
 inline float hsum(vf v) {
   float s = 0.f;
@@ -546,7 +544,7 @@ void down_bwd_rows(const Layer<T>& L, const Expert<T>& ex, const T* dy, float* d
         T* dgu = ex.dgu + m * 2 * I;
         for (int c = 0; c < C; ++c) {
           const int64_t i = j + c * W;
-          const vf g = load_v(gu + i), u = load_v(gu + I + i), dh = acc[t][r][c];
+          const vf g = load_n(gu + i, W), u = load_n(gu + I + i, W), dh = acc[t][r][c];
           const vf s = sigmoid_v(g), silu = g * s;
           dsum[t][r] += dh * silu * u;
           store(dgu + i, dh * w[t][r] * u * s * (1.f + g * (1.f - s)));
@@ -567,8 +565,9 @@ constexpr int64_t KC = 256;  // rows of an expert per pass of a weight gradient:
 // dst = Σ_k a_k^T b_k over the expert's rows k for an [M, N] weight gradient: arow(k) the k-th row's M
 // entries (dy through the token table, or dgu), brow(k) its N entries (x through the token table, or
 // h), drow(j) output row j's running sum (fp32), orow(j) its final value (after the last block). Blocks
-// of KC rows outermost, so a block's rows are read from L2 for every output row block, not from memory. a_block(kb, kn, j0, off) and b_block(kb, kn, n) run one block's
-// tile: fp32 reads both operands in place, bf16 packs the block's rows in pairs first.
+// of KC rows outermost, so a block's rows are read from L2 for every output row block, not from memory.
+// tile_at.start(kb, kn) readies a block, tile_at(acc, kb, kn, off, n) adds one tile's products: fp32
+// reads both operands in place (InPlace), bf16 packs the block's rows in pairs first (Paired).
 template <typename D, typename O, typename TileAt>
 void weight_grad_rows(int64_t rows, int64_t M, int64_t N, const D& drow, const O& orow, const TileAt& tile_at) {
   for (int64_t kb = 0; kb < std::max<int64_t>(rows, 1); kb += KC) {
