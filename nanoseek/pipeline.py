@@ -304,8 +304,11 @@ def evaluate_models(run: Stages, models: list[tuple[str, str, str]], n: int, k: 
 
 def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, seed: int = 0,
        cold_start_n: int = 1000, rl_steps: int = 40, final_rl_steps: int = 20, prompts: int = 2400, k: int = 1,
-       eval_n: int = 200, only: list[str] | None = None) -> dict:
-    """`nanoseek pipeline r1`: the four R1 stages from `model`, then distillation into `student`."""
+       eval_n: int = 200, only: list[str] | None = None, kept: int | None = None) -> dict:
+    """`nanoseek pipeline r1`: the four R1 stages from `model`, then distillation into `student` (on
+    exactly `kept` traces when given: sampled until that many are kept, from at most `prompts` questions)."""
+    if kept is not None and kept < 1:
+        raise NanoseekError("--kept must be at least 1")
     if not Path(model).exists():
         raise NanoseekError(f"{model}: no such model")
     run = Stages(out, resume, "pipeline r1", only)
@@ -316,7 +319,7 @@ def r1(model: str, out: str, student: str = "dense:tiny", resume: bool = False, 
     run.run("final-rl", lambda: rl(run, "final-rl", first_model(final("rejection"), final("reasoning")), final_rl_steps,
                                    seed, language_weight=0.5))
     run.run("distill", lambda: sample_and_train(run, "distill", final("final-rl"), student, prompts, k, seed + 1,
-                                                lr=None, epochs=3))
+                                                lr=None, epochs=3, kept=kept))
     models = [("base", "base", model), ("cold-start", "1 cold-start SFT", final("cold-start")),
               ("reasoning", "2 reasoning RL", final("reasoning")),
               ("rejection", "3 rejection sampling + SFT", final("rejection")),
@@ -347,9 +350,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     s.add_argument("--rl-steps", type=int, default=40)
     s.add_argument("--final-rl-steps", type=int, default=20)
     s.add_argument("--prompts", type=int, default=2400, help="questions for rejection sampling and distillation")
+    s.add_argument("--kept", type=int, default=None, metavar="N",
+                   help="distillation samples until N traces are kept (at most --prompts questions) and the "
+                        "student learns exactly those N (default: every trace kept from --prompts questions)")
     s.add_argument("--k", type=int, default=1, help="samples per question (the tiny teachers are near-deterministic "
                                                     "at T = 0.6: more questions beat more samples)")
     s.add_argument("--only", nargs="+", choices=STAGES, default=None, help="run just these stages")
     s.set_defaults(func=lambda a: r1(a.model, a.out, a.student, a.resume, a.seed, a.cold_start, a.rl_steps,
-                                     a.final_rl_steps, a.prompts, a.k, only=a.only) and 0)
+                                     a.final_rl_steps, a.prompts, a.k, only=a.only, kept=a.kept) and 0)
     return s

@@ -192,3 +192,30 @@ def test_pipeline_r1_goes_on_when_rejection_sampling_keeps_no_trace(tmp_path, mo
     assert started["reasoning"] == str(tmp_path / "r1" / "cold-start" / "final")
     with pytest.raises(NanoseekError, match="holds a model"):
         pl.first_model(tmp_path / "nothing", tmp_path / "neither")
+
+
+def test_pipeline_r1_distils_exactly_kept_traces(tmp_path, monkeypatch):
+    """--kept reaches the distillation stage (and only it: rejection sampling keeps every verified trace, as R1
+    does); --kept 0 is a one-line error before any stage runs."""
+    from nanoseek import pipeline as pl
+    calls = {}
+
+    def fake_train(run, stage, *a, **kw):
+        (run.root / stage / "final").mkdir(parents=True)
+        return {}
+
+    def fake_sample(run, stage, *a, **kw):
+        calls[stage] = kw.get("kept")
+        (run.root / stage / "final").mkdir(parents=True)
+        return {"kept": 3}
+
+    for name, f in (("cold_start", fake_train), ("rl", fake_train), ("sample_and_train", fake_sample),
+                    ("evaluate_models", lambda *a, **kw: {}), ("_report", lambda *a, **kw: "report.md")):
+        monkeypatch.setattr(pl, name, f)
+    base = tmp_path / "base"
+    base.mkdir()
+    pl.r1(str(base), str(tmp_path / "r1"), kept=3)
+    assert calls == {"rejection": None, "distill": 3}
+    with pytest.raises(NanoseekError, match="--kept must be at least 1"):
+        pl.r1(str(base), str(tmp_path / "r1b"), kept=0)
+    assert not (tmp_path / "r1b").exists()
