@@ -308,7 +308,8 @@ def test_latent_cache_bytes_per_token_formula():
     gqa = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)
     kv = KVCache.for_model(gqa, 1, 8)
-    assert type(kv) is KVCache and kv.a.shape[-2:] == kv.b.shape[-2:] == (2, 8)   # K and V, [kv_heads, head_dim]
+    # K and V head-major: [layers, rows, kv_heads, max_seq_len, head_dim]
+    assert type(kv) is KVCache and kv.a.shape == kv.b.shape == (2, 1, 2, 8, 8)
     assert kv.bytes_per_token() == gqa.kv_cache_bytes_per_token(4) == 2 * 2 * 8 * 2 * 4
 
 

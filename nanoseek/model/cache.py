@@ -15,6 +15,8 @@ sequences of different lengths, so requests can join and leave a batch between s
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..config import ModelConfig
@@ -26,8 +28,27 @@ def cache_mask(positions: torch.Tensor, kv_len: int) -> torch.Tensor:
     return (keys[None, None, :] <= positions[:, :, None])[:, None]
 
 
+def _layout(shape: tuple[int, ...], max_seq_len: int) -> tuple[int, ...]:
+    """A row's entries for one layer: [heads, max_seq_len, dim] for per-head shapes, else [max_seq_len, dim]."""
+    return (shape[0], max_seq_len, *shape[1:]) if len(shape) == 2 else (max_seq_len, *shape)
+
+
+def _head_major(t: torch.Tensor) -> bool:
+    return t.dim() == 5  # [layers, rows, heads, max_seq_len, dim]
+
+
+def _entries(t: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """One layer's rows [B, ...] -> their first kv_len positions as [B, kv_len, *shape]."""
+    return t[:, :, :kv_len].transpose(1, 2) if t.dim() == 4 else t[:, :kv_len]
+
+
 class KVCache:
-    """Keys (`a`) and values (`b`), [layers, rows, max_seq_len, kv_heads, head_dim] each.
+    """Keys (`a`) and values (`b`) of every layer and row. Entries of one head per position ([kv_heads,
+    head_dim]) are stored head-major, [layers, rows, kv_heads, max_seq_len, head_dim], so that a head's
+    keys are one contiguous run (over position-major keys the decode-attention kernel read each head's
+    128 bytes out of every 384 of SmolLM2's rows: 1.55x slower at 156 keys, 1.8x at 1024;
+    docs/benchmarks.md); `update` returns them as [rows, kv_len, kv_heads, head_dim] views all the same. Other entries (MLA's latent and rotary key) are
+    [layers, rows, max_seq_len, dim].
 
     `decode_attention`, when set, is a fused attention for one new token per row that GQA uses in
     place of SDPA: f(q [B, 1, H, D], k [B, S, G, D], v, mask [B, 1, 1, S], scale) -> [B, 1, H, Dv]
@@ -37,9 +58,9 @@ class KVCache:
 
     def __init__(self, shapes: tuple[tuple[int, ...], tuple[int, ...]], num_layers: int,
                  batch_size: int, max_seq_len: int, dtype=torch.float32, device=None):
-        self.batch_size, self.max_seq_len = batch_size, max_seq_len
-        self.a = torch.zeros(num_layers, batch_size, max_seq_len, *shapes[0], dtype=dtype, device=device)
-        self.b = torch.zeros(num_layers, batch_size, max_seq_len, *shapes[1], dtype=dtype, device=device)
+        self.batch_size, self.max_seq_len, self.shapes = batch_size, max_seq_len, shapes
+        self.a, self.b = (torch.zeros(num_layers, batch_size, *_layout(shape, max_seq_len), dtype=dtype, device=device)
+                          for shape in shapes)
         self._step = None
 
     @classmethod
@@ -71,28 +92,33 @@ class KVCache:
         # one index_put_ on the whole cache tensor, not on its layer's view: torch.compile then writes in
         # place (mutating a view of a graph input made it copy each layer's whole cache rows every step)
         layers = torch.full_like(rows, layer)
-        self.a.index_put_((layers, rows, positions), a.to(self.a.dtype))
-        self.b.index_put_((layers, rows, positions), b.to(self.b.dtype))
-        return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], mask
+        for t, x in ((self.a, a), (self.b, b)):
+            if _head_major(t):  # [B, T, G, D] into [.., G, S, D]: every index broadcast to [B, T, G]
+                heads = torch.arange(t.shape[2], device=t.device)
+                t.index_put_((layers[..., None], rows[..., None], heads, positions[..., None]), x.to(t.dtype))
+            else:
+                t.index_put_((layers, rows, positions), x.to(t.dtype))
+        return _entries(self.a[layer, :B], kv_len), _entries(self.b[layer, :B], kv_len), mask
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop) sharing storage: batch row i of a forward is cache row start+i."""
         view = object.__new__(type(self))
-        view.batch_size, view.max_seq_len = stop - start, self.max_seq_len
+        view.batch_size, view.max_seq_len, view.shapes = stop - start, self.max_seq_len, self.shapes
         view.a, view.b = self.a[:, start:stop], self.b[:, start:stop]
         view._step, view.decode_attention = None, self.decode_attention
         return view
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Move a sequence to another row (the engine keeps active rows contiguous)."""
-        self.a[:, dst, :length] = self.a[:, src, :length]
-        self.b[:, dst, :length] = self.b[:, src, :length]
+        for t in (self.a, self.b):
+            if _head_major(t):
+                t[:, dst, :, :length] = t[:, src, :, :length]
+            else:
+                t[:, dst, :length] = t[:, src, :length]
 
     def bytes_per_token(self) -> int:
         """Bytes cached per token across all layers."""
-        L, _, _, *ra = self.a.shape
-        rb = self.b.shape[3:]
-        return L * (torch.Size(ra).numel() + torch.Size(rb).numel()) * self.a.element_size()
+        return self.a.shape[0] * sum(math.prod(s) for s in self.shapes) * self.a.element_size()
 
 
 class LatentCache(KVCache):
