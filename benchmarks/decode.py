@@ -22,8 +22,11 @@ What runs (every measurement is a subprocess of this script; rounds alternate th
               each eager and with Engine(compile=True) (--compile); Engine(max_batch_size=B), decode
               steps timed after the prefill and a 4-token warm-up that also compiles
               (batch 1: 64 steps after the chat prompt, best of 2 x 2; batch 32: 32 steps after
-              128-token prompts, one run; batched runs happen in the first round only); threads = cores; the OpenMP
-              wait policy (PASSIVE or the default) that was faster in a probe of this run.
+              128-token prompts, one run; batched runs happen in the first two rounds only); threads =
+              cores; the OpenMP wait policy alternates by round (round 1 the one that was faster in a
+              probe of this run, round 2 the other, ...) and each figure keeps its best round, so
+              every mode gets its own best policy (one fp16 probe on a noisy host once picked PASSIVE,
+              which halves the compiled int8 step's speed at batch 1: 77 vs 139 tok/s).
   transformers fp32 `generate`, batch 1: 15 / (t(16 tokens) - t(1 token)), nanoseek's wait policy.
   machine     CPU, torch's CPU capability, flags, memory read bandwidth (torch.sum over 537 MB,
               best of 5, 1 and 2 threads), fp32 / bf16 matmul GFLOP/s (2048^3, best of 5).
@@ -364,9 +367,15 @@ def probe_policy(n: int, nb: int, reps: int) -> tuple[bool, dict]:
     return score["passive"] > score["default"], best
 
 
-def keep_best(into: dict, got: dict) -> None:
+def keep_best(into: dict, got: dict, tag: str | None = None) -> None:
+    """Keep the larger of each figure; with `tag`, note under KEY_omp the setting that gave it."""
     for k, v in got.items():
-        into[k] = max(into.get(k, 0), v) if isinstance(v, float) else v
+        if not isinstance(v, float):
+            into[k] = v
+        elif v > into.get(k, 0):
+            into[k] = v
+            if tag:
+                into[f"{k}_omp"] = tag
 
 
 def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
@@ -390,6 +399,7 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
     label = lambda m, c: f"{m} compiled" if c else m  # noqa: E731
     llama, ours, hf = {f: {} for f in files}, {label(m, c): {} for m, c in variants}, []
     for r in range(rounds):  # alternate the sides within each round: a format, then its nanoseek twins
+        policy = passive if r % 2 == 0 else not passive  # nanoseek's OpenMP wait policy this round
         for fmt in FORMATS:
             if fmt in files:
                 got = {"b1": llama_b1(bins, files[fmt], n, chat_len, reps)}
@@ -398,11 +408,11 @@ def run_all(args, n: int, nb: int, rounds: int, reps: int) -> dict:
                 keep_best(llama[fmt], got)
                 log(f"round {r + 1} llama.cpp {fmt}: {json.dumps(got)}")
             for mode, comp in [(m, c) for m, c in variants if (twin(m) or "F32") == fmt]:
-                spec = {"mode": mode, "compile": comp, "batches": [1, 32] if r == 0 else [1], "n": n, "nb": nb, "reps": reps}
-                got = worker("nanoseek", spec, passive)
-                keep_best(ours[label(mode, comp)], got)
-                log(f"round {r + 1} nanoseek {label(mode, comp)}: {json.dumps(got)}")
-        hf.append(worker("transformers", {"n": min(n, 16), "reps": reps}, passive).get("b1", 0))
+                spec = {"mode": mode, "compile": comp, "batches": [1, 32] if r < 2 else [1], "n": n, "nb": nb, "reps": reps}
+                got = worker("nanoseek", spec, policy)
+                keep_best(ours[label(mode, comp)], got, "PASSIVE" if policy else "default")
+                log(f"round {r + 1} nanoseek {label(mode, comp)} ({'PASSIVE' if policy else 'default'}): {json.dumps(got)}")
+        hf.append(worker("transformers", {"n": min(n, 16), "reps": reps}, policy).get("b1", 0))
         log(f"round {r + 1} transformers fp32 b1: {hf[-1]:.1f}")
         # probe again after each round and keep the best: on a shared host one probe can catch a slow
         # moment (2026-12-06: 21.4 GB/s at the start, 51.2 a minute earlier) and the bounds are then too low
@@ -425,8 +435,9 @@ def report(res: dict) -> None:
           f"fp32 {m['matmul_GFLOPs_float32']} GFLOP/s, "
           f"bf16 {m['matmul_GFLOPs_bfloat16']} GFLOP/s")
     print(f"decode: batch 1 {res['tokens_b1']} tokens, best of {res['rounds']} rounds x 2; batched "
-          f"{res['tokens_batched']} steps after {NPP}-token prompts, one run; nanoseek OpenMP wait policy: "
-          f"{res['nanoseek_omp_wait_policy']} (probe, fp16 eager tok/s: {json.dumps(res['omp_probe'])}); "
+          f"{res['tokens_batched']} steps after {NPP}-token prompts, one run per policy; nanoseek's OpenMP wait "
+          f"policy alternated by round from {res['nanoseek_omp_wait_policy']} (probe, fp16 eager tok/s: "
+          f"{json.dumps(res['omp_probe'])}), each figure its best (the policy in brackets); "
           f"llama.cpp: its defaults (OMP_WAIT_POLICY unset)")
     print(f"\nbatch-1 bound = bandwidth (best of 1 and 2 threads, {bw / 1e9:.1f} GB/s) / bytes per token")
     print("| side | format | MB per token | bound tok/s | measured tok/s | % of bound |")
@@ -437,7 +448,8 @@ def report(res: dict) -> None:
     for mode, r in res["nanoseek"].items():
         if "b1" in r:
             b = r["bytes_per_token"]
-            print(f"| nanoseek | {mode} | {b / 1e6:.0f} | {bw / b:.0f} | {r['b1']:.1f} | {100 * r['b1'] * b / bw:.0f}% |")
+            print(f"| nanoseek | {mode} ({r.get('b1_omp', '?')}) | {b / 1e6:.0f} | {bw / b:.0f} | {r['b1']:.1f} | "
+                  f"{100 * r['b1'] * b / bw:.0f}% |")
     print("\n| format | llama.cpp tok/s | nanoseek tok/s | ratio |")
     print("| --- | --- | --- | --- |")
     lc, ns = res["llama_cpp"], res["nanoseek"]
@@ -449,7 +461,8 @@ def report(res: dict) -> None:
             for f in (fmt, "Q4_1") if fmt == "Q4_0" else (fmt,):
                 theirs, mine = pair(f).get(key), r.get(key)
                 ratio = f"{mine / theirs:.2f}×" if theirs and mine else "n/a"
-                print(f"| {label}: {f} / {mode}{'' if r.get('path') is None else ' (' + str(r['path']) + ')'} "
+                print(f"| {label}: {f} / {mode}{'' if r.get('path') is None else ' (' + str(r['path']) + ')'}"
+                      f" [{r.get(key + '_omp', '?')}] "
                       f"| {theirs or float('nan'):.1f} | {mine or float('nan'):.1f} | {ratio} |")
     best_lc = max((v for r in lc.values() for k, v in r.items() if k.startswith("b") and k != "b1"), default=None)
     best_ns = max((r.get("b32", 0) for r in ns.values()), default=None)

@@ -61,3 +61,17 @@ def test_decode_isa_avx2_caps_torch(monkeypatch):
     out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
                          env={**os.environ, **decode.AVX2_ENV}, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "AVX2"
+
+
+def test_decode_keeps_each_figures_best_policy(monkeypatch):
+    """decode.py alternates nanoseek's OpenMP wait policy by round and keeps, per figure, the best round and
+    the policy that gave it (a single probe on a noisy host once picked the policy that halved a mode)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_decode_best", BENCH / "decode.py")
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    into = {}
+    decode.keep_best(into, {"b1": 10.0, "path": "x"}, "PASSIVE")
+    decode.keep_best(into, {"b1": 12.0, "b32": 5.0}, "default")
+    decode.keep_best(into, {"b1": 11.0, "b32": 6.0}, "PASSIVE")
+    assert into == {"b1": 12.0, "b1_omp": "default", "path": "x", "b32": 6.0, "b32_omp": "PASSIVE"}
