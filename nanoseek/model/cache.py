@@ -47,8 +47,8 @@ class KVCache:
     head_dim]) are stored head-major, [layers, rows, kv_heads, max_seq_len, head_dim], so that a head's
     keys are one contiguous run (over position-major keys the decode-attention kernel read each head's
     128 bytes out of every 384 of SmolLM2's rows: 1.55x slower at 156 keys, 1.8x at 1024;
-    docs/benchmarks.md); `update` returns them as [rows, kv_len, kv_heads, head_dim] views all the same. Other entries (MLA's latent and rotary key) are
-    [layers, rows, max_seq_len, dim].
+    docs/benchmarks.md); `update` returns them as [rows, kv_len, kv_heads, head_dim] views all the same.
+    Other entries (MLA's latent and rotary key) are [layers, rows, max_seq_len, dim].
 
     `decode_attention`, when set, is a fused attention for one new token per row that GQA uses in
     place of SDPA: f(q [B, 1, H, D], k [B, S, G, D], v, mask [B, 1, 1, S], scale) -> [B, 1, H, Dv]
