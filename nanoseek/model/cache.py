@@ -33,15 +33,6 @@ def _layout(shape: tuple[int, ...], max_seq_len: int) -> tuple[int, ...]:
     return (shape[0], max_seq_len, *shape[1:]) if len(shape) == 2 else (max_seq_len, *shape)
 
 
-def _head_major(t: torch.Tensor) -> bool:
-    return t.dim() == 5  # [layers, rows, heads, max_seq_len, dim]
-
-
-def _entries(t: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """One layer's rows [B, ...] -> their first kv_len positions as [B, kv_len, *shape]."""
-    return t[:, :, :kv_len].transpose(1, 2) if t.dim() == 4 else t[:, :kv_len]
-
-
 class KVCache:
     """Keys (`a`) and values (`b`) of every layer and row. Entries of one head per position ([kv_heads,
     head_dim]) are stored head-major, [layers, rows, kv_heads, max_seq_len, head_dim], so that a head's
@@ -59,6 +50,7 @@ class KVCache:
     def __init__(self, shapes: tuple[tuple[int, ...], tuple[int, ...]], num_layers: int,
                  batch_size: int, max_seq_len: int, dtype=torch.float32, device=None):
         self.batch_size, self.max_seq_len, self.shapes = batch_size, max_seq_len, shapes
+        self.head_major = len(shapes[0]) == 2  # K and V [kv_heads, head_dim] (MLA's entries have no heads)
         self.a, self.b = (torch.zeros(num_layers, batch_size, *_layout(shape, max_seq_len), dtype=dtype, device=device)
                           for shape in shapes)
         self._step = None
@@ -79,7 +71,12 @@ class KVCache:
         if kv_len > self.max_seq_len:
             raise ValueError(f"sequence length {kv_len} exceeds the cache's max_seq_len {self.max_seq_len}")
         rows = torch.arange(B, device=positions.device)[:, None].expand(B, T)
-        self._step = (positions, rows, cache_mask(positions, kv_len))
+        if self.head_major:  # (rows, heads, positions) broadcast to [B, T, G]: the entries [B, T, G, D] of a layer
+            heads = torch.arange(self.shapes[0][0], device=positions.device)
+            where = (rows[..., None], heads, positions[..., None])
+        else:
+            where = (rows, positions)
+        self._step = (positions, where, cache_mask(positions, kv_len))
         return self
 
     def update(self, layer: int, positions: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
@@ -87,23 +84,22 @@ class KVCache:
         mask [B, 1, T, kv_len]."""
         if self._step is None or self._step[0] is not positions:
             self.prepare(positions)
-        _, rows, mask = self._step
+        _, where, mask = self._step
         B, kv_len = positions.shape[0], mask.shape[-1]
         # one index_put_ on the whole cache tensor, not on its layer's view: torch.compile then writes in
         # place (mutating a view of a graph input made it copy each layer's whole cache rows every step)
-        layers = torch.full_like(rows, layer)
-        for t, x in ((self.a, a), (self.b, b)):
-            if _head_major(t):  # [B, T, G, D] into [.., G, S, D]: every index broadcast to [B, T, G]
-                heads = torch.arange(t.shape[2], device=t.device)
-                t.index_put_((layers[..., None], rows[..., None], heads, positions[..., None]), x.to(t.dtype))
-            else:
-                t.index_put_((layers, rows, positions), x.to(t.dtype))
-        return _entries(self.a[layer, :B], kv_len), _entries(self.b[layer, :B], kv_len), mask
+        layers = torch.full_like(where[0], layer)
+        self.a.index_put_((layers, *where), a.to(self.a.dtype))
+        self.b.index_put_((layers, *where), b.to(self.b.dtype))
+        if self.head_major:
+            return self.a[layer, :B, :, :kv_len].transpose(1, 2), self.b[layer, :B, :, :kv_len].transpose(1, 2), mask
+        return self.a[layer, :B, :kv_len], self.b[layer, :B, :kv_len], mask
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """A view of rows [start, stop) sharing storage: batch row i of a forward is cache row start+i."""
         view = object.__new__(type(self))
-        view.batch_size, view.max_seq_len, view.shapes = stop - start, self.max_seq_len, self.shapes
+        view.batch_size, view.max_seq_len, view.shapes, view.head_major = (stop - start, self.max_seq_len, self.shapes,
+                                                                          self.head_major)
         view.a, view.b = self.a[:, start:stop], self.b[:, start:stop]
         view._step, view.decode_attention = None, self.decode_attention
         return view
@@ -111,7 +107,7 @@ class KVCache:
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Move a sequence to another row (the engine keeps active rows contiguous)."""
         for t in (self.a, self.b):
-            if _head_major(t):
+            if self.head_major:
                 t[:, dst, :, :length] = t[:, src, :, :length]
             else:
                 t[:, dst, :length] = t[:, src, :length]

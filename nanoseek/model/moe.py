@@ -101,8 +101,8 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor):
         """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
         k = kernels_for(x)
-        if (k is not None and x.dtype in (torch.float32, torch.bfloat16) and self.weight.dtype == x.dtype
-                and x.shape[-1] % k.vector_width() == 0 and not torch.is_autocast_enabled(x.device.type)):
+        if (k is not None and self.weight.dtype == x.dtype and x.shape[-1] % k.vector_width() == 0
+                and not torch.is_autocast_enabled(x.device.type)):  # kernels_for: fp32 or bf16 x on CPU
             logits = k.gate_logits(x, self.weight)  # no fp32 copies of x and the weight (ffn.cpp)
         else:
             logits = F.linear(x.float(), self.weight.float())
@@ -388,7 +388,7 @@ class MoE(nn.Module):
         weights in place: Experts.one_token)."""
         k = kernels_for(x)
         dt = x.dtype
-        if (not self.FUSED or k is None or dt not in (torch.float32, torch.bfloat16) or len(x) < 2
+        if (not self.FUSED or k is None or len(x) < 2  # kernels_for: fp32 or bf16 x on CPU
                 or (dt == torch.bfloat16 and not k.moe_bf16()) or torch.is_autocast_enabled(x.device.type)
                 or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != dt):
             return None
