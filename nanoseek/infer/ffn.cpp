@@ -300,7 +300,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_plan(
   return {token, slot, pair, counts, padded};
 }
 
-
 // ---- the gate's GEMM ----
 
 constexpr int64_t GE = 8;  // experts per pass: their accumulators and x's vector stay in registers

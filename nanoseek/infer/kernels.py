@@ -1,9 +1,9 @@
-"""The C++ kernels (kernels.cpp, ffn.cpp, norm.cpp, rope.cpp): weight-only GEMV/GEMM for fp16, bf16,
+"""The C++ kernels (kernels.cpp, ffn.cpp, moe.cpp, norm.cpp, rope.cpp): weight-only GEMV/GEMM for fp16, bf16,
 int8 and int4 weights with fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode
 (`decode_attention`) and fused attention for training on short windows (`attention`, forward and
-backward); the SwiGLU (`silu_mul`, `swiglu`), the MoE gate and dispatch plan (`moe_route`,
-`moe_plan`), RMSNorm (`rms_norm`) and MLA's rotated queries and keys laid out for the attention
-kernel (`mla_qkv`), for training and inference.
+backward); the SwiGLU (`silu_mul`, `swiglu`), the MoE gate, its GEMM and the dispatch plan (`moe_route`,
+`gate_logits`, `moe_plan`), the fused MoE experts (`moe_experts`), RMSNorm (`rms_norm`) and MLA's rotated
+queries and keys laid out for the attention kernel (`mla_qkv`), for training and inference.
 
 Built at first use with torch.utils.cpp_extension (ninja, a C++ compiler, -O3 -march=native) into
 ~/.cache/nanoseek/kernels (or $NANOSEEK_KERNEL_CACHE), once per machine and torch version; later
@@ -307,12 +307,12 @@ class _MoEExperts(torch.autograd.Function):
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
                 shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, token: torch.Tensor,
                 pair: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """A MoE layer's experts in fp32, or bf16 where moe_bf16() (moe.cpp): shared(x[n]) + Σ_j weights[n, j] · expert_j(x[n]) per token, for
-    x [N, H], weights [N, k], the stacked experts w1 = gate_up_proj [E, 2I, H], w2 = down_proj [E, H, I],
-    the shared expert's (gate [Is, H], up [Is, H], down [H, Is]) or None, and the dispatch plan of
-    `moe_plan(indices, E, 1)` (token, pair, rows per expert); weights fp32, the rest of x's dtype. Gradients
-    for x, weights and every weight (bf16: summed in fp32, rounded once). H, I and Is must be multiples of
-    vector_width()."""
+    """A MoE layer's experts in fp32, or bf16 where moe_bf16() (moe.cpp): shared(x[n]) + Σ_j weights[n, j] ·
+    expert_j(x[n]) per token, for x [N, H], weights [N, k], the stacked experts w1 = gate_up_proj [E, 2I, H],
+    w2 = down_proj [E, H, I], the shared expert's (gate [Is, H], up [Is, H], down [H, Is]) or None, and the
+    dispatch plan of `moe_plan(indices, E, 1)` (token, pair, rows per expert); weights fp32, the rest of x's
+    dtype. Gradients for x, weights and every weight (bf16: summed in fp32, rounded once). H, I and Is must
+    be multiples of vector_width()."""
     sg, su, sd = shared if shared is not None else (None, None, None)
     args = (x.contiguous(), weights.contiguous(), w1, w2, sg, su, sd, token, pair, counts)
     if not _graph(x, weights, w1, w2, sg, su, sd):
