@@ -164,6 +164,7 @@ def layer(name: str, dtype: torch.dtype, tokens: int, repeats: int, n_rounds: in
                        .requires_grad_() for i in range(repeats * n_rounds + 1)])
 
         def f():
+            m.zero_grad(set_to_none=True)  # as a training step leaves them: the backward writes, not adds
             with forced_path(path):
                 out = m(next(inputs))
             (out[0] if isinstance(out, tuple) else out).backward(dy)

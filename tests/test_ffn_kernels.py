@@ -111,6 +111,41 @@ def test_gate_kernel_equals_pytorch_ops(case, monkeypatch):
         assert_close_scaled(gw1, gw0, 1e-5, "router grad")
 
 
+def choose_stable(choice: torch.Tensor, k: int, n_group: int, topk_group: int, method: str) -> torch.Tensor:
+    """The top-k experts per row, every tie to the lower index (stable sorts): the kernel's rule."""
+    def top(v, n):
+        return torch.sort(-v, dim=-1, stable=True).indices[..., :n]
+    if n_group > 1:
+        grouped = choice.view(len(choice), n_group, -1)
+        if method == "noaux_tc":
+            score = (-torch.sort(-grouped, dim=-1).values[..., :2]).sum(-1)
+        else:
+            score = grouped.amax(-1)
+        closed = torch.ones_like(score, dtype=torch.bool).scatter_(1, top(score, topk_group), False)
+        choice = grouped.masked_fill(closed[..., None], -1e30).flatten(1)
+    return top(choice, k)
+
+
+@pytest.mark.parametrize("case", ["v3 groups", "v3 no norm", "v2 group limited"])
+def test_route_lanes_equal_one_token_at_a_time(case):
+    """The gate routes whole vectors of tokens at once (one per lane) and the rest one by one: a token gets
+    the same experts, weights and affinities, bit for bit, either way, and ties (logits on a coarse grid)
+    go to the lower index, group scores included."""
+    cfg = GATES[case]
+    E, k, G = cfg["n_routed_experts"], cfg["num_experts_per_tok"], cfg.get("n_group", 1)
+    n = 3 * kernels.vector_width()
+    gen = torch.Generator().manual_seed(7)
+    logits = (torch.randint(-6, 7, (n, E), generator=gen) / 4.0).float()
+    logits = torch.cat([logits, logits[:5]])  # the last 5 rows, copies of the first 5, routed one by one
+    bias = torch.randint(-2, 3, (E,), generator=gen) / 64.0
+    w, idx, s = kernels.moe_route(logits, bias, k, G, cfg.get("topk_group", 1), cfg["topk_method"],
+                                  cfg["scoring_func"], cfg.get("norm_topk_prob", False), cfg["routed_scaling_factor"])
+    for t in (w, idx, s):
+        assert torch.equal(t[n:], t[:5])
+    want = choose_stable(s.double() + bias.double(), k, G, cfg.get("topk_group", 1), cfg["topk_method"])
+    assert torch.equal(idx, want)
+
+
 def test_gate_kernel_without_the_weights_gradient():
     """Only the affinities carry a gradient (the balance loss alone): the weights' gradient is None,
     not zeros, and the logits' gradient is ds s (1 - s)."""
@@ -139,6 +174,11 @@ def test_gate_logits_equal_the_product(dtype):
     rounding = 1e-5 if dtype == torch.float32 else 2 ** -8  # the gradients are rounded to their dtype
     assert_close_scaled(xg.grad, dl64 @ w64, rounding, "dx")
     assert_close_scaled(wg.grad, dl64.T @ x64, rounding, "dw")
+    into = torch.randn(70, H, generator=gen).to(dtype)  # x's gradient from elsewhere, added onto in place
+    want = into.double() + dl64 @ w64
+    none, dw = torch.ops.nanoseek.gate_logits_bwd(dl, x, w, into)
+    assert none is None and dw.dtype == dtype
+    assert_close_scaled(into, want, rounding, "dx added")
 
 
 @pytest.mark.parametrize("pad", [1, 2, 32])

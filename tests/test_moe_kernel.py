@@ -109,7 +109,8 @@ def test_bad_plan_is_refused():
 
 def test_moe_module_takes_the_fused_path_and_equals_pytorch(monkeypatch):
     """A V3 MoE block (group-limited sigmoid gate, a shared expert) in training: with the kernels installed
-    the experts run in moe.cpp (spied), and the output and every gradient equal the PyTorch path's."""
+    the layer runs as one C++ node (spied), and the output and every gradient equal the PyTorch path's, with
+    a loss on the affinities too (as the sequence-wise balance loss reads them)."""
     W = kernels.vector_width()
     cfg = ModelConfig(hidden_size=4 * W, moe_intermediate_size=2 * W, n_routed_experts=8, num_experts_per_tok=2,
                       n_shared_experts=1, n_group=2, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
@@ -119,16 +120,17 @@ def test_moe_module_takes_the_fused_path_and_equals_pytorch(monkeypatch):
         moe.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
     x = torch.randn(3, 70, cfg.hidden_size, generator=torch.Generator().manual_seed(1))
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    ds = torch.randn(*x.shape[:2], 8, generator=torch.Generator().manual_seed(3))
     calls = []
-    real = kernels.moe_experts
-    monkeypatch.setattr(kernels, "moe_experts", lambda *a: calls.append(1) or real(*a))
+    real = kernels.moe_layer
+    monkeypatch.setattr(kernels, "moe_layer", lambda *a: calls.append(1) or real(*a))
     out = {}
     for installed in (None, kernels):
         monkeypatch.setattr(cpu_kernels, "installed", installed)
         moe.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
         y, routing = moe(xi)
-        y.backward(dy)
+        ((y * dy).sum() + (routing.scores * ds).sum()).backward()
         out[installed is not None] = [y.detach(), xi.grad, routing.load] + [p.grad for p in moe.parameters()]
     assert calls == [1]
     assert torch.equal(out[True][2], out[False][2])  # the same routing
@@ -195,8 +197,8 @@ def test_bf16_moe_module_takes_the_fused_path(monkeypatch):
     x = torch.randn(3, 70, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16().float()
     dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).bfloat16().float()
     calls = []
-    real = kernels.moe_experts
-    monkeypatch.setattr(kernels, "moe_experts", lambda *a: calls.append(a[0].dtype) or real(*a))
+    real = kernels.moe_layer
+    monkeypatch.setattr(kernels, "moe_layer", lambda *a: calls.append(a[0].dtype) or real(*a))
 
     def run(m, installed, dtype):
         monkeypatch.setattr(cpu_kernels, "installed", installed)

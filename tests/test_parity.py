@@ -141,8 +141,8 @@ def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
     """One MoE block, same weights, against transformers' DeepseekV3MoE (its eager per-expert loop):
     outputs and the gradients of the input, the router and the experts, fp32. "compiled": the grouped
     path with its SwiGLU through torch.compile (MoE.COMPILE); "c++": with the C++ kernels installed, as
-    the training commands install them (the gate and dispatch plan of infer/ffn.cpp, the fused experts
-    of infer/moe.cpp); "c++ unfused": the same without the fused experts (grouped GEMMs, C++ SwiGLU)."""
+    the training commands install them (the whole layer as one node: the gate and dispatch plan of
+    infer/ffn.cpp, the fused experts of infer/moe.cpp); "c++ unfused": the same without the fused experts (grouped GEMMs, C++ SwiGLU)."""
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     from nanoseek.infer import kernels
@@ -154,8 +154,8 @@ def test_moe_block_equals_transformers_deepseek_v3_moe(path, monkeypatch):
             pytest.skip("no C++ compiler")
         monkeypatch.setattr(cpu_kernels, "installed", kernels)
         monkeypatch.setattr(MoE, "FUSED", path == "c++")
-        real = kernels.moe_experts
-        monkeypatch.setattr(kernels, "moe_experts", lambda *a: calls.append(1) or real(*a))
+        real = kernels.moe_layer
+        monkeypatch.setattr(kernels, "moe_layer", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(MoE, "GROUPED", path != "loop")
     monkeypatch.setattr(MoE, "COMPILE", path == "compiled")
     cls, kw = CASES["v3_qlora_groups"]

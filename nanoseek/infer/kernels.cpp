@@ -42,19 +42,6 @@ constexpr int64_t I16_DOT_MAX_K = 8192;
 #define HAVE_I16_DOT 0
 #endif
 
-static inline float hsum(vf v) {
-#if defined(__AVX512F__)
-  return _mm512_reduce_add_ps(v);
-#else
-  for (int w = W / 2; w >= 1; w /= 2) {  // a tree: log2(W) dependent adds, not W
-    vf t = v;
-    for (int i = 0; i < w; ++i) t[i] = v[i + w];
-    v += t;
-  }
-  return v[0];
-#endif
-}
-
 // rounding activations to integers (the int8 and int4 paths): a row's or group's largest magnitude,
 // x * inv to the nearest integer within +-levels, and q = 256 h + l as two int8 digits (l in
 // [-128, 127]; |q| <= 32639 = 127 * 257 keeps h in int8)

@@ -250,13 +250,17 @@ class _Route(torch.autograd.Function):
         return (torch.ops.nanoseek.moe_route_bwd(dw, ds, s, idx, *ctx.args),) + (None,) * 8
 
 
+def _route_args(k: int, n_group: int, topk_group: int, method: str, scoring: str, norm: bool, scaling: float):
+    """The gate's settings as the C++ op takes them."""
+    return k, n_group, topk_group, ROUTE_METHODS.get(method, 0), scoring == "sigmoid", norm, float(scaling)
+
+
 def moe_route(logits: torch.Tensor, bias: torch.Tensor | None, k: int, n_group: int, topk_group: int, method: str,
               scoring: str, norm: bool, scaling: float):
     """DeepSeek's gate after its GEMM (ffn.cpp), one task per token: logits [N, E] fp32 -> (weights [N, k]
     normalised and scaled, expert indices [N, k] best first, affinities [N, E]); the same function as
     nanoseek.model.moe.Gate's PyTorch ops, gradients included (ties in the choice go to the lower index)."""
-    args = (logits, bias, k, n_group, topk_group, ROUTE_METHODS.get(method, 0), scoring == "sigmoid", norm,
-            float(scaling))
+    args = (logits, bias, *_route_args(k, n_group, topk_group, method, scoring, norm, scaling))
     if not _graph(logits):
         s, w, idx = torch.ops.nanoseek.moe_route(*args)
         return w, idx, s
@@ -318,6 +322,54 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: to
     if not _graph(x, weights, w1, w2, sg, su, sd):
         return torch.ops.nanoseek.moe_experts(*args[:2], token, pair, counts, w1, w2, sg, su, sd)[0]
     return _MoEExperts.apply(*args)
+
+
+def _moe_forward(x, gate_w, bias, route, w1, w2, sg, su, sd):
+    """The layer's ops in order: (y, the experts' saved rows, affinities, weights, indices, plan, load)."""
+    op = torch.ops.nanoseek
+    s, w, idx = op.moe_route(op.gate_logits(x, gate_w), bias, *route)
+    token, _, pair, load, rows = op.moe_plan(idx, w1.shape[0], 1)
+    y, *saved = op.moe_experts(x, w, token, pair, rows, w1, w2, sg, su, sd)
+    return y, saved, s, w, idx, (token, pair, rows), load
+
+
+class _MoELayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_w, bias, route, w1, w2, sg, su, sd):
+        y, saved, s, w, idx, plan, load = _moe_forward(x, gate_w, bias, route, w1, w2, sg, su, sd)
+        ctx.mark_non_differentiable(load)
+        ctx.set_materialize_grads(False)  # no balance loss: the affinities' gradient stays None
+        ctx.save_for_backward(x, gate_w, w, s, idx, *plan, w1, w2, sg, su, sd, *saved)
+        ctx.route = route
+        return y, s, load
+
+    @staticmethod
+    def backward(ctx, dy, ds, _dload):
+        x, gate_w, w, s, idx, token, pair, rows, w1, w2, sg, su, sd, *saved = ctx.saved_tensors
+        op = torch.ops.nanoseek
+        dy = torch.zeros_like(x) if dy is None else dy.contiguous()
+        dx, dweights, *dws = op.moe_experts_bwd(dy, x, w, token, pair, rows, w1, w2, sg, su, sd, *saved)
+        _, _, _, _, sigmoid, norm, scaling = ctx.route
+        dl = op.moe_route_bwd(dweights, ds, s, idx, sigmoid, norm, scaling)
+        _, dgate = op.gate_logits_bwd(dl, x, gate_w, dx)  # the gate's part of dx added onto the experts'
+        need = ctx.needs_input_grad
+        return (dx if need[0] else None, dgate if need[1] else None, None, None,
+                *(g if n and g.numel() else None for g, n in zip(dws, need[4:])))
+
+
+def moe_layer(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, route: tuple, w1: torch.Tensor,
+              w2: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
+    """A whole DeepSeekMoE layer as one autograd node (ffn.cpp, moe.cpp): the gate's GEMM (gate_w [E, H], x's
+    dtype), DeepSeek's routing (`route`: moe_route's settings from k to scaling, bias for the choice only),
+    the dispatch plan and the experts (moe_experts' arguments). Returns (y [N, H], affinities [N, E] fp32,
+    tokens per expert [E]); the backward runs the three ops' backwards in one go and adds the gate's part of
+    x's gradient onto the experts' in place, with no autograd add or graph nodes between them."""
+    sg, su, sd = shared if shared is not None else (None, None, None)
+    args = (x.contiguous(), gate_w, bias, _route_args(*route), w1, w2, sg, su, sd)
+    if not _graph(x, gate_w, w1, w2, sg, su, sd):
+        y, _, s, _, _, _, load = _moe_forward(*args)
+        return y, s, load
+    return _MoELayer.apply(*args)
 
 
 class _RMSNorm(torch.autograd.Function):

@@ -126,12 +126,6 @@ constexpr int64_t col(int64_t n) { return std::is_same_v<T, float> ? n : 2 * n; 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 inline void store(bf16* p, vf v) { store_bf16(p, v); }
 
-inline float hsum(vf v) {
-  float s = 0.f;
-  for (int i = 0; i < W; ++i) s += v[i];
-  return s;
-}
-
 // out[2i] = a[i], out[2i + 1] = b[i] (b null: zeros) for i < n, n a multiple of W: two k rows of a bf16
 // operand as one pair row
 void interleave(const bf16* a, const bf16* b, int64_t n, bf16* out) {
@@ -668,6 +662,10 @@ void gate_up_bwd_cols(const Layer<T>& L, float* dx, int64_t c0, int64_t c1, bool
     const int64_t I = ex.I;
     scatter_rows(ex, dx, H, c0, c1, e == 0 && !zeroed, [&](int64_t i) { return static_cast<const T*>(ex.dgu + i * 2 * I); },
                  [&](auto& acc, const T* const (&ar)[R], int64_t n0) {
+                   if (ex.bu == ex.bg + I * H) {  // gate and up as one operand [2I][H]: one pass over K = 2I
+                     mm_tile(2 * I, ar, ex.bg + col<T>(n0), H, acc);
+                     return;
+                   }
                    const T* au[R];
                    for (int r = 0; r < R; ++r) au[r] = ar[r] + I;
                    mm_tile(I, ar, ex.bg + col<T>(n0), H, acc);

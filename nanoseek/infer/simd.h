@@ -59,6 +59,20 @@ static inline void store_bf16(void* p, vf v) {
   std::memcpy(p, &h, sizeof(h));
 }
 
+// the sum of v's W lanes (a tree: log2(W) dependent adds, not W)
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  return _mm512_reduce_add_ps(v);
+#else
+  for (int w = W / 2; w >= 1; w /= 2) {
+    vf t = v;
+    for (int i = 0; i < w; ++i) t[i] = v[i + w];
+    v += t;
+  }
+  return v[0];
+#endif
+}
+
 // e^x for x <= 0, W lanes at a time (libm's expf is a call per element): 2^(x log2 e) as 2^n * 2^f,
 // n = floor(t + 1/2), |f| <= 1/2, 2^f by Cephes' exp2f polynomial (relative error ~2e-7)
 static inline vf exp_nonpositive(vf x) {

@@ -108,8 +108,7 @@ class Gate(nn.Module):
             logits = F.linear(x.float(), self.weight.float())
         k = kernels_for(logits)
         if k is not None:  # the same function in one C++ task per token
-            return k.moe_route(logits, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
-                               self.topk_method, self.scoring_func, self.norm_topk_prob, self.routed_scaling_factor)
+            return k.moe_route(logits, self.e_score_correction_bias, *self.route_args())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         with torch.no_grad():  # the choice of experts carries no gradient: no autograd graph for it
             indices = self.choose(scores)
@@ -117,6 +116,11 @@ class Gate(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.routed_scaling_factor, indices, scores
+
+    def route_args(self) -> tuple:
+        """The routing's settings, as the C++ kernels take them (k through the scaling factor)."""
+        return (self.top_k, self.n_group, self.topk_group, self.topk_method, self.scoring_func, self.norm_topk_prob,
+                self.routed_scaling_factor)
 
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         """The top-k experts per row of scores [N, E] (biased, group-limited): indices [N, k]."""
@@ -369,28 +373,29 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, indices, scores = self.gate(x)
         k = self.fused_kernels(x)
-        if k is not None:  # gather, experts, SwiGLU and combine in one C++ op each way (infer/moe.cpp)
-            token, _, pair, load, rows = k.moe_plan(indices, self.n_experts, 1)
-            s = self.shared_experts
+        if k is not None:  # the gate, its plan, and gather, experts, SwiGLU and combine in one C++ op each way
+            g, s = self.gate, self.shared_experts
             shared = None if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
-            y = k.moe_experts(x, weights, self.experts.gate_up_proj, self.experts.down_proj, shared, token, pair, rows)
+            y, scores, load = k.moe_layer(x, g.weight, g.e_score_correction_bias, g.route_args(),
+                                          self.experts.gate_up_proj, self.experts.down_proj, shared)
         else:
+            weights, indices, scores = self.gate(x)
             base = self.shared_experts(x) if self.shared_experts is not None else None
             y, load = self.dispatch(x, weights, indices, base)
         return y.view(shape), Routing(scores.view(*shape[:-1], scores.shape[-1]), load)
 
     def fused_kernels(self, x: torch.Tensor):
-        """The C++ kernels, if they run this layer's experts whole (infer/moe.cpp): installed, fp32 (or bf16
-        on a CPU with AVX512_BF16) with no autocast, weights of x's dtype, the stacked experts and a plain
-        shared MLP, widths in whole vectors, more than one token (one token in decode takes its k experts'
-        weights in place: Experts.one_token)."""
+        """The C++ kernels, if they run this layer whole (gate, plan and experts: ffn.cpp, moe.cpp): installed,
+        fp32 (or bf16 on a CPU with AVX512_BF16) with no autocast, weights (the gate's too) of x's dtype, the
+        stacked experts and a plain shared MLP, widths in whole vectors, more than one token (one token in
+        decode takes its k experts' weights in place: Experts.one_token)."""
         k = kernels_for(x)
         dt = x.dtype
         if (not self.FUSED or k is None or len(x) < 2  # kernels_for: fp32 or bf16 x on CPU
                 or (dt == torch.bfloat16 and not k.moe_bf16()) or torch.is_autocast_enabled(x.device.type)
-                or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != dt):
+                or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != dt
+                or self.gate.weight.dtype != dt):
             return None
         s, w = self.shared_experts, k.vector_width()
         if s is not None and not (type(s) is MLP and all(type(m) in PLAIN and m.bias is None and
