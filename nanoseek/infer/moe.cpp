@@ -12,7 +12,8 @@
 // multiplies with FMAs; bf16 (where the CPU has AVX512_BF16) with vdpbf16ps, which takes two k at a
 // time: a bf16 B operand is packed as pairs of its k rows interleaved ([K/2][N][2]), so an A row's
 // two neighbouring entries are one 32-bit broadcast. Sums are fp32 in both; a bf16 layer's outputs
-// and weight gradients are rounded to bf16 once, at the end, and its saved SwiGLU inputs are bf16.
+// and weight gradients are rounded to bf16 once, at the end, and its saved SwiGLU inputs (and
+// sigmoid(gate), kept for the backward) are bf16.
 // Passes that add into y / dx by token split the columns between threads (two experts may add into
 // one token's row); the others split rows or output blocks. The sums run in a fixed order (the shared
 // expert, then the routed experts by index), so the result does not depend on the thread count.
@@ -175,7 +176,7 @@ struct Expert {
   const int64_t* token = nullptr;  // the rows' tokens; none: row n is token n (the shared expert)
   const int64_t* pair = nullptr;   // the rows' routing weights, as indices into weights [N, k]; none: 1
   const T *wg = nullptr, *wu = nullptr, *wd = nullptr;  // gate, up [I, H]; down [H, I]
-  T *gu = nullptr, *h = nullptr;  // [rows, 2I] = gate x | up x;  [rows, I] = silu(g) · u · weight
+  T *gu = nullptr, *h = nullptr;  // [rows, 2I] = gate x | up x;  [rows, 2I] = silu(g) · u · weight | sigmoid(g)
   T *p1 = nullptr, *p2 = nullptr;  // forward: [H][2I] (gate and up in alternate W-column blocks), [I][H]
   const T *bd = nullptr, *bg = nullptr, *bu = nullptr;  // backward's B operands: down [H][I], gate, up [I][H]
   T* dgu = nullptr;               // backward: [rows, 2I]
@@ -256,7 +257,7 @@ Layer<T> describe(const at::Tensor& x, const at::Tensor& weights, const at::Tens
   return L;
 }
 
-// Each expert's saved rows ([rows, 2I] and [rows, I]) as views into one buffer per kind: the shared
+// Each expert's saved rows ([rows, 2I] each) as views into one buffer per kind: the shared
 // expert's (all tokens) in its own tensors, the routed experts' in rows sorted by expert.
 template <typename T>
 void point_rows(Layer<T>& L, at::Tensor& gu, at::Tensor& h, at::Tensor& sgu, at::Tensor& sh) {
@@ -268,7 +269,7 @@ void point_rows(Layer<T>& L, at::Tensor& gu, at::Tensor& h, at::Tensor& sgu, at:
   int64_t row0 = 0;
   for (; e < L.experts.size(); ++e) {
     Expert<T>& ex = L.experts[e];
-    ex.gu = ptr<T>(gu) + row0 * 2 * ex.I, ex.h = ptr<T>(h) + row0 * ex.I;
+    ex.gu = ptr<T>(gu) + row0 * 2 * ex.I, ex.h = ptr<T>(h) + row0 * 2 * ex.I;
     row0 += ex.rows;
   }
 }
@@ -388,7 +389,8 @@ void pack(Expert<bf16>& ex, int64_t H) {
               reinterpret_cast<uint32_t*>(ex.p2));
 }
 
-// rows [m0, m1) of an expert (a slice): gu = x[token] @ [gate; up]^T, h = silu(g) · u · weight
+// rows [m0, m1) of an expert (a slice): gu = x[token] @ [gate; up]^T, h = [silu(g) · u · weight | sigmoid(g)]
+// (the backward reads the sigmoid rather than computing it again: its exp was a third of the dh pass)
 template <typename T>
 void gate_up_rows(const Layer<T>& L, const Expert<T>& ex, int64_t m0, int64_t m1) {
   const int64_t H = L.H, I = ex.I;
@@ -404,12 +406,14 @@ void gate_up_rows(const Layer<T>& L, const Expert<T>& ex, int64_t m0, int64_t m1
       for (int r = 0; r < nr[t]; ++r) {
         const int64_t m = m0 + t * R + r;
         T* gu = ex.gu + m * 2 * I + j;
-        T* h = ex.h + m * I + j;
+        T* h = ex.h + m * 2 * I + j;
         for (int v = 0; v < V; ++v) {
           const vf g = acc[t][r][v], u = acc[t][r][V + v];
           store(gu + v * W, g);
           store(gu + I + v * W, u);
-          store(h + v * W, g * sigmoid_v(g) * u * w[t][r]);
+          const vf s = sigmoid_v(g);
+          store(h + v * W, g * s * u * w[t][r]);
+          store(h + I + v * W, s);
         }
       }
   });
@@ -453,7 +457,7 @@ void down_cols(const Layer<T>& L, float* y, int64_t c0, int64_t c1, bool zeroed)
     const Expert<T>& ex = L.experts[e];
     if (!ex.rows) continue;
     const int64_t I = ex.I;
-    scatter_rows(ex, y, H, c0, c1, e == 0 && !zeroed, [&](int64_t i) { return ex.h + i * I; },
+    scatter_rows(ex, y, H, c0, c1, e == 0 && !zeroed, [&](int64_t i) { return ex.h + i * 2 * I; },
                  [&](auto& acc, const T* const (&ar)[R], int64_t n0) {
                    constexpr int C = std::extent_v<std::remove_reference_t<decltype(acc[0])>>;
                    mm_tile(I, ar, ex.p2 + n0 * I, C * W, acc);
@@ -481,8 +485,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> experts_f
   const int64_t N = L.N, H = L.H, I = w1.size(1) / 2;
   const bool shared = sg.has_value() && sg->defined();
   const int64_t Is = shared ? sg->size(0) : 0;
-  at::Tensor gu = at::empty({token.numel(), 2 * I}, x.options()), h = at::empty({token.numel(), I}, x.options());
-  at::Tensor sgu = at::empty({shared ? N : 0, 2 * Is}, x.options()), sh = at::empty({shared ? N : 0, Is}, x.options());
+  at::Tensor gu = at::empty({token.numel(), 2 * I}, x.options()), h = at::empty_like(gu);
+  at::Tensor sgu = at::empty({shared ? N : 0, 2 * Is}, x.options()), sh = at::empty_like(sgu);
   point_rows(L, gu, h, sgu, sh);
   int64_t packed = 0;
   for (const Expert<T>& ex : L.experts) packed += 3 * ex.I * H;
@@ -535,11 +539,12 @@ void down_bwd_rows(const Layer<T>& L, const Expert<T>& ex, const T* dy, float* d
       for (int r = 0; r < nr[t]; ++r) {
         const int64_t m = m0 + t * R + r;
         const T* gu = ex.gu + m * 2 * I;
+        const T* sig = ex.h + m * 2 * I + I;
         T* dgu = ex.dgu + m * 2 * I;
         for (int c = 0; c < C; ++c) {
           const int64_t i = j + c * W;
           const vf g = load_n(gu + i, W), u = load_n(gu + I + i, W), dh = acc[t][r][c];
-          const vf s = sigmoid_v(g), silu = g * s;
+          const vf s = load_n(sig + i, W), silu = g * s;
           dsum[t][r] += dh * silu * u;
           store(dgu + i, dh * w[t][r] * u * s * (1.f + g * (1.f - s)));
           store(dgu + I + i, dh * w[t][r] * silu);
@@ -638,7 +643,7 @@ void weight_grad(int64_t rows, int64_t M, int64_t N, const A& arow, const B& bro
 template <typename T>
 void down_grad(const Layer<T>& L, const Expert<T>& ex, const T* dy) {
   const int64_t H = L.H, I = ex.I;
-  weight_grad<T>(ex.rows, H, I, [&](int64_t k) { return dy + ex.tok(k) * H; }, [&](int64_t k) { return ex.h + k * I; },
+  weight_grad<T>(ex.rows, H, I, [&](int64_t k) { return dy + ex.tok(k) * H; }, [&](int64_t k) { return ex.h + k * 2 * I; },
                  [&](int64_t j) { return ex.dwd + j * I; }, [&](int64_t j) { return ex.owd + j * I; });
 }
 
@@ -701,8 +706,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t N = L.N, H = L.H, I = w1.size(1) / 2;
   const bool shared = sg.has_value() && sg->defined();
   const int64_t Is = shared ? sg->size(0) : 0;
-  TORCH_CHECK(gu.sizes() == at::IntArrayRef({token.numel(), 2 * I}) && h.sizes() == at::IntArrayRef({token.numel(), I}) &&
-              sgu.sizes() == at::IntArrayRef({shared ? N : 0, 2 * Is}) && sh.sizes() == at::IntArrayRef({shared ? N : 0, Is}),
+  TORCH_CHECK(gu.sizes() == at::IntArrayRef({token.numel(), 2 * I}) && h.sizes() == gu.sizes() &&
+              sgu.sizes() == at::IntArrayRef({shared ? N : 0, 2 * Is}) && sh.sizes() == sgu.sizes(),
               "moe_experts_bwd: saved rows do not match the layer");
   for (const at::Tensor* t : {&gu, &h, &sgu, &sh})
     TORCH_CHECK(t->scalar_type() == x.scalar_type(), "moe_experts_bwd: saved rows must be of x's dtype");
