@@ -6,6 +6,7 @@ in its own process with its own best settings, against this machine's memory-ban
     .venv/bin/python benchmarks/decode.py --modes int8,int4  # those modes and their llama.cpp twins only
     .venv/bin/python benchmarks/decode.py --profile int8   # top ops of one batch-1 decode step
     .venv/bin/python benchmarks/decode.py --profile int8 --compile on   # ... of a compiled step
+    .venv/bin/python benchmarks/decode.py --profile int8 --batch 32     # ... of a batch-32 step
     .venv/bin/python benchmarks/decode.py --isa avx2       # both sides capped at AVX2 (an AVX2 machine's code paths)
 
 What runs (every measurement is a subprocess of this script; rounds alternate the sides):
@@ -317,15 +318,17 @@ def transformers_worker(spec: dict) -> dict:
 
 
 def profile_worker(spec: dict) -> dict:
-    """torch.profiler's top ops (by self CPU time) of one batch-1 decode step."""
+    """torch.profiler's top ops (by self CPU time) of one decode step at batch spec["batch"] (default 1)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from nanoseek.infer import Engine, SamplingParams
     torch.set_num_threads(os.cpu_count())
     model, tok = load_nanoseek(spec["mode"])
-    engine = Engine(model, tok, max_batch_size=1, max_seq_len=256, compile=spec.get("compile", False))
-    engine.add_request(tok.encode(CHAT), SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    batch = spec.get("batch", 1)
+    engine = Engine(model, tok, max_batch_size=batch, max_seq_len=256, compile=spec.get("compile", False))
+    for _ in range(batch):
+        engine.add_request(tok.encode(CHAT), SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
     for _ in range(8):  # prefill + warm decode steps
         engine.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -334,7 +337,7 @@ def profile_worker(spec: dict) -> dict:
         step_ms = (time.perf_counter() - t0) * 1e3
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     rows = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in ops]
-    return {"mode": spec["mode"], "step_ms": step_ms, "calls": sum(r[1] for r in rows),
+    return {"mode": spec["mode"], "batch": batch, "step_ms": step_ms, "calls": sum(r[1] for r in rows),
             "top": rows[:spec.get("top", 25)], "path": getattr(engine, "path", None)}
 
 
@@ -473,7 +476,7 @@ def report(res: dict) -> None:
 
 
 def print_profile(p: dict) -> None:
-    print(f"one batch-1 decode step of nanoseek {p['mode']}: {p['step_ms']:.1f} ms, {p['calls']} op calls"
+    print(f"one batch-{p['batch']} decode step of nanoseek {p['mode']}: {p['step_ms']:.1f} ms, {p['calls']} op calls"
           f"{'' if p['path'] is None else ', engine.path ' + str(p['path'])}")
     print("| op | calls | self CPU ms |")
     print("| --- | --- | --- |")
@@ -491,8 +494,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=2, help="rounds alternating the sides (default 2)")
     ap.add_argument("--compile", choices=["both", "on", "off"], default="both",
                     help="nanoseek's Engine(compile=...): both (default: each mode eager and compiled), on, off")
-    ap.add_argument("--profile", metavar="MODE", help="print the top ops of one nanoseek batch-1 decode step "
-                    "in MODE (fp32, bf16 or a quantize.MODES key) and exit")
+    ap.add_argument("--profile", metavar="MODE", help="print the top ops of one nanoseek decode step "
+                    "in MODE (fp32, bf16 or a quantize.MODES key) at batch --batch and exit")
+    ap.add_argument("--batch", type=int, default=1, help="--profile's batch size (default 1)")
     ap.add_argument("--modes", type=lambda v: v.split(","), metavar="M1,M2",
                     help="only these nanoseek modes and their llama.cpp twins (default: every mode), e.g. int8,int4")
     ap.add_argument("--isa", choices=["native", "avx2"], default="native",
@@ -512,7 +516,11 @@ def main():
         if args.profile not in nanoseek_modes():
             print(f"decode.py: unknown mode {args.profile!r}; use one of {', '.join(nanoseek_modes())}", file=sys.stderr)
             sys.exit(2)
-        p = worker("profile", {"mode": args.profile, "compile": args.compile == "on"}, "OMP_WAIT_POLICY" in os.environ)
+        if not 1 <= args.batch <= 256:
+            print(f"decode.py: --batch must be 1..256, got {args.batch}", file=sys.stderr)
+            sys.exit(2)
+        p = worker("profile", {"mode": args.profile, "compile": args.compile == "on", "batch": args.batch},
+                   "OMP_WAIT_POLICY" in os.environ)
         if "error" in p:
             sys.exit(1)
         print_profile(p)

@@ -75,3 +75,12 @@ def test_decode_keeps_each_figures_best_policy(monkeypatch):
     decode.keep_best(into, {"b1": 12.0, "b32": 5.0}, "default")
     decode.keep_best(into, {"b1": 11.0, "b32": 6.0}, "PASSIVE")
     assert into == {"b1": 12.0, "b1_omp": "default", "path": "x", "b32": 6.0, "b32_omp": "PASSIVE"}
+
+
+def test_decode_profile_refuses_a_bad_batch():
+    """decode.py --profile MODE --batch N: a batch outside 1..256 is a one-line error, exit 2, before any worker."""
+    import os
+    import subprocess
+    r = subprocess.run([sys.executable, str(BENCH / "decode.py"), "--profile", "int8", "--batch", "0"],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(BENCH.parent)})
+    assert r.returncode == 2 and "--batch must be 1..256" in r.stderr and r.stdout == ""
