@@ -28,7 +28,8 @@ Dispatch sorts the (token, expert) pairs by expert, so each expert's rows are on
 With the C++ kernels installed (model/cpu_kernels.py; the training commands install them), the gate (its
 GEMM too), the sort and the SwiGLU run in C++ (infer/ffn.cpp): the same functions, a few passes instead
 of ~60 small ops; in fp32, and in bf16 on a CPU with AVX512_BF16, gather, experts and combine are one
-C++ op each way (infer/moe.cpp, `MoE.FUSED`; docs/benchmarks.md#moe-vs-dense).
+C++ op each way (infer/moe.cpp, `MoE.FUSED`), and the whole layer (gate, plan, experts) one autograd node
+(kernels.moe_layer; docs/benchmarks.md#moe-vs-dense).
 Where `F.grouped_mm` does not apply (rows not 16-byte multiples, CUDA in fp32, other devices) or
 `MoE.GROUPED = False`, a loop runs each expert that got rows once, on its slice (never a loop over
 tokens); quantized experts (infer/quantize.py) are one MLP each (`LoopExperts`) and take the loop.
