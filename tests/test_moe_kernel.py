@@ -2,7 +2,10 @@
 every gradient (input, routing weights, routed and shared expert weights), with and without a shared
 expert, at widths that leave partial register tiles in every pass, an expert with no rows and one with
 more rows than a weight-gradient block; the same result on 1 and 2 threads; the MoE module with the
-kernels installed takes this path and equals its PyTorch path; a bad dispatch plan is refused."""
+kernels installed takes this path and equals its PyTorch path, also under CPU bf16 autocast (`--dtype bf16`);
+a bad dispatch plan is refused."""
+
+import copy
 
 import pytest
 import torch
@@ -216,3 +219,55 @@ def test_bf16_moe_module_takes_the_fused_path(monkeypatch):
     assert calls == [torch.bfloat16]
     for g, r, w in zip(got, ref, want):
         assert rel_err(g, w) < max(1e-2, 1.5 * rel_err(r, w))
+
+
+def autocast_block(seed: int = 0) -> tuple[MoE, torch.Tensor, torch.Tensor]:
+    """A V3 MoE block with fp32 (master) weights, bf16-exact, and an input and output gradient."""
+    W = kernels.vector_width()
+    cfg = ModelConfig(hidden_size=4 * W, moe_intermediate_size=2 * W, n_routed_experts=8, num_experts_per_tok=2,
+                      n_shared_experts=1, n_group=2, topk_group=1, topk_method="noaux_tc", scoring_func="sigmoid",
+                      routed_scaling_factor=2.5, norm_topk_prob=True)
+    moe = randomize(MoE(cfg), seed=seed, std=0.1).bfloat16().float()
+    x = torch.randn(3, 70, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).bfloat16().float()
+    return moe, x, dy
+
+
+def run_block(moe: MoE, x: torch.Tensor, dy: torch.Tensor, amp: bool) -> list[torch.Tensor]:
+    moe.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y, routing = moe(xi)
+    assert routing.scores.dtype == torch.float32  # the gate's affinities stay fp32 under autocast
+    y.float().backward(dy)
+    return [y.detach().float(), xi.grad] + [p.grad for p in moe.parameters() if p.grad is not None]
+
+
+def test_gate_under_autocast_with_the_kernels(monkeypatch):
+    """`--dtype bf16` on CPU trains under bf16 autocast: the gate's logits stay fp32 (they had come out bf16
+    from F.linear, and the C++ routing refused them), and the block (unfused here) trains, its gradients
+    fp32, close to the fp32 block's."""
+    moe, x, dy = autocast_block()
+    monkeypatch.setattr(cpu_kernels, "installed", kernels)
+    monkeypatch.setattr(MoE, "FUSED", False)
+    want = run_block(moe, x, dy, amp=False)
+    got = run_block(moe, x, dy, amp=True)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and rel_err(g, w) < 3e-2
+
+
+@bf16_only
+def test_autocast_takes_the_fused_bf16_path(monkeypatch):
+    """Under CPU bf16 autocast the block runs moe.cpp's bf16 path on bf16 copies of its fp32 weights (spied)
+    and lands as close to the fp32 block as a bf16 block does; the weights' gradients are fp32."""
+    moe, x, dy = autocast_block()
+    monkeypatch.setattr(cpu_kernels, "installed", kernels)
+    calls = []
+    real = kernels.moe_layer
+    monkeypatch.setattr(kernels, "moe_layer", lambda *a: calls.append(a[0].dtype) or real(*a))
+    want = run_block(moe, x, dy, amp=False)
+    got = run_block(moe, x, dy, amp=True)
+    low = run_block(copy.deepcopy(moe).bfloat16(), x.bfloat16(), dy.bfloat16(), amp=False)
+    assert calls == [torch.float32, torch.bfloat16, torch.bfloat16]
+    for g, b, w in zip(got, low, want):
+        assert g.dtype == torch.float32 and rel_err(g, w) < max(1e-2, 1.5 * rel_err(b.float(), w))

@@ -100,13 +100,14 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor):
-        """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32)."""
+        """x [N, H] -> (weights [N, k] fp32, expert indices [N, k], affinities [N, E] fp32). The logits are
+        fp32 sums under autocast too (as transformers' DeepSeek-V3 router computes them)."""
         k = kernels_for(x)
-        if (k is not None and self.weight.dtype == x.dtype and x.shape[-1] % k.vector_width() == 0
-                and not torch.is_autocast_enabled(x.device.type)):  # kernels_for: fp32 or bf16 x on CPU
-            logits = k.gate_logits(x, self.weight)  # no fp32 copies of x and the weight (ffn.cpp)
+        if k is not None and self.weight.dtype == x.dtype and x.shape[-1] % k.vector_width() == 0:
+            logits = k.gate_logits(x, self.weight)  # no fp32 copies of x and the weight (ffn.cpp; autocast-free)
         else:
-            logits = F.linear(x.float(), self.weight.float())
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.weight.float())
         k = kernels_for(logits)
         if k is not None:  # the same function in one C++ task per token
             return k.moe_route(logits, self.e_score_correction_bias, *self.route_args())
@@ -376,10 +377,12 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         k = self.fused_kernels(x)
         if k is not None:  # the gate, its plan, and gather, experts, SwiGLU and combine in one C++ op each way
-            g, s = self.gate, self.shared_experts
-            shared = None if s is None else (s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
-            y, scores, load = k.moe_layer(x, g.weight, g.e_score_correction_bias, g.route_args(),
-                                          self.experts.gate_up_proj, self.experts.down_proj, shared)
+            g, s, dt = self.gate, self.shared_experts, self.experts.dtype_for(x)
+            c = lambda t: t.to(dt)  # noqa: E731  (autocast: bf16 copies of fp32 weights; their gradients flow back in fp32)
+            shared = None if s is None else (c(s.gate_proj.weight), c(s.up_proj.weight), c(s.down_proj.weight))
+            with torch.autocast(x.device.type, enabled=False):
+                y, scores, load = k.moe_layer(c(x), c(g.weight), g.e_score_correction_bias, g.route_args(),
+                                              c(self.experts.gate_up_proj), c(self.experts.down_proj), shared)
         else:
             weights, indices, scores = self.gate(x)
             base = self.shared_experts(x) if self.shared_experts is not None else None
@@ -388,19 +391,21 @@ class MoE(nn.Module):
 
     def fused_kernels(self, x: torch.Tensor):
         """The C++ kernels, if they run this layer whole (gate, plan and experts: ffn.cpp, moe.cpp): installed,
-        fp32 (or bf16 on a CPU with AVX512_BF16) with no autocast, weights (the gate's too) of x's dtype, the
-        stacked experts and a plain shared MLP, widths in whole vectors, more than one token (one token in
-        decode takes its k experts' weights in place: Experts.one_token)."""
+        fp32, or bf16 on a CPU with AVX512_BF16 (a bf16 layer, or fp32 weights under CPU bf16 autocast, as
+        `--dtype bf16` trains: the layer then runs as a bf16 one), weights (the gate's too) of x's dtype
+        without autocast, the stacked experts and a plain shared MLP, widths in whole vectors, more than one
+        token (one token in decode takes its k experts' weights in place: Experts.one_token)."""
         k = kernels_for(x)
-        dt = x.dtype
-        if (not self.FUSED or k is None or len(x) < 2  # kernels_for: fp32 or bf16 x on CPU
-                or (dt == torch.bfloat16 and not k.moe_bf16()) or torch.is_autocast_enabled(x.device.type)
-                or type(self.experts) is not Experts or self.experts.gate_up_proj.dtype != dt
-                or self.gate.weight.dtype != dt):
+        if not self.FUSED or k is None or len(x) < 2 or type(self.experts) is not Experts:  # kernels_for: fp32/bf16
+            return None
+        dt = self.experts.dtype_for(x)
+        allowed = (dt, torch.float32) if torch.is_autocast_enabled(x.device.type) else (dt,)  # autocast casts fp32
+        if (dt not in (torch.float32, torch.bfloat16) or (dt == torch.bfloat16 and not k.moe_bf16())
+                or self.experts.gate_up_proj.dtype not in allowed or self.gate.weight.dtype not in allowed):
             return None
         s, w = self.shared_experts, k.vector_width()
         if s is not None and not (type(s) is MLP and all(type(m) in PLAIN and m.bias is None and
-                                                          m.weight.dtype == dt and m.weight.shape[0] % w == 0
+                                                          m.weight.dtype in allowed and m.weight.shape[0] % w == 0
                                                           for m in (s.gate_proj, s.up_proj, s.down_proj))):
             return None
         _, two_i, h = self.experts.gate_up_proj.shape
