@@ -25,6 +25,9 @@ only the FFN differs. Sized so the routed experts hold most of the parameters, n
                 FLOPs per token (the gate's 16·128 per layer aside); trained on the same tokens
   dense_total   SwiGLU of width 64·(16+1) = 1088: the MoE's total parameters, given the same
                 training FLOPs as the MoE (so it sees fewer tokens)
+Both train as nanoseek's training commands run them (train.run.setup_cpu_training: the C++ kernels,
+the measured choice of fp32 products, freed memory kept), so the wall clock is nanoseek's;
+--pytorch-ops trains with PyTorch's ops instead.
 Same optimizer (AdamW 0.9/0.95, wd 0.1, clip 1.0), peak lr, warmup + cosine schedule over each run's
 own steps, batch, sequence length, data order (per seed) and initialisation rule. Training FLOPs =
 3 x forward FLOPs per token (nanoseek.cost.flops_per_token: matmuls + attention scores) x tokens.
@@ -63,6 +66,7 @@ from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.train.objective import balance_loss, expert_loads, load_stats, moe_layers, next_token_loss, \
     update_bias  # noqa: E402
 from nanoseek.train.optim import adamw, lr_at  # noqa: E402
+from nanoseek.train.run import setup_cpu_training  # noqa: E402
 
 HOLDOUT_EVERY = 20  # every 20th file of the corpus is held out
 
@@ -216,6 +220,8 @@ def main() -> None:
     p.add_argument("--json", default="docs/dense_vs_moe.json",
                    help="results (the speedrun report's MoE claim reads docs/dense_vs_moe.json)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 1 seed, 2M characters")
+    p.add_argument("--pytorch-ops", action="store_true",
+                   help="train with PyTorch's ops, not the C++ kernels the training commands install")
     p.add_argument("--sweep-experts", default=None, metavar="E,E,...",
                    help="the MoE at each routed-expert count against dense_active (e.g. 4,8,16,32,64)")
     p.add_argument("--sweep-out", default="docs/moe_experts", help="the sweep's .json and .png (without suffix)")
@@ -237,6 +243,8 @@ def main() -> None:
         if counts[0] < a.top_k:
             p.error(f"--sweep-experts: every count must be at least --top-k ({a.top_k})")
     torch.set_num_threads(a.threads)
+    if not a.pytorch_ops:
+        setup_cpu_training()
 
     try:
         docs = read_documents(a.corpus) if a.corpus else stdlib_documents(a.max_chars)
@@ -323,7 +331,7 @@ def report(results, configs, steps, a, vocab, n_train, n_held, docs) -> dict:
                                   for c in r["curve"]] for r in rs]}
     out = {"benchmark": "dense_vs_moe", "date": time.strftime("%Y-%m-%d"), "corpus_files": len(docs), "vocab": vocab,
            "seeds": a.seeds, "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "threads": a.threads,
-           "experts": a.experts, "top_k": a.top_k, "common_wall_s": round(wall_common, 1), "runs": summary}
+           "cpu_kernels": not a.pytorch_ops, "experts": a.experts, "top_k": a.top_k, "common_wall_s": round(wall_common, 1), "runs": summary}
     print()
     print(json.dumps(out))
     return out
@@ -334,7 +342,7 @@ def finished_runs(a, kind: str, vocab: int, n_train: int):
     each finished run is appended to a JSONL in --cache (fsynced), so a killed benchmark loses at
     most the run under way and a rerun with the same settings goes on from there."""
     settings = [vocab, n_train, a.steps, a.batch_size, a.seq_len, a.lr, a.top_k, a.evals, a.heldout_windows,
-                a.max_chars, a.corpus] + ([a.experts] if kind == "main" else [])
+                a.max_chars, a.corpus, a.pytorch_ops] + ([a.experts] if kind == "main" else [])
     path = Path(a.cache) / f"{kind}-{hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:12]}.jsonl"
     done = {}
     if path.exists():
@@ -381,7 +389,7 @@ def sweep_report(results: dict[str, list[dict]], counts: list[int], a) -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     out = {"benchmark": "dense_vs_moe --sweep-experts", "date": time.strftime("%Y-%m-%d"), "seeds": n,
            "steps": a.steps, "batch_size": a.batch_size, "seq_len": a.seq_len, "top_k": a.top_k,
-           "threads": a.threads, "runs": {}}
+           "threads": a.threads, "cpu_kernels": not a.pytorch_ops, "runs": {}}
     for name, rs in results.items():
         loss = [r["heldout_loss"] for r in rs]
         diff = "-"
