@@ -130,7 +130,18 @@ inline void store(bf16* p, vf v) { store_bf16(p, v); }
 // out[2i] = a[i], out[2i + 1] = b[i] (b null: zeros) for i < n, n a multiple of W: two k rows of a bf16
 // operand as one pair row
 void interleave(const bf16* a, const bf16* b, int64_t n, bf16* out) {
-  for (int64_t i = 0; i < n; i += W) {
+  int64_t i = 0;
+#if defined(__AVX512BW__)
+  // 32 at a time: unpack within 128-bit lanes, then put the lanes back in order (two 64-bit permutes)
+  const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (; i + 32 <= n; i += 32) {
+    const __m512i va = _mm512_loadu_si512(a + i), vb = b ? _mm512_loadu_si512(b + i) : _mm512_setzero_si512();
+    const __m512i lo = _mm512_unpacklo_epi16(va, vb), hi = _mm512_unpackhi_epi16(va, vb);
+    _mm512_storeu_si512(out + 2 * i, _mm512_permutex2var_epi64(lo, first, hi));
+    _mm512_storeu_si512(out + 2 * i + 32, _mm512_permutex2var_epi64(lo, second, hi));
+  }
+#endif
+  for (; i < n; i += W) {
     vu32 lo = __builtin_convertvector(load<vu16>(a + i), vu32);
     vu32 hi = b ? __builtin_convertvector(load<vu16>(b + i), vu32) : vu32{};
     const vu32 v = lo | (hi << 16);
