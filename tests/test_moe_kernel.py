@@ -48,10 +48,30 @@ def formula(t: dict, idx: torch.Tensor) -> torch.Tensor:
     return y
 
 
+class Experts(torch.autograd.Function):
+    """moe.cpp's experts op and its backward, alone (the model reaches them through kernels.moe_layer, whose
+    routing makes the weights; here the test gives them)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, w1, w2, sg, su, sd, token, pair, counts):
+        y, *saved = torch.ops.nanoseek.moe_experts(x, weights, token, pair, counts, w1, w2, sg, su, sd)
+        ctx.save_for_backward(x, weights, token, pair, counts, w1, w2, sg, su, sd, *saved)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # dx, dweights, dw1, dw2 and the shared expert's three (empty without one)
+        grads = torch.ops.nanoseek.moe_experts_bwd(dy.contiguous(), *ctx.saved_tensors)
+        return tuple(g if need and g.numel() else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 3
+
+
+def experts(t: dict, token, pair, rows) -> torch.Tensor:
+    return Experts.apply(t["x"], t["weights"], t["w1"], t["w2"], t.get("sg"), t.get("su"), t.get("sd"), token, pair,
+                         rows)
+
+
 def fused(t: dict, idx: torch.Tensor) -> torch.Tensor:
     token, _, pair, _, rows = kernels.moe_plan(idx, t["w1"].shape[0], 1)
-    shared = (t["sg"], t["su"], t["sd"]) if "sg" in t else None
-    return kernels.moe_experts(t["x"], t["weights"], t["w1"], t["w2"], shared, token, pair, rows)
+    return experts(t, token, pair, rows)
 
 
 def grads(f, t: dict, idx, dy, dtype) -> tuple[torch.Tensor, dict]:
@@ -92,11 +112,19 @@ def test_thread_count_does_not_change_the_sums():
 
 
 def test_no_grad_call_equals_the_graph_call():
-    t, idx = layer(True, n=50, seed=3)
+    """kernels.moe_layer without a graph (inference: the ops alone) and with one (its autograd node) compute the
+    same layer."""
+    t, _ = layer(True, n=50, seed=3)
+    g = torch.Generator().manual_seed(4)
+    gate_w, bias = torch.randn(6, t["x"].shape[1], generator=g) / 8, torch.rand(6, generator=g) / 10
+    route = (2, 2, 1, "noaux_tc", "sigmoid", True, 2.5)
+    args = lambda v: (v["x"], gate_w, bias, route, v["w1"], v["w2"], (v["sg"], v["su"], v["sd"]))  # noqa: E731
     with torch.no_grad():
-        a = fused(t, idx)
-    b = fused({n: v.requires_grad_() for n, v in t.items()}, idx)
-    assert torch.equal(a, b.detach())
+        a = kernels.moe_layer(*args(t))
+    b = kernels.moe_layer(*args({n: v.clone().requires_grad_() for n, v in t.items()}))
+    assert b[0].grad_fn is not None
+    for u, v in zip(a, b):
+        assert torch.equal(u, v.detach())
 
 
 def test_bad_plan_is_refused():
@@ -105,9 +133,9 @@ def test_bad_plan_is_refused():
     bad = token.clone()
     bad[3] = 20  # a token past x's rows
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.moe_experts(t["x"], t["weights"], t["w1"], t["w2"], None, bad, pair, rows)
+        experts(t, bad, pair, rows)
     with pytest.raises(RuntimeError, match="counts"):
-        kernels.moe_experts(t["x"], t["weights"], t["w1"], t["w2"], None, token, pair, rows + 1)
+        experts(t, token, pair, rows + 1)
 
 
 def test_moe_module_takes_the_fused_path_and_equals_pytorch(monkeypatch):

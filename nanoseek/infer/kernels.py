@@ -2,8 +2,9 @@
 int8 and int4 weights with fp32 activations (`torch.ops.nanoseek.wmm`), attention for decode
 (`decode_attention`) and fused attention for training on short windows (`attention`, forward and
 backward); the SwiGLU (`silu_mul`, `swiglu`), the MoE gate, its GEMM and the dispatch plan (`moe_route`,
-`gate_logits`, `moe_plan`), the fused MoE experts (`moe_experts`), RMSNorm (`rms_norm`) and MLA's rotated
-queries and keys laid out for the attention kernel (`mla_qkv`), for training and inference.
+`gate_logits`, `moe_plan`), the whole MoE layer with its fused experts (`moe_layer`), RMSNorm
+(`rms_norm`) and MLA's rotated queries and keys laid out for the attention kernel (`mla_qkv`), for
+training and inference.
 
 Built at first use with torch.utils.cpp_extension (ninja, a C++ compiler, -O3 -march=native) into
 ~/.cache/nanoseek/kernels (or $NANOSEEK_KERNEL_CACHE), once per machine and torch version; later
@@ -294,36 +295,6 @@ def moe_plan(indices: torch.Tensor, n_experts: int, pad: int):
     return torch.ops.nanoseek.moe_plan(indices, n_experts, pad)
 
 
-class _MoEExperts(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weights, w1, w2, sg, su, sd, token, pair, counts):
-        y, *saved = torch.ops.nanoseek.moe_experts(x, weights, token, pair, counts, w1, w2, sg, su, sd)
-        ctx.save_for_backward(x, weights, token, pair, counts, w1, w2, sg, su, sd, *saved)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        # dx, dweights, dw1, dw2 and the shared expert's three (empty without one)
-        grads = torch.ops.nanoseek.moe_experts_bwd(dy.contiguous(), *ctx.saved_tensors)
-        return tuple(g if need and g.numel() else None for g, need in zip(grads, ctx.needs_input_grad)) + (None,) * 3
-
-
-def moe_experts(x: torch.Tensor, weights: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, token: torch.Tensor,
-                pair: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """A MoE layer's experts in fp32, or bf16 where moe_bf16() (moe.cpp): shared(x[n]) + Σ_j weights[n, j] ·
-    expert_j(x[n]) per token, for x [N, H], weights [N, k], the stacked experts w1 = gate_up_proj [E, 2I, H],
-    w2 = down_proj [E, H, I], the shared expert's (gate [Is, H], up [Is, H], down [H, Is]) or None, and the
-    dispatch plan of `moe_plan(indices, E, 1)` (token, pair, rows per expert); weights fp32, the rest of x's
-    dtype. Gradients for x, weights and every weight (bf16: summed in fp32, rounded once). H, I and Is must
-    be multiples of vector_width()."""
-    sg, su, sd = shared if shared is not None else (None, None, None)
-    args = (x.contiguous(), weights.contiguous(), w1, w2, sg, su, sd, token, pair, counts)
-    if not _graph(x, weights, w1, w2, sg, su, sd):
-        return torch.ops.nanoseek.moe_experts(*args[:2], token, pair, counts, w1, w2, sg, su, sd)[0]
-    return _MoEExperts.apply(*args)
-
-
 def _moe_forward(x, gate_w, bias, route, w1, w2, sg, su, sd):
     """The layer's ops in order: (y, the experts' saved rows, affinities, weights, indices, plan, load)."""
     op = torch.ops.nanoseek
@@ -359,11 +330,14 @@ class _MoELayer(torch.autograd.Function):
 
 def moe_layer(x: torch.Tensor, gate_w: torch.Tensor, bias: torch.Tensor | None, route: tuple, w1: torch.Tensor,
               w2: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None):
-    """A whole DeepSeekMoE layer as one autograd node (ffn.cpp, moe.cpp): the gate's GEMM (gate_w [E, H], x's
-    dtype), DeepSeek's routing (`route`: moe_route's settings from k to scaling, bias for the choice only),
-    the dispatch plan and the experts (moe_experts' arguments). Returns (y [N, H], affinities [N, E] fp32,
-    tokens per expert [E]); the backward runs the three ops' backwards in one go and adds the gate's part of
-    x's gradient onto the experts' in place, with no autograd add or graph nodes between them."""
+    """A whole DeepSeekMoE layer as one autograd node (ffn.cpp, moe.cpp), fp32, or bf16 where moe_bf16(): the
+    gate's GEMM (gate_w [E, H]), DeepSeek's routing (`route`: moe_route's settings from k to scaling, bias for
+    the choice only), the dispatch plan and the experts, y[n] = shared(x[n]) + Σ_j w[n, j] · expert_j(x[n]),
+    for x [N, H], the stacked experts w1 = gate_up_proj [E, 2I, H], w2 = down_proj [E, H, I] and the shared
+    expert's (gate [Is, H], up [Is, H], down [H, Is]) or None, all of x's dtype; H, I and Is multiples of
+    vector_width(). Returns (y [N, H], affinities [N, E] fp32, tokens per expert [E]); the backward runs the
+    three ops' backwards in one go (weight gradients summed in fp32, bf16 rounded once) and adds the gate's
+    part of x's gradient onto the experts' in place, with no autograd add or graph nodes between them."""
     sg, su, sd = shared if shared is not None else (None, None, None)
     args = (x.contiguous(), gate_w, bias, _route_args(*route), w1, w2, sg, su, sd)
     if not _graph(x, gate_w, w1, w2, sg, su, sd):
@@ -430,7 +404,7 @@ def vector_width() -> int:
 
 
 def moe_bf16() -> bool:
-    """Does moe_experts take bf16 layers (built for a CPU with AVX512_BF16's vdpbf16ps)?"""
+    """Does moe.cpp's experts op take bf16 layers (built for a CPU with AVX512_BF16's vdpbf16ps)?"""
     if "moe_bf16" not in _state:
         _state["moe_bf16"] = bool(torch.ops.nanoseek.moe_bf16()) if available() else False
     return _state["moe_bf16"]
